@@ -391,6 +391,17 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         self.waiting.is_some()
     }
 
+    /// True between requests with no file in flight: closing the connection now loses
+    /// nothing (used to drain connections at shutdown).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.read, Read::Header)
+            && self.inlen == 0
+            && self.transfer.is_none()
+            && self.verdict.is_none()
+            && self.waiting.is_none()
+            && self.ops.is_empty()
+    }
+
     /// True once the connection should be closed (after the output is flushed).
     pub fn is_closing(&self) -> bool {
         self.closing

@@ -1,1 +1,33 @@
-fn main() {}
+//! `cyberbackup-server`: see `--help` and README.md.
+
+use anyhow::Result;
+use clap::Parser;
+use cyberbackup_server::config::{Args, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("cyberbackup-server: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = Args::parse();
+    let cwd = std::env::current_dir()?;
+    let cfg = args.resolve(&cwd)?;
+    let filter = EnvFilter::try_new(&cfg.log)
+        .map_err(|e| anyhow::anyhow!("bad --log filter {:?}: {e}", cfg.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+    cyberbackup_server::run(cfg)
+}

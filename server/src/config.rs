@@ -1,0 +1,277 @@
+//! Configuration: command-line flags, environment variables (`CYBERBACKUP_*`), an
+//! optional TOML file, `port.info` in the working directory, and defaults, in that
+//! order of precedence. Everything is checked here, so the rest of the server works
+//! with a [`Config`] that cannot be wrong.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use cyberbackup_protocol::session::SessionConfig;
+use cyberbackup_protocol::MAX_CONTENT_SIZE;
+use serde::Deserialize;
+
+/// The default port of CyberBackup.
+pub const DEFAULT_PORT: u16 = 1256;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The CyberBackup server: receives encrypted files over protocol v3 and stores them
+/// once they are complete, verified and durable.
+///
+/// Every flag can also be set by its environment variable or in the TOML file given
+/// with --config (keys as the long flag names, with underscores). The port comes from,
+/// in order: --port, CYBERBACKUP_PORT, the config file, port.info in the working
+/// directory, 1256.
+#[derive(Debug, Default, Parser, Deserialize)]
+#[command(name = "cyberbackup-server", version, about, long_about)]
+#[serde(deny_unknown_fields, default)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "CYBERBACKUP_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, env = "CYBERBACKUP_BIND")]
+    pub bind: Option<IpAddr>,
+
+    /// TCP port [default: port.info, else 1256].
+    #[arg(long, short, env = "CYBERBACKUP_PORT")]
+    pub port: Option<u16>,
+
+    /// Number of shards (event loops, one per core) [default: number of CPUs].
+    #[arg(long, env = "CYBERBACKUP_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Directory holding one directory of files per client [default: received_files].
+    #[arg(long, env = "CYBERBACKUP_STORAGE")]
+    pub storage: Option<PathBuf>,
+
+    /// SQLite database of clients and files [default: defensive.db].
+    #[arg(long, env = "CYBERBACKUP_DATABASE")]
+    pub database: Option<PathBuf>,
+
+    /// Most connections served at once; more are closed on accept [default: 1024].
+    #[arg(long, env = "CYBERBACKUP_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Seconds a connection may sit idle between requests [default: 300].
+    #[arg(long, env = "CYBERBACKUP_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<u64>,
+
+    /// Seconds allowed for a request header (and a packet's fixed part) once it has
+    /// begun [default: 30].
+    #[arg(long, env = "CYBERBACKUP_HEADER_TIMEOUT")]
+    pub header_timeout: Option<u64>,
+
+    /// Slowest accepted upload rate in bytes per second: a packet of n bytes must arrive
+    /// within header-timeout + n / min-rate seconds [default: 16384].
+    #[arg(long, env = "CYBERBACKUP_MIN_RATE")]
+    pub min_rate: Option<u32>,
+
+    /// Largest file accepted, in bytes [default and maximum: 4294967279].
+    #[arg(long, env = "CYBERBACKUP_MAX_FILE_SIZE")]
+    pub max_file_size: Option<u64>,
+
+    /// Largest packet content accepted, in bytes [default and maximum: 16777216].
+    #[arg(long, env = "CYBERBACKUP_MAX_PACKET")]
+    pub max_packet: Option<u32>,
+
+    /// Seconds that in-flight files get to finish after SIGINT/SIGTERM [default: 30].
+    #[arg(long, env = "CYBERBACKUP_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<u64>,
+
+    /// Log format [default: text].
+    #[arg(long, value_enum, env = "CYBERBACKUP_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. info, debug, cyberbackup_server=debug [default: info; RUST_LOG
+    /// also works].
+    #[arg(long, env = "CYBERBACKUP_LOG")]
+    pub log: Option<String>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub storage: PathBuf,
+    pub database: PathBuf,
+    pub max_connections: usize,
+    pub session: SessionConfig,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log: String,
+}
+
+/// Reads `port.info` (one line, a port number) if present.
+fn port_info(dir: &Path) -> Result<Option<u16>> {
+    let path = dir.join("port.info");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let t = s.trim();
+            let port = t.parse::<u16>().ok().filter(|p| *p != 0).with_context(|| {
+                format!("{}: {t:?} is not a port number (1-65535)", path.display())
+            })?;
+            Ok(Some(port))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+impl Args {
+    /// Merges flags and environment (already in `self`) over the TOML file, port.info
+    /// and the defaults, and checks the result.
+    pub fn resolve(self, cwd: &Path) -> Result<Config> {
+        let file: Args = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Args::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.or(file.$f)
+            };
+        }
+        let port = match pick!(port) {
+            Some(p) => p,
+            None => port_info(cwd)?.unwrap_or(DEFAULT_PORT),
+        };
+        let shards = pick!(shards).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        if shards == 0 || shards > 1024 {
+            bail!("--shards must be between 1 and 1024, not {shards}");
+        }
+        let max_connections = pick!(max_connections).unwrap_or(1024);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        let max_packet = pick!(max_packet).unwrap_or(MAX_CONTENT_SIZE);
+        if max_packet < 16 || max_packet > MAX_CONTENT_SIZE {
+            bail!("--max-packet must be between 16 and {MAX_CONTENT_SIZE}, not {max_packet}");
+        }
+        let limit = u32::MAX as u64 - 16;
+        let max_file_size = pick!(max_file_size).unwrap_or(limit);
+        if max_file_size > limit {
+            bail!("--max-file-size is at most {limit} in protocol v3");
+        }
+        let secs = |v: Option<u64>, d: u64, name: &str| -> Result<Duration> {
+            let v = v.unwrap_or(d);
+            if v == 0 || v > 86_400 * 7 {
+                bail!("--{name} must be between 1 and 604800 seconds, not {v}");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let session = SessionConfig {
+            max_payload: max_packet + cyberbackup_protocol::message::SEND_FILE_FIXED_LEN as u32,
+            max_file_size,
+            header_timeout: secs(pick!(header_timeout), 30, "header-timeout")?,
+            idle_timeout: secs(pick!(idle_timeout), 300, "idle-timeout")?,
+            min_rate: match pick!(min_rate).unwrap_or(16 * 1024) {
+                0 => bail!("--min-rate must be at least 1 byte per second"),
+                r => r,
+            },
+        };
+        Ok(Config {
+            listen: SocketAddr::new(pick!(bind).unwrap_or(IpAddr::from([0, 0, 0, 0])), port),
+            shards,
+            storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
+            database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
+            max_connections,
+            session,
+            shutdown_grace: secs(pick!(shutdown_grace), 30, "shutdown-grace")?,
+            log_format: pick!(log_format).unwrap_or(LogFormat::Text),
+            log: pick!(log)
+                .or_else(|| std::env::var("RUST_LOG").ok())
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("cyberbackup-server").chain(v.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_and_port_info() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = args(&[]).resolve(dir.path()).unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.storage, PathBuf::from("received_files"));
+        assert_eq!(c.database, PathBuf::from("defensive.db"));
+        std::fs::write(dir.path().join("port.info"), "4242\n").unwrap();
+        assert_eq!(args(&[]).resolve(dir.path()).unwrap().listen.port(), 4242);
+        assert_eq!(
+            args(&["--port", "5000"])
+                .resolve(dir.path())
+                .unwrap()
+                .listen
+                .port(),
+            5000
+        );
+        std::fs::write(dir.path().join("port.info"), "http").unwrap();
+        let e = args(&[]).resolve(dir.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("not a port number"));
+    }
+
+    #[test]
+    fn toml_file_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "port = 7000\nshards = 3\nstorage = \"/srv/x\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let c = args(&["--config", f.to_str().unwrap(), "--shards", "2"])
+            .resolve(dir.path())
+            .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.storage, PathBuf::from("/srv/x"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        std::fs::write(&f, "prot = 1\n").unwrap();
+        assert!(args(&["--config", f.to_str().unwrap()])
+            .resolve(dir.path())
+            .is_err());
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            &["--shards", "0"][..],
+            &["--max-connections", "0"],
+            &["--max-packet", "8"],
+            &["--max-packet", "16777217"],
+            &["--idle-timeout", "0"],
+            &["--max-file-size", "4294967295"],
+            &["--min-rate", "0"],
+        ] {
+            assert!(args(bad).resolve(dir.path()).is_err(), "{bad:?}");
+        }
+    }
+}

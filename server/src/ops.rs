@@ -1,0 +1,121 @@
+//! Runs the session's operations, the same way under every runtime.
+//!
+//! Registry work goes to the registry thread; storage work (create, allocate and map a
+//! temp file; sync, rename and sync a finished one; remove a dropped one) goes to the
+//! runtime's blocking pool through [`Blocking`]. A runtime only moves bytes between its
+//! sockets and the session and calls [`run_op`]; nothing about the protocol lives in a
+//! runtime module.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use cyberbackup_protocol::session::{Completion, Op};
+
+use crate::registry::{FileRecord, Registry};
+use crate::storage::{PendingFile, Storage};
+
+/// Runs a closure off the reactor thread.
+pub trait Blocking {
+    fn run<F, R>(&self, f: F) -> impl Future<Output = R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static;
+}
+
+/// What every shard shares: the storage root and a registry handle.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub storage: Arc<Storage>,
+    pub registry: Registry,
+}
+
+/// Runs one op; returns the completion the session waits for, if any.
+pub async fn run_op<B: Blocking>(
+    svc: &Services,
+    blocking: &B,
+    op: Op<PendingFile>,
+) -> Option<Completion<PendingFile>> {
+    Some(match op {
+        Op::Register { client_id, name } => {
+            Completion::Registered(match svc.registry.register(client_id, name).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    // A registry failure must not look like "name taken" to the peer
+                    // forever, but v3 has no better answer than 1601 here.
+                    tracing::error!(error = %e, "register failed in the registry");
+                    false
+                }
+            })
+        }
+        Op::StorePublicKey {
+            client_id,
+            name,
+            public_key,
+            registered_here,
+        } => Completion::PublicKeyStored(
+            match svc
+                .registry
+                .store_key(client_id, name, public_key, registered_here)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "storing a public key failed");
+                    cyberbackup_protocol::session::KeyStored::Refused
+                }
+            },
+        ),
+        Op::Reconnect { client_id, name } => {
+            Completion::Reconnect(match svc.registry.reconnect(client_id, name).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "reconnect lookup failed");
+                    cyberbackup_protocol::session::ReconnectLookup {
+                        by_name: None,
+                        id_known: true,
+                    }
+                }
+            })
+        }
+        Op::OpenFile { len, .. } => {
+            let storage = svc.storage.clone();
+            let r = blocking.run(move || storage.create_pending(len)).await;
+            Completion::FileOpened(r.map_err(|e| e.to_string()))
+        }
+        Op::Commit {
+            client_id,
+            file_name,
+            sink,
+            size,
+            cksum,
+        } => {
+            let storage = svc.storage.clone();
+            let name = file_name.clone();
+            let stored = blocking
+                .run(move || storage.commit(sink, &client_id, &name, size))
+                .await;
+            let r = match stored {
+                Ok(path) => svc
+                    .registry
+                    .file_stored(FileRecord {
+                        client_id,
+                        name: file_name.clone(),
+                        path: path.to_string_lossy().into_owned(),
+                        size,
+                        cksum,
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if r.is_ok() {
+                tracing::info!(file = %file_name, size, cksum, "file stored");
+            }
+            Completion::Committed(r)
+        }
+        Op::Discard { sink } => {
+            blocking.run(move || drop(sink)).await;
+            return None;
+        }
+    })
+}
