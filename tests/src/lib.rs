@@ -1,1 +1,400 @@
+//! Harness of the end-to-end tests: starts the real `cyberbackup-server` binary on
+//! 127.0.0.1 in a temporary directory, and speaks protocol v3 to it over real TCP with
+//! real RSA and AES (a minimal client built from the protocol crate's codecs, so that
+//! tests can also send bytes no honest client would).
 
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cyberbackup_protocol::crypto::{self, AesKey, ClientKeypair};
+use cyberbackup_protocol::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
+use cyberbackup_protocol::message::{
+    encode_name_request, encode_send_file, encode_send_public_key, FileReceived, Response,
+};
+use cyberbackup_protocol::ClientId;
+use rand::{RngCore, SeedableRng};
+
+/// How long any single read waits before a test fails instead of hanging.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of the server binary, built once per test process.
+pub fn server_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> -> target/<profile>/cyberbackup-server
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "cyberbackup-server",
+            "--bin",
+            "cyberbackup-server",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the server");
+        assert!(status.success(), "building cyberbackup-server failed");
+        let bin = profile_dir.join("cyberbackup-server");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A running server process in its own working directory.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server in a fresh temporary directory.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut s = Server::start_in(tmp.path(), extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server in `dir` (kept by the caller, e.g. to restart on the same data).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .expect("log file");
+        let mut child = Command::new(server_binary())
+            .args(["--bind", "127.0.0.1", "--port", "0", "--log", "debug"])
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting the server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Some(addr) = line.trim().strip_prefix("cyberbackup-server listening on ") else {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            panic!("server did not start: {line:?}\n{log}");
+        };
+        let addr: SocketAddr = addr.parse().expect("listen address");
+        Server {
+            child: Some(child),
+            addr,
+            dir: dir.to_owned(),
+            _tmp: None,
+        }
+    }
+
+    /// The storage root.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.join("received_files")
+    }
+
+    /// A client's directory.
+    pub fn client_dir(&self, id: &ClientId) -> PathBuf {
+        self.storage().join(cyberbackup_protocol::client_id_hex(id))
+    }
+
+    /// Entries in the temp directory.
+    pub fn temp_files(&self) -> usize {
+        std::fs::read_dir(self.storage().join(".incoming"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until no temp file is left (the server cleans up asynchronously).
+    pub fn wait_no_temp_files(&self) -> bool {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if self.temp_files() == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// SIGTERM, then waits (at most 60 s) for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(Duration::from_secs(60))
+            .expect("server did not exit after SIGTERM")
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One RSA key pair for every test in the process (generation is slow-ish).
+pub fn keypair() -> &'static ClientKeypair {
+    static KP: OnceLock<ClientKeypair> = OnceLock::new();
+    KP.get_or_init(|| ClientKeypair::generate(&mut rand::thread_rng()).expect("RSA keygen"))
+}
+
+/// Random bytes from a seed.
+pub fn data(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// A unique user name for a test.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// The order in which packets 2..N are sent (packet 1 always goes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    InOrder,
+    Reversed,
+    Shuffled(u64),
+}
+
+/// A v3 connection.
+pub struct Conn {
+    pub s: TcpStream,
+    pub id: ClientId,
+    pub key: Option<AesKey>,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn {
+            s,
+            id: [0; 16],
+            key: None,
+        }
+    }
+
+    /// Registers and exchanges keys on a fresh connection.
+    pub fn login(addr: SocketAddr, name: &str) -> Conn {
+        let mut c = Conn::connect(addr);
+        match c.register(name) {
+            Response::RegisterOk { .. } => {}
+            r => panic!("register {name}: {r:?}"),
+        }
+        match c.send_key(name) {
+            Response::AesKey { .. } => {}
+            r => panic!("public key: {r:?}"),
+        }
+        c
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.s.write_all(bytes)
+    }
+
+    /// Reads one response (bounded: a payload over the v3 maximum is an error).
+    pub fn recv(&mut self) -> io::Result<Response> {
+        let mut h = [0u8; RESPONSE_HEADER_LEN];
+        self.s.read_exact(&mut h)?;
+        let h = ResponseHeader::parse(&h).expect("7 bytes");
+        if h.payload_size > Response::MAX_PAYLOAD.max(279) {
+            return Err(io::Error::other("response payload too large"));
+        }
+        let mut p = vec![0u8; h.payload_size as usize];
+        self.s.read_exact(&mut p)?;
+        Response::decode(h.code, &p).map_err(io::Error::other)
+    }
+
+    /// True when the server closes the connection (EOF or reset) before `IO_TIMEOUT`.
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    pub fn request_name(&mut self, code: RequestCode, name: &str) -> Response {
+        let mut req = Vec::new();
+        encode_name_request(&mut req, &self.id, code, name).unwrap();
+        self.send(&req).unwrap();
+        self.recv().unwrap()
+    }
+
+    pub fn register(&mut self, name: &str) -> Response {
+        let r = self.request_name(RequestCode::Register, name);
+        if let Response::RegisterOk { client_id } = r {
+            self.id = client_id;
+        }
+        r
+    }
+
+    pub fn send_key(&mut self, name: &str) -> Response {
+        let mut req = Vec::new();
+        encode_send_public_key(&mut req, &self.id, name, keypair().public_der()).unwrap();
+        self.send(&req).unwrap();
+        let r = self.recv().unwrap();
+        if let Response::AesKey { encrypted_key, .. } = &r {
+            self.key = Some(
+                keypair()
+                    .decrypt_session_key(encrypted_key)
+                    .expect("key decrypts"),
+            );
+        }
+        r
+    }
+
+    pub fn reconnect(&mut self, name: &str) -> Response {
+        let r = self.request_name(RequestCode::Reconnect, name);
+        if let Response::ReconnectOk { encrypted_key, .. } = &r {
+            self.key = Some(
+                keypair()
+                    .decrypt_session_key(encrypted_key)
+                    .expect("key decrypts"),
+            );
+        }
+        r
+    }
+
+    /// The packets of a file, numbered from 1, in order.
+    pub fn packets(&self, name: &str, plain: &[u8], packet: usize) -> Vec<Vec<u8>> {
+        let key = self.key.expect("session key");
+        let ct = crypto::encrypt(&key, plain);
+        let total = ct.len().div_ceil(packet);
+        assert!(total <= 65535, "too many packets");
+        ct.chunks(packet)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut out = Vec::with_capacity(chunk.len() + 290);
+                encode_send_file(
+                    &mut out,
+                    &self.id,
+                    name,
+                    plain.len() as u32,
+                    i as u16 + 1,
+                    total as u16,
+                    chunk,
+                )
+                .unwrap();
+                out
+            })
+            .collect()
+    }
+
+    /// Sends every packet of a file in `order`; returns the server's answer.
+    pub fn send_file(&mut self, name: &str, plain: &[u8], packet: usize, order: Order) -> Response {
+        let mut ps = self.packets(name, plain, packet);
+        let first = ps.remove(0);
+        match order {
+            Order::InOrder => {}
+            Order::Reversed => ps.reverse(),
+            Order::Shuffled(seed) => {
+                use rand::seq::SliceRandom;
+                ps.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            }
+        }
+        self.send(&first).unwrap();
+        for p in &ps {
+            self.send(p).unwrap();
+        }
+        self.recv().unwrap()
+    }
+
+    /// Uploads a file and confirms its checksum; returns the 1603 payload.
+    pub fn upload(
+        &mut self,
+        name: &str,
+        plain: &[u8],
+        packet: usize,
+        order: Order,
+    ) -> FileReceived {
+        let r = self.send_file(name, plain, packet, order);
+        let Response::FileReceived(f) = r else {
+            panic!("expected 1603 for {name}, got {r:?}")
+        };
+        assert_eq!(
+            self.request_name(RequestCode::CrcOk, name),
+            Response::Ack { client_id: self.id }
+        );
+        f
+    }
+}
+
+/// The system `cksum` of a file: (checksum, size).
+pub fn system_cksum(path: &Path) -> (u32, u64) {
+    let out = Command::new("cksum").arg(path).output().expect("cksum");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut f = text.split_whitespace();
+    (
+        f.next().unwrap().parse().unwrap(),
+        f.next().unwrap().parse().unwrap(),
+    )
+}
