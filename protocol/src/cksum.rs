@@ -55,7 +55,7 @@ impl Cksum {
 
     /// The `cksum` value of everything added.
     pub fn finalize(&self) -> u32 {
-        let mut d = self.digest.clone();
+        let mut d = self.digest;
         let mut n = self.len;
         let mut suffix = [0u8; 8];
         let mut k = 0;

@@ -93,7 +93,7 @@ impl StreamEncryptor {
     /// Encrypts whole blocks in place. `buf.len()` must be a multiple of 16 and no
     /// partial block may be pending from [`update`](Self::update).
     pub fn encrypt_blocks(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        if buf.len() % BLOCK != 0 || self.carry_len != 0 {
+        if !buf.len().is_multiple_of(BLOCK) || self.carry_len != 0 {
             return Err(CryptoError::NotBlockAligned(buf.len() + self.carry_len));
         }
         let (blocks, _) = InOutBuf::from(buf).into_chunks();
@@ -156,7 +156,7 @@ impl StreamDecryptor {
 
     /// Decrypts whole blocks from `input` into `output` (same length, a multiple of 16).
     pub fn decrypt_b2b(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CryptoError> {
-        if input.len() % BLOCK != 0 || input.len() != output.len() {
+        if !input.len().is_multiple_of(BLOCK) || input.len() != output.len() {
             return Err(CryptoError::NotBlockAligned(input.len()));
         }
         let buf =
@@ -168,7 +168,7 @@ impl StreamDecryptor {
 
     /// Decrypts whole blocks in place.
     pub fn decrypt_in_place(&mut self, buf: &mut [u8]) -> Result<(), CryptoError> {
-        if buf.len() % BLOCK != 0 {
+        if !buf.len().is_multiple_of(BLOCK) {
             return Err(CryptoError::NotBlockAligned(buf.len()));
         }
         let (blocks, _) = InOutBuf::from(buf).into_chunks();

@@ -193,7 +193,7 @@ enum Waiting {
         id: ClientId,
         name: String,
     },
-    Open(PacketPlan),
+    Open(PacketPlan, String),
     Commit,
 }
 
@@ -207,7 +207,6 @@ struct ClientState {
 /// A validated packet about to stream in.
 #[derive(Clone)]
 struct PacketPlan {
-    file_name: String,
     orig: u64,
     cipher_total: u64,
     total: u16,
@@ -568,7 +567,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                 }
                 self.next_request(now);
             }
-            (Waiting::Open(plan), Completion::FileOpened(r)) => match r {
+            (Waiting::Open(plan, file_name), Completion::FileOpened(r)) => match r {
                 Ok(sink) => {
                     if sink.bytes().len() as u64 != plan.cipher_total {
                         tracing::error!("storage returned a sink of the wrong size");
@@ -579,7 +578,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                     }
                     let words = (plan.total as usize).div_ceil(64);
                     self.transfer = Some(Transfer {
-                        file_name: plan.file_name.clone(),
+                        file_name,
                         orig: plan.orig,
                         cipher_total: plan.cipher_total,
                         total: plan.total,
@@ -599,7 +598,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                     self.start_packet(now, &plan);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, file = %plan.file_name, "cannot open a temp file");
+                    tracing::warn!(error = %e, file = %file_name, "cannot open a temp file");
                     self.refuse(Refusal::Storage);
                     self.skip(now, plan.len);
                 }
@@ -824,10 +823,14 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                 let head = SendFileHead::decode(payload).ok();
                 match head {
                     Some(head) if head.content_size == content_size => {
-                        let fname = name::check_file_name(head.file_name).map(str::to_owned);
+                        // Copy the name out of the input buffer (on the stack: no
+                        // allocation per packet) so that `self` can be borrowed mutably.
+                        let mut raw = [0u8; name::NAME_FIELD_LEN];
+                        raw[..head.file_name.len()].copy_from_slice(head.file_name);
+                        let raw = &raw[..head.file_name.len()];
                         let orig = head.orig_file_size as u64;
                         let (number, total) = (head.packet_number, head.total_packets);
-                        match fname {
+                        match name::check_file_name(raw) {
                             Ok(f) => self.on_packet_head(now, f, orig, number, total, content_size),
                             Err(_) => {
                                 self.drop_transfer();
@@ -937,7 +940,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
     fn on_packet_head(
         &mut self,
         now: Instant,
-        file_name: String,
+        file_name: &str,
         orig: u64,
         number: u16,
         total: u16,
@@ -945,7 +948,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
     ) {
         let cipher_total = crypto::ciphertext_len(orig);
         let sane = len > 0
-            && len % BLOCK as u32 == 0
+            && len.is_multiple_of(BLOCK as u32)
             && orig <= self.cfg.max_file_size
             && cipher_total <= u32::MAX as u64
             && total >= 1
@@ -973,18 +976,18 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             let id = self.client.as_ref().map(|c| c.id).unwrap_or_default();
             self.ops.push(Op::OpenFile {
                 client_id: id,
-                file_name: file_name.clone(),
+                file_name: file_name.to_owned(),
                 len: cipher_total,
             });
-            self.waiting = Some(Waiting::Open(PacketPlan {
-                file_name,
+            let plan = PacketPlan {
                 orig,
                 cipher_total,
                 total,
                 number,
                 offset: 0,
                 len,
-            }));
+            };
+            self.waiting = Some(Waiting::Open(plan, file_name.to_owned()));
             return;
         }
         let plan = self.transfer.as_ref().and_then(|t| {
@@ -1014,8 +1017,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             } else {
                 end < cipher_total
             };
-            fits.then(|| PacketPlan {
-                file_name: file_name.clone(),
+            fits.then_some(PacketPlan {
                 orig,
                 cipher_total,
                 total,

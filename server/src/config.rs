@@ -165,7 +165,7 @@ impl Args {
             bail!("--max-connections must be at least 1");
         }
         let max_packet = pick!(max_packet).unwrap_or(MAX_CONTENT_SIZE);
-        if max_packet < 16 || max_packet > MAX_CONTENT_SIZE {
+        if !(16..=MAX_CONTENT_SIZE).contains(&max_packet) {
             bail!("--max-packet must be between 16 and {MAX_CONTENT_SIZE}, not {max_packet}");
         }
         let limit = u32::MAX as u64 - 16;

@@ -65,13 +65,18 @@ pub fn probe() -> Result<()> {
     .map_err(|_| anyhow!("the glommio probe panicked"))?
 }
 
+/// A live connection's task, and whether it sits idle between requests.
+struct LiveConn {
+    task: Option<JoinHandle<()>>,
+    idle: Rc<Cell<bool>>,
+}
+
 /// Per-shard bookkeeping of live connections, for draining at shutdown.
 #[derive(Default)]
 struct ShardState {
     next_id: Cell<u64>,
     draining: Cell<bool>,
-    /// Connection id -> (task, "idle between requests").
-    conns: RefCell<HashMap<u64, (Option<JoinHandle<()>>, Rc<Cell<bool>>)>>,
+    conns: RefCell<HashMap<u64, LiveConn>>,
 }
 
 /// Starts every shard, waits until all listen, then until all have stopped.
@@ -190,7 +195,13 @@ async fn shard_main(
             .instrument(span),
         )
         .detach();
-        state.conns.borrow_mut().insert(id, (Some(task), idle));
+        state.conns.borrow_mut().insert(
+            id,
+            LiveConn {
+                task: Some(task),
+                idle,
+            },
+        );
     }
     drop(listener);
     drain(&state, cfg.shutdown_grace).await;
@@ -203,9 +214,9 @@ async fn drain(state: &ShardState, grace: Duration) {
     let deadline = Instant::now() + grace;
     let cancel_idle = |all: bool| {
         let mut conns = state.conns.borrow_mut();
-        for (task, idle) in conns.values_mut() {
-            if all || idle.get() {
-                if let Some(t) = task.take() {
+        for c in conns.values_mut() {
+            if all || c.idle.get() {
+                if let Some(t) = c.task.take() {
                     t.cancel();
                 }
             }

@@ -211,8 +211,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                 continue;
             }
         };
-        let mut replies: Vec<Box<dyn FnOnce(Option<&rusqlite::Error>)>> =
-            Vec::with_capacity(batch.len());
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
         for req in batch {
             replies.push(apply(&tx, req));
         }
