@@ -244,7 +244,8 @@ struct Transfer<S> {
     received: Vec<u64>,
     received_count: u16,
     /// Lowest packet number not yet received.
-    next_in_order: u16,
+    /// (u32: one past packet 65535 must fit.)
+    next_in_order: u32,
     /// End offset of packets 1..next_in_order.
     in_order_end: u64,
     /// The most recently completed packet and its last ciphertext block.
@@ -998,7 +999,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             {
                 return None;
             }
-            let in_order = number == t.next_in_order;
+            let in_order = number as u32 == t.next_in_order;
             let is_last = number == total;
             // In order with no gap so far, packet sizes may differ; otherwise every
             // packet but the last has the size of packet 1 and sits at a fixed stride.
@@ -1044,7 +1045,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             return self.refuse_close(Refusal::UnknownClient);
         };
         let k = plan.number;
-        let in_order = k == t.next_in_order;
+        let in_order = k as u32 == t.next_in_order;
         if !in_order && !t.out_of_order {
             t.out_of_order = true;
             t.boundary = vec![ZERO_IV; t.total as usize];
@@ -1140,11 +1141,11 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             }
         }
         if c.in_prefix {
-            t.next_in_order = k + 1;
+            t.next_in_order = k as u32 + 1;
             t.in_order_end = c.end;
             // Close the gap: packets that came ahead are now final; checksum them.
-            while t.next_in_order <= t.total && t.is_received(t.next_in_order) {
-                let (s, e) = t.packet_range(t.next_in_order);
+            while t.next_in_order <= t.total as u32 && t.is_received(t.next_in_order as u16) {
+                let (s, e) = t.packet_range(t.next_in_order as u16);
                 update_clamped(&mut t.crc, t.sink.bytes(), s, e, t.orig);
                 t.in_order_end = e;
                 t.next_in_order += 1;

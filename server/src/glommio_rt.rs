@@ -269,6 +269,8 @@ async fn serve(
         id,
     };
     let _ = stream.set_nodelay(true);
+    // A peer that stops reading its answers cannot hold the connection forever.
+    let _ = stream.set_write_timeout(Some(cfg.session.header_timeout));
     tracing::debug!("connected");
     let mut session = ServerSession::new(cfg.session.clone(), rand::thread_rng(), Instant::now());
     let mut buf = vec![0u8; INITIAL_BUF];

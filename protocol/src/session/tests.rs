@@ -225,6 +225,33 @@ fn in_order_packets_may_differ_in_size_but_not_out_of_order() {
 }
 
 #[test]
+fn the_largest_packet_count_works_in_and_out_of_order() {
+    // 65535 packets of 16 bytes: packet numbers reach u16::MAX.
+    let now = Instant::now();
+    let mut b = MemoryBackend::default();
+    let mut s = session(now);
+    let c = login(&mut b, &mut s, now, "many");
+    let d = data(65_535 * 16 - 16, 11);
+    let ps = packets(&c, "many", &d, 16);
+    assert_eq!(ps.len(), 65_535);
+    let mut stream: Vec<u8> = ps.concat();
+    stream.extend_from_slice(&crc_req(&c, RequestCode::CrcOk, "many"));
+    b.feed(&mut s, now, &stream);
+    let r = take(&mut s);
+    assert!(
+        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)),
+        "{:?}",
+        &r[..1]
+    );
+    assert_eq!(b.files[&(c.id, "many".to_string())].0, d);
+    // the last packet first, then the others
+    let mut order = vec![ps[0].clone(), ps[65_534].clone()];
+    order.extend(ps[1..65_534].iter().cloned());
+    b.feed(&mut s, now, &order.concat());
+    assert!(matches!(&take(&mut s)[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)));
+}
+
+#[test]
 fn crc_retry_then_ok_and_abort_leaves_nothing() {
     let now = Instant::now();
     let mut b = MemoryBackend::default();
