@@ -1,5 +1,7 @@
 //! `cyberbackup-server`: see `--help` and README.md.
 
+use std::io::IsTerminal;
+
 use anyhow::Result;
 use clap::Parser;
 use cyberbackup_server::config::{Args, LogFormat};
@@ -20,7 +22,8 @@ fn real_main() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("bad --log filter {:?}: {e}", cfg.log))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cfg.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
