@@ -126,6 +126,17 @@ impl StreamEncryptor {
         self.carry_len = rest.len();
     }
 
+    /// Pads and encrypts `tail` (under 16 bytes, the end of the plaintext after whole
+    /// blocks went through [`encrypt_blocks`](Self::encrypt_blocks)) as the final block.
+    pub fn finish_tail(mut self, tail: &[u8]) -> Result<[u8; BLOCK], CryptoError> {
+        if tail.len() >= BLOCK || self.carry_len != 0 {
+            return Err(CryptoError::NotBlockAligned(tail.len() + self.carry_len));
+        }
+        self.carry[..tail.len()].copy_from_slice(tail);
+        self.carry_len = tail.len();
+        Ok(self.finish())
+    }
+
     /// Pads and encrypts the final block (the pending partial block, possibly empty)
     /// and returns it. Always 16 bytes.
     pub fn finish(mut self) -> [u8; BLOCK] {
@@ -400,6 +411,21 @@ mod tests {
         let keep = unpad(&last).unwrap();
         plain.truncate(plain.len() - 16 + keep);
         assert_eq!(plain, data);
+    }
+
+    #[test]
+    fn blocks_then_tail_equals_one_shot() {
+        let key: AesKey = [3; 32];
+        for n in [0usize, 5, 16, 31, 32, 100] {
+            let plain: Vec<u8> = (0..n as u8).collect();
+            let whole = n / BLOCK * BLOCK;
+            let mut buf = plain[..whole].to_vec();
+            let mut e = StreamEncryptor::new(&key);
+            e.encrypt_blocks(&mut buf).unwrap();
+            buf.extend_from_slice(&e.finish_tail(&plain[whole..]).unwrap());
+            assert_eq!(buf, encrypt(&key, &plain), "n {n}");
+        }
+        assert!(StreamEncryptor::new(&key).finish_tail(&[0; 16]).is_err());
     }
 
     #[test]

@@ -1,0 +1,291 @@
+//! A connection to a server with an agreed session key: register (new identity) or
+//! reconnect (saved identity), exactly as PROTOCOL.md says.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use cyberbackup_protocol::crypto::{AesKey, ClientKeypair};
+use cyberbackup_protocol::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
+use cyberbackup_protocol::message::{encode_name_request, encode_send_public_key, Response};
+use cyberbackup_protocol::{name, VERSION};
+
+use crate::{ClientError, Identity};
+
+/// Who connects.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// Register this user name as a new client.
+    New(String),
+    /// Reconnect with a saved identity; if the server does not know it, register its
+    /// name anew (as the CyberBackup 3.0 client does).
+    Existing(Box<Identity>),
+}
+
+/// Timeouts.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Time to establish the TCP connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for any read or write.
+    pub io_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A connection with a session key.
+pub struct Session {
+    pub(crate) stream: TcpStream,
+    pub(crate) server: String,
+    pub(crate) identity: Identity,
+    pub(crate) key: AesKey,
+    pub(crate) opts: ConnectOptions,
+    /// Set after an error that may leave the stream out of step; the next upload
+    /// reconnects first.
+    pub(crate) broken: bool,
+    /// Reusable request buffer.
+    pub(crate) req: Vec<u8>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("server", &self.server)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn io_error(e: io::Error, timeout: Duration) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(timeout),
+        _ => ClientError::ConnectionLost(e),
+    }
+}
+
+fn resolve(server: &str) -> Result<Vec<SocketAddr>, ClientError> {
+    let bad = || ClientError::BadAddress {
+        server: server.to_owned(),
+    };
+    let (host, port) = server.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    server
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .map_err(|source| ClientError::Unreachable {
+            server: server.to_owned(),
+            source,
+        })
+}
+
+fn connect_tcp(server: &str, opts: &ConnectOptions) -> Result<TcpStream, ClientError> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for addr in resolve(server)? {
+        match TcpStream::connect_timeout(&addr, opts.connect_timeout) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                s.set_read_timeout(Some(opts.io_timeout))
+                    .and_then(|_| s.set_write_timeout(Some(opts.io_timeout)))
+                    .map_err(ClientError::ConnectionLost)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(ClientError::Unreachable {
+        server: server.to_owned(),
+        source: last,
+    })
+}
+
+/// Reads one response, bounded: nothing larger than a v3 response is read.
+pub(crate) fn read_response(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
+    let mut h = [0u8; RESPONSE_HEADER_LEN];
+    stream
+        .read_exact(&mut h)
+        .map_err(|e| io_error(e, timeout))?;
+    let h = ResponseHeader::parse(&h).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if h.version != VERSION {
+        return Err(ClientError::Protocol(format!(
+            "response version {}",
+            h.version
+        )));
+    }
+    let max = Response::MAX_PAYLOAD.max(cyberbackup_protocol::message::FILE_RECEIVED_LEN as u32);
+    if h.payload_size > max {
+        return Err(ClientError::Protocol(format!(
+            "response payload of {} bytes (at most {max})",
+            h.payload_size
+        )));
+    }
+    let mut p = [0u8; 1024];
+    let p = &mut p[..h.payload_size as usize];
+    stream.read_exact(p).map_err(|e| io_error(e, timeout))?;
+    Response::decode(h.code, p).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+fn unexpected(what: &str, r: &Response) -> ClientError {
+    ClientError::Protocol(format!(
+        "unexpected answer {:?} to {what}",
+        u16::from(r.code())
+    ))
+}
+
+impl Session {
+    /// Connects, then registers or reconnects. Returns the session and the identity in
+    /// use: a new one if the client registered (save it), else the one given.
+    pub fn open(
+        server: &str,
+        creds: Credentials,
+        opts: &ConnectOptions,
+    ) -> Result<(Session, Identity), ClientError> {
+        match creds {
+            Credentials::New(name) => Self::register(server, &name, opts),
+            Credentials::Existing(identity) => {
+                let identity = *identity;
+                let mut stream = connect_tcp(server, opts)?;
+                match Self::reconnect_on(&mut stream, &identity, opts)? {
+                    Some(key) => Ok((
+                        Session::new(stream, server, identity.clone(), key, opts),
+                        identity,
+                    )),
+                    None => {
+                        tracing::info!(name = %identity.name, "server does not know this identity; registering");
+                        drop(stream);
+                        Self::register(server, &identity.name, opts)
+                    }
+                }
+            }
+        }
+    }
+
+    fn new(
+        stream: TcpStream,
+        server: &str,
+        identity: Identity,
+        key: AesKey,
+        opts: &ConnectOptions,
+    ) -> Session {
+        Session {
+            stream,
+            server: server.to_owned(),
+            identity,
+            key,
+            opts: opts.clone(),
+            broken: false,
+            req: Vec::with_capacity(512),
+        }
+    }
+
+    /// The identity this session uses.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The server address.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn register(
+        server: &str,
+        user: &str,
+        opts: &ConnectOptions,
+    ) -> Result<(Session, Identity), ClientError> {
+        name::check_user_name(user.as_bytes()).map_err(|e| ClientError::BadInput {
+            path: user.into(),
+            reason: format!("not a valid user name: {e}"),
+        })?;
+        let mut stream = connect_tcp(server, opts)?;
+        let t = opts.io_timeout;
+        let mut req = Vec::with_capacity(512);
+        encode_name_request(&mut req, &[0; 16], RequestCode::Register, user)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        stream.write_all(&req).map_err(|e| io_error(e, t))?;
+        let id = match read_response(&mut stream, t)? {
+            Response::RegisterOk { client_id } => client_id,
+            Response::RegisterFailed => return Err(ClientError::NameTaken(user.to_owned())),
+            Response::Error => return Err(ClientError::ServerError("registering")),
+            r => return Err(unexpected("REGISTER", &r)),
+        };
+        let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
+        req.clear();
+        encode_send_public_key(&mut req, &id, user, keypair.public_der())
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        stream.write_all(&req).map_err(|e| io_error(e, t))?;
+        let encrypted = match read_response(&mut stream, t)? {
+            Response::AesKey {
+                client_id,
+                encrypted_key,
+            } if client_id == id => encrypted_key,
+            Response::Error => return Err(ClientError::ServerError("sending the public key")),
+            r => return Err(unexpected("SEND_PUBLIC_KEY", &r)),
+        };
+        let key = keypair.decrypt_session_key(&encrypted)?;
+        let identity = Identity {
+            name: user.to_owned(),
+            id,
+            keypair,
+        };
+        Ok((
+            Session::new(stream, server, identity.clone(), key, opts),
+            identity,
+        ))
+    }
+
+    /// RECONNECT on `stream`: the session key, or `None` if the server rejects us.
+    fn reconnect_on(
+        stream: &mut TcpStream,
+        identity: &Identity,
+        opts: &ConnectOptions,
+    ) -> Result<Option<AesKey>, ClientError> {
+        let t = opts.io_timeout;
+        let mut req = Vec::with_capacity(512);
+        encode_name_request(
+            &mut req,
+            &identity.id,
+            RequestCode::Reconnect,
+            &identity.name,
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        stream.write_all(&req).map_err(|e| io_error(e, t))?;
+        match read_response(stream, t)? {
+            Response::ReconnectOk {
+                client_id,
+                encrypted_key,
+            } if client_id == identity.id => {
+                Ok(Some(identity.keypair.decrypt_session_key(&encrypted_key)?))
+            }
+            Response::ReconnectRejected { .. } => Ok(None),
+            Response::Error => Err(ClientError::ServerError("reconnecting")),
+            r => Err(unexpected("RECONNECT", &r)),
+        }
+    }
+
+    /// Replaces the connection with a new one (after a drop), reconnecting with this
+    /// session's identity.
+    pub fn reconnect(&mut self) -> Result<(), ClientError> {
+        let mut stream = connect_tcp(&self.server, &self.opts)?;
+        match Self::reconnect_on(&mut stream, &self.identity, &self.opts)? {
+            Some(key) => {
+                self.stream = stream;
+                self.key = key;
+                self.broken = false;
+                Ok(())
+            }
+            None => Err(ClientError::Rejected(self.identity.name.clone())),
+        }
+    }
+}
