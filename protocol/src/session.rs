@@ -377,6 +377,15 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         self.out.clear();
     }
 
+    /// Forget the first `n` bytes of the output (a partial write).
+    pub fn consume_output(&mut self, n: usize) {
+        if n >= self.out.len() {
+            self.out.clear();
+        } else {
+            self.out.drain(..n);
+        }
+    }
+
     /// The next operation to run.
     pub fn poll_op(&mut self) -> Option<Op<S>> {
         if self.ops.is_empty() {

@@ -16,6 +16,18 @@ use serde::Deserialize;
 /// The default port of CyberBackup.
 pub const DEFAULT_PORT: u16 = 1256;
 
+/// Which I/O runtime serves connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// glommio (io_uring) where it can run, else mio (epoll) with a warning.
+    Auto,
+    /// glommio (io_uring); an error where it cannot run.
+    Glommio,
+    /// mio (epoll).
+    Mio,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +59,11 @@ pub struct Args {
     /// TCP port [default: port.info, else 1256].
     #[arg(long, short, env = "CYBERBACKUP_PORT")]
     pub port: Option<u16>,
+
+    /// I/O runtime: auto (glommio where io_uring works, else mio), glommio, or mio
+    /// [default: auto].
+    #[arg(long, value_enum, env = "CYBERBACKUP_RUNTIME")]
+    pub runtime: Option<RuntimeKind>,
 
     /// Number of shards (event loops, one per core) [default: number of CPUs].
     #[arg(long, env = "CYBERBACKUP_SHARDS")]
@@ -104,6 +121,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub runtime: RuntimeKind,
     pub shards: usize,
     pub storage: PathBuf,
     pub database: PathBuf,
@@ -192,6 +210,7 @@ impl Args {
         };
         Ok(Config {
             listen: SocketAddr::new(pick!(bind).unwrap_or(IpAddr::from([0, 0, 0, 0])), port),
+            runtime: pick!(runtime).unwrap_or(RuntimeKind::Auto),
             shards,
             storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
@@ -253,6 +272,7 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.storage, PathBuf::from("/srv/x"));
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.runtime, RuntimeKind::Mio);
         std::fs::write(&f, "prot = 1\n").unwrap();
         assert!(args(&["--config", f.to_str().unwrap()])
             .resolve(dir.path())

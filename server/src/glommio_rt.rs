@@ -18,7 +18,6 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use cyberbackup_protocol::session::ServerSession;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::task::JoinHandle;
@@ -27,13 +26,10 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::conn::{Driver, Step};
 use crate::ops::{run_op, Blocking, Services};
 use crate::shutdown::Shutdown;
 
-/// Bytes read at once to begin with; grows while reads fill it (bulk uploads).
-const INITIAL_BUF: usize = 16 * 1024;
-/// Largest read buffer of a connection.
-const MAX_BUF: usize = 512 * 1024;
 /// Threads per shard for blocking work (file creation, fsync, rename).
 const BLOCKING_THREADS: usize = 4;
 /// Registered-buffer memory per executor: we do no DMA file I/O, so keep it small
@@ -52,17 +48,32 @@ impl Blocking for GlommioBlocking {
     }
 }
 
-/// Checks that an io_uring executor can be made on this host.
+/// Checks that an io_uring executor can be made on this host. glommio panics (rather
+/// than erring) on some failures, such as a kernel or seccomp profile without io_uring;
+/// the probe turns that into an error with glommio's message, without printing a panic.
 pub fn probe() -> Result<()> {
-    std::thread::spawn(|| {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::thread::spawn(|| {
         LocalExecutorBuilder::new(Placement::Unbound)
             .io_memory(IO_MEMORY)
             .make()
             .map(drop)
             .map_err(|e| anyhow!("{e}"))
     })
-    .join()
-    .map_err(|_| anyhow!("the glommio probe panicked"))?
+    .join();
+    std::panic::set_hook(previous);
+    match r {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "glommio panicked while starting".into());
+            Err(anyhow!("{msg}"))
+        }
+    }
 }
 
 /// A live connection's task, and whether it sits idle between requests.
@@ -272,79 +283,60 @@ async fn serve(
     // A peer that stops reading its answers cannot hold the connection forever.
     let _ = stream.set_write_timeout(Some(cfg.session.header_timeout));
     tracing::debug!("connected");
-    let mut session = ServerSession::new(cfg.session.clone(), rand::thread_rng(), Instant::now());
-    let mut buf = vec![0u8; INITIAL_BUF];
-    let (mut head, mut tail) = (0usize, 0usize);
-    let end: &str = 'conn: loop {
-        // Hand the session what we have, run its ops, send its answers.
-        loop {
-            let n = session.handle_input(Instant::now(), &buf[head..tail]);
-            head += n;
-            while let Some(op) = session.poll_op() {
+    let mut driver = Driver::new(&cfg.session, Instant::now());
+    let reason = loop {
+        match driver.step(Instant::now()) {
+            Step::Op(op) => {
                 if let Some(c) = run_op(&svc, &GlommioBlocking, op).await {
-                    session.complete(Instant::now(), c);
+                    driver.complete(Instant::now(), c);
                 }
             }
-            if !session.output().is_empty() {
-                if let Err(e) = stream.write_all(session.output()).await {
+            Step::Write => match stream.write(driver.output()).await {
+                Ok(0) => break "write error",
+                Ok(n) => driver.consume_output(n),
+                Err(e) => {
                     tracing::debug!(error = %e, "write failed");
-                    break 'conn "write error";
+                    break "write error";
                 }
-                session.clear_output();
-            }
-            if session.is_closing() {
-                break 'conn "closed by the protocol";
-            }
-            if head == tail || (n == 0 && !session.is_waiting()) {
-                break;
-            }
-        }
-        if head == tail {
-            head = 0;
-            tail = 0;
-        } else if head > 0 {
-            buf.copy_within(head..tail, 0);
-            tail -= head;
-            head = 0;
-        }
-        let is_idle = session.is_idle() && tail == 0;
-        idle.set(is_idle);
-        if is_idle && state.draining.get() {
-            break 'conn "server shutting down";
-        }
-        let now = Instant::now();
-        let timeout = session.poll_timeout().map(|d| {
-            d.saturating_duration_since(now)
-                .max(Duration::from_millis(1))
-        });
-        let _ = stream.set_read_timeout(timeout);
-        match stream.read(&mut buf[tail..]).await {
-            Ok(0) => break 'conn "peer closed",
-            Ok(n) => {
-                tail += n;
-                if tail == buf.len() && buf.len() < MAX_BUF {
-                    buf.resize(buf.len() * 2, 0);
+            },
+            Step::Close(reason) => break reason,
+            Step::Read => {
+                let is_idle = driver.is_idle();
+                idle.set(is_idle);
+                if is_idle && state.draining.get() {
+                    break "server shutting down";
                 }
-            }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                session.handle_timeout(Instant::now());
-                if session.is_closing() {
-                    break 'conn "timed out";
+                let now = Instant::now();
+                let timeout = driver.deadline().map(|d| {
+                    d.saturating_duration_since(now)
+                        .max(Duration::from_millis(1))
+                });
+                let _ = stream.set_read_timeout(timeout);
+                let r = stream.read(driver.read_buf()).await;
+                idle.set(false);
+                match r {
+                    Ok(0) => break "peer closed",
+                    Ok(n) => driver.filled(n),
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        if driver.timed_out(Instant::now()) {
+                            break "timed out";
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read failed");
+                        break "read error";
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "read failed");
-                break 'conn "read error";
             }
         }
     };
     idle.set(false);
-    let stats = session.stats();
-    for sink in session.abort() {
+    let stats = driver.stats();
+    for sink in driver.abort() {
         GlommioBlocking.run(move || drop(sink)).await;
     }
     tracing::debug!(
-        reason = end,
+        reason,
         requests = stats.requests,
         files = stats.files_committed,
         bytes = stats.content_bytes,

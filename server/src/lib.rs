@@ -2,8 +2,10 @@
 //!
 //! # Layout
 //! - [`config`]: flags, environment, TOML file and port.info, checked into a `Config`.
+//! - [`conn`]: the connection driver both runtimes share (buffer, session, next step).
 //! - [`glommio_rt`]: the io_uring runtime, one executor and SO_REUSEPORT listener per
 //!   shard; it only moves bytes between sockets and the protocol session.
+//! - [`mio_rt`]: the epoll fallback, same shape, chosen where io_uring cannot run.
 //! - [`ops`]: runs the session's registry and storage operations off the reactor.
 //! - [`storage`]: temp files mapped for reassembly, atomic and durable finalize.
 //! - [`registry`]: the SQLite registry of clients and files, on its own thread.
@@ -13,7 +15,9 @@
 //! `cyberbackup-protocol` crate.
 
 pub mod config;
+pub mod conn;
 pub mod glommio_rt;
+pub mod mio_rt;
 pub mod ops;
 pub mod registry;
 pub mod shutdown;
@@ -22,6 +26,7 @@ pub mod storage;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use config::RuntimeKind;
 
 /// Opens storage and registry, starts the shards, and returns when they have stopped
 /// (after a signal, with in-flight files finished or discarded).
@@ -43,8 +48,30 @@ pub fn run(cfg: config::Config) -> Result<()> {
         storage: Arc::new(storage),
         registry,
     };
+    let runtime = match cfg.runtime {
+        RuntimeKind::Mio => RuntimeKind::Mio,
+        RuntimeKind::Glommio => {
+            glommio_rt::probe().context(
+                "io_uring (glommio) cannot run on this host; use --runtime mio (or auto)",
+            )?;
+            RuntimeKind::Glommio
+        }
+        RuntimeKind::Auto => match glommio_rt::probe() {
+            Ok(()) => RuntimeKind::Glommio,
+            Err(e) => {
+                tracing::warn!(
+                    reason = %format!("{e:#}"),
+                    "io_uring (glommio) cannot run on this host; falling back to the mio (epoll) runtime"
+                );
+                RuntimeKind::Mio
+            }
+        },
+    };
     let cfg = Arc::new(cfg);
-    let result = glommio_rt::run(cfg, svc, shutdown);
+    let result = match runtime {
+        RuntimeKind::Mio => mio_rt::run(cfg, svc, shutdown),
+        _ => glommio_rt::run(cfg, svc, shutdown),
+    };
     registry_thread.join();
     if result.is_ok() {
         tracing::info!("stopped");

@@ -104,6 +104,41 @@ pub fn run_measuring_rss(cmd: &mut Command) -> (std::process::Output, u64) {
     (output, peak)
 }
 
+/// The seccomp wrapper that blocks io_uring for the program it runs.
+pub fn no_io_uring_binary() -> PathBuf {
+    binary("cyberbackup-e2e", "no-io-uring")
+}
+
+/// The server runtime a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Glommio,
+    Mio,
+}
+
+impl Runtime {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Runtime::Glommio => "glommio",
+            Runtime::Mio => "mio",
+        }
+    }
+}
+
+/// Declares each listed `fn name(rt: Runtime)` as two tests, `glommio::name` and
+/// `mio::name`: the end-to-end suite runs against both runtimes without a copy.
+#[macro_export]
+macro_rules! both_runtimes {
+    ($($name:ident),* $(,)?) => {
+        mod glommio {
+            $( #[test] fn $name() { super::$name($crate::Runtime::Glommio) } )*
+        }
+        mod mio {
+            $( #[test] fn $name() { super::$name($crate::Runtime::Mio) } )*
+        }
+    };
+}
+
 /// A running server process in its own working directory.
 pub struct Server {
     child: Option<Child>,
@@ -113,22 +148,30 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server in a fresh temporary directory.
-    pub fn start(extra: &[&str]) -> Server {
+    /// Starts a server on `rt` in a fresh temporary directory.
+    pub fn start(rt: Runtime, extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut s = Server::start_in(tmp.path(), extra);
+        let mut s = Server::start_in(rt, tmp.path(), extra);
         s._tmp = Some(tmp);
         s
     }
 
-    /// Starts a server in `dir` (kept by the caller, e.g. to restart on the same data).
-    pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+    /// Starts a server on `rt` in `dir` (kept by the caller, e.g. to restart on the same
+    /// data).
+    pub fn start_in(rt: Runtime, dir: &Path, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(server_binary());
+        cmd.args(["--runtime", rt.flag()]);
+        Server::spawn(cmd, dir, extra)
+    }
+
+    /// Starts `cmd` (the server, possibly behind a wrapper) in `dir`.
+    pub fn spawn(mut cmd: Command, dir: &Path, extra: &[&str]) -> Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("server.log"))
             .expect("log file");
-        let mut child = Command::new(server_binary())
+        let mut child = cmd
             .args(["--bind", "127.0.0.1", "--port", "0", "--log", "debug"])
             .args(extra)
             .current_dir(dir)

@@ -34,9 +34,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[test]
-fn first_run_registers_second_reconnects_with_several_files() {
-    let srv = Server::start(&[]);
+fn first_run_registers_second_reconnects_with_several_files(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let server = srv.addr.to_string();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -95,9 +94,8 @@ fn first_run_registers_second_reconnects_with_several_files() {
     assert!(srv.log().contains("reconnect=true"));
 }
 
-#[test]
-fn a_1_gib_file_in_constant_memory() {
-    let srv = Server::start(&[]);
+fn a_1_gib_file_in_constant_memory(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let work = tempfile::tempdir().unwrap();
     let path = work.path().join("big.bin");
     {
@@ -221,10 +219,9 @@ fn server_down_or_speaking_something_else() {
     t.join().unwrap();
 }
 
-#[test]
-fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing() {
+fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing(rt: Runtime) {
     let dir = tempfile::tempdir().unwrap();
-    let mut srv = Server::start_in(dir.path(), &[]);
+    let mut srv = Server::start_in(rt, dir.path(), &[]);
     let work = tempfile::tempdir().unwrap();
     let path = work.path().join("victim.bin");
     {
@@ -266,16 +263,15 @@ fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing() {
         "{err}"
     );
     // after a restart nothing of it is visible and no temp is left
-    let srv = Server::start_in(dir.path(), &[]);
+    let srv = Server::start_in(rt, dir.path(), &[]);
     assert_eq!(srv.temp_files(), 0);
     let me = std::fs::read_to_string(work.path().join("me.info")).unwrap();
     let id = cyberbackup_protocol::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
     assert!(!srv.client_dir(&id).join("victim.bin").exists());
 }
 
-#[test]
-fn batch_mode_reads_transfer_info() {
-    let srv = Server::start(&[]);
+fn batch_mode_reads_transfer_info(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     std::fs::write(w.join("doc.txt"), b"batch mode").unwrap();
@@ -373,3 +369,10 @@ fn a_wrong_checksum_is_retried_three_times_then_aborted() {
     }
     assert_eq!(codes, expect);
 }
+
+both_runtimes!(
+    first_run_registers_second_reconnects_with_several_files,
+    a_1_gib_file_in_constant_memory,
+    the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing,
+    batch_mode_reads_transfer_info,
+);

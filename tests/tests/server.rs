@@ -21,9 +21,8 @@ fn header(id: [u8; 16], version: u8, code: u16, size: u32) -> Vec<u8> {
     .to_vec()
 }
 
-#[test]
-fn register_duplicate_key_and_reconnect() {
-    let srv = Server::start(&[]);
+fn register_duplicate_key_and_reconnect(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let name = unique_name("alice");
     let mut c = Conn::connect(srv.addr);
     let Response::RegisterOk { client_id } = c.register(&name) else {
@@ -61,9 +60,8 @@ fn register_duplicate_key_and_reconnect() {
     ));
 }
 
-#[test]
-fn files_of_edge_sizes_in_several_packet_sizes_and_orders() {
-    let srv = Server::start(&[]);
+fn files_of_edge_sizes_in_several_packet_sizes_and_orders(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("sizes"));
     let sizes = [0usize, 1, 15, 16, 17, 65_536, 67_584, 1 << 20];
     let mut i = 0u64;
@@ -85,9 +83,8 @@ fn files_of_edge_sizes_in_several_packet_sizes_and_orders() {
     assert_eq!(srv.temp_files(), 0);
 }
 
-#[test]
-fn a_64_mib_file_in_two_packet_sizes() {
-    let srv = Server::start(&[]);
+fn a_64_mib_file_in_two_packet_sizes(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("big"));
     let d = data(64 << 20, 99);
     for (packet, order) in [(1 << 20, Order::InOrder), (16 << 20, Order::Shuffled(3))] {
@@ -99,13 +96,12 @@ fn a_64_mib_file_in_two_packet_sizes() {
     }
 }
 
-#[test]
-fn stored_files_are_recorded_in_sqlite_and_survive_a_restart() {
+fn stored_files_are_recorded_in_sqlite_and_survive_a_restart(rt: Runtime) {
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("restart");
     let id;
     {
-        let mut srv = Server::start_in(dir.path(), &[]);
+        let mut srv = Server::start_in(rt, dir.path(), &[]);
         let mut c = Conn::login(srv.addr, &name);
         id = c.id;
         c.upload("keep.me", b"durable bytes", 64, Order::InOrder);
@@ -134,7 +130,7 @@ fn stored_files_are_recorded_in_sqlite_and_survive_a_restart() {
     assert_eq!(key_len, 160);
     drop(db);
 
-    let srv = Server::start_in(dir.path(), &[]);
+    let srv = Server::start_in(rt, dir.path(), &[]);
     let mut c = Conn::connect(srv.addr);
     c.id = id;
     assert!(matches!(c.reconnect(&name), Response::ReconnectOk { .. }));
@@ -146,9 +142,8 @@ fn stored_files_are_recorded_in_sqlite_and_survive_a_restart() {
     );
 }
 
-#[test]
-fn crc_retry_then_ok_and_abort_leaves_nothing() {
-    let srv = Server::start(&[]);
+fn crc_retry_then_ok_and_abort_leaves_nothing(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("retry"));
     let d = data(200_000, 5);
     // The client pretends its checksum differed three times, then accepts.
@@ -184,9 +179,8 @@ fn crc_retry_then_ok_and_abort_leaves_nothing() {
     assert!(srv.wait_no_temp_files());
 }
 
-#[test]
-fn a_connection_dropped_mid_file_leaves_no_file_and_no_temp() {
-    let srv = Server::start(&[]);
+fn a_connection_dropped_mid_file_leaves_no_file_and_no_temp(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("drop"));
     let d = data(3 << 20, 8);
     let ps = c.packets("partial.bin", &d, 1 << 20);
@@ -214,9 +208,8 @@ fn a_connection_dropped_mid_file_leaves_no_file_and_no_temp() {
     assert!(!srv.client_dir(&id).join("unconfirmed").exists());
 }
 
-#[test]
-fn errors_unsupported_version_answers_1607_and_closes() {
-    let srv = Server::start(&[]);
+fn errors_unsupported_version_answers_1607_and_closes(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::connect(srv.addr);
     let mut req = header([0; 16], 4, 1025, 255);
     req.resize(23 + 255, 0);
@@ -225,9 +218,8 @@ fn errors_unsupported_version_answers_1607_and_closes() {
     assert!(c.is_closed_by_server());
 }
 
-#[test]
-fn errors_oversized_payload_answers_1607_and_closes_without_reading_it() {
-    let srv = Server::start(&[]);
+fn errors_oversized_payload_answers_1607_and_closes_without_reading_it(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("big"));
     let req = header(c.id, 3, 1028, MAX_PAYLOAD_SIZE + 1);
     c.send(&req).unwrap();
@@ -236,9 +228,8 @@ fn errors_oversized_payload_answers_1607_and_closes_without_reading_it() {
     assert!(c.is_closed_by_server());
 }
 
-#[test]
-fn errors_wrong_payload_size_answers_1607_and_closes() {
-    let srv = Server::start(&[]);
+fn errors_wrong_payload_size_answers_1607_and_closes(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     for (code, size) in [
         (1025u16, 100u32),
         (1026, 255),
@@ -255,9 +246,8 @@ fn errors_wrong_payload_size_answers_1607_and_closes() {
     }
 }
 
-#[test]
-fn errors_unknown_client_id_answers_1607_or_1606_and_closes() {
-    let srv = Server::start(&[]);
+fn errors_unknown_client_id_answers_1607_or_1606_and_closes(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     for code in [1026u16, 1028, 1029, 1030, 1031] {
         let mut c = Conn::connect(srv.addr);
         let size = match code {
@@ -287,9 +277,8 @@ fn errors_unknown_client_id_answers_1607_or_1606_and_closes() {
     assert!(c.is_closed_by_server());
 }
 
-#[test]
-fn errors_unknown_code_answers_1607_and_keeps_the_connection() {
-    let srv = Server::start(&[]);
+fn errors_unknown_code_answers_1607_and_keeps_the_connection(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("code"));
     let mut req = header(c.id, 3, 1100, 5);
     req.extend_from_slice(b"12345");
@@ -298,9 +287,8 @@ fn errors_unknown_code_answers_1607_and_keeps_the_connection() {
     c.upload("still-works", b"yes", 64, Order::InOrder);
 }
 
-#[test]
-fn errors_bad_file_packets_answer_1607_and_drop_the_transfer() {
-    let srv = Server::start(&[]);
+fn errors_bad_file_packets_answer_1607_and_drop_the_transfer(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("bad"));
     let d = data(100_000, 1);
     let ps = c.packets("x.bin", &d, 16384);
@@ -328,9 +316,8 @@ fn errors_bad_file_packets_answer_1607_and_drop_the_transfer() {
     assert!(srv.wait_no_temp_files());
 }
 
-#[test]
-fn names_that_are_not_bare_file_names_are_refused_and_nothing_is_written() {
-    let srv = Server::start(&[]);
+fn names_that_are_not_bare_file_names_are_refused_and_nothing_is_written(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
     let mut c = Conn::login(srv.addr, &unique_name("names"));
     let key = c.key.unwrap();
     let long = "a".repeat(251);
@@ -387,9 +374,8 @@ fn names_that_are_not_bare_file_names_are_refused_and_nothing_is_written() {
     c.upload("fine.txt", b"ok", 64, Order::InOrder);
 }
 
-#[test]
-fn sigterm_lets_an_inflight_file_finish_and_exits_zero() {
-    let mut srv = Server::start(&[]);
+fn sigterm_lets_an_inflight_file_finish_and_exits_zero(rt: Runtime) {
+    let mut srv = Server::start(rt, &[]);
     let mut idle = Conn::login(srv.addr, &unique_name("idle"));
     let mut c = Conn::login(srv.addr, &unique_name("term"));
     let d = data(2 << 20, 4);
@@ -419,9 +405,8 @@ fn sigterm_lets_an_inflight_file_finish_and_exits_zero() {
     assert!(std::net::TcpStream::connect(srv.addr).is_err());
 }
 
-#[test]
-fn idle_and_trickling_peers_are_timed_out() {
-    let srv = Server::start(&["--idle-timeout", "1", "--header-timeout", "1"]);
+fn idle_and_trickling_peers_are_timed_out(rt: Runtime) {
+    let srv = Server::start(rt, &["--idle-timeout", "1", "--header-timeout", "1"]);
     let mut idle = Conn::connect(srv.addr);
     let t0 = std::time::Instant::now();
     assert!(idle.is_closed_by_server());
@@ -432,9 +417,8 @@ fn idle_and_trickling_peers_are_timed_out() {
     assert!(half.is_closed_by_server());
 }
 
-#[test]
-fn connections_over_the_limit_are_refused() {
-    let srv = Server::start(&["--max-connections", "2"]);
+fn connections_over_the_limit_are_refused(rt: Runtime) {
+    let srv = Server::start(rt, &["--max-connections", "2"]);
     let mut a = Conn::connect(srv.addr);
     let mut b = Conn::connect(srv.addr);
     assert!(matches!(
@@ -455,3 +439,22 @@ fn connections_over_the_limit_are_refused() {
         Response::RegisterOk { .. }
     ));
 }
+
+both_runtimes!(
+    register_duplicate_key_and_reconnect,
+    files_of_edge_sizes_in_several_packet_sizes_and_orders,
+    a_64_mib_file_in_two_packet_sizes,
+    stored_files_are_recorded_in_sqlite_and_survive_a_restart,
+    crc_retry_then_ok_and_abort_leaves_nothing,
+    a_connection_dropped_mid_file_leaves_no_file_and_no_temp,
+    errors_unsupported_version_answers_1607_and_closes,
+    errors_oversized_payload_answers_1607_and_closes_without_reading_it,
+    errors_wrong_payload_size_answers_1607_and_closes,
+    errors_unknown_client_id_answers_1607_or_1606_and_closes,
+    errors_unknown_code_answers_1607_and_keeps_the_connection,
+    errors_bad_file_packets_answer_1607_and_drop_the_transfer,
+    names_that_are_not_bare_file_names_are_refused_and_nothing_is_written,
+    sigterm_lets_an_inflight_file_finish_and_exits_zero,
+    idle_and_trickling_peers_are_timed_out,
+    connections_over_the_limit_are_refused,
+);
