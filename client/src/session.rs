@@ -204,6 +204,18 @@ impl Session {
         user: &str,
         opts: &ConnectOptions,
     ) -> Result<(Session, Identity), ClientError> {
+        let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
+        Self::register_with_key(server, user, keypair, opts)
+    }
+
+    /// Registers `user` with a key pair made beforehand (a load generator reuses a pool
+    /// of keys so that key generation stays out of what it measures).
+    pub fn register_with_key(
+        server: &str,
+        user: &str,
+        keypair: ClientKeypair,
+        opts: &ConnectOptions,
+    ) -> Result<(Session, Identity), ClientError> {
         name::check_user_name(user.as_bytes()).map_err(|e| ClientError::BadInput {
             path: user.into(),
             reason: format!("not a valid user name: {e}"),
@@ -220,7 +232,6 @@ impl Session {
             Response::Error => return Err(ClientError::ServerError("registering")),
             r => return Err(unexpected("REGISTER", &r)),
         };
-        let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
         req.clear();
         encode_send_public_key(&mut req, &id, user, keypair.public_der())
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -272,6 +283,25 @@ impl Session {
             Response::Error => Err(ClientError::ServerError("reconnecting")),
             r => Err(unexpected("RECONNECT", &r)),
         }
+    }
+
+    /// Reconnects with `identity`, without falling back to a registration: a rejection
+    /// is [`ClientError::Rejected`].
+    pub fn open_existing(
+        server: &str,
+        identity: Identity,
+        opts: &ConnectOptions,
+    ) -> Result<Session, ClientError> {
+        let mut stream = connect_tcp(server, opts)?;
+        match Self::reconnect_on(&mut stream, &identity, opts)? {
+            Some(key) => Ok(Session::new(stream, server, identity, key, opts)),
+            None => Err(ClientError::Rejected(identity.name)),
+        }
+    }
+
+    /// The session key this connection agreed on (to encrypt ahead of time).
+    pub fn session_key(&self) -> &AesKey {
+        &self.key
     }
 
     /// Replaces the connection with a new one (after a drop), reconnecting with this

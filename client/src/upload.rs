@@ -313,7 +313,88 @@ impl Session {
         }
     }
 
-    fn crc_request(&mut self, code: RequestCode, name: &str) -> Result<(), ClientError> {
+    /// Sends a file already encrypted under [`Session::session_key`]: its ciphertext is
+    /// `body` (whole blocks) followed by `last` (the padded final block), cut into
+    /// packets of `packet` bytes and written without copying. Returns the server's 1603;
+    /// answer it with [`Session::crc_request`]. For load generators.
+    pub fn send_ciphertext(
+        &mut self,
+        name: &str,
+        orig_size: u64,
+        body: &[u8],
+        last: &[u8; BLOCK],
+        packet: usize,
+    ) -> Result<FileReceived, ClientError> {
+        let cipher_len = body.len() as u64 + BLOCK as u64;
+        if cipher_len != ciphertext_len(orig_size) || orig_size > MAX_FILE_SIZE {
+            return Err(ClientError::BadInput {
+                path: name.into(),
+                reason: "ciphertext length does not match the file size".into(),
+            });
+        }
+        let packet = packet_size_for(orig_size, packet);
+        let total = cipher_len.div_ceil(packet as u64) as u16;
+        let t = self.opts.io_timeout;
+        let mut head = Vec::with_capacity(23 + 267);
+        for k in 1..=total {
+            let start = (k as usize - 1) * packet;
+            let end = (start + packet).min(cipher_len as usize);
+            head.clear();
+            encode_send_file_head(
+                &mut head,
+                &self.identity.id,
+                &SendFileHead {
+                    content_size: (end - start) as u32,
+                    orig_file_size: orig_size as u32,
+                    packet_number: k,
+                    total_packets: total,
+                    file_name: name.as_bytes(),
+                },
+            )
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let b_end = end.min(body.len());
+            let body_part = if start < body.len() {
+                &body[start..b_end]
+            } else {
+                &[][..]
+            };
+            let last_part = if end > body.len() {
+                &last[start.max(body.len()) - body.len()..end - body.len()]
+            } else {
+                &[][..]
+            };
+            let mut slices = [
+                io::IoSlice::new(&head),
+                io::IoSlice::new(body_part),
+                io::IoSlice::new(last_part),
+            ];
+            write_all_vectored(&mut self.stream, &mut slices).map_err(|e| {
+                self.broken = true;
+                io_error(e, t)
+            })?;
+        }
+        match read_response(&mut self.stream, t) {
+            Ok(Response::FileReceived(f)) => Ok(f),
+            Ok(Response::Error) => {
+                self.broken = true;
+                Err(ClientError::ServerError("receiving the file"))
+            }
+            Ok(r) => {
+                self.broken = true;
+                Err(ClientError::Protocol(format!(
+                    "unexpected answer {} after the last packet",
+                    u16::from(r.code())
+                )))
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends CRC_OK, CRC_RETRY or CRC_ABORT for `name` and waits for the ACK.
+    pub fn crc_request(&mut self, code: RequestCode, name: &str) -> Result<(), ClientError> {
         let t = self.opts.io_timeout;
         self.req.clear();
         encode_name_request(&mut self.req, &self.identity.id, code, name)
@@ -486,6 +567,24 @@ impl Session {
             }
         })
     }
+}
+
+/// `write_all` over several buffers with one `writev` per call.
+fn write_all_vectored(
+    stream: &mut std::net::TcpStream,
+    mut bufs: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    use std::io::Write;
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
