@@ -221,7 +221,7 @@ impl Session {
                 match self.reconnect() {
                     Ok(()) => {}
                     Err(e) if e.is_transient() && reconnects < opts.reconnects => {
-                        std::thread::sleep(opts.backoff * 2u32.pow(reconnects));
+                        std::thread::sleep(backoff(opts.backoff, reconnects));
                         reconnects += 1;
                         continue;
                     }
@@ -241,7 +241,7 @@ impl Session {
                     let _ = self.stream.shutdown(std::net::Shutdown::Both);
                     if e.is_transient() && reconnects < opts.reconnects {
                         tracing::warn!(error = %e, file = name, "connection trouble; reconnecting");
-                        std::thread::sleep(opts.backoff * 2u32.pow(reconnects));
+                        std::thread::sleep(backoff(opts.backoff, reconnects));
                         reconnects += 1;
                         continue;
                     }
@@ -268,7 +268,24 @@ impl Session {
                     "checksum mismatch"
                 );
             }
-            self.crc_request(code, name)?;
+            match self.crc_request(code, name) {
+                Ok(()) => {}
+                // The connection dropped between 1603 and the ACK: whatever the server
+                // did, sending the file again on a new connection is safe (a commit
+                // of the same name replaces it).
+                Err(e)
+                    if e.is_transient()
+                        && code != RequestCode::CrcAbort
+                        && reconnects < opts.reconnects =>
+                {
+                    tracing::warn!(error = %e, file = name, "connection trouble after 1603; sending again");
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    std::thread::sleep(backoff(opts.backoff, reconnects));
+                    reconnects += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             if good {
                 let elapsed = start.elapsed();
                 progress(&Progress {
@@ -567,6 +584,12 @@ impl Session {
             }
         })
     }
+}
+
+/// The wait before reconnect number `n` (from 0): `base * 2^n`, capped.
+fn backoff(base: Duration, n: u32) -> Duration {
+    base.saturating_mul(1u32 << n.min(16))
+        .min(Duration::from_secs(60))
 }
 
 /// `write_all` over several buffers with one `writev` per call.

@@ -261,7 +261,7 @@ mod tests {
         assert!(args(&[]).check().is_ok());
         for bad in [
             &["--rate", "0"][..],
-            &["--rate", "-5"],
+            &["--rate=-5"],
             &["--connections", "0"],
             &["--register-ratio", "2"],
             &["--packet-size", "100"],

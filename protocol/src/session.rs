@@ -266,8 +266,13 @@ impl<S> Transfer<S> {
         self.received[(k as usize - 1) / 64] |= 1 << ((k as usize - 1) % 64);
         self.received_count += 1;
     }
+    /// Byte range of packet `k` at the fixed stride; the last packet runs to the end
+    /// (it may be shorter or longer than packet 1).
     fn packet_range(&self, k: u16) -> (u64, u64) {
         let start = (k as u64 - 1) * self.first_len as u64;
+        if k == self.total {
+            return (start, self.cipher_total);
+        }
         (
             start,
             (start + self.first_len as u64).min(self.cipher_total),
@@ -338,7 +343,13 @@ pub struct ServerSession<S, R> {
     deadline: Option<Instant>,
     last_refusal: Option<Refusal>,
     stats: SessionStats,
+    /// Files that did not decrypt on this connection.
+    bad_files: u8,
 }
+
+/// Files that do not decrypt before the connection is closed: an honest client never
+/// sends one (TCP checksums the bytes), someone without the session key sends many.
+pub const MAX_BAD_FILES: u8 = 3;
 
 /// Largest plaintext that goes through the decrypt and the checksum at once, so that it
 /// is still in cache for the checksum.
@@ -364,6 +375,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             deadline,
             last_refusal: None,
             stats: SessionStats::default(),
+            bad_files: 0,
         }
     }
 
@@ -536,6 +548,9 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             (Waiting::Register { id, name }, Completion::Registered(ok)) => {
                 if ok {
                     tracing::info!(client = %crate::client_id_hex(&id), name = %name, "registered");
+                    // A file in flight belongs to the identity it was sent under.
+                    self.drop_transfer();
+                    self.drop_verdict();
                     self.client = Some(ClientState {
                         id,
                         name,
@@ -769,15 +784,14 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                             Some((name::check_user_name(raw).ok()?.to_owned(), *key))
                         });
                 let Some((name, field)) = parsed else {
-                    self.refuse(Refusal::BadName);
-                    return self.next_request(now);
+                    // The header's id may be unknown too: close, as the Errors table says.
+                    return self.refuse_close(Refusal::BadName);
                 };
                 let key = match PublicKey::from_field(&field) {
                     Ok(k) => k,
                     Err(e) => {
                         tracing::info!(error = %e, "public key refused");
-                        self.refuse(Refusal::BadPublicKey);
-                        return self.next_request(now);
+                        return self.refuse_close(Refusal::BadPublicKey);
                     }
                 };
                 let registered_here = self
@@ -872,7 +886,10 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                     .is_some_and(|c| c.registered_here && c.id == id);
                 tracing::info!(client = %crate::client_id_hex(&id), name = %name, reconnect, "session key issued");
                 if self.client.as_ref().is_some_and(|c| c.id != id) {
+                    // A file in flight belongs to the identity it was sent under: it
+                    // must never be committed into another client's directory.
                     self.drop_transfer();
+                    self.drop_verdict();
                 }
                 self.client = Some(ClientState {
                     id,
@@ -1180,6 +1197,11 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         if data_in_last != Some(expect) || t.crc.len() != t.orig {
             tracing::info!(file = %t.file_name, "file does not decrypt (bad padding)");
             self.ops.push(Op::Discard { sink: t.sink });
+            self.bad_files += 1;
+            if self.bad_files >= MAX_BAD_FILES {
+                // Someone guessing at padding without the key: stop them here.
+                return self.refuse_close(Refusal::BadDecryption);
+            }
             self.refuse(Refusal::BadDecryption);
             return self.next_request(now);
         }

@@ -99,6 +99,11 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_MAX_FILE_SIZE")]
     pub max_file_size: Option<u64>,
 
+    /// Most bytes that uploads in flight may hold on disk at once; a file that would go
+    /// over is answered 1607 [default: 34359738368 (32 GiB)].
+    #[arg(long, env = "CYBERBACKUP_MAX_PENDING_BYTES")]
+    pub max_pending_bytes: Option<u64>,
+
     /// Largest packet content accepted, in bytes [default and maximum: 16777216].
     #[arg(long, env = "CYBERBACKUP_MAX_PACKET")]
     pub max_packet: Option<u32>,
@@ -126,6 +131,7 @@ pub struct Config {
     pub storage: PathBuf,
     pub database: PathBuf,
     pub max_connections: usize,
+    pub max_pending_bytes: u64,
     pub session: SessionConfig,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -215,6 +221,7 @@ impl Args {
             storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
             max_connections,
+            max_pending_bytes: pick!(max_pending_bytes).unwrap_or(32 << 30),
             session,
             shutdown_grace: secs(pick!(shutdown_grace), 30, "shutdown-grace")?,
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
@@ -262,7 +269,7 @@ mod tests {
         let f = dir.path().join("c.toml");
         std::fs::write(
             &f,
-            "port = 7000\nshards = 3\nstorage = \"/srv/x\"\nlog_format = \"json\"\n",
+            "port = 7000\nshards = 3\nstorage = \"/srv/x\"\nlog_format = \"json\"\nruntime = \"mio\"\n",
         )
         .unwrap();
         let c = args(&["--config", f.to_str().unwrap(), "--shards", "2"])

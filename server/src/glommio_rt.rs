@@ -193,17 +193,15 @@ async fn shard_main(
         let peer = stream.peer_addr().ok();
         let idle = Rc::new(Cell::new(true));
         let span = tracing::info_span!("conn", shard, conn = id, peer = ?peer);
+        // The guard exists before the task does, so even a task cancelled before its
+        // first poll frees its slot and leaves the table.
+        let guard = ConnGuard {
+            state: state.clone(),
+            shutdown: shutdown.clone(),
+            id,
+        };
         let task = glommio::spawn_local(
-            serve(
-                stream,
-                cfg.clone(),
-                svc.clone(),
-                state.clone(),
-                idle.clone(),
-                shutdown.clone(),
-                id,
-            )
-            .instrument(span),
+            serve(stream, cfg.clone(), svc.clone(), guard, idle.clone()).instrument(span),
         )
         .detach();
         state.conns.borrow_mut().insert(
@@ -269,16 +267,10 @@ async fn serve(
     mut stream: TcpStream,
     cfg: Arc<Config>,
     svc: Rc<Services>,
-    state: Rc<ShardState>,
+    guard: ConnGuard,
     idle: Rc<Cell<bool>>,
-    shutdown: Arc<Shutdown>,
-    id: u64,
 ) {
-    let _guard = ConnGuard {
-        state: state.clone(),
-        shutdown,
-        id,
-    };
+    let state = guard.state.clone();
     let _ = stream.set_nodelay(true);
     // A peer that stops reading its answers cannot hold the connection forever.
     let _ = stream.set_write_timeout(Some(cfg.session.header_timeout));

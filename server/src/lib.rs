@@ -31,7 +31,7 @@ use config::RuntimeKind;
 /// Opens storage and registry, starts the shards, and returns when they have stopped
 /// (after a signal, with in-flight files finished or discarded).
 pub fn run(cfg: config::Config) -> Result<()> {
-    let storage = storage::Storage::open(&cfg.storage)
+    let storage = storage::Storage::open(&cfg.storage, cfg.max_pending_bytes)
         .with_context(|| format!("opening storage {}", cfg.storage.display()))?;
     let (registry, registry_thread) = registry::Registry::open(&cfg.database)?;
     let shutdown = Arc::new(shutdown::Shutdown::default());

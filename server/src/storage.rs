@@ -12,12 +12,14 @@
 //! Every function here blocks: runtimes call them from a blocking thread pool, never
 //! from a reactor thread.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cyberbackup_protocol::session::FileSink;
 use cyberbackup_protocol::{client_id_hex, ClientId};
@@ -30,6 +32,8 @@ pub const INCOMING: &str = ".incoming";
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    #[error("{requested} more bytes would put uploads in flight over the {limit}-byte budget (--max-pending-bytes)")]
+    Busy { requested: u64, limit: u64 },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -53,11 +57,17 @@ pub struct Storage {
     root: PathBuf,
     incoming: PathBuf,
     seq: AtomicU64,
+    /// Bytes allocated to temp files now, and the most allowed: a peer cannot make the
+    /// server reserve the disk with tiny packets that announce huge files.
+    pending: Arc<AtomicU64>,
+    max_pending: u64,
+    /// Client directories whose entry in the root is known to be durable.
+    durable_dirs: Mutex<HashSet<ClientId>>,
 }
 
 impl Storage {
     /// Opens (creating if needed) the root and removes leftovers of a crash.
-    pub fn open(root: &Path) -> Result<Self, StorageError> {
+    pub fn open(root: &Path, max_pending: u64) -> Result<Self, StorageError> {
         fs::create_dir_all(root).map_err(io_err("creating storage root", root))?;
         let incoming = root.join(INCOMING);
         fs::create_dir_all(&incoming).map_err(io_err("creating", &incoming))?;
@@ -81,6 +91,9 @@ impl Storage {
             root: root.to_owned(),
             incoming,
             seq: AtomicU64::new(0),
+            pending: Arc::new(AtomicU64::new(0)),
+            max_pending,
+            durable_dirs: Mutex::new(HashSet::new()),
         })
     }
 
@@ -94,8 +107,26 @@ impl Storage {
         self.root.join(client_id_hex(client))
     }
 
+    /// Bytes held by temp files now.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     /// Creates a temp file of `len` bytes, fully allocated, and maps it.
     pub fn create_pending(&self, len: u64) -> Result<PendingFile, StorageError> {
+        let limit = self.max_pending;
+        self.pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                cur.checked_add(len).filter(|&n| n <= limit)
+            })
+            .map_err(|_| StorageError::Busy {
+                requested: len,
+                limit,
+            })?;
+        let reservation = Reservation {
+            counter: self.pending.clone(),
+            bytes: len,
+        };
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let path = self
             .incoming
@@ -111,6 +142,7 @@ impl Storage {
             map: None,
             file: Some(file),
             path,
+            _reservation: reservation,
         };
         let file = pending.file.as_ref().expect("just set");
         if len > 0 {
@@ -137,10 +169,20 @@ impl Storage {
         size: u64,
     ) -> Result<PathBuf, StorageError> {
         let dir = self.client_dir(client);
-        let created = !dir.exists();
-        fs::create_dir_all(&dir).map_err(io_err("creating client directory", &dir))?;
-        if created {
+        let known = self
+            .durable_dirs
+            .lock()
+            .map(|d| d.contains(client))
+            .unwrap_or(false);
+        if !known {
+            // Make the directory's own entry durable before any file in it is
+            // acknowledged (once per client and process; concurrent first commits
+            // both sync, which is harmless).
+            fs::create_dir_all(&dir).map_err(io_err("creating client directory", &dir))?;
             sync_dir(&self.root)?;
+            if let Ok(mut d) = self.durable_dirs.lock() {
+                d.insert(*client);
+            }
         }
         drop(pending.map.take());
         let file = pending.file.take().expect("a pending file has its file");
@@ -163,12 +205,26 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(io_err("syncing directory", dir))
 }
 
+/// Bytes counted against the pending budget until dropped.
+#[derive(Debug)]
+struct Reservation {
+    counter: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// A temp file being reassembled, mapped into memory. Dropping it removes the file.
 #[derive(Debug)]
 pub struct PendingFile {
     map: Option<MmapMut>,
     file: Option<File>,
     path: PathBuf,
+    _reservation: Reservation,
 }
 
 impl FileSink for PendingFile {
@@ -201,7 +257,7 @@ mod tests {
     #[test]
     fn commit_makes_the_file_visible_and_drop_removes_temps() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path()).unwrap();
+        let s = Storage::open(dir.path(), 1 << 30).unwrap();
         let mut p = s.create_pending(32).unwrap();
         assert_eq!(p.bytes().len(), 32);
         p.bytes_mut()[..5].copy_from_slice(b"hello");
@@ -220,14 +276,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join(INCOMING)).unwrap();
         fs::write(dir.path().join(INCOMING).join("1-0.part"), b"junk").unwrap();
-        let _s = Storage::open(dir.path()).unwrap();
+        let _s = Storage::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_pending_budget_is_enforced_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), 100).unwrap();
+        let a = s.create_pending(64).unwrap();
+        assert!(matches!(
+            s.create_pending(64),
+            Err(StorageError::Busy { .. })
+        ));
+        assert_eq!(s.pending_bytes(), 64);
+        drop(a);
+        assert_eq!(s.pending_bytes(), 0);
+        let b = s.create_pending(96).unwrap();
+        s.commit(b, &[3; 16], "x", 1).unwrap();
+        assert_eq!(s.pending_bytes(), 0);
     }
 
     #[test]
     fn empty_file_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path()).unwrap();
+        let s = Storage::open(dir.path(), 1 << 30).unwrap();
         let p = s.create_pending(16).unwrap();
         let path = s.commit(p, &[2; 16], "empty", 0).unwrap();
         assert_eq!(fs::metadata(path).unwrap().len(), 0);

@@ -252,6 +252,83 @@ fn the_largest_packet_count_works_in_and_out_of_order() {
 }
 
 #[test]
+fn a_pending_file_is_never_committed_under_another_identity() {
+    // Mallory uploads a file, then reconnects as the victim (name and id travel in
+    // clear) and sends CRC_OK with the victim's id: nothing may land in the victim's
+    // directory.
+    let now = Instant::now();
+    let mut b = MemoryBackend::default();
+    let mut sv = session(now);
+    let victim = login(&mut b, &mut sv, now, "victim");
+    let mut s = ServerSession::new(SessionConfig::default(), StdRng::seed_from_u64(3), now);
+    let mallory = login(&mut b, &mut s, now, "mallory");
+    for p in packets(&mallory, "report.doc", b"evil", 64) {
+        b.feed(&mut s, now, &p);
+    }
+    assert!(matches!(take(&mut s)[0], Response::FileReceived(_)));
+    let mut req = Vec::new();
+    encode_name_request(&mut req, &victim.id, RequestCode::Reconnect, "victim").unwrap();
+    b.feed(&mut s, now, &req);
+    let r = take(&mut s);
+    assert!(matches!(r[0], Response::ReconnectOk { .. }), "{r:?}");
+    let forged = Client {
+        id: victim.id,
+        key: [0; 32],
+    };
+    b.feed(
+        &mut s,
+        now,
+        &crc_req(&forged, RequestCode::CrcOk, "report.doc"),
+    );
+    assert_eq!(take(&mut s), vec![Response::Error]);
+    assert!(!b.files.contains_key(&(victim.id, "report.doc".to_string())));
+    assert!(!b
+        .files
+        .contains_key(&(mallory.id, "report.doc".to_string())));
+    assert_eq!(b.open_sinks, 0, "the pending file was discarded");
+}
+
+#[test]
+fn a_last_packet_larger_than_packet_one_may_arrive_early() {
+    let now = Instant::now();
+    let mut b = MemoryBackend::default();
+    let mut s = session(now);
+    let c = login(&mut b, &mut s, now, "lastbig");
+    let d = data(100, 8);
+    let ct = crypto::encrypt(&c.key, &d); // 112 bytes: 32 + 32 + 48
+    let cuts = [(0, 32), (32, 64), (64, 112)];
+    let mk = |i: usize| {
+        let mut out = Vec::new();
+        let (a, z) = cuts[i];
+        encode_send_file(&mut out, &c.id, "v", 100, i as u16 + 1, 3, &ct[a..z]).unwrap();
+        out
+    };
+    for i in [0, 2, 1] {
+        b.feed(&mut s, now, &mk(i));
+    }
+    let r = take(&mut s);
+    assert!(
+        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn repeated_files_that_do_not_decrypt_close_the_connection() {
+    let now = Instant::now();
+    let mut b = MemoryBackend::default();
+    let mut s = session(now);
+    let c = login(&mut b, &mut s, now, "guesser");
+    for i in 0..MAX_BAD_FILES {
+        let mut req = Vec::new();
+        encode_send_file(&mut req, &c.id, "g", 15, 1, 1, &[i; 16]).unwrap();
+        b.feed(&mut s, now, &req);
+        assert_eq!(take(&mut s), vec![Response::Error]);
+        assert_eq!(s.is_closing(), i + 1 == MAX_BAD_FILES);
+    }
+}
+
+#[test]
 fn crc_retry_then_ok_and_abort_leaves_nothing() {
     let now = Instant::now();
     let mut b = MemoryBackend::default();
