@@ -493,3 +493,107 @@ pub fn system_cksum(path: &Path) -> (u32, u64) {
         f.next().unwrap().parse().unwrap(),
     )
 }
+
+/// A fake server that registers anyone, issues keys, and answers every file with a 1603
+/// whose checksum is wrong; it records the request codes of each connection.
+pub struct WrongChecksumServer {
+    pub addr: SocketAddr,
+    /// Request codes per connection, in the order the connections came.
+    pub codes: std::sync::Arc<Mutex<Vec<Vec<u16>>>>,
+    done: std::sync::Arc<Mutex<Vec<bool>>>,
+}
+
+impl WrongChecksumServer {
+    pub fn start() -> WrongChecksumServer {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().unwrap();
+        let codes = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let done = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (c2, d2) = (codes.clone(), done.clone());
+        std::thread::spawn(move || {
+            for (i, s) in l.incoming().enumerate() {
+                let Ok(s) = s else { continue };
+                c2.lock().unwrap().push(Vec::new());
+                d2.lock().unwrap().push(false);
+                let (c3, d3) = (c2.clone(), d2.clone());
+                std::thread::spawn(move || {
+                    serve_wrong_checksum(s, |code| c3.lock().unwrap()[i].push(code));
+                    d3.lock().unwrap()[i] = true;
+                });
+            }
+        });
+        WrongChecksumServer { addr, codes, done }
+    }
+
+    /// Waits (at most 60 s) until connection `i` has ended; returns its request codes.
+    pub fn wait_for_connection_end(&self, i: usize) -> Vec<u16> {
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if self.done.lock().unwrap().get(i).copied().unwrap_or(false) {
+                return self.codes.lock().unwrap()[i].clone();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("connection {i} did not end");
+    }
+}
+
+fn serve_wrong_checksum(mut s: TcpStream, mut record: impl FnMut(u16)) {
+    use cyberbackup_protocol::crypto::PublicKey;
+    use cyberbackup_protocol::header::RequestHeader;
+    use cyberbackup_protocol::message::SendFileHead;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let id = [7u8; 16];
+    loop {
+        let mut h = [0u8; 23];
+        if s.read_exact(&mut h).is_err() {
+            return;
+        }
+        let Ok(h) = RequestHeader::parse(&h) else {
+            return;
+        };
+        if h.payload_size > 16 * 1024 * 1024 + 267 {
+            return;
+        }
+        let mut p = vec![0u8; h.payload_size as usize];
+        if s.read_exact(&mut p).is_err() {
+            return;
+        }
+        record(u16::from(h.code));
+        let reply = match h.code {
+            RequestCode::Register => Response::RegisterOk { client_id: id },
+            RequestCode::SendPublicKey => {
+                let Ok(pk) = PublicKey::from_field(&p[255..415]) else {
+                    return;
+                };
+                let key = crypto::random_aes_key(&mut rand::thread_rng());
+                Response::AesKey {
+                    client_id: id,
+                    encrypted_key: pk
+                        .encrypt_session_key(&mut rand::thread_rng(), &key)
+                        .unwrap(),
+                }
+            }
+            RequestCode::SendFile => {
+                let Ok(head) = SendFileHead::decode(&p[..267]) else {
+                    return;
+                };
+                if head.packet_number != head.total_packets {
+                    continue;
+                }
+                Response::FileReceived(FileReceived {
+                    client_id: id,
+                    content_size: crypto::ciphertext_len(head.orig_file_size as u64) as u32,
+                    file_name: String::from_utf8_lossy(head.file_name).into_owned(),
+                    cksum: 0xBAD,
+                })
+            }
+            _ => Response::Ack { client_id: id },
+        };
+        let mut out = Vec::new();
+        reply.encode(&mut out);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}

@@ -10,9 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::crypto::{self, PublicKey};
-use cyberbackup_protocol::header::{RequestCode, RequestHeader};
-use cyberbackup_protocol::message::{FileReceived, Response, SendFileHead};
 
 fn cli(dir: &Path) -> Command {
     let mut c = Command::new(client_binary());
@@ -291,61 +288,10 @@ fn batch_mode_reads_transfer_info(rt: Runtime) {
     );
 }
 
-/// A server that registers anyone and always answers 1603 with a wrong checksum;
-/// returns the request codes it saw, in order.
-fn wrong_checksum_server(l: TcpListener) -> Vec<u16> {
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut codes = Vec::new();
-    let id = [7u8; 16];
-    loop {
-        let mut h = [0u8; 23];
-        if s.read_exact(&mut h).is_err() {
-            return codes;
-        }
-        let h = RequestHeader::parse(&h).unwrap();
-        assert!(h.payload_size <= 16 * 1024 * 1024 + 267);
-        let mut p = vec![0u8; h.payload_size as usize];
-        s.read_exact(&mut p).unwrap();
-        let code = u16::from(h.code);
-        codes.push(code);
-        let reply = match h.code {
-            RequestCode::Register => Response::RegisterOk { client_id: id },
-            RequestCode::SendPublicKey => {
-                let pk = PublicKey::from_field(&p[255..415]).unwrap();
-                let key = crypto::random_aes_key(&mut rand::thread_rng());
-                Response::AesKey {
-                    client_id: id,
-                    encrypted_key: pk
-                        .encrypt_session_key(&mut rand::thread_rng(), &key)
-                        .unwrap(),
-                }
-            }
-            RequestCode::SendFile => {
-                let head = SendFileHead::decode(&p[..267]).unwrap();
-                if head.packet_number != head.total_packets {
-                    continue;
-                }
-                Response::FileReceived(FileReceived {
-                    client_id: id,
-                    content_size: crypto::ciphertext_len(head.orig_file_size as u64) as u32,
-                    file_name: String::from_utf8_lossy(head.file_name).into_owned(),
-                    cksum: 0xBAD,
-                })
-            }
-            _ => Response::Ack { client_id: id },
-        };
-        let mut out = Vec::new();
-        reply.encode(&mut out);
-        s.write_all(&out).unwrap();
-    }
-}
-
 #[test]
 fn a_wrong_checksum_is_retried_three_times_then_aborted() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let server = std::thread::spawn(move || wrong_checksum_server(l));
+    let server = WrongChecksumServer::start();
+    let addr = server.addr;
     let work = tempfile::tempdir().unwrap();
     std::fs::write(work.path().join("f.bin"), data(40_000, 9)).unwrap();
     let out = backup(
@@ -359,7 +305,7 @@ fn a_wrong_checksum_is_retried_three_times_then_aborted() {
         "{}",
         text(&out.stderr)
     );
-    let codes = server.join().unwrap();
+    let codes = server.wait_for_connection_end(0);
     // 40000 bytes -> 40016 bytes of ciphertext -> 3 packets of 16 KiB
     let file = [1028u16, 1028, 1028];
     let mut expect = vec![1025u16, 1026];

@@ -1,0 +1,221 @@
+//! The load generator against the real server (both runtimes), a server that answers
+//! with wrong checksums, and a server that stops mid-run; and its refusal of
+//! impossible options.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use cyberbackup_e2e::*;
+use serde_json::Value;
+
+fn loadgen(args: &[&str]) -> Output {
+    Command::new(binary("cyberbackup-loadgen", "cyberbackup-loadgen"))
+        .args(args)
+        .output()
+        .expect("run the load generator")
+}
+
+fn report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the report is not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn ordered(p: &Value) {
+    let keys = ["p50", "p90", "p99", "p999", "p9999", "max"];
+    let v: Vec<u64> = keys.iter().map(|k| p[k].as_u64().unwrap()).collect();
+    assert!(
+        v.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles out of order: {p}"
+    );
+    assert!(v[0] > 0, "latencies were recorded: {p}");
+}
+
+fn closed_loop_report_holds_together(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let out = loadgen(&[
+        "-s", &addr, "-c", "4", "--size", "64KiB", "-d", "2", "--warmup", "0.5", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    let files = r["files"].as_u64().unwrap();
+    assert!(files > 10, "{r}");
+    assert_eq!(r["bytes"].as_u64().unwrap(), files * 65536);
+    assert_eq!(r["error_count"], 0);
+    assert_eq!(r["checksum_mismatches"], 0);
+    assert_eq!(r["file_latency_us"]["count"].as_u64().unwrap(), files);
+    ordered(&r["file_latency_us"]);
+    let rate = r["files_per_sec"].as_f64().unwrap();
+    assert!(
+        (rate - files as f64 / 2.0).abs() < 1e-6 * rate.max(1.0),
+        "{r}"
+    );
+    // the timeline covers the warm-up and the window; its measured part adds up
+    let timeline = r["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["t"].as_i64().unwrap() < 0),
+        "warm-up seconds are in the timeline"
+    );
+    let in_window: u64 = timeline
+        .iter()
+        .filter(|s| s["t"].as_i64().unwrap() >= 0)
+        .map(|s| s["files"].as_u64().unwrap())
+        .sum();
+    assert!(in_window >= files, "{in_window} < {files}");
+    assert!(r["generator_cpu_user_s"].as_f64().unwrap() >= 0.0);
+    // the server really stored them
+    assert!(srv.log().contains("file stored"));
+}
+
+fn a_light_constant_rate_is_held_within_5_percent(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let out = loadgen(&[
+        "-s", &addr, "-c", "4", "--size", "4KiB", "--rate", "100", "-d", "3", "--warmup", "0.5",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    let rate = r["files_per_sec"].as_f64().unwrap();
+    assert!(
+        (95.0..=105.0).contains(&rate),
+        "held {rate} files/s for a target of 100: {r}"
+    );
+    ordered(&r["file_latency_us"]);
+    ordered(&r["file_latency_uncorrected_us"]);
+    assert!(
+        r["file_latency_us"]["p50"].as_u64().unwrap()
+            >= r["file_latency_uncorrected_us"]["p50"].as_u64().unwrap(),
+        "latency from the due time is never shorter: {r}"
+    );
+}
+
+fn handshake_mode_counts_reconnects(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let out = loadgen(&[
+        "-s",
+        &addr,
+        "-c",
+        "2",
+        "--mode",
+        "handshake",
+        "-n",
+        "200",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    assert!(r["handshakes"].as_u64().unwrap() >= 200, "{r}");
+    assert_eq!(r["error_count"], 0);
+    ordered(&r["handshake_latency_us"]);
+}
+
+fn a_server_that_stops_is_counted_as_errors_not_a_hang(rt: Runtime) {
+    let mut srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let child = Command::new(binary("cyberbackup-loadgen", "cyberbackup-loadgen"))
+        .args([
+            "-s",
+            &addr,
+            "-c",
+            "4",
+            "--size",
+            "256KiB",
+            "-d",
+            "4",
+            "--warmup",
+            "0",
+            "--timeout",
+            "5",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    srv.kill();
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(20), "the generator hung");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    assert!(r["files"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["error_count"].as_u64().unwrap() > 0, "{r}");
+    let kinds = r["errors"].as_object().unwrap();
+    assert!(
+        kinds.contains_key("connect") || kinds.contains_key("connection lost"),
+        "errors by kind: {r}"
+    );
+}
+
+both_runtimes!(
+    closed_loop_report_holds_together,
+    a_light_constant_rate_is_held_within_5_percent,
+    handshake_mode_counts_reconnects,
+    a_server_that_stops_is_counted_as_errors_not_a_hang,
+);
+
+#[test]
+fn wrong_checksums_are_counted_as_mismatches() {
+    let fake = WrongChecksumServer::start();
+    let addr = fake.addr.to_string();
+    let out = loadgen(&[
+        "-s", &addr, "-c", "2", "--size", "4KiB", "-n", "20", "--warmup", "0", "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a mismatch is an error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    assert!(r["checksum_mismatches"].as_u64().unwrap() >= 20, "{r}");
+    assert_eq!(r["files"], 0, "{r}");
+    // every mismatch was answered with CRC_ABORT
+    let codes = fake.codes.lock().unwrap().concat();
+    assert!(codes.iter().filter(|&&c| c == 1031).count() >= 20);
+    assert!(!codes.contains(&1029), "no CRC_OK for a wrong checksum");
+}
+
+#[test]
+fn impossible_options_are_refused_before_any_load() {
+    for (args, msg) in [
+        (&["--rate", "0"][..], "--rate"),
+        (&["--size", "16MiB..4KiB"], "reversed"),
+        (&["--connections", "0"], "--connections"),
+        (&["--connections", "2000000", "--size", "16"], "open files"),
+        (&["--packet-size", "100"], "--packet-size"),
+    ] {
+        let out = loadgen(&[&["-s", "127.0.0.1:1"][..], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert!(!err.contains("setting up"), "no load started: {err}");
+    }
+}
