@@ -14,7 +14,8 @@ use serde::Serialize;
 #[derive(Debug)]
 pub enum Event {
     /// A file acknowledged: bytes, latency from the first byte sent to the 1603, and
-    /// (open loop) from when it was due.
+    /// (open loop) from when it was due. `measured` when it started (or was due) in
+    /// the window and finished before the window's end.
     File {
         at: Instant,
         /// Started (or due) inside the measured window.

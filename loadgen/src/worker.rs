@@ -270,6 +270,9 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
             s.crc_request(code, &file_name).map(|_| good)
         });
         in_session += 1;
+        // Counted when it started (or was due) inside the window and finished before
+        // its end: a server that falls behind a --rate shows it in files/s.
+        let measured = measured && end.is_none_or(|e| Instant::now() <= e);
         match outcome {
             Ok(true) => {
                 let _ = tx.send(Event::File {
