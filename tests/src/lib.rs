@@ -597,3 +597,82 @@ fn serve_wrong_checksum(mut s: TcpStream, mut record: impl FnMut(u16)) {
         }
     }
 }
+
+/// A running bridge process (HTTP on 127.0.0.1, a free port) in its own data directory.
+pub struct Bridge {
+    child: Option<Child>,
+    pub url: String,
+    pub data: PathBuf,
+}
+
+impl Bridge {
+    /// Starts the bridge with `server` as its default backup server.
+    pub fn start(data: &Path, server: &str) -> Bridge {
+        let mut child = Command::new(binary("cyberbackup-bridge", "cyberbackup-bridge"))
+            .args(["--listen", "127.0.0.1:0", "--server", server, "--data-dir"])
+            .arg(data)
+            .args(["--timeout", "10"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.join("bridge.log"))
+                    .or_else(|_| {
+                        std::fs::create_dir_all(data)?;
+                        std::fs::File::create(data.join("bridge.log"))
+                    })
+                    .expect("bridge log"),
+            )
+            .spawn()
+            .expect("starting the bridge");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Some(url) = line.trim().strip_prefix("cyberbackup-bridge listening on ") else {
+            let _ = child.kill();
+            panic!(
+                "bridge did not start: {line:?}\n{}",
+                std::fs::read_to_string(data.join("bridge.log")).unwrap_or_default()
+            );
+        };
+        Bridge {
+            child: Some(child),
+            url: url.trim_end_matches('/').to_owned(),
+            data: data.to_owned(),
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let end = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `cyberbackup-bridge`: the HTTP + WebSocket API that serves the browser UI and drives
+//! backups through the client library. See `--help` and README.md.
+//!
+//! # Layout
+//! - [`api`]: routes, handlers, WebSocket, the embedded UI and OpenAPI document.
+//! - [`jobs`]: backup jobs, streamed from the HTTP body into the client library.
+//! - [`store`]: job history and per-user identities in SQLite.
+//! - [`metrics`]: Prometheus metrics.
+
+mod api;
+mod jobs;
+mod metrics;
+mod store;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cyberbackup_client::upload::MAX_FILE_SIZE;
+use cyberbackup_client::ConnectOptions;
+
+/// The CyberBackup bridge: serves the browser UI and its API, and backs files up to
+/// CyberBackup servers on the browser's behalf.
+#[derive(Debug, Parser)]
+#[command(name = "cyberbackup-bridge", version, about, long_about = None)]
+struct Args {
+    /// Address to serve HTTP on (use 0.0.0.0:9090 to serve other machines).
+    #[arg(
+        long,
+        env = "CYBERBACKUP_BRIDGE_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    listen: SocketAddr,
+    /// The backup server used when a request names none (and checked by /readyz).
+    #[arg(long, env = "CYBERBACKUP_SERVER", default_value = "127.0.0.1:1256")]
+    server: String,
+    /// Directory for bridge.db (job history and user identities).
+    #[arg(long, env = "CYBERBACKUP_BRIDGE_DATA", default_value = "bridge-data")]
+    data_dir: PathBuf,
+    /// Largest file accepted, in bytes.
+    #[arg(long, default_value_t = MAX_FILE_SIZE)]
+    max_upload_bytes: u64,
+    /// Seconds to wait for a backup server on any read or write.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Log filter (RUST_LOG also works).
+    #[arg(long, env = "CYBERBACKUP_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("cyberbackup-bridge: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).context("bad --log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if args.max_upload_bytes > MAX_FILE_SIZE {
+        anyhow::bail!("--max-upload-bytes is at most {MAX_FILE_SIZE} (protocol v3)");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let db = args.data_dir.join("bridge.db");
+    let store = store::Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let jobs = jobs::Jobs::new(
+        store,
+        metrics::Metrics::default(),
+        ConnectOptions {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(args.timeout.max(1)),
+        },
+    );
+    let state = api::AppState {
+        jobs,
+        settings: Arc::new(api::Settings {
+            default_server: args.server.clone(),
+            max_upload_bytes: args.max_upload_bytes,
+        }),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, server = %args.server, data = %args.data_dir.display(), "bridge ready");
+        println!("cyberbackup-bridge listening on http://{addr}/");
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async {
+                let term = async {
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                        Ok(mut s) => {
+                            s.recv().await;
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term => {},
+                }
+                tracing::info!("shutting down");
+            })
+            .await
+            .context("serving HTTP")
+    })
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Starts CyberBackup on its embedded defaults — the backup server (port 1256, SQLite
+# registry, files under ./data) and the bridge with the browser UI (port 9090) — and
+# prints the URL to open. Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo build --release --quiet -p cyberbackup-server -p cyberbackup-bridge
+mkdir -p data
+./target/release/cyberbackup-server --bind 127.0.0.1 --port "${CYBERBACKUP_PORT:-1256}" \
+  --storage data/received_files --database data/defensive.db &
+server=$!
+trap 'kill $server $bridge 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
+./target/release/cyberbackup-bridge --listen "127.0.0.1:${CYBERBACKUP_BRIDGE_PORT:-9090}" \
+  --server "127.0.0.1:${CYBERBACKUP_PORT:-1256}" --data-dir data/bridge &
+bridge=$!
+sleep 1
+echo
+echo "CyberBackup is running. Open http://127.0.0.1:${CYBERBACKUP_BRIDGE_PORT:-9090}/ in your browser."
+echo "(backup server on 127.0.0.1:${CYBERBACKUP_PORT:-1256}; data in ./data; Ctrl-C stops both)"
+wait
