@@ -36,6 +36,9 @@ pub struct Settings {
 pub struct AppState {
     pub jobs: Arc<Jobs>,
     pub settings: Arc<Settings>,
+    /// Turns true when the bridge shuts down: WebSockets close so that the graceful
+    /// shutdown does not wait on them forever.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A JSON error response.
@@ -463,6 +466,7 @@ async fn ws(State(st): State<AppState>, up: WebSocketUpgrade) -> Response {
 
 async fn ws_session(mut socket: WebSocket, st: AppState) {
     let mut rx = st.jobs.subscribe();
+    let mut shutdown = st.shutdown.clone();
     let snapshot = json!({"type": "snapshot", "jobs": st.jobs.active()});
     if socket
         .send(Message::Text(snapshot.to_string().into()))
@@ -492,6 +496,10 @@ async fn ws_session(mut socket: WebSocket, st: AppState) {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             },
+            _ = shutdown.changed() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
         }
     }
 }

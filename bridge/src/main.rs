@@ -84,7 +84,9 @@ fn run() -> Result<()> {
             io_timeout: Duration::from_secs(args.timeout.max(1)),
         },
     );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = api::AppState {
+        shutdown: stop_rx,
         jobs,
         settings: Arc::new(api::Settings {
             default_server: args.server.clone(),
@@ -103,7 +105,7 @@ fn run() -> Result<()> {
         tracing::info!(%addr, server = %args.server, data = %args.data_dir.display(), "bridge ready");
         println!("cyberbackup-bridge listening on http://{addr}/");
         axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async {
+            .with_graceful_shutdown(async move {
                 let term = async {
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                         Ok(mut s) => {
@@ -117,6 +119,7 @@ fn run() -> Result<()> {
                     _ = term => {},
                 }
                 tracing::info!("shutting down");
+                let _ = stop_tx.send(true);
             })
             .await
             .context("serving HTTP")

@@ -151,8 +151,10 @@
       () => 'The bridge did not receive the whole file. It may have changed while it was being read; try again.'],
     [['no_job', 'not_found', 'job_not_found', 'unknown_job'],
       () => 'This backup job no longer exists on the bridge.'],
-    [['finished', 'not_pending', 'conflict', 'already_started', 'bad_state', 'job_finished'],
-      () => 'This backup job has already been started or finished.'],
+    [['finished', 'job_finished'],
+      () => 'This backup had already finished.'],
+    [['not_pending', 'conflict', 'already_started', 'bad_state'],
+      () => 'This backup job has already been started.'],
     [['busy', 'too_many_jobs', 'too_many_requests', 'overloaded'],
       () => 'The bridge is busy with other backups. Try again in a moment.'],
     [['bad_identity', 'identity'],
@@ -270,11 +272,6 @@
     job.id = String(job.id);
     const prev = jobs.get(job.id);
     if (prev && isTerminal(prev.status) && !isTerminal(job.status)) return;
-    if (prev && !isTerminal(job.status) && !isTerminal(prev.status)
-        && typeof prev.bytes === 'number' && typeof job.bytes === 'number'
-        && job.bytes < prev.bytes && job.phase === prev.phase && job.phase === 'sending') {
-      return; // an out-of-order progress tick
-    }
     if (!prev || isTerminal(job.status) !== isTerminal(prev.status) || isTerminal(job.status)) historyDirty = true;
     jobs.set(job.id, job);
     const key = uploadByJob.get(job.id);
@@ -474,7 +471,7 @@
   function startBackup() {
     const okServer = checkServer();
     const okUser = checkUser();
-    if (!okUser) { el.user.focus(); announce('Enter a user name before backing up.', 'error'); return; }
+    if (!okUser) { el.user.focus(); announce(`Check the user name before backing up: ${el.userError.textContent}`, 'error'); return; }
     if (!okServer) { el.server.focus(); announce('Fix the server address before backing up.', 'error'); return; }
     const server = serverValue();
     const user = userValue();
@@ -513,7 +510,9 @@
     announce(valid.length === 1
       ? `Starting the backup of “${valid[0].file.name}”.`
       : `Starting the backup of ${valid.length} files (${MAX_PARALLEL} at a time).`);
-    scheduleRender();
+    render();
+    // The button just became disabled: keep keyboard focus in a sensible place.
+    if (document.activeElement === el.start || document.activeElement === document.body) el.transfersTitle.focus();
     pump();
   }
 
@@ -1076,6 +1075,7 @@
       status: $('status'),
       transfersCard: $('transfers-card'),
       transfers: $('transfers'),
+      transfersTitle: $('transfers-title'),
       clearFinished: $('clear-finished'),
       historyBody: $('history-body'),
       historyEmpty: $('history-empty'),
