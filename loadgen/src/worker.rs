@@ -270,9 +270,11 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
             s.crc_request(code, &file_name).map(|_| good)
         });
         in_session += 1;
-        // Counted when it started (or was due) inside the window and finished before
-        // its end: a server that falls behind a --rate shows it in files/s.
-        let measured = measured && end.is_none_or(|e| Instant::now() <= e);
+        // Closed loop: counted when it started in the window and finished before its
+        // end. Open loop: counted when it was due in the window (as wrk2 does); files
+        // due but not started when the window closes are dropped, so a server that
+        // falls behind the rate shows it in files/s, and its lateness in the latency.
+        let measured = measured && (a.rate.is_some() || end.is_none_or(|e| Instant::now() <= e));
         match outcome {
             Ok(true) => {
                 let _ = tx.send(Event::File {
