@@ -14,11 +14,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 runtime=${1:?usage: load.sh glommio|mio [loadgen options]}
 shift
+# Extra server flags: SERVER_FLAGS="--group-commit-max-size 0" benches/scripts/load.sh ...
+read -r -a server_flags <<<"${SERVER_FLAGS:-}"
 cargo build --release --quiet -p cyberbackup-server -p cyberbackup-loadgen
 dir=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
+# Start from a quiet disk: what earlier runs left dirty would be flushed during this one.
+sync
 ./target/release/cyberbackup-server --runtime "$runtime" --bind 127.0.0.1 --port 0 \
-  --storage "$dir/files" --database "$dir/registry.db" >"$dir/out" 2>"$dir/log" &
+  --storage "$dir/files" --database "$dir/registry.db" "${server_flags[@]}" >"$dir/out" 2>"$dir/log" &
 pid=$!
 for _ in $(seq 100); do grep -q listening "$dir/out" 2>/dev/null && break; sleep 0.05; done
 addr=$(sed -n 's/^cyberbackup-server listening on //p' "$dir/out")

@@ -31,7 +31,7 @@ use crate::ops::{run_op, Blocking, Services};
 use crate::shutdown::Shutdown;
 
 /// Threads per shard for blocking work (file creation, fsync, rename).
-const BLOCKING_THREADS: usize = 4;
+const BLOCKING_THREADS: usize = 16;
 /// Registered-buffer memory per executor: we do no DMA file I/O, so keep it small
 /// (it counts against RLIMIT_MEMLOCK).
 const IO_MEMORY: usize = 512 * 1024;

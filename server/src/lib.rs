@@ -44,9 +44,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
         max_connections = cfg.max_connections,
         "starting"
     );
+    let storage = Arc::new(storage);
     let svc = ops::Services {
-        storage: Arc::new(storage),
+        committer: storage.start_committer(),
+        storage,
         registry,
+        group_commit_max_size: cfg.group_commit_max_size,
     };
     let runtime = match cfg.runtime {
         RuntimeKind::Mio => RuntimeKind::Mio,

@@ -31,7 +31,7 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 /// Worker threads per shard for ops (registry round trips, file creation, fsync).
-const WORKERS: usize = 4;
+const WORKERS: usize = 16;
 /// Reads one connection may do before others get a turn.
 const READS_PER_TURN: usize = 16;
 /// Longest sleep in `poll`, so that a shutdown is noticed promptly.

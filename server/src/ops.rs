@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cyberbackup_protocol::session::{Completion, Op};
 
 use crate::registry::{FileRecord, Registry};
-use crate::storage::{PendingFile, Storage};
+use crate::storage::{CommitItem, Committer, PendingFile, Storage};
 
 /// Runs a closure off the reactor thread.
 pub trait Blocking {
@@ -22,11 +22,16 @@ pub trait Blocking {
         R: Send + 'static;
 }
 
-/// What every shard shares: the storage root and a registry handle.
+/// What every shard shares: the storage root, its group committer and a registry
+/// handle.
 #[derive(Debug, Clone)]
 pub struct Services {
     pub storage: Arc<Storage>,
+    pub committer: Committer,
     pub registry: Registry,
+    /// Files up to this size are committed in groups by the committer thread; larger
+    /// ones are synced one by one, in parallel (0: no grouping).
+    pub group_commit_max_size: u64,
 }
 
 /// Runs one op; returns the completion the session waits for, if any.
@@ -89,11 +94,26 @@ pub async fn run_op<B: Blocking>(
             size,
             cksum,
         } => {
-            let storage = svc.storage.clone();
-            let name = file_name.clone();
-            let stored = blocking
-                .run(move || storage.commit(sink, &client_id, &name, size))
-                .await;
+            let stored = if size <= svc.group_commit_max_size {
+                // Small files: the committer thread groups the fsyncs of files that
+                // finish together (one syncfs for many).
+                svc.committer
+                    .commit(CommitItem {
+                        pending: sink,
+                        client: client_id,
+                        name: file_name.clone(),
+                        size,
+                    })
+                    .await
+            } else {
+                // Large files: their own fdatasync, in parallel on the blocking pool (a
+                // file-system-wide sync would wait for every other upload's data).
+                let storage = svc.storage.clone();
+                let name = file_name.clone();
+                blocking
+                    .run(move || storage.commit(sink, &client_id, &name, size))
+                    .await
+            };
             let r = match stored {
                 Ok(path) => svc
                     .registry

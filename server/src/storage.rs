@@ -1,7 +1,7 @@
 //! Where files live: one directory per client under the storage root, and temp files
 //! that become visible only when complete, verified and durable.
 //!
-//! A transfer gets a temp file in `<root>/.incoming/`, allocated to its full ciphertext
+//! A transfer gets a temp file in `<root>/.incoming/NN/`, allocated to its full ciphertext
 //! size up front (so a full disk is an error now, never a SIGBUS later) and mapped with
 //! memmap2; the session decrypts packets straight into the mapping. On CRC_OK the
 //! mapping is dropped, the file cut to the plaintext size, `fdatasync`ed, renamed to
@@ -28,6 +28,27 @@ use memmap2::MmapMut;
 /// Name of the temp directory under the root; client directories are 32 hex digits, so
 /// it cannot collide with one.
 pub const INCOMING: &str = ".incoming";
+
+/// Temp files are spread over this many subdirectories of `.incoming` (`00`..`3f`):
+/// creating them all in one directory serialises every upload on that directory's
+/// lock and crowds ext4's inode allocator into one block group.
+pub const SPREAD: usize = 64;
+
+/// Temp files now in `.incoming` (for tests and checks).
+pub fn temp_files(root: &Path) -> usize {
+    let Ok(dirs) = fs::read_dir(root.join(INCOMING)) else {
+        return 0;
+    };
+    dirs.filter_map(|d| d.ok())
+        .map(|d| {
+            if d.path().is_dir() {
+                fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(0)
+            } else {
+                1
+            }
+        })
+        .sum()
+}
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -75,17 +96,41 @@ impl Storage {
         for entry in fs::read_dir(&incoming).map_err(io_err("reading", &incoming))? {
             let entry = entry.map_err(io_err("reading", &incoming))?;
             let path = entry.path();
-            let r = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                fs::remove_dir_all(&path)
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            let fan_out = is_dir
+                && entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| u8::from_str_radix(n, 16).ok().filter(|_| n.len() == 2))
+                    .is_some_and(|i| (i as usize) < SPREAD);
+            if fan_out {
+                for inner in fs::read_dir(&path).map_err(io_err("reading", &path))? {
+                    let inner = inner.map_err(io_err("reading", &path))?.path();
+                    let r = if inner.is_dir() {
+                        fs::remove_dir_all(&inner)
+                    } else {
+                        fs::remove_file(&inner)
+                    };
+                    r.map_err(io_err("removing leftover", &inner))?;
+                    removed += 1;
+                }
             } else {
-                fs::remove_file(&path)
-            };
-            r.map_err(io_err("removing leftover", &path))?;
-            removed += 1;
+                let r = if is_dir {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                r.map_err(io_err("removing leftover", &path))?;
+                removed += 1;
+            }
+        }
+        for i in 0..SPREAD {
+            let d = incoming.join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
         }
         if removed > 0 {
             tracing::warn!(removed, dir = %incoming.display(), "removed unfinished uploads left by a crash");
-            sync_dir(&incoming)?;
+            nix::unistd::sync();
         }
         Ok(Self {
             root: root.to_owned(),
@@ -130,6 +175,7 @@ impl Storage {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let path = self
             .incoming
+            .join(format!("{:02x}", n as usize % SPREAD))
             .join(format!("{}-{n}.part", std::process::id()));
         let file = OpenOptions::new()
             .read(true)
@@ -163,39 +209,202 @@ impl Storage {
     /// `size` bytes (the plaintext; the mapping also held the padding block).
     pub fn commit(
         &self,
-        mut pending: PendingFile,
+        pending: PendingFile,
         client: &ClientId,
         name: &str,
         size: u64,
     ) -> Result<PathBuf, StorageError> {
-        let dir = self.client_dir(client);
-        let known = self
-            .durable_dirs
-            .lock()
-            .map(|d| d.contains(client))
-            .unwrap_or(false);
-        if !known {
-            // Make the directory's own entry durable before any file in it is
-            // acknowledged (once per client and process; concurrent first commits
-            // both sync, which is harmless).
-            fs::create_dir_all(&dir).map_err(io_err("creating client directory", &dir))?;
-            sync_dir(&self.root)?;
-            if let Ok(mut d) = self.durable_dirs.lock() {
-                d.insert(*client);
+        self.commit_batch(vec![CommitItem {
+            pending,
+            client: *client,
+            name: name.to_owned(),
+            size,
+        }])
+        .pop()
+        .unwrap_or_else(|| {
+            Err(io_err("committing", &self.root)(io::Error::other(
+                "empty batch",
+            )))
+        })
+    }
+
+    /// Commits files that finished together (group commit): each is cut to its size;
+    /// then their data is made durable, they are renamed into place, and the renames
+    /// (and any new client directory) are made durable. For a few files that is
+    /// `fdatasync` per file and `fsync` per directory; from [`GROUP_MIN`] files on it is
+    /// one `syncfs` before the renames and one after, however many files there are.
+    /// Every result is durable and visible before it is returned.
+    pub fn commit_batch(&self, items: Vec<CommitItem>) -> Vec<Result<PathBuf, StorageError>> {
+        let group = items.len() >= GROUP_MIN;
+        let mut new_dirs = Vec::new();
+        // 1. directories, unmap, truncate (and sync each file when not grouping)
+        let mut staged: Vec<Result<(PendingFile, PathBuf, PathBuf, ClientId), StorageError>> =
+            items
+                .into_iter()
+                .map(|mut it| {
+                    let dir = self.client_dir(&it.client);
+                    let known = self
+                        .durable_dirs
+                        .lock()
+                        .map(|d| d.contains(&it.client))
+                        .unwrap_or(false);
+                    if !known {
+                        fs::create_dir_all(&dir)
+                            .map_err(io_err("creating client directory", &dir))?;
+                        new_dirs.push(it.client);
+                    }
+                    drop(it.pending.map.take());
+                    let file = it.pending.file.take().expect("a pending file has its file");
+                    file.set_len(it.size)
+                        .map_err(io_err("truncating", &it.pending.path))?;
+                    if !group {
+                        file.sync_data()
+                            .map_err(io_err("syncing", &it.pending.path))?;
+                    }
+                    drop(file);
+                    let target = dir.join(&it.name);
+                    Ok((it.pending, dir, target, it.client))
+                })
+                .collect();
+        // 2. all the data at once
+        if group {
+            if let Err(e) = self.syncfs() {
+                return staged.into_iter().map(|_| Err(e.duplicate())).collect();
             }
         }
-        drop(pending.map.take());
-        let file = pending.file.take().expect("a pending file has its file");
-        file.set_len(size)
-            .map_err(io_err("truncating", &pending.path))?;
-        file.sync_data().map_err(io_err("syncing", &pending.path))?;
-        drop(file);
-        let target = dir.join(name);
-        fs::rename(&pending.path, &target).map_err(io_err("renaming to", &target))?;
-        // Renamed: the temp path no longer exists, nothing to clean.
-        pending.path = PathBuf::new();
-        sync_dir(&dir)?;
-        Ok(target)
+        // 3. into place
+        for st in staged.iter_mut() {
+            if let Ok((pending, _, target, _)) = st {
+                match fs::rename(&pending.path, &*target) {
+                    // Renamed: the temp path no longer exists, nothing to clean.
+                    Ok(()) => pending.path = PathBuf::new(),
+                    Err(e) => *st = Err(io_err("renaming to", target)(e)),
+                }
+            }
+        }
+        // 4. the renames (and new directories) durable
+        let durable = if group {
+            self.syncfs()
+        } else {
+            let mut dirs: Vec<&PathBuf> = staged
+                .iter()
+                .filter_map(|s| s.as_ref().ok().map(|x| &x.1))
+                .collect();
+            dirs.dedup();
+            let mut r = Ok(());
+            if !new_dirs.is_empty() {
+                r = sync_dir(&self.root);
+            }
+            for d in dirs {
+                if r.is_ok() {
+                    r = sync_dir(d);
+                }
+            }
+            r
+        };
+        if let Err(e) = durable {
+            return staged.into_iter().map(|_| Err(e.duplicate())).collect();
+        }
+        if let Ok(mut d) = self.durable_dirs.lock() {
+            d.extend(new_dirs);
+        }
+        staged
+            .into_iter()
+            .map(|s| s.map(|(_, _, target, _)| target))
+            .collect()
+    }
+
+    fn syncfs(&self) -> Result<(), StorageError> {
+        let root = File::open(&self.root).map_err(io_err("opening", &self.root))?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|e| io_err("syncing the file system of", &self.root)(io::Error::from(e)))
+    }
+
+    /// Starts the group-commit thread: files that finish together are committed
+    /// together.
+    pub fn start_committer(self: &Arc<Self>) -> Committer {
+        let (tx, rx) = std::sync::mpsc::channel::<(CommitItem, CommitReply)>();
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                        if batch.len() >= 1024 {
+                            break;
+                        }
+                    }
+                    let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    for (r, reply) in me.commit_batch(items).into_iter().zip(replies) {
+                        let _ = reply.send(r);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the committer thread");
+        }
+        Committer { tx }
+    }
+}
+
+/// A file to commit.
+#[derive(Debug)]
+pub struct CommitItem {
+    pub pending: PendingFile,
+    pub client: ClientId,
+    pub name: String,
+    pub size: u64,
+}
+
+type CommitReply = futures_channel::oneshot::Sender<Result<PathBuf, StorageError>>;
+
+/// From this many files finishing together on, a commit syncs the file system once
+/// instead of each file.
+pub const GROUP_MIN: usize = 3;
+
+/// The handle of the group-commit thread; clone it freely.
+#[derive(Debug, Clone)]
+pub struct Committer {
+    tx: std::sync::mpsc::Sender<(CommitItem, CommitReply)>,
+}
+
+impl Committer {
+    /// Queues a file; the answer comes when it is durable and visible (or failed).
+    pub async fn commit(&self, item: CommitItem) -> Result<PathBuf, StorageError> {
+        let (reply, rx) = futures_channel::oneshot::channel();
+        if self.tx.send((item, reply)).is_err() {
+            return Err(StorageError::Io {
+                what: "committing",
+                path: PathBuf::new(),
+                source: io::Error::other("the committer thread has stopped"),
+            });
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StorageError::Io {
+                what: "committing",
+                path: PathBuf::new(),
+                source: io::Error::other("the committer thread has stopped"),
+            })
+        })
+    }
+}
+
+impl StorageError {
+    /// The same error for another file of a failed group.
+    fn duplicate(&self) -> StorageError {
+        match self {
+            StorageError::Busy { requested, limit } => StorageError::Busy {
+                requested: *requested,
+                limit: *limit,
+            },
+            StorageError::Io { what, path, source } => StorageError::Io {
+                what,
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+        }
     }
 }
 
@@ -263,21 +472,26 @@ mod tests {
         p.bytes_mut()[..5].copy_from_slice(b"hello");
         let path = s.commit(p, &[1; 16], "a.txt", 5).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"hello");
-        assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
 
         let p = s.create_pending(16).unwrap();
-        assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 1);
+        assert_eq!(temp_files(dir.path()), 1);
         drop(p);
-        assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[test]
     fn leftovers_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join(INCOMING)).unwrap();
+        fs::create_dir_all(dir.path().join(INCOMING).join("07")).unwrap();
         fs::write(dir.path().join(INCOMING).join("1-0.part"), b"junk").unwrap();
+        fs::write(
+            dir.path().join(INCOMING).join("07").join("1-7.part"),
+            b"junk",
+        )
+        .unwrap();
         let _s = Storage::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[test]
@@ -294,6 +508,34 @@ mod tests {
         assert_eq!(s.pending_bytes(), 0);
         let b = s.create_pending(96).unwrap();
         s.commit(b, &[3; 16], "x", 1).unwrap();
+        assert_eq!(s.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_group_commit_stores_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), 1 << 30).unwrap();
+        let items: Vec<CommitItem> = (0..5u8)
+            .map(|i| {
+                let mut p = s.create_pending(16).unwrap();
+                p.bytes_mut()[0] = i;
+                CommitItem {
+                    pending: p,
+                    client: [i % 2; 16],
+                    name: format!("f{i}"),
+                    size: 1,
+                }
+            })
+            .collect();
+        let paths: Vec<PathBuf> = s
+            .commit_batch(items)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(fs::read(p).unwrap(), vec![i as u8]);
+        }
+        assert_eq!(temp_files(dir.path()), 0);
         assert_eq!(s.pending_bytes(), 0);
     }
 

@@ -214,8 +214,19 @@ impl Server {
 
     /// Entries in the temp directory.
     pub fn temp_files(&self) -> usize {
+        // .incoming/NN/<temp files>
         std::fs::read_dir(self.storage().join(".incoming"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| {
+                        if e.path().is_dir() {
+                            std::fs::read_dir(e.path()).map(|f| f.count()).unwrap_or(0)
+                        } else {
+                            1
+                        }
+                    })
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
