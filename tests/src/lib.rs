@@ -139,6 +139,21 @@ macro_rules! both_runtimes {
     };
 }
 
+/// The first line a child prints on standard output (its "listening on" line), or ""
+/// after 30 s.
+fn first_stdout_line(child: &mut Child) -> String {
+    let Some(stdout) = child.stdout.take() else {
+        return String::new();
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
+}
+
 /// A running server process in its own working directory.
 pub struct Server {
     child: Option<Child>,
@@ -180,14 +195,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("starting the server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = first_stdout_line(&mut child);
         let Some(addr) = line.trim().strip_prefix("cyberbackup-server listening on ") else {
             let _ = child.kill();
             let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
@@ -638,14 +646,7 @@ impl Bridge {
             )
             .spawn()
             .expect("starting the bridge");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = first_stdout_line(&mut child);
         let Some(url) = line.trim().strip_prefix("cyberbackup-bridge listening on ") else {
             let _ = child.kill();
             panic!(
