@@ -104,6 +104,8 @@ struct Bucket {
 
 /// Everything measured in the window.
 pub struct Totals {
+    /// Bytes of every acknowledged file, warm-up and stragglers included.
+    pub all_bytes: u64,
     pub files: u64,
     pub bytes: u64,
     pub handshakes: u64,
@@ -123,6 +125,7 @@ pub struct Totals {
 /// events before it are warm-up. `live` prints a line per second to stderr.
 pub fn collect(rx: mpsc::Receiver<Event>, window: Instant, live: bool, open_loop: bool) -> Totals {
     let mut t = Totals {
+        all_bytes: 0,
         files: 0,
         bytes: 0,
         handshakes: 0,
@@ -172,6 +175,7 @@ pub fn collect(rx: mpsc::Receiver<Event>, window: Instant, live: bool, open_loop
                 } => {
                     b.files += 1;
                     b.bytes += bytes;
+                    t.all_bytes += bytes;
                     let shown = corrected_us.unwrap_or(latency_us).max(1);
                     let _ = b.lat.get_or_insert_with(hist).record(shown);
                     if measured {
@@ -294,6 +298,9 @@ pub struct Report {
     pub measured_seconds: f64,
     pub files: u64,
     pub bytes: u64,
+    /// Bytes of every acknowledged file of the run, warm-up and files finishing after
+    /// the window included (what the server ingested, for CPU per byte).
+    pub all_acked_bytes: u64,
     pub files_per_sec: f64,
     pub mb_per_sec: f64,
     pub handshakes: u64,
@@ -341,6 +348,7 @@ impl Report {
             measured_seconds: secs,
             files: t.files,
             bytes: t.bytes,
+            all_acked_bytes: t.all_bytes,
             files_per_sec: t.files as f64 / secs,
             mb_per_sec: t.bytes as f64 / 1e6 / secs,
             handshakes: t.handshakes,

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""The performance suite: the server under the load generator, beside the physical
+baselines of this machine, measured in one run, written as Markdown and JSON.
+
+    python3 benches/scripts/suite.py [--out benches/results] [--quick]
+
+Builds the release binaries, then for each scenario starts a fresh server (after a
+`sync`) in a temporary directory, runs the load generator against it, and samples the
+server's CPU seconds (utime + stime from /proc/PID/stat) and peak RSS (VmHWM).
+
+Scenarios (issue 7): 1. one 1 GiB file over one connection; 2. 64 connections x
+16 MiB, closed loop; 3. 64 connections x 4 KiB, closed loop (the highest rate held);
+4. a constant rate at half of (3); 5. handshakes (reconnects) per second; 6. both
+runtimes for 2 and 3. Memory: server RSS with 1,000 idle connections.
+Baselines: dd of 1 GiB with conv=fdatasync; a 4 KiB file-and-fsync loop and its
+batched variants; openssl speed for AES-256-CBC; iperf3 and sftp when installed.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REL = os.path.join(ROOT, "target", "release")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+class Server:
+    def __init__(self, runtime, extra=()):
+        self.dir = tempfile.mkdtemp(prefix="cb-suite-")
+        subprocess.run(["sync"])
+        self.p = subprocess.Popen(
+            [os.path.join(REL, "cyberbackup-server"), "--runtime", runtime, "--bind", "127.0.0.1",
+             "--port", "0", "--storage", os.path.join(self.dir, "files"),
+             "--database", os.path.join(self.dir, "registry.db"), "--log", "warn", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if not m:
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.addr = m.group(1)
+
+    def cpu(self):
+        f = open(f"/proc/{self.p.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / TICK
+
+    def rss_kib(self, field="VmRSS"):
+        for l in open(f"/proc/{self.p.pid}/status"):
+            if l.startswith(field + ":"):
+                return int(l.split()[1])
+        return 0
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def loadgen(runtime, args, server_extra=()):
+    s = Server(runtime, server_extra)
+    try:
+        c0 = s.cpu()
+        out = subprocess.run([os.path.join(REL, "cyberbackup-loadgen"), "-s", s.addr, "--json", "-q", *args],
+                             capture_output=True, text=True)
+        c1 = s.cpu()
+        rep = json.loads(out.stdout)
+        # Everything the server stored in the run (the warm-up and the files in flight
+        # when the window closed too), for CPU per GiB ingested.
+        stored = 0
+        for base, dirs, files in os.walk(os.path.join(s.dir, "files")):
+            if ".incoming" in base:
+                continue
+            stored += sum(os.path.getsize(os.path.join(base, f)) for f in files)
+        rep["server_stored_bytes"] = stored
+        rep["server_cpu_s"] = c1 - c0
+        rep["server_peak_rss_kib"] = s.rss_kib("VmHWM")
+        rep["runtime"] = runtime
+        rep.pop("timeline", None)
+        return rep
+    finally:
+        s.stop()
+
+
+def dd_rate():
+    d = tempfile.mkdtemp(prefix="cb-dd-")
+    try:
+        subprocess.run(["sync"])
+        t0 = time.time()
+        run(["dd", "if=/dev/zero", f"of={d}/f", "bs=1M", "count=1024", "conv=fdatasync"])
+        return (1 << 30) / (time.time() - t0) / 1e6
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fsync_loop(mode, n):
+    d = tempfile.mkdtemp(prefix="cb-fs-")
+    try:
+        subprocess.run(["sync"])
+        out = run([sys.executable, os.path.join(ROOT, "benches/scripts/fsync_loop.py"), d + "/x", str(n), mode]).stdout
+        return float(re.search(r"([\d.]+) files/s", out).group(1))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def openssl(decrypt=False):
+    cmd = ["openssl", "speed", "-evp", "aes-256-cbc", "-bytes", "1048576", "-seconds", "2"]
+    if decrypt:
+        cmd.insert(2, "-decrypt")
+    out = run(cmd).stdout.strip().splitlines()[-1]
+    return float(out.split()[-1].rstrip("k")) / 1000.0  # MB/s
+
+
+def iperf3():
+    if not shutil.which("iperf3"):
+        return None
+    srv = subprocess.Popen(["iperf3", "-s", "-1", "-p", "15201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        out = json.loads(run(["iperf3", "-c", "127.0.0.1", "-p", "15201", "-t", "3", "-J"]).stdout)
+        return out["end"]["sum_received"]["bits_per_second"] / 8e6
+    finally:
+        srv.wait(10)
+
+
+def idle_rss(runtime, n):
+    s = Server(runtime)
+    try:
+        time.sleep(0.3)
+        before = s.rss_kib()
+        socks = []
+        host, port = s.addr.rsplit(":", 1)
+        for _ in range(n):
+            c = socket.create_connection((host, int(port)))
+            socks.append(c)
+        time.sleep(1.0)
+        after = s.rss_kib()
+        for c in socks:
+            c.close()
+        return {"connections": n, "rss_before_kib": before, "rss_after_kib": after,
+                "per_connection_bytes": (after - before) * 1024 / n}
+    finally:
+        s.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results"))
+    ap.add_argument("--quick", action="store_true", help="short runs (3 s) for a smoke test")
+    a = ap.parse_args()
+    dur = "3" if a.quick else "10"
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "cyberbackup-server", "-p", "cyberbackup-loadgen"],
+                   cwd=ROOT, check=True)
+    r = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                     "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+         "baselines": {}, "scenarios": {}, "memory": {}}
+    b = r["baselines"]
+    print("baselines...", file=sys.stderr)
+    b["dd_fdatasync_mb_s"] = dd_rate()
+    b["fsync_loop_files_s"] = fsync_loop("each", 1000)
+    b["fsync_batched_files_s"] = fsync_loop("batch", 2000)
+    b["one_sync_files_s"] = fsync_loop("sync", 5000)
+    b["openssl_aes256cbc_encrypt_mb_s"] = openssl()
+    b["openssl_aes256cbc_decrypt_mb_s"] = openssl(decrypt=True)
+    b["iperf3_loopback_mb_s"] = iperf3()
+    b["sftp_mb_s"] = None  # needs an sshd on 127.0.0.1; not installed on this machine
+    sc = r["scenarios"]
+    print("scenario 1...", file=sys.stderr)
+    sc["1_one_1gib_file"] = loadgen("glommio", ["-c", "1", "--size", "1GiB", "-n", "2", "--warmup", "0"])
+    for rt in ("glommio", "mio"):
+        print(f"scenarios 2 and 3 ({rt})...", file=sys.stderr)
+        sc[f"2_64x16MiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"])
+        sc[f"3_64x4KiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"])
+    half = max(1, round(sc["3_64x4KiB_glommio"]["files_per_sec"] / 2))
+    print("scenario 4...", file=sys.stderr)
+    sc["4_half_rate_4KiB"] = loadgen("glommio", ["-c", "64", "--size", "4KiB", "--rate", str(half), "-d", dur, "--warmup", "1"])
+    print("scenario 5...", file=sys.stderr)
+    sc["5_handshakes"] = loadgen("glommio", ["-c", "8", "--mode", "handshake", "-d", dur, "--warmup", "1"])
+    print("memory...", file=sys.stderr)
+    r["memory"]["idle_1000_glommio"] = idle_rss("glommio", 1000)
+    r["memory"]["idle_1000_mio"] = idle_rss("mio", 1000)
+
+    # ratios against the same-run baselines
+    def gib_per_cpu(s):
+        # Every acknowledged byte of the run (warm-up and stragglers included) against
+        # the server's CPU over the same run.
+        b = s["all_acked_bytes"]
+        return s["server_cpu_s"] / (b / (1 << 30)) if b else None
+    s1, s2g, s2m = sc["1_one_1gib_file"], sc["2_64x16MiB_glommio"], sc["2_64x16MiB_mio"]
+    s3g, s3m = sc["3_64x4KiB_glommio"], sc["3_64x4KiB_mio"]
+    r["ratios"] = {
+        "s1_vs_dd": s1["mb_per_sec"] / b["dd_fdatasync_mb_s"],
+        "s2_glommio_vs_dd": s2g["mb_per_sec"] / b["dd_fdatasync_mb_s"],
+        "s2_server_core_s_per_gib_glommio": gib_per_cpu(s2g),
+        "s2_server_core_s_per_gib_mio": gib_per_cpu(s2m),
+        "s3_glommio_vs_fsync_loop": s3g["files_per_sec"] / b["fsync_loop_files_s"],
+        "s3_mio_vs_fsync_loop": s3m["files_per_sec"] / b["fsync_loop_files_s"],
+        "mio_vs_glommio_s2": s2m["mb_per_sec"] / max(s2g["mb_per_sec"], 1e-9),
+        "mio_vs_glommio_s3": s3m["files_per_sec"] / max(s3g["files_per_sec"], 1e-9),
+        "idle_bytes_per_connection_glommio": r["memory"]["idle_1000_glommio"]["per_connection_bytes"],
+        "idle_bytes_per_connection_mio": r["memory"]["idle_1000_mio"]["per_connection_bytes"],
+    }
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "latest.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    md = [f"# CyberBackup performance report", "",
+          f"Machine: {r['machine']['cpus']} CPUs ({r['machine']['cpu']}), kernel {r['machine']['kernel']}, {r['machine']['date']}.",
+          "Every figure below comes from the same run of `python3 benches/scripts/suite.py`; ratios are against the baselines of that run.", "",
+          "## Baselines", "", "| baseline | value |", "|---|---|"]
+    for k, v in b.items():
+        md.append(f"| {k} | {'not measured' if v is None else f'{v:,.1f}'} |")
+    md += ["", "## Scenarios", "", "| scenario | runtime | MB/s | files/s | p50 | p99 | p99.9 | server CPU s | server peak RSS KiB | generator CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, s in sc.items():
+        lat = s["handshake_latency_us"] if s["mode"] == "handshake" else s["file_latency_us"]
+        rate = s["handshakes_per_sec"] if s["mode"] == "handshake" else s["files_per_sec"]
+        md.append(f"| {k} | {s['runtime']} | {s['mb_per_sec']:.1f} | {rate:.1f} | {lat['p50']/1000:.2f} ms | {lat['p99']/1000:.2f} ms | {lat['p999']/1000:.2f} ms | {s['server_cpu_s']:.2f} | {s['server_peak_rss_kib']} | {s['generator_cpu_user_s'] + s['generator_cpu_system_s']:.2f} |")
+    md += ["", "## Memory", "", "| case | RSS before KiB | RSS after KiB | bytes per connection |", "|---|---|---|---|"]
+    for k, m in r["memory"].items():
+        md.append(f"| {k} | {m['rss_before_kib']} | {m['rss_after_kib']} | {m['per_connection_bytes']:.0f} |")
+    md += ["", "RSS is VmRSS of the server process (anonymous and file pages it has mapped); idle connections hold no file.", "",
+           "## Ratios", "", "| ratio | value |", "|---|---|"]
+    for k, v in r["ratios"].items():
+        md.append(f"| {k} | {'n/a' if v is None else f'{v:.2f}'} |")
+    with open(os.path.join(a.out, "latest.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
