@@ -78,6 +78,10 @@ impl Default for SessionConfig {
 pub trait FileSink {
     fn bytes(&self) -> &[u8];
     fn bytes_mut(&mut self) -> &mut [u8];
+    /// The first `end` bytes are final (decrypted and never written again): a sink
+    /// backed by a file may start writing them back now, so that the sync at the end
+    /// has less to do. Called after every packet that extends the in-order prefix.
+    fn settled(&mut self, _end: u64) {}
 }
 
 impl FileSink for Vec<u8> {
@@ -1176,6 +1180,8 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                 t.in_order_end = e;
                 t.next_in_order += 1;
             }
+            let end = t.in_order_end.min(t.orig);
+            t.sink.settled(end);
         }
         if t.received_count == t.total {
             self.finish_file(now);
