@@ -439,8 +439,10 @@ pub struct PendingFile {
     _reservation: Reservation,
 }
 
-/// Settled bytes are handed to the kernel for write-back in steps of this size.
+/// Settled bytes are handed to the kernel for write-back in steps of this size...
 const WRITEBACK_STEP: u64 = 8 << 20;
+/// ...in files of at least this size.
+const WRITEBACK_MIN_FILE: u64 = 64 << 20;
 
 impl FileSink for PendingFile {
     fn bytes(&self) -> &[u8] {
@@ -449,11 +451,15 @@ impl FileSink for PendingFile {
     fn bytes_mut(&mut self) -> &mut [u8] {
         self.map.as_deref_mut().unwrap_or(&mut [])
     }
-    /// Starts write-back of what is settled, in 8 MiB steps, while the rest of the
-    /// file is still arriving: the `fdatasync` at commit then has little left to do,
+    /// Starts write-back of what is settled, in 8 MiB steps of files of 64 MiB and
+    /// more, while the rest of the file is still arriving: the `fdatasync` at commit then has little left to do,
     /// instead of the whole file (overlapping the disk with the network).
     fn settled(&mut self, end: u64) {
-        if end < self.written_back + WRITEBACK_STEP {
+        // Only large files: many concurrent small ones are better left to the kernel
+        // and their own fdatasync (kicking each costs a syscall on the reactor thread
+        // and contends for the device queue).
+        let len = self.map.as_ref().map_or(0, |m| m.len() as u64);
+        if len < WRITEBACK_MIN_FILE || end < self.written_back + WRITEBACK_STEP {
             return;
         }
         let Some(file) = self.file.as_ref() else {
