@@ -328,20 +328,21 @@ impl Jobs {
                 .ok()
                 .flatten()
                 .and_then(|text| Identity::parse(&text, "bridge.db".as_ref()).ok());
-            let before = saved.as_ref().map(|i| i.id);
             let creds = match saved {
                 Some(i) => Credentials::Existing(Box::new(i)),
                 None => Credentials::New(job.user.clone()),
             };
-            let (session, identity) = Session::open(&job.server, creds, &self.connect)?;
-            if before != Some(identity.id) {
-                if let Err(e) =
-                    self.store
-                        .save_identity(&job.server, &job.user, &identity.to_text())
-                {
-                    tracing::warn!(error = %e, "cannot save an identity");
-                }
-            }
+            // A new identity is kept as soon as the server assigns its id.
+            let (session, _) =
+                Session::open_saving(&job.server, creds, &self.connect, &mut |identity| {
+                    if let Err(e) =
+                        self.store
+                            .save_identity(&job.server, &job.user, &identity.to_text())
+                    {
+                        tracing::warn!(error = %e, "cannot save an identity");
+                    }
+                    Ok(())
+                })?;
             session
         };
         let mut reader = Some(ChannelReader {

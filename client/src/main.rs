@@ -219,10 +219,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         io_timeout: Duration::from_secs(c.timeout.max(1)),
         ..ConnectOptions::default()
     };
-    let (mut session, identity) = Session::open(&server, creds, &copts)?;
+    // A new identity is saved as soon as the server assigns its id.
+    let id_path = c.identity.clone();
+    let (mut session, identity) =
+        Session::open_saving(&server, creds, &copts, &mut |id| id.save(&id_path))?;
     // A new registration (first run, or the server did not know the saved identity).
     if before != Some(identity.id) {
-        identity.save(&c.identity)?;
         if !out.quiet && !out.json {
             eprintln!(
                 "registered as {} (client id {}), identity saved in {}",

@@ -151,23 +151,81 @@ impl Session {
         creds: Credentials,
         opts: &ConnectOptions,
     ) -> Result<(Session, Identity), ClientError> {
+        Self::open_saving(server, creds, opts, &mut |_| Ok(()))
+    }
+
+    /// As [`open`](Self::open), calling `save` with a new identity as soon as the
+    /// server has assigned its id (before the key exchange): a connection lost between
+    /// the two no longer loses the registration, because a later open with that
+    /// identity finishes it (the server accepts the key of a client that has none).
+    pub fn open_saving(
+        server: &str,
+        creds: Credentials,
+        opts: &ConnectOptions,
+        save: &mut dyn FnMut(&Identity) -> Result<(), ClientError>,
+    ) -> Result<(Session, Identity), ClientError> {
         match creds {
-            Credentials::New(name) => Self::register(server, &name, opts),
+            Credentials::New(name) => {
+                let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
+                Self::register_inner(server, &name, keypair, opts, save)
+            }
             Credentials::Existing(identity) => {
                 let identity = *identity;
                 let mut stream = connect_tcp(server, opts)?;
-                match Self::reconnect_on(&mut stream, &identity, opts)? {
-                    Some(key) => Ok((
+                if let Some(key) = Self::reconnect_on(&mut stream, &identity, opts)? {
+                    return Ok((
                         Session::new(stream, server, identity.clone(), key, opts),
                         identity,
-                    )),
-                    None => {
-                        tracing::info!(name = %identity.name, "server does not know this identity; registering");
-                        drop(stream);
-                        Self::register(server, &identity.name, opts)
-                    }
+                    ));
                 }
+                drop(stream);
+                // Perhaps a registration that lost its connection before the key
+                // exchange: the server takes the key of a client that has none.
+                if let Some(s) = Self::finish_registration(server, &identity, opts)? {
+                    tracing::info!(name = %identity.name, "finished an interrupted registration");
+                    return Ok((s, identity));
+                }
+                tracing::info!(name = %identity.name, "server does not know this identity; registering");
+                let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
+                Self::register_inner(server, &identity.name, keypair, opts, save)
             }
+        }
+    }
+
+    /// SEND_PUBLIC_KEY for an identity whose registration did not finish.
+    fn finish_registration(
+        server: &str,
+        identity: &Identity,
+        opts: &ConnectOptions,
+    ) -> Result<Option<Session>, ClientError> {
+        let mut stream = connect_tcp(server, opts)?;
+        let t = opts.io_timeout;
+        let mut req = Vec::with_capacity(512);
+        encode_send_public_key(
+            &mut req,
+            &identity.id,
+            &identity.name,
+            identity.keypair.public_der(),
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        stream.write_all(&req).map_err(|e| io_error(e, t))?;
+        match read_response(&mut stream, t) {
+            Ok(Response::AesKey {
+                client_id,
+                encrypted_key,
+            }) if client_id == identity.id => {
+                let key = identity.keypair.decrypt_session_key(&encrypted_key)?;
+                Ok(Some(Session::new(
+                    stream,
+                    server,
+                    identity.clone(),
+                    key,
+                    opts,
+                )))
+            }
+            // Refused (1607), or closed: not an interrupted registration.
+            Ok(_) | Err(ClientError::ConnectionLost(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -199,15 +257,6 @@ impl Session {
         &self.server
     }
 
-    fn register(
-        server: &str,
-        user: &str,
-        opts: &ConnectOptions,
-    ) -> Result<(Session, Identity), ClientError> {
-        let keypair = ClientKeypair::generate(&mut rand::thread_rng())?;
-        Self::register_with_key(server, user, keypair, opts)
-    }
-
     /// Registers `user` with a key pair made beforehand (a load generator reuses a pool
     /// of keys so that key generation stays out of what it measures).
     pub fn register_with_key(
@@ -215,6 +264,16 @@ impl Session {
         user: &str,
         keypair: ClientKeypair,
         opts: &ConnectOptions,
+    ) -> Result<(Session, Identity), ClientError> {
+        Self::register_inner(server, user, keypair, opts, &mut |_| Ok(()))
+    }
+
+    fn register_inner(
+        server: &str,
+        user: &str,
+        keypair: ClientKeypair,
+        opts: &ConnectOptions,
+        save: &mut dyn FnMut(&Identity) -> Result<(), ClientError>,
     ) -> Result<(Session, Identity), ClientError> {
         name::check_user_name(user.as_bytes()).map_err(|e| ClientError::BadInput {
             path: user.into(),
@@ -232,6 +291,13 @@ impl Session {
             Response::Error => return Err(ClientError::ServerError("registering")),
             r => return Err(unexpected("REGISTER", &r)),
         };
+        let identity = Identity {
+            name: user.to_owned(),
+            id,
+            keypair,
+        };
+        save(&identity)?;
+        let keypair = &identity.keypair;
         req.clear();
         encode_send_public_key(&mut req, &id, user, keypair.public_der())
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -245,11 +311,6 @@ impl Session {
             r => return Err(unexpected("SEND_PUBLIC_KEY", &r)),
         };
         let key = keypair.decrypt_session_key(&encrypted)?;
-        let identity = Identity {
-            name: user.to_owned(),
-            id,
-            keypair,
-        };
         Ok((
             Session::new(stream, server, identity.clone(), key, opts),
             identity,

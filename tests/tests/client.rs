@@ -267,6 +267,42 @@ fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing(rt: Runti
     assert!(!srv.client_dir(&id).join("victim.bin").exists());
 }
 
+fn an_interrupted_registration_is_finished_by_the_next_run(rt: Runtime) {
+    // The connection drops between REGISTER_OK and the key exchange: the id is known
+    // (saved right after 1600), the server has no key for it yet.
+    let srv = Server::start(rt, &[]);
+    let user = unique_name("interrupted");
+    let mut c = Conn::connect(srv.addr);
+    let cyberbackup_protocol::message::Response::RegisterOk { client_id } = c.register(&user)
+    else {
+        panic!("register")
+    };
+    drop(c);
+    let work = tempfile::tempdir().unwrap();
+    let identity = cyberbackup_client::Identity {
+        name: user.clone(),
+        id: client_id,
+        keypair: keypair().clone(),
+    };
+    identity.save(&work.path().join("me.info")).unwrap();
+    let before = std::fs::read_to_string(work.path().join("me.info")).unwrap();
+    std::fs::write(work.path().join("f.txt"), b"finally").unwrap();
+    let out = backup(work.path(), &srv.addr.to_string(), &["f.txt"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("registered as"),
+        "no new registration"
+    );
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("me.info")).unwrap(),
+        before
+    );
+    assert_eq!(
+        std::fs::read(srv.client_dir(&client_id).join("f.txt")).unwrap(),
+        b"finally"
+    );
+}
+
 fn batch_mode_reads_transfer_info(rt: Runtime) {
     let srv = Server::start(rt, &[]);
     let work = tempfile::tempdir().unwrap();
@@ -317,6 +353,7 @@ fn a_wrong_checksum_is_retried_three_times_then_aborted() {
 }
 
 both_runtimes!(
+    an_interrupted_registration_is_finished_by_the_next_run,
     first_run_registers_second_reconnects_with_several_files,
     a_1_gib_file_in_constant_memory,
     the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing,
