@@ -224,15 +224,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let (mut session, identity) =
         Session::open_saving(&server, creds, &copts, &mut |id| id.save(&id_path))?;
     // A new registration (first run, or the server did not know the saved identity).
-    if before != Some(identity.id) {
-        if !out.quiet && !out.json {
-            eprintln!(
-                "registered as {} (client id {}), identity saved in {}",
-                identity.name,
-                cyberbackup_protocol::client_id_hex(&identity.id),
-                c.identity.display()
-            );
-        }
+    if before != Some(identity.id) && !out.quiet && !out.json {
+        eprintln!(
+            "registered as {} (client id {}), identity saved in {}",
+            identity.name,
+            cyberbackup_protocol::client_id_hex(&identity.id),
+            c.identity.display()
+        );
     }
 
     let cancel = Cancel::new();
