@@ -158,6 +158,16 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The server a request names (trimmed), else the bridge's default; checked.
+fn pick_server(named: Option<String>, st: &AppState) -> Result<String, ApiError> {
+    let server = named
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| st.settings.default_server.clone());
+    check_server(&server)?;
+    Ok(server)
+}
+
 /// Checks that `server` is `host:port`.
 fn check_server(server: &str) -> Result<(), ApiError> {
     let bad = || {
@@ -190,12 +200,7 @@ async fn create_job(
     body: Result<Json<NewJob>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let server = req
-        .server
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| st.settings.default_server.clone());
-    check_server(&server)?;
+    let server = pick_server(req.server, &st)?;
     name::check_user_name(req.user.as_bytes()).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -427,12 +432,7 @@ async fn test_connection(
     body: Result<Json<TestReq>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body?;
-    let server = req
-        .server
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| st.settings.default_server.clone());
-    check_server(&server)?;
+    let server = pick_server(req.server, &st)?;
     let s2 = server.clone();
     let r = tokio::task::spawn_blocking(move || probe_server(&s2, Duration::from_secs(3)))
         .await
