@@ -392,21 +392,26 @@ impl Session {
         }
         match read_response(&mut self.stream, t) {
             Ok(Response::FileReceived(f)) => Ok(f),
-            Ok(Response::Error) => {
-                self.broken = true;
-                Err(ClientError::ServerError("receiving the file"))
-            }
-            Ok(r) => {
-                self.broken = true;
-                Err(ClientError::Protocol(format!(
-                    "unexpected answer {} after the last packet",
-                    u16::from(r.code())
-                )))
-            }
-            Err(e) => {
-                self.broken = true;
-                Err(e)
-            }
+            other => Err(self.unexpected(other, "receiving the file", "after the last packet")),
+        }
+    }
+
+    /// The error for an answer other than the one expected; the connection may be out
+    /// of step, so the next upload reconnects first.
+    fn unexpected(
+        &mut self,
+        got: Result<Response, ClientError>,
+        during: &'static str,
+        context: &str,
+    ) -> ClientError {
+        self.broken = true;
+        match got {
+            Ok(Response::Error) => ClientError::ServerError(during),
+            Ok(r) => ClientError::Protocol(format!(
+                "unexpected answer {} {context}",
+                u16::from(r.code())
+            )),
+            Err(e) => e,
         }
     }
 
@@ -422,26 +427,13 @@ impl Session {
             .write_all(&self.req)
             .map_err(|e| io_error(e, t))
             .and_then(|_| read_response(&mut self.stream, t));
+        let during = match code {
+            RequestCode::CrcOk => "storing the file",
+            _ => "discarding the file",
+        };
         match r {
             Ok(Response::Ack { .. }) => Ok(()),
-            Ok(Response::Error) => {
-                self.broken = true;
-                Err(ClientError::ServerError(match code {
-                    RequestCode::CrcOk => "storing the file",
-                    _ => "discarding the file",
-                }))
-            }
-            Ok(r) => {
-                self.broken = true;
-                Err(ClientError::Protocol(format!(
-                    "unexpected answer {} to a CRC request",
-                    u16::from(r.code())
-                )))
-            }
-            Err(e) => {
-                self.broken = true;
-                Err(e)
-            }
+            other => Err(self.unexpected(other, during, "to a CRC request")),
         }
     }
 

@@ -120,26 +120,10 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
             })
             .context("spawning a shard thread")?;
         threads.push(t);
-        match ready_rx.recv() {
-            Ok(Ok(bound)) => addr = bound, // port 0: the other shards share the port chosen
-            Ok(Err(e)) => {
-                shutdown.trigger();
-                for t in threads {
-                    let _ = t.join();
-                }
-                return Err(e);
-            }
-            Err(_) => {
-                shutdown.trigger();
-                return Err(anyhow!("shard {shard} stopped during start-up"));
-            }
-        }
+        // port 0: the other shards share the port chosen
+        addr = crate::shutdown::wait_ready(&ready_rx, &shutdown, &mut threads, shard)?;
     }
-    tracing::info!(addr = %addr, shards = cfg.shards, runtime = "glommio", "listening");
-    println!("cyberbackup-server listening on {addr}");
-    for t in threads {
-        let _ = t.join();
-    }
+    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "glommio");
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 //! - [`ops`]: runs the session's registry and storage operations off the reactor.
 //! - [`storage`]: temp files mapped for reassembly, atomic and durable finalize.
 //! - [`registry`]: the SQLite registry of clients and files, on its own thread.
-//! - [`shutdown`]: the shutdown flag and the connection count.
+//! - [`shutdown`]: the shutdown flag, the connection count, shard start-up and end.
+//! - [`queue`]: draining a channel in batches (group commit).
 //!
 //! The protocol itself (codecs, crypto, the per-connection state machine) lives in the
 //! `cyberbackup-protocol` crate.
@@ -19,6 +20,7 @@ pub mod conn;
 pub mod glommio_rt;
 pub mod mio_rt;
 pub mod ops;
+pub mod queue;
 pub mod registry;
 pub mod shutdown;
 pub mod storage;

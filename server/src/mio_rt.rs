@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use cyberbackup_protocol::session::{Completion, Op};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -177,23 +177,9 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
             })
             .context("spawning a shard thread")?;
         threads.push(t);
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                shutdown.trigger();
-                return Err(e);
-            }
-            Err(_) => {
-                shutdown.trigger();
-                return Err(anyhow!("shard {shard} stopped during start-up"));
-            }
-        }
+        crate::shutdown::wait_ready(&ready_rx, &shutdown, &mut threads, shard)?;
     }
-    tracing::info!(addr = %addr, shards = cfg.shards, runtime = "mio", "listening");
-    println!("cyberbackup-server listening on {addr}");
-    for t in threads {
-        let _ = t.join();
-    }
+    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "mio");
     Ok(())
 }
 

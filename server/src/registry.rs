@@ -193,14 +193,7 @@ impl Registry {
 
 /// The registry thread: batches whatever is queued into one transaction.
 fn run(mut conn: Connection, rx: mpsc::Receiver<Request>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-            if batch.len() >= 1024 {
-                break;
-            }
-        }
+    while let Some(batch) = crate::queue::recv_batch(&rx, 1024) {
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(e) => {

@@ -2,7 +2,8 @@
 //! SIGINT/SIGTERM) and the count of open connections (checked on accept).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 
 /// Shutdown flag and connection count.
 #[derive(Debug, Default)]
@@ -51,5 +52,40 @@ impl Shutdown {
                 }
             })?;
         Ok(())
+    }
+}
+
+/// Waits for a shard thread's start-up report. On failure the shutdown flag is set, the
+/// shards started so far are joined, and the error is returned.
+pub fn wait_ready<T>(
+    ready: &mpsc::Receiver<anyhow::Result<T>>,
+    shutdown: &Shutdown,
+    threads: &mut Vec<JoinHandle<()>>,
+    shard: usize,
+) -> anyhow::Result<T> {
+    let r = match ready.recv() {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("shard {shard} stopped during start-up")),
+    };
+    if r.is_err() {
+        shutdown.trigger();
+        for t in threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+    r
+}
+
+/// Announces the address once every shard listens, then waits for them all to stop.
+pub fn serve_until_stopped(
+    threads: Vec<JoinHandle<()>>,
+    addr: std::net::SocketAddr,
+    shards: usize,
+    runtime: &str,
+) {
+    tracing::info!(addr = %addr, shards, runtime, "listening");
+    println!("cyberbackup-server listening on {addr}");
+    for t in threads {
+        let _ = t.join();
     }
 }

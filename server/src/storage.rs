@@ -329,14 +329,7 @@ impl Storage {
         let spawned = std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        batch.push(more);
-                        if batch.len() >= 1024 {
-                            break;
-                        }
-                    }
+                while let Some(batch) = crate::queue::recv_batch(&rx, 1024) {
                     let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                     for (r, reply) in me.commit_batch(items).into_iter().zip(replies) {
                         let _ = reply.send(r);
