@@ -29,8 +29,10 @@
 //!   - `mmap_anon_recycled`: a `FileSink` over `memmap2::MmapMut::map_anon`, one mapping
 //!     reused for every file (same work as `vec` through a mapping).
 //!   - `mmap_anon_fresh`: a new anonymous mapping per file, unmapped on commit, so every
-//!     file pays the page faults (and zeroing) of its sink, as the server does with its
-//!     memory-mapped temp files (minus the file system).
+//!     file pays the page faults (and zeroing) of its sink.
+//!   - `file_pwrite`: the server's sink: `pwrite` of each decrypted 64 KiB chunk into a
+//!     temp file (in the target directory), overwritten by every upload; page cache
+//!     only, never synced, so this is the CPU cost of ingest minus the disk.
 //!
 //! # Running
 //!
@@ -70,7 +72,10 @@ use cyberbackup_protocol::message::{
     FileReceived, Response, SendFileHead, SEND_FILE_FIXED_LEN,
 };
 use cyberbackup_protocol::session::memory::MemoryBackend;
-use cyberbackup_protocol::session::{Completion, FileSink, Op, ServerSession, SessionConfig};
+use cyberbackup_protocol::session::{
+    sink_range, Completion, FileSink, Op, ServerSession, SessionConfig,
+};
+use std::os::unix::fs::FileExt;
 use cyberbackup_protocol::{cksum, ClientId};
 
 const KIB: usize = 1024;
@@ -242,18 +247,35 @@ fn bench_aes(c: &mut Criterion) {
 // session
 
 /// A `FileSink` over an anonymous memory mapping (the sink may be a longer recycled
-/// mapping; the session sees exactly `len` bytes).
-struct MmapSink {
-    map: MmapMut,
-    len: usize,
+/// mapping; the session sees exactly `len` bytes), or over a temp file written with
+/// `pwrite` as the server's sink is (page cache only: the file is never synced).
+enum MmapSink {
+    Map(MmapMut, usize),
+    File(std::fs::File, u64),
 }
 
 impl FileSink for MmapSink {
-    fn bytes(&self) -> &[u8] {
-        &self.map[..self.len]
+    fn len(&self) -> u64 {
+        match self {
+            MmapSink::Map(_, len) => *len as u64,
+            MmapSink::File(_, len) => *len,
+        }
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map[..self.len]
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let r = sink_range(FileSink::len(self) as usize, offset, data.len())?;
+        match self {
+            MmapSink::Map(map, _) => map[r].copy_from_slice(data),
+            MmapSink::File(f, _) => f.write_all_at(data, offset)?,
+        }
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let r = sink_range(FileSink::len(self) as usize, offset, buf.len())?;
+        match self {
+            MmapSink::Map(map, _) => buf.copy_from_slice(&map[r]),
+            MmapSink::File(f, _) => f.read_exact_at(buf, offset)?,
+        }
+        Ok(())
     }
 }
 
@@ -285,12 +307,15 @@ impl Driver<Vec<u8>> for MemoryBackend {
     }
 }
 
-/// Registry ops go to a `MemoryBackend`; files go to anonymous mappings.
+/// Registry ops go to a `MemoryBackend`; files go to anonymous mappings, or to one
+/// temp file overwritten by every upload.
 struct MmapBackend {
     registry: MemoryBackend,
-    /// Keep the mapping of a committed file for the next one.
+    /// Keep the mapping (or the file) of a committed file for the next one.
     recycle: bool,
-    spare: Option<MmapMut>,
+    /// Files go to a temp file rather than a mapping.
+    file: bool,
+    spare: Option<MmapSink>,
 }
 
 impl MmapBackend {
@@ -298,6 +323,16 @@ impl MmapBackend {
         Self {
             registry: MemoryBackend::default(),
             recycle,
+            file: false,
+            spare: None,
+        }
+    }
+
+    fn temp_file() -> Self {
+        Self {
+            registry: MemoryBackend::default(),
+            recycle: true,
+            file: true,
             spare: None,
         }
     }
@@ -305,22 +340,36 @@ impl MmapBackend {
     fn execute(&mut self, op: Op<MmapSink>) -> Option<Completion<MmapSink>> {
         let registry_op = match op {
             Op::OpenFile { len, .. } => {
-                let len = len as usize;
-                let map = match self.spare.take() {
-                    Some(m) if m.len() >= len => m,
-                    _ => MmapMut::map_anon(len.max(1)).expect("anonymous mapping"),
+                let sink = match self.spare.take() {
+                    Some(MmapSink::Map(m, _)) if m.len() as u64 >= len => {
+                        MmapSink::Map(m, len as usize)
+                    }
+                    Some(MmapSink::File(f, _)) => {
+                        f.set_len(len).expect("sizing the temp file");
+                        MmapSink::File(f, len)
+                    }
+                    _ if self.file => {
+                        let f = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR"))
+                            .expect("temp file");
+                        f.set_len(len).expect("sizing the temp file");
+                        MmapSink::File(f, len)
+                    }
+                    _ => MmapSink::Map(
+                        MmapMut::map_anon((len as usize).max(1)).expect("anonymous mapping"),
+                        len as usize,
+                    ),
                 };
-                return Some(Completion::FileOpened(Ok(MmapSink { map, len })));
+                return Some(Completion::FileOpened(Ok(sink)));
             }
             Op::Commit { sink, .. } => {
                 if self.recycle {
-                    self.spare = Some(sink.map);
+                    self.spare = Some(sink);
                 }
                 return Some(Completion::Committed(Ok(())));
             }
             Op::Discard { sink } => {
                 if self.recycle && self.spare.is_none() {
-                    self.spare = Some(sink.map);
+                    self.spare = Some(sink);
                 }
                 return None;
             }
@@ -534,6 +583,15 @@ fn bench_session(c: &mut Criterion) {
         &mut g,
         "mmap_anon_fresh",
         MmapBackend::new(false),
+        &kp,
+        &data,
+        expect,
+        MIB,
+    );
+    bench_upload(
+        &mut g,
+        "file_pwrite",
+        MmapBackend::temp_file(),
         &kp,
         &data,
         expect,

@@ -76,20 +76,64 @@ impl Default for SessionConfig {
 ///
 /// It must be exactly as long as requested in [`Op::OpenFile`].
 pub trait FileSink {
-    fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Size in bytes, fixed when the sink is made (the file's ciphertext size).
+    fn len(&self) -> u64;
+    /// Whether the sink holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes `data` at `offset`; the session never writes past [`len`](Self::len).
+    /// An error fails the transfer with 1607 (general error) and discards the sink.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Reads back bytes written earlier (an out-of-order packet's content, to checksum
+    /// it once the gap before it closes, and the last block, to check its padding).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Room to decrypt straight into, for a sink that buffers writes itself (a direct
+    /// I/O stage): up to `max` bytes that will land at `offset`, or `None` (the session
+    /// then decrypts into its own scratch and calls [`write_at`](Self::write_at)).
+    /// After filling the start of the slice the session calls [`staged`](Self::staged).
+    fn stage(&mut self, _offset: u64, _max: usize) -> Option<&mut [u8]> {
+        None
+    }
+    /// The first `n` bytes of the slice [`stage`](Self::stage) returned hold the file's
+    /// bytes at the offset it was asked for.
+    fn staged(&mut self, _n: usize) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The first `end` bytes are final (decrypted and never written again): a sink
     /// backed by a file may start writing them back now, so that the sync at the end
     /// has less to do. Called after every packet that extends the in-order prefix.
     fn settled(&mut self, _end: u64) {}
 }
 
+/// The bytes `offset..offset + n` of a sink of `len` bytes, or an error naming them.
+pub fn sink_range(len: usize, offset: u64, n: usize) -> std::io::Result<std::ops::Range<usize>> {
+    usize::try_from(offset)
+        .ok()
+        .and_then(|o| Some(o..o.checked_add(n)?))
+        .filter(|r| r.end <= len)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{n} bytes at {offset} are outside a sink of {len} bytes"),
+            )
+        })
+}
+
+/// An in-memory sink (tests, benches and the fuzz targets).
 impl FileSink for Vec<u8> {
-    fn bytes(&self) -> &[u8] {
-        self
+    fn len(&self) -> u64 {
+        Vec::len(self) as u64
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let r = sink_range(Vec::len(self), offset, data.len())?;
+        self[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let r = sink_range(Vec::len(self), offset, buf.len())?;
+        buf.copy_from_slice(&self[r]);
+        Ok(())
     }
 }
 
@@ -258,6 +302,11 @@ struct Transfer<S> {
     boundary: Vec<[u8; BLOCK]>,
     crc: Cksum,
     cursor: Option<Cursor>,
+    /// Where packets are decrypted before they go to the sink: one [`CHUNK`] at most,
+    /// so it stays in the CPU cache.
+    scratch: Vec<u8>,
+    /// The sink failed a write or read: the transfer ends with 1607 at the packet's end.
+    sink_error: Option<std::io::Error>,
 }
 
 impl<S> Transfer<S> {
@@ -598,7 +647,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             }
             (Waiting::Open(plan, file_name), Completion::FileOpened(r)) => match r {
                 Ok(sink) => {
-                    if sink.bytes().len() as u64 != plan.cipher_total {
+                    if sink.len() != plan.cipher_total {
                         tracing::error!("storage returned a sink of the wrong size");
                         self.ops.push(Op::Discard { sink });
                         self.refuse(Refusal::Storage);
@@ -623,6 +672,8 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                         boundary: Vec::new(),
                         crc: Cksum::new(),
                         cursor: None,
+                        scratch: vec![0; (plan.cipher_total as usize).min(CHUNK)],
+                        sink_error: None,
                     });
                     self.start_packet(now, &plan);
                 }
@@ -1103,41 +1154,70 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         self.deadline = Some(now + self.content_time(plan.len));
     }
 
-    /// Decrypts `data` (the next bytes of the current packet) into the sink.
+    /// Decrypts `data` (the next bytes of the current packet) into the scratch buffer,
+    /// checksums it when it extends the in-order prefix, and writes it to the sink.
     fn on_content(&mut self, mut data: &[u8]) {
         self.stats.content_bytes += data.len() as u64;
         let Some(t) = self.transfer.as_mut() else {
             return;
         };
         let Some(c) = t.cursor.as_mut() else { return };
+        if t.sink_error.is_some() {
+            return;
+        }
         let orig = t.orig;
-        let sink = t.sink.bytes_mut();
+        let mut written = Ok(());
         if c.carry_len > 0 {
             let take = (BLOCK - c.carry_len).min(data.len());
             c.carry[c.carry_len..c.carry_len + take].copy_from_slice(&data[..take]);
             c.carry_len += take;
             data = &data[take..];
-            if c.carry_len == BLOCK {
-                let p = c.pos as usize;
-                let _ = c.dec.decrypt_b2b(&c.carry, &mut sink[p..p + BLOCK]);
-                c.last_cipher = c.carry;
-                c.carry_len = 0;
-                if c.in_prefix {
-                    update_clamped(&mut t.crc, sink, c.pos, c.pos + BLOCK as u64, orig);
-                }
-                c.pos += BLOCK as u64;
-            } else {
+            if c.carry_len < BLOCK {
                 return;
             }
+            let out = &mut t.scratch[..BLOCK];
+            let _ = c.dec.decrypt_b2b(&c.carry, out);
+            c.last_cipher = c.carry;
+            c.carry_len = 0;
+            if c.in_prefix {
+                update_clamped(&mut t.crc, out, c.pos, orig);
+            }
+            written = t.sink.write_at(c.pos, out);
+            c.pos += BLOCK as u64;
         }
         let whole = data.len() / BLOCK * BLOCK;
-        for chunk in data[..whole].chunks(CHUNK) {
-            let p = c.pos as usize;
-            let _ = c.dec.decrypt_b2b(chunk, &mut sink[p..p + chunk.len()]);
-            if c.in_prefix {
-                update_clamped(&mut t.crc, sink, c.pos, c.pos + chunk.len() as u64, orig);
-            }
-            c.pos += chunk.len() as u64;
+        let mut blocks = &data[..whole];
+        while !blocks.is_empty() && written.is_ok() {
+            // Whole blocks, at most a CHUNK, at least one block: always progress.
+            let want = blocks.len().min(CHUNK);
+            let n = match t.sink.stage(c.pos, want) {
+                Some(out) if out.len() >= BLOCK => {
+                    let n = out.len().min(want) / BLOCK * BLOCK;
+                    let out = &mut out[..n];
+                    let _ = c.dec.decrypt_b2b(&blocks[..n], out);
+                    if c.in_prefix {
+                        update_clamped(&mut t.crc, out, c.pos, orig);
+                    }
+                    written = t.sink.staged(n);
+                    n
+                }
+                _ => {
+                    let n = want.min(t.scratch.len()) / BLOCK * BLOCK;
+                    let out = &mut t.scratch[..n];
+                    let _ = c.dec.decrypt_b2b(&blocks[..n], out);
+                    if c.in_prefix {
+                        update_clamped(&mut t.crc, out, c.pos, orig);
+                    }
+                    written = t.sink.write_at(c.pos, out);
+                    n
+                }
+            };
+            c.pos += n as u64;
+            blocks = &blocks[n..];
+        }
+        if let Err(e) = written {
+            t.sink_error = Some(e);
+            return;
         }
         if whole > 0 {
             c.last_cipher.copy_from_slice(&data[whole - BLOCK..whole]);
@@ -1154,6 +1234,26 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         let Some(c) = t.cursor.take() else {
             return self.next_request(now);
         };
+        let placed = match t.sink_error.take() {
+            Some(e) => Err(e),
+            None => Self::place(t, &c),
+        };
+        if let Err(e) = placed {
+            tracing::warn!(error = %e, file = %t.file_name, "cannot write the file");
+            self.drop_transfer();
+            self.refuse(Refusal::Storage);
+            return self.next_request(now);
+        }
+        if t.received_count == t.total {
+            self.finish_file(now);
+        } else {
+            self.next_request(now);
+        }
+    }
+
+    /// Books a packet whose content is in the sink: fixes up its successor's first
+    /// block if that came first, and checksums what is now in order.
+    fn place(t: &mut Transfer<S>, c: &Cursor) -> std::io::Result<()> {
         debug_assert_eq!(c.pos, c.end);
         let k = c.number;
         t.set_received(k);
@@ -1164,40 +1264,46 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         // The successor arrived first: its first block was decrypted with a zero IV.
         if k < t.total && t.is_received(k + 1) {
             let (start, _) = t.packet_range(k + 1);
-            let s = start as usize;
-            let block = &mut t.sink.bytes_mut()[s..s + BLOCK];
+            let mut block = [0u8; BLOCK];
+            t.sink.read_at(start, &mut block)?;
             for (b, x) in block.iter_mut().zip(c.last_cipher) {
                 *b ^= x;
             }
+            t.sink.write_at(start, &block)?;
         }
         if c.in_prefix {
             t.next_in_order = k as u32 + 1;
             t.in_order_end = c.end;
             // Close the gap: packets that came ahead are now final; checksum them.
             while t.next_in_order <= t.total as u32 && t.is_received(t.next_in_order as u16) {
-                let (s, e) = t.packet_range(t.next_in_order as u16);
-                update_clamped(&mut t.crc, t.sink.bytes(), s, e, t.orig);
+                let (mut pos, e) = t.packet_range(t.next_in_order as u16);
+                let end = e.min(t.orig);
+                while pos < end {
+                    let n = ((end - pos) as usize).min(t.scratch.len());
+                    t.sink.read_at(pos, &mut t.scratch[..n])?;
+                    t.crc.update(&t.scratch[..n]);
+                    pos += n as u64;
+                }
                 t.in_order_end = e;
                 t.next_in_order += 1;
             }
             let end = t.in_order_end.min(t.orig);
             t.sink.settled(end);
         }
-        if t.received_count == t.total {
-            self.finish_file(now);
-        } else {
-            self.next_request(now);
-        }
+        Ok(())
     }
 
     fn finish_file(&mut self, now: Instant) {
-        let Some(t) = self.transfer.take() else {
+        let Some(mut t) = self.transfer.take() else {
             return;
         };
-        let last: [u8; BLOCK] = t.sink.bytes()
-            [t.cipher_total as usize - BLOCK..t.cipher_total as usize]
-            .try_into()
-            .unwrap_or([0; BLOCK]);
+        let mut last = [0u8; BLOCK];
+        if let Err(e) = t.sink.read_at(t.cipher_total - BLOCK as u64, &mut last) {
+            tracing::warn!(error = %e, file = %t.file_name, "cannot read the file back");
+            self.ops.push(Op::Discard { sink: t.sink });
+            self.refuse(Refusal::Storage);
+            return self.next_request(now);
+        }
         let data_in_last = crypto::unpad(&last).ok();
         let expect = (t.orig % BLOCK as u64) as usize;
         if data_in_last != Some(expect) || t.crc.len() != t.orig {
@@ -1237,12 +1343,13 @@ fn unreachable_code_path<S: FileSink, R: CryptoRngCore>(s: &mut ServerSession<S,
     s.refuse_close(Refusal::UnknownCode);
 }
 
-/// Checksums `sink[start..end]`, clipped to the plaintext length.
+/// Checksums `buf`, which holds the file's bytes from `start` on, clipped to the
+/// plaintext length `orig` (the padding is not checksummed).
 #[inline]
-fn update_clamped(crc: &mut Cksum, sink: &[u8], start: u64, end: u64, orig: u64) {
-    let e = end.min(orig);
-    if start < e {
-        crc.update(&sink[start as usize..e as usize]);
+fn update_clamped(crc: &mut Cksum, buf: &[u8], start: u64, orig: u64) {
+    if start < orig {
+        let n = (orig - start).min(buf.len() as u64) as usize;
+        crc.update(&buf[..n]);
     }
 }
 

@@ -34,7 +34,8 @@ use config::RuntimeKind;
 /// (after a signal, with in-flight files finished or discarded).
 pub fn run(cfg: config::Config) -> Result<()> {
     let storage = storage::Storage::open(&cfg.storage, cfg.max_pending_bytes)
-        .with_context(|| format!("opening storage {}", cfg.storage.display()))?;
+        .with_context(|| format!("opening storage {}", cfg.storage.display()))?
+        .with_direct_io(cfg.direct_io_min_size);
     let (registry, registry_thread) = registry::Registry::open(&cfg.database)?;
     let shutdown = Arc::new(shutdown::Shutdown::default());
     shutdown
