@@ -36,12 +36,12 @@ def run(cmd, **kw):
 
 
 class Server:
-    def __init__(self, runtime, extra=()):
+    def __init__(self, runtime, extra=(), storage=None):
         self.dir = tempfile.mkdtemp(prefix="cb-suite-")
         subprocess.run(["sync"])
         self.p = subprocess.Popen(
             [os.path.join(REL, "cyberbackup-server"), "--runtime", runtime, "--bind", "127.0.0.1",
-             "--port", "0", "--storage", os.path.join(self.dir, "files"),
+             "--port", "0", "--storage", storage or os.path.join(self.dir, "files"),
              "--database", os.path.join(self.dir, "registry.db"), "--log", "warn", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.p.stdout.readline()
@@ -135,6 +135,111 @@ def iperf3():
         srv.wait(10)
 
 
+def sftp_rate():
+    """sftp of a 1 GiB file to an sshd on 127.0.0.1 (aes256-gcm@openssh.com), with
+    `put -f` so that the server fsyncs the file (fsync@openssh.com), as our server does
+    before its ACK. Needs openssh-server (`apt-get install openssh-server`)."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if not sshd or not shutil.which("sftp") or os.geteuid() != 0:
+        return None
+    d = tempfile.mkdtemp(prefix="cb-sftp-")
+    port = 15222
+    try:
+        for k in ("host", "client"):
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{d}/{k}"])
+        shutil.copy(f"{d}/client.pub", f"{d}/authorized_keys")
+        sftp_server = "/usr/lib/openssh/sftp-server"
+        with open(f"{d}/sshd_config", "w") as f:
+            f.write(f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host\n"
+                    f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                    f"PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n"
+                    f"Subsystem sftp {sftp_server}\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        srv = subprocess.Popen([sshd, "-D", "-e", "-f", f"{d}/sshd_config"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            run(["dd", "if=/dev/urandom", f"of={d}/src", "bs=1M", "count=1024"])
+            with open(f"{d}/batch", "w") as f:
+                f.write(f"put -f {d}/src {d}/dst\n")
+            subprocess.run(["sync"])
+            t0 = time.time()
+            run(["sftp", "-q", "-b", f"{d}/batch", "-i", f"{d}/client", "-P", str(port),
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "Ciphers=aes256-gcm@openssh.com", "root@127.0.0.1"])
+            t = time.time() - t0
+            if os.path.getsize(f"{d}/dst") != 1 << 30:
+                return None
+            return (1 << 30) / t / 1e6
+        finally:
+            srv.terminate()
+            srv.wait(10)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"sftp baseline failed: {e}", file=sys.stderr)
+        return None
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def inflight_rss(runtime, n=64, size_gib=1, seconds=25):
+    """Server RSS with `n` uploads of `size_gib` GiB each in flight, from `n` processes
+    of the `cyberbackup` client CLI (the load generator would cache n GiB of ciphertext).
+    The storage root is a sparse ext4 image mounted through a loop device, so that the n
+    fully allocated temp files fit whatever the disk's free space. Samples VmRSS,
+    RssAnon and RssFile of the server every 0.2 s for `seconds` while the uploads run
+    (none can finish in the window), then stops the clients."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        return None
+    d = tempfile.mkdtemp(prefix="cb-inflight-")
+    mnt = os.path.join(d, "mnt")
+    os.makedirs(mnt)
+    img = os.path.join(d, "fs.img")
+    try:
+        with open(img, "wb") as f:
+            f.truncate((n * size_gib + 8) << 30)
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", img])
+        run(["mount", "-o", "loop", img, mnt])
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"in-flight memory case skipped: {e}", file=sys.stderr)
+        shutil.rmtree(d, ignore_errors=True)
+        return None
+    s = None
+    try:
+        s = Server(runtime, ["--max-pending-bytes", str((n * size_gib + 1) << 30)], storage=os.path.join(mnt, "files"))
+        before = s.rss_kib()
+        src = os.path.join(d, "big.bin")
+        with open(src, "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(size_gib << 10):
+                f.write(block)
+        clients = []
+        for i in range(n):
+            cd = os.path.join(d, f"c{i}")
+            os.makedirs(cd)
+            clients.append(subprocess.Popen([os.path.join(REL, "cyberbackup"), "backup", "-q", "-s", s.addr,
+                                             "-u", f"inflight{i}", src], cwd=cd,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+        inflight = 0
+        end = time.time() + seconds
+        while time.time() < end:
+            for k in peak:
+                peak[k] = max(peak[k], s.rss_kib(k))
+            inflight = max(inflight, sum(len(f) for b, _, f in os.walk(os.path.join(mnt, "files", ".incoming"))))
+            time.sleep(0.2)
+        for c in clients:
+            c.kill()
+            c.wait()
+        return {"uploads": n, "file_gib": size_gib, "temp_files_seen": inflight, "rss_before_kib": before,
+                "peak_rss_kib": peak["VmRSS"], "peak_rss_anon_kib": peak["RssAnon"],
+                "peak_rss_file_kib": peak["RssFile"]}
+    finally:
+        if s:
+            s.stop()
+        subprocess.run(["umount", mnt])
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def idle_rss(runtime, n):
     s = Server(runtime)
     try:
@@ -176,10 +281,13 @@ def main():
     b["openssl_aes256cbc_encrypt_mb_s"] = openssl()
     b["openssl_aes256cbc_decrypt_mb_s"] = openssl(decrypt=True)
     b["iperf3_loopback_mb_s"] = iperf3()
-    b["sftp_mb_s"] = None  # needs an sshd on 127.0.0.1; not installed on this machine
+    b["sftp_mb_s"] = sftp_rate()
     sc = r["scenarios"]
     print("scenario 1...", file=sys.stderr)
     sc["1_one_1gib_file"] = loadgen("glommio", ["-c", "1", "--size", "1GiB", "-n", "2", "--warmup", "0"])
+    # The same through the page cache, to show what direct I/O changes.
+    sc["2_64x16MiB_glommio_page_cache"] = loadgen("glommio", ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"],
+                                                  ["--direct-io-min-size", "0"])
     for rt in ("glommio", "mio"):
         print(f"scenarios 2 and 3 ({rt})...", file=sys.stderr)
         sc[f"2_64x16MiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"])
@@ -192,6 +300,7 @@ def main():
     print("memory...", file=sys.stderr)
     r["memory"]["idle_1000_glommio"] = idle_rss("glommio", 1000)
     r["memory"]["idle_1000_mio"] = idle_rss("mio", 1000)
+    r["inflight"] = inflight_rss("glommio")
 
     # ratios against the same-run baselines
     def gib_per_cpu(s):
@@ -203,9 +312,11 @@ def main():
     s3g, s3m = sc["3_64x4KiB_glommio"], sc["3_64x4KiB_mio"]
     r["ratios"] = {
         "s1_vs_dd": s1["mb_per_sec"] / b["dd_fdatasync_mb_s"],
+        "s1_vs_sftp": s1["mb_per_sec"] / b["sftp_mb_s"] if b["sftp_mb_s"] else None,
         "s2_glommio_vs_dd": s2g["mb_per_sec"] / b["dd_fdatasync_mb_s"],
         "s2_server_core_s_per_gib_glommio": gib_per_cpu(s2g),
         "s2_server_core_s_per_gib_mio": gib_per_cpu(s2m),
+        "s2_server_core_s_per_gib_glommio_page_cache": gib_per_cpu(sc["2_64x16MiB_glommio_page_cache"]),
         "s3_glommio_vs_fsync_loop": s3g["files_per_sec"] / b["fsync_loop_files_s"],
         "s3_mio_vs_fsync_loop": s3m["files_per_sec"] / b["fsync_loop_files_s"],
         "mio_vs_glommio_s2": s2m["mb_per_sec"] / max(s2g["mb_per_sec"], 1e-9),
@@ -230,10 +341,41 @@ def main():
     md += ["", "## Memory", "", "| case | RSS before KiB | RSS after KiB | bytes per connection |", "|---|---|---|---|"]
     for k, m in r["memory"].items():
         md.append(f"| {k} | {m['rss_before_kib']} | {m['rss_after_kib']} | {m['per_connection_bytes']:.0f} |")
-    md += ["", "RSS is VmRSS of the server process (anonymous and file pages it has mapped); idle connections hold no file.", "",
+    md += ["", "RSS is VmRSS of the server process; idle connections hold no file."]
+    inf = r.get("inflight")
+    if inf:
+        md += ["", f"In flight: {inf['uploads']} uploads of {inf['file_gib']} GiB each at once (storage on a sparse ext4 loop image), "
+               f"sampled every 0.2 s: peak VmRSS {inf['peak_rss_kib']} KiB, of which anonymous {inf['peak_rss_anon_kib']} KiB "
+               f"and file-backed {inf['peak_rss_file_kib']} KiB (RssAnon and RssFile of /proc/PID/status; the server maps no file, "
+               f"so file contents can only be in the page cache, never in its RSS); server RSS before the uploads {inf['rss_before_kib']} KiB; "
+               f"{inf['temp_files_seen']} temp files seen at once."]
+    md += ["",
            "## Ratios", "", "| ratio | value |", "|---|---|"]
     for k, v in r["ratios"].items():
         md.append(f"| {k} | {'n/a' if v is None else f'{v:.2f}'} |")
+    ra = r["ratios"]
+    inf = r.get("inflight") or {}
+    targets = [
+        ("scenario 1 >= 0.9x dd", ra["s1_vs_dd"], lambda v: v >= 0.9),
+        ("scenario 1 >= 1.4x sftp", ra["s1_vs_sftp"], lambda v: v >= 1.4),
+        ("scenario 2 (glommio) >= 0.9x dd", ra["s2_glommio_vs_dd"], lambda v: v >= 0.9),
+        ("scenario 2 server CPU <= 0.5 core-s/GiB (glommio)", ra["s2_server_core_s_per_gib_glommio"], lambda v: v <= 0.5),
+        ("scenario 2 server CPU <= 0.5 core-s/GiB (mio)", ra["s2_server_core_s_per_gib_mio"], lambda v: v <= 0.5),
+        ("scenario 3 >= 5x fsync-per-file loop (glommio)", ra["s3_glommio_vs_fsync_loop"], lambda v: v >= 5),
+        ("idle connection < 64 KiB (glommio)", ra["idle_bytes_per_connection_glommio"] / 1024, lambda v: v < 64),
+        ("idle connection < 64 KiB (mio)", ra["idle_bytes_per_connection_mio"] / 1024, lambda v: v < 64),
+        ("64 x 1 GiB in flight: anonymous RSS MiB", inf.get("peak_rss_anon_kib", 0) / 1024 if inf else None, lambda v: v < 256),
+        ("mio >= 0.8x glommio, scenario 2", ra["mio_vs_glommio_s2"], lambda v: v >= 0.8),
+        ("mio >= 0.8x glommio, scenario 3", ra["mio_vs_glommio_s3"], lambda v: v >= 0.8),
+        ("glommio ahead of mio in scenario 2 or 3", max(1 / max(ra["mio_vs_glommio_s2"], 1e-9), 1 / max(ra["mio_vs_glommio_s3"], 1e-9)), lambda v: v > 1),
+    ]
+    r["targets"] = {name: {"value": v, "met": None if v is None else bool(ok(v))} for name, v, ok in targets}
+    with open(os.path.join(a.out, "latest.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    md += ["", "## Targets (issue 7)", "", "| target | this run | met |", "|---|---|---|"]
+    for name, t in r["targets"].items():
+        v = t["value"]
+        md.append(f"| {name} | {'n/a' if v is None else f'{v:.2f}'} | {'n/a' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
     with open(os.path.join(a.out, "latest.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
