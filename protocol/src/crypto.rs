@@ -331,6 +331,59 @@ impl PublicKey {
     }
 }
 
+/// How a session key reaches the client: parse the client's public key field, make a
+/// session key, encrypt it to the public key.
+///
+/// v3 is [`RsaOaep`], the default of [`ServerSession`](crate::session::ServerSession)
+/// and a zero-sized type, so the production path is monomorphised exactly as if it
+/// called [`PublicKey`] directly. The trait exists so that fuzz targets (feature
+/// `fuzzing`) can swap in a provider whose session key is known and whose "encryption"
+/// is trivial, and so reach the file transfer with inputs that carry valid ciphertext.
+pub trait KeyExchange {
+    /// A client's public key, parsed.
+    type PublicKey;
+    /// Parses the 160-byte public key field (or a key on file, which may be shorter).
+    fn parse_public_key(&self, field: &[u8]) -> Result<Self::PublicKey, CryptoError>;
+    /// A fresh session key.
+    fn session_key<R: CryptoRngCore + ?Sized>(&self, rng: &mut R) -> AesKey;
+    /// The session key encrypted to `public_key`, as AES_KEY / RECONNECT_OK carry it.
+    fn encrypt_session_key<R: CryptoRngCore>(
+        &self,
+        public_key: &Self::PublicKey,
+        rng: &mut R,
+        key: &AesKey,
+    ) -> Result<Vec<u8>, CryptoError>;
+}
+
+/// The v3 key exchange: RSA public keys from DER, random AES-256 keys, RSA-OAEP
+/// (SHA-256, MGF1-SHA-256).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RsaOaep;
+
+impl KeyExchange for RsaOaep {
+    type PublicKey = PublicKey;
+
+    #[inline]
+    fn parse_public_key(&self, field: &[u8]) -> Result<PublicKey, CryptoError> {
+        PublicKey::from_field(field)
+    }
+
+    #[inline]
+    fn session_key<R: CryptoRngCore + ?Sized>(&self, rng: &mut R) -> AesKey {
+        random_aes_key(rng)
+    }
+
+    #[inline]
+    fn encrypt_session_key<R: CryptoRngCore>(
+        &self,
+        public_key: &PublicKey,
+        rng: &mut R,
+        key: &AesKey,
+    ) -> Result<Vec<u8>, CryptoError> {
+        public_key.encrypt_session_key(rng, key)
+    }
+}
+
 /// Length of the DER SEQUENCE at the start of `b` (header included), if it fits in `b`.
 fn der_sequence_len(b: &[u8]) -> Option<usize> {
     if *b.first()? != 0x30 {

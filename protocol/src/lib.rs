@@ -13,6 +13,8 @@
 //! - [`crypto`]: AES-256-CBC (zero IV, PKCS#7) streaming in constant memory, RSA-1024
 //!   key generation with a 160-byte public key, RSA-OAEP(SHA-256) for the session key.
 //! - [`session`]: the per-connection server state machine.
+//! - `fuzzing` (feature `fuzzing`, and in unit tests): the harnesses of the cargo-fuzz
+//!   targets in `fuzz/`, and a key exchange with a known session key for them.
 //!
 //! The wire contract is `PROTOCOL.md` (shared with the CyberBackup 3.0 deployments);
 //! `docs/PROTOCOL-NOTES.md` in this repository records how this implementation reads it
@@ -21,6 +23,8 @@
 
 pub mod cksum;
 pub mod crypto;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod header;
 pub mod message;
 pub mod name;

@@ -443,6 +443,108 @@ mod tests {
         }
 
         #[test]
+        fn request_headers_round_trip(bytes in any::<[u8; 23]>(), id in any::<[u8; 16]>(),
+                                      version in any::<u8>(), code in any::<u16>(), size in any::<u32>()) {
+            let h = RequestHeader::parse(&bytes).unwrap();
+            prop_assert_eq!(h.to_bytes(), bytes);
+            let h = RequestHeader { client_id: id, version, code: code.into(), payload_size: size };
+            prop_assert_eq!(RequestHeader::parse(&h.to_bytes()), Ok(h));
+        }
+
+        #[test]
+        fn response_headers_round_trip(bytes in any::<[u8; 7]>(), version in any::<u8>(),
+                                       code in any::<u16>(), size in any::<u32>()) {
+            let h = ResponseHeader::parse(&bytes).unwrap();
+            prop_assert_eq!(h.to_bytes(), bytes);
+            let h = ResponseHeader { version, code: code.into(), payload_size: size };
+            prop_assert_eq!(ResponseHeader::parse(&h.to_bytes()), Ok(h));
+        }
+
+        #[test]
+        fn send_public_key_round_trips(id in any::<[u8; 16]>(), name in "[^\u{0}]{0,60}",
+                                       key in proptest::collection::vec(any::<u8>(), 0..=PUBLIC_KEY_LEN)) {
+            let mut buf = Vec::new();
+            encode_send_public_key(&mut buf, &id, &name, &key).unwrap();
+            let h = RequestHeader::parse(&buf).unwrap();
+            prop_assert_eq!((h.client_id, h.version, h.code), (id, VERSION, RequestCode::SendPublicKey));
+            prop_assert_eq!(h.payload_size as usize, SEND_PUBLIC_KEY_LEN);
+            prop_assert_eq!(buf.len(), 23 + SEND_PUBLIC_KEY_LEN);
+            let (n, k) = decode_send_public_key(&buf[23..]).unwrap();
+            prop_assert_eq!(n, name.as_bytes());
+            prop_assert_eq!(&k[..key.len()], &key[..]);
+            prop_assert!(k[key.len()..].iter().all(|&b| b == 0));
+        }
+
+        #[test]
+        fn send_file_round_trips(id in any::<[u8; 16]>(), name in "[^\u{0}]{0,60}", orig in any::<u32>(),
+                                 number in any::<u16>(), total in any::<u16>(),
+                                 content in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut buf = Vec::new();
+            encode_send_file(&mut buf, &id, &name, orig, number, total, &content).unwrap();
+            let h = RequestHeader::parse(&buf).unwrap();
+            prop_assert_eq!((h.client_id, h.version, h.code), (id, VERSION, RequestCode::SendFile));
+            prop_assert_eq!(h.payload_size as usize, SEND_FILE_FIXED_LEN + content.len());
+            prop_assert_eq!(buf.len(), 23 + h.payload_size as usize);
+            let head = SendFileHead::decode(&buf[23..23 + SEND_FILE_FIXED_LEN]).unwrap();
+            prop_assert_eq!(head, SendFileHead {
+                content_size: content.len() as u32,
+                orig_file_size: orig,
+                packet_number: number,
+                total_packets: total,
+                file_name: name.as_bytes(),
+            });
+            prop_assert_eq!(&buf[23 + SEND_FILE_FIXED_LEN..], &content[..]);
+        }
+
+        /// Decode then encode: a canonical payload (UTF-8 name, zero padding) of every
+        /// request and response comes back byte for byte (the fuzz harness's checks).
+        #[test]
+        fn canonical_payloads_decode_and_encode_back(
+            code in prop::sample::select(vec![1025u16, 1026, 1027, 1028, 1029, 1030, 1031,
+                                              1600, 1601, 1602, 1603, 1604, 1605, 1606, 1607]),
+            name in "[^\u{0}]{0,60}",
+            body in proptest::collection::vec(any::<u8>(), 1..=512),
+            noise in any::<u8>(),
+        ) {
+            let mut frame = Vec::new();
+            let skip = match code {
+                1025 | 1027 | 1029..=1031 => {
+                    encode_name_request(&mut frame, &[1; 16], code.into(), &name).unwrap();
+                    23
+                }
+                1026 => {
+                    encode_send_public_key(&mut frame, &[1; 16], &name, &body[..body.len().min(160)]).unwrap();
+                    23
+                }
+                1028 => {
+                    encode_send_file(&mut frame, &[1; 16], &name, 7, 1, 1, &body).unwrap();
+                    23
+                }
+                _ => {
+                    let mut id = [0u8; 16];
+                    id.copy_from_slice(&body[..16.min(body.len())].iter().copied().chain([noise; 16]).take(16).collect::<Vec<_>>());
+                    let r = match ResponseCode::from(code) {
+                        ResponseCode::RegisterOk => Response::RegisterOk { client_id: id },
+                        ResponseCode::RegisterFailed => Response::RegisterFailed,
+                        ResponseCode::AesKey => Response::AesKey { client_id: id, encrypted_key: body.clone() },
+                        ResponseCode::FileReceived => Response::FileReceived(FileReceived {
+                            client_id: id, content_size: body.len() as u32, file_name: name.clone(), cksum: noise as u32 * 77,
+                        }),
+                        ResponseCode::Ack => Response::Ack { client_id: id },
+                        ResponseCode::ReconnectOk => Response::ReconnectOk { client_id: id, encrypted_key: body.clone() },
+                        ResponseCode::ReconnectRejected => Response::ReconnectRejected { client_id: id },
+                        _ => Response::Error,
+                    };
+                    r.encode(&mut frame);
+                    7
+                }
+            };
+            let mut input = code.to_le_bytes().to_vec();
+            input.extend_from_slice(&frame[skip..]);
+            crate::fuzzing::payload(&input);
+        }
+
+        #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), code in any::<u16>()) {
             let _ = Response::decode(ResponseCode::from(code), &bytes);
             let _ = SendFileHead::decode(&bytes);

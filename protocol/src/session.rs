@@ -32,7 +32,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cksum::Cksum;
-use crate::crypto::{self, CryptoRngCore, PublicKey, StreamDecryptor, BLOCK, ZERO_IV};
+use crate::crypto::{self, CryptoRngCore, KeyExchange, RsaOaep, StreamDecryptor, BLOCK, ZERO_IV};
 use crate::header::{RequestCode, RequestHeader, REQUEST_HEADER_LEN};
 use crate::message::{
     self, FileReceived, Response, SendFileHead, NAME_PAYLOAD_LEN, SEND_FILE_FIXED_LEN,
@@ -226,21 +226,11 @@ enum Read {
     Skip { remaining: u32 },
 }
 
-/// What an outstanding op will resume.
-enum Waiting {
-    Register {
-        id: ClientId,
-        name: String,
-    },
-    StoreKey {
-        id: ClientId,
-        name: String,
-        key: PublicKey,
-    },
-    Reconnect {
-        id: ClientId,
-        name: String,
-    },
+/// What an outstanding op will resume (`P`: the key exchange's public key).
+enum Waiting<P> {
+    Register { id: ClientId, name: String },
+    StoreKey { id: ClientId, name: String, key: P },
+    Reconnect { id: ClientId, name: String },
     Open(PacketPlan, String),
     Commit,
 }
@@ -379,17 +369,20 @@ pub struct SessionStats {
     pub errors: u64,
 }
 
-/// The per-connection state machine. `S` is the file sink, `R` the randomness.
-pub struct ServerSession<S, R> {
+/// The per-connection state machine. `S` is the file sink, `R` the randomness, `K` the
+/// key exchange (RSA-OAEP, as v3 says; only fuzz targets choose another, through
+/// [`with_key_exchange`](Self::with_key_exchange)).
+pub struct ServerSession<S, R, K: KeyExchange = RsaOaep> {
     cfg: SessionConfig,
     rng: R,
+    keys: K,
     inbuf: [u8; REQUEST_HEADER_LEN + SEND_PUBLIC_KEY_LEN],
     inlen: usize,
     read: Read,
     client: Option<ClientState>,
     transfer: Option<Transfer<S>>,
     verdict: Option<Verdict<S>>,
-    waiting: Option<Waiting>,
+    waiting: Option<Waiting<K::PublicKey>>,
     ops: Vec<Op<S>>,
     out: Vec<u8>,
     closing: bool,
@@ -411,10 +404,19 @@ const CHUNK: usize = 64 * 1024;
 impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
     /// A session for a new connection.
     pub fn new(cfg: SessionConfig, rng: R, now: Instant) -> Self {
+        Self::with_key_exchange(cfg, rng, RsaOaep, now)
+    }
+}
+
+impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
+    /// A session for a new connection with the given key exchange. Production code
+    /// uses [`new`](ServerSession::new) (RSA-OAEP); this is for fuzz targets and tests.
+    pub fn with_key_exchange(cfg: SessionConfig, rng: R, keys: K, now: Instant) -> Self {
         let deadline = Some(now + cfg.idle_timeout);
         Self {
             cfg,
             rng,
+            keys,
             inbuf: [0; REQUEST_HEADER_LEN + SEND_PUBLIC_KEY_LEN],
             inlen: 0,
             read: Read::Header,
@@ -503,6 +505,26 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
     /// Counters.
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// Heap bytes the session holds apart from its sinks: unsent output, queued ops and
+    /// the bookkeeping of a file in flight. Without output it is bounded by a few KiB
+    /// plus `16 * total_packets` (at most the ciphertext size of the file in flight);
+    /// the fuzz targets check that no input makes it grow further.
+    pub fn held_bytes(&self) -> usize {
+        let names = |t: &str| t.len();
+        let transfer = self.transfer.as_ref().map_or(0, |t| {
+            names(&t.file_name)
+                + t.received.capacity() * std::mem::size_of::<u64>()
+                + t.boundary.capacity() * BLOCK
+        });
+        let verdict = self.verdict.as_ref().map_or(0, |v| names(&v.file_name));
+        let client = self.client.as_ref().map_or(0, |c| names(&c.name));
+        self.out.capacity()
+            + self.ops.capacity() * std::mem::size_of::<Op<S>>()
+            + transfer
+            + verdict
+            + client
     }
 
     /// The deadline passed without the input it waited for: the connection closes and
@@ -628,7 +650,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
             (Waiting::Reconnect { id, name }, Completion::Reconnect(look)) => {
                 let key = match &look.by_name {
                     Some((stored_id, Some(der))) if *stored_id == id => {
-                        PublicKey::from_field(der).ok()
+                        self.keys.parse_public_key(der).ok()
                     }
                     _ => None,
                 };
@@ -842,7 +864,7 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
                     // The header's id may be unknown too: close, as the Errors table says.
                     return self.refuse_close(Refusal::BadName);
                 };
-                let key = match PublicKey::from_field(&field) {
+                let key = match self.keys.parse_public_key(&field) {
                     Ok(k) => k,
                     Err(e) => {
                         tracing::info!(error = %e, "public key refused");
@@ -931,9 +953,9 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
         }
     }
 
-    fn issue_key(&mut self, id: ClientId, name: String, key: &PublicKey, reconnect: bool) {
-        let aes_key = crypto::random_aes_key(&mut self.rng);
-        match key.encrypt_session_key(&mut self.rng, &aes_key) {
+    fn issue_key(&mut self, id: ClientId, name: String, key: &K::PublicKey, reconnect: bool) {
+        let aes_key = self.keys.session_key(&mut self.rng);
+        match self.keys.encrypt_session_key(key, &mut self.rng, &aes_key) {
             Ok(encrypted_key) => {
                 let registered_here = self
                     .client
@@ -1339,7 +1361,9 @@ impl<S: FileSink, R: CryptoRngCore> ServerSession<S, R> {
 
 /// `Unknown` codes are skipped in `on_header` and never reach `on_payload`; should one,
 /// the connection is closed rather than panicking.
-fn unreachable_code_path<S: FileSink, R: CryptoRngCore>(s: &mut ServerSession<S, R>) {
+fn unreachable_code_path<S: FileSink, R: CryptoRngCore, K: KeyExchange>(
+    s: &mut ServerSession<S, R, K>,
+) {
     s.refuse_close(Refusal::UnknownCode);
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{Completion, KeyStored, Op, ReconnectLookup, ServerSession};
-use crate::crypto::CryptoRngCore;
+use crate::crypto::{CryptoRngCore, KeyExchange};
 use crate::{ClientId, PUBLIC_KEY_LEN};
 
 /// A stored client.
@@ -34,7 +34,11 @@ pub struct MemoryBackend {
 
 impl MemoryBackend {
     /// Runs every pending op of `s`, completing those that need it.
-    pub fn run<R: CryptoRngCore>(&mut self, s: &mut ServerSession<Vec<u8>, R>, now: Instant) {
+    pub fn run<R: CryptoRngCore, K: KeyExchange>(
+        &mut self,
+        s: &mut ServerSession<Vec<u8>, R, K>,
+        now: Instant,
+    ) {
         while let Some(op) = s.poll_op() {
             if let Some(c) = self.execute(op) {
                 s.complete(now, c);
@@ -44,9 +48,9 @@ impl MemoryBackend {
 
     /// Feeds all of `input`, running ops as they come; returns the bytes consumed
     /// (less than `input.len()` only when the session closed).
-    pub fn feed<R: CryptoRngCore>(
+    pub fn feed<R: CryptoRngCore, K: KeyExchange>(
         &mut self,
-        s: &mut ServerSession<Vec<u8>, R>,
+        s: &mut ServerSession<Vec<u8>, R, K>,
         now: Instant,
         mut input: &[u8],
     ) -> usize {
