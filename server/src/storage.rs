@@ -2,7 +2,8 @@
 //! that become visible only when complete, verified and durable.
 //!
 //! A transfer gets a temp file in `<root>/.incoming/NN/`, allocated to its full ciphertext
-//! size up front (so a full disk is an error now, never halfway through). The session
+//! size up front when it is 1 MiB or more (so a full disk is an error now, never
+//! halfway through). The session
 //! writes the decrypted bytes at their offsets (out-of-order packets land at their
 //! place; the file is the reassembly buffer): files of at least `--direct-io-min-size`
 //! through a page-aligned stage that the session decrypts into and that goes out with
@@ -181,7 +182,11 @@ impl Storage {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// Creates a temp file of `len` bytes, fully allocated.
+    /// Creates a temp file of `len` bytes, fully allocated from [`PREALLOCATE_MIN`] on
+    /// (a smaller one is written through the page cache, where ext4's delayed
+    /// allocation reserves its blocks at `write` time, so a full disk is still an error
+    /// at once; allocating and then cutting off the padding block would cost two more
+    /// journal updates per small file).
     pub fn create_pending(&self, len: u64) -> Result<PendingFile, StorageError> {
         let limit = self.max_pending;
         self.pending
@@ -217,9 +222,13 @@ impl Storage {
             _reservation: reservation,
         };
         let file = pending.file.as_ref().expect("just set");
-        if len > 0 {
+        if len >= PREALLOCATE_MIN {
             nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, len as i64)
                 .map_err(|e| io_err("allocating", &pending.path)(io::Error::from(e)))?;
+        } else {
+            // Sparse: reads of what was never written see zeros, not the end of file.
+            file.set_len(len)
+                .map_err(io_err("sizing", &pending.path))?;
         }
         if self.direct_min > 0 && len >= self.direct_min {
             pending.direct = Direct::open(&pending.path);
@@ -458,6 +467,9 @@ pub struct PendingFile {
     written_back: u64,
     _reservation: Reservation,
 }
+
+/// Temp files of at least this size are allocated in full when they are created.
+pub const PREALLOCATE_MIN: u64 = 1 << 20;
 
 /// Temp files of at least this size are written with `O_DIRECT` by default.
 pub const DIRECT_MIN_DEFAULT: u64 = 1 << 20;
