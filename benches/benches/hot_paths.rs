@@ -75,8 +75,8 @@ use cyberbackup_protocol::session::memory::MemoryBackend;
 use cyberbackup_protocol::session::{
     sink_range, Completion, FileSink, Op, ServerSession, SessionConfig,
 };
-use std::os::unix::fs::FileExt;
 use cyberbackup_protocol::{cksum, ClientId};
+use std::os::unix::fs::FileExt;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -349,8 +349,8 @@ impl MmapBackend {
                         MmapSink::File(f, len)
                     }
                     _ if self.file => {
-                        let f = tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR"))
-                            .expect("temp file");
+                        let f =
+                            tempfile::tempfile_in(env!("CARGO_TARGET_TMPDIR")).expect("temp file");
                         f.set_len(len).expect("sizing the temp file");
                         MmapSink::File(f, len)
                     }

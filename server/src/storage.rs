@@ -227,8 +227,7 @@ impl Storage {
                 .map_err(|e| io_err("allocating", &pending.path)(io::Error::from(e)))?;
         } else {
             // Sparse: reads of what was never written see zeros, not the end of file.
-            file.set_len(len)
-                .map_err(io_err("sizing", &pending.path))?;
+            file.set_len(len).map_err(io_err("sizing", &pending.path))?;
         }
         if self.direct_min > 0 && len >= self.direct_min {
             pending.direct = Direct::open(&pending.path);
@@ -515,7 +514,9 @@ impl Direct {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
-            .map_err(|e| tracing::debug!(error = %e, "no direct I/O; writing through the page cache"))
+            .map_err(
+                |e| tracing::debug!(error = %e, "no direct I/O; writing through the page cache"),
+            )
             .ok()?;
         let stage = MmapMut::map_anon(STAGE).ok()?;
         Some(Direct {
@@ -722,7 +723,10 @@ mod tests {
         let mut p = s.create_pending(32).unwrap();
         assert_eq!(p.len(), 32);
         p.write_at(0, b"hello").unwrap();
-        assert!(p.write_at(30, b"abc").is_err(), "a write past the end is refused");
+        assert!(
+            p.write_at(30, b"abc").is_err(),
+            "a write past the end is refused"
+        );
         let path = s.commit(p, &[1; 16], "a.txt", 5).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"hello");
         assert_eq!(temp_files(dir.path()), 0);
@@ -797,7 +801,9 @@ mod tests {
     /// fix-up) and reads gives the same bytes through the direct-I/O stage.
     fn direct_matches_a_buffer(len: u64, ops: &[(u64, usize, bool)]) {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path(), 1 << 30).unwrap().with_direct_io(1);
+        let s = Storage::open(dir.path(), 1 << 30)
+            .unwrap()
+            .with_direct_io(1);
         let mut p = s.create_pending(len).unwrap();
         assert!(p.direct.is_some(), "ext4 under the test takes O_DIRECT");
         let mut model = vec![0u8; len as usize];
@@ -815,7 +821,7 @@ mod tests {
                 // Every other write goes through the stage where it can, as the
                 // session's decryption does.
                 let mut done = 0;
-                if fill % 2 == 0 {
+                if fill.is_multiple_of(2) {
                     if let Some(room) = p.stage(at, n) {
                         done = room.len().min(n);
                         room[..done].copy_from_slice(&data[..done]);
@@ -827,7 +833,10 @@ mod tests {
             }
         }
         let path = s.commit(p, &[9; 16], "f", len).unwrap();
-        assert!(fs::read(&path).unwrap() == model, "file differs from the model");
+        assert!(
+            fs::read(&path).unwrap() == model,
+            "file differs from the model"
+        );
     }
 
     #[test]
