@@ -186,8 +186,15 @@ impl Server {
             .append(true)
             .open(dir.join("server.log"))
             .expect("log file");
+        // `--log debug` unless the test chose a level (the flag may be given once)
+        let level: &[&str] = if extra.contains(&"--log") {
+            &[]
+        } else {
+            &["--log", "debug"]
+        };
         let mut child = cmd
-            .args(["--bind", "127.0.0.1", "--port", "0", "--log", "debug"])
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(level)
             .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -627,10 +634,17 @@ pub struct Bridge {
 impl Bridge {
     /// Starts the bridge with `server` as its default backup server.
     pub fn start(data: &Path, server: &str) -> Bridge {
+        Bridge::start_with(data, server, &[])
+    }
+
+    /// Starts the bridge with `server` as its default backup server and `extra` flags
+    /// (e.g. `--log trace`).
+    pub fn start_with(data: &Path, server: &str, extra: &[&str]) -> Bridge {
         let mut child = Command::new(binary("cyberbackup-bridge", "cyberbackup-bridge"))
             .args(["--listen", "127.0.0.1:0", "--server", server, "--data-dir"])
             .arg(data)
             .args(["--timeout", "10"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(
@@ -686,5 +700,51 @@ impl Drop for Bridge {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Server {
+    /// The server's process id (None once it has been killed or waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// The resident set of a process now and its peak, in KiB (`VmRSS`, `VmHWM` of
+/// /proc/PID/status), or None once it is gone.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Raises this process's soft limit on open files to at least `want` (children such as
+/// the server inherit it); panics with the reason if the hard limit is lower.
+pub fn raise_open_files_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim),
+            0,
+            "getrlimit"
+        );
+        if lim.rlim_cur >= want {
+            return;
+        }
+        assert!(
+            lim.rlim_max >= want,
+            "RLIMIT_NOFILE hard limit {} is below the {want} this test needs",
+            lim.rlim_max
+        );
+        lim.rlim_cur = want;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
     }
 }
