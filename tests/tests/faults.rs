@@ -435,6 +435,22 @@ fn a_full_disk_answers_1607_spares_the_others_and_recovers(rt: Runtime) {
     );
     // the refused client's connection still works for what fits
     c.upload("small.bin", b"fits", 64, Order::InOrder);
+    // now fill the file system to the last byte: small files (not preallocated) and
+    // large ones (preallocated) are both refused with 1607, and the server stays up
+    let filler = fs.path().join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xEEu8; 64 << 10];
+        while f.write(&block).is_ok_and(|n| n > 0) {}
+        while f.write(&block[..512]).is_ok_and(|n| n > 0) {}
+    }
+    for (name, size) in [("tiny.bin", 100_000usize), ("mid.bin", 2 << 20)] {
+        let d = data(size, 9);
+        // one packet, so that there is exactly one answer
+        let r = a.send_file(name, &d, 4 << 20, Order::InOrder);
+        assert_eq!(r, Response::Error, "{name} on a full disk");
+        assert!(!dir_of(&a.id).join(name).exists());
+    }
     // the upload in flight finishes, the earlier file is intact
     for p in &bp[1..] {
         b.send(p).unwrap();
@@ -452,6 +468,11 @@ fn a_full_disk_answers_1607_spares_the_others_and_recovers(rt: Runtime) {
         std::fs::read(dir_of(&a.id).join("early.bin")).unwrap(),
         early
     );
+    // space freed: the small file goes through on the same connection
+    std::fs::remove_file(&filler).unwrap();
+    let tiny = data(100_000, 9);
+    a.upload("tiny.bin", &tiny, 4 << 20, Order::InOrder);
+    assert_eq!(std::fs::read(dir_of(&a.id).join("tiny.bin")).unwrap(), tiny);
     // still too big; then the disk grows and the same upload succeeds
     assert!(matches!(
         c.send_file("c.bin", &cd, 1 << 20, Order::InOrder),
