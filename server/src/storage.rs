@@ -101,6 +101,7 @@ pub struct Storage {
     durable_dirs: Mutex<HashSet<ClientId>>,
     /// Temp files at least this large are written with `O_DIRECT`; 0: never.
     direct_min: u64,
+    writers: Arc<Writers>,
 }
 
 impl Storage {
@@ -157,6 +158,7 @@ impl Storage {
             max_pending,
             durable_dirs: Mutex::new(HashSet::new()),
             direct_min: DIRECT_MIN_DEFAULT,
+            writers: Arc::new(Writers::new()),
         })
     }
 
@@ -230,7 +232,7 @@ impl Storage {
             file.set_len(len).map_err(io_err("sizing", &pending.path))?;
         }
         if self.direct_min > 0 && len >= self.direct_min {
-            pending.direct = Direct::open(&pending.path);
+            pending.direct = Direct::open(&pending.path, file, &self.writers);
         }
         Ok(pending)
     }
@@ -476,30 +478,55 @@ pub const DIRECT_MIN_DEFAULT: u64 = 1 << 20;
 /// logical block size of common devices).
 const DIRECT_ALIGN: u64 = 4096;
 /// Bytes staged per file before a direct write.
-const STAGE: usize = 512 << 10;
+const STAGE: usize = 256 << 10;
+/// Direct writes of one file in flight at once (each holds a stage).
+const MAX_IN_FLIGHT: usize = 2;
+/// Threads that carry out direct writes for all files.
+const WRITERS: usize = 4;
 
-/// Direct I/O for one temp file: a second descriptor opened with `O_DIRECT` and a
-/// page-aligned staging buffer that collects the session's in-order writes into whole
+/// Direct I/O for one temp file: a second descriptor opened with `O_DIRECT` and
+/// page-aligned staging buffers that collect the session's in-order writes into whole
 /// aligned blocks. Writing through the page cache touches a fresh cache page per 4 KiB;
-/// the stage is reused, and the device reads it by DMA.
+/// stages are reused, and the device reads them by DMA.
 ///
+/// A full stage goes to the [`Writers`] pool and the session goes on filling the next
+/// one, so the disk works while the connection reads and decrypts (at most
+/// [`MAX_IN_FLIGHT`] writes per file; the next full stage waits for one to finish).
 /// Whole aligned blocks go out through the direct descriptor; a partial block at
 /// either end of a run (a packet size that is not a multiple of 4 KiB, the CBC
 /// fix-up of an out-of-order packet, the file's tail) goes through the ordinary
-/// descriptor. The stage is written out before any write that does not continue it and
-/// before any read, so writes reach the file in the session's order; the kernel keeps
-/// the two descriptors coherent (a direct write first writes back and then drops the
-/// cached pages in its range).
+/// descriptor. Before any write that does not continue the stage and before any read,
+/// the writes in flight are waited for and the stage is written out, so writes reach
+/// the file in the session's order; the kernel keeps the two descriptors coherent (a
+/// direct write first writes back and then drops the cached pages in its range).
 #[derive(Debug)]
 struct Direct {
-    fd: File,
+    fd: Arc<File>,
+    /// The ordinary descriptor, for the writers' fallback.
+    cached: Arc<File>,
+    writers: Arc<Writers>,
     stage: MmapMut,
     /// File offset of `stage[0]`, always a multiple of [`DIRECT_ALIGN`].
     start: u64,
     /// Bytes of the stage in use, from `start` on.
     filled: usize,
-    /// The file system opened the file with `O_DIRECT` but refused a direct write: the
-    /// stage goes out through the cache from then on.
+    flight: Arc<Flight>,
+}
+
+/// The writes of one file in flight, the stages they free, and the first error.
+#[derive(Debug, Default)]
+struct Flight {
+    state: Mutex<FlightState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlightState {
+    in_flight: usize,
+    spare: Vec<MmapMut>,
+    error: Option<io::Error>,
+    /// The file system opened the file with `O_DIRECT` but refused a direct write:
+    /// stages go out through the cache from then on.
     refused: bool,
 }
 
@@ -509,7 +536,7 @@ const NO_RUN: u64 = u64::MAX - DIRECT_ALIGN + 1;
 impl Direct {
     /// Opens `path` again with `O_DIRECT`; `None` where the file system refuses it (the
     /// file is then written through the page cache).
-    fn open(path: &Path) -> Option<Direct> {
+    fn open(path: &Path, cached: &File, writers: &Arc<Writers>) -> Option<Direct> {
         let fd = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -518,13 +545,14 @@ impl Direct {
                 |e| tracing::debug!(error = %e, "no direct I/O; writing through the page cache"),
             )
             .ok()?;
-        let stage = MmapMut::map_anon(STAGE).ok()?;
         Some(Direct {
-            fd,
-            stage,
+            fd: Arc::new(fd),
+            cached: Arc::new(cached.try_clone().ok()?),
+            writers: writers.clone(),
+            stage: MmapMut::map_anon(STAGE).ok()?,
             start: 0,
             filled: 0,
-            refused: false,
+            flight: Arc::default(),
         })
     }
 
@@ -547,13 +575,8 @@ impl Direct {
         while !data.is_empty() {
             let n = (STAGE - self.filled).min(data.len());
             self.stage[self.filled..self.filled + n].copy_from_slice(&data[..n]);
-            self.filled += n;
             data = &data[n..];
-            if self.filled == STAGE {
-                self.put(file, STAGE)?;
-                self.start += STAGE as u64;
-                self.filled = 0;
-            }
+            self.staged(n)?;
         }
         Ok(())
     }
@@ -570,24 +593,68 @@ impl Direct {
         Some(&mut self.stage[self.filled..end])
     }
 
-    /// `n` bytes were put into the room [`stage`](Self::stage) gave.
-    fn staged(&mut self, file: &File, n: usize) -> io::Result<()> {
+    /// `n` bytes were put into the room [`stage`](Self::stage) gave; a full stage goes
+    /// to the writers.
+    fn staged(&mut self, n: usize) -> io::Result<()> {
         self.filled += n;
         debug_assert!(self.filled <= STAGE);
-        if self.filled >= STAGE {
-            self.put(file, STAGE)?;
-            self.start += STAGE as u64;
-            self.filled = 0;
+        if self.filled < STAGE {
+            return Ok(());
         }
+        let next = {
+            let mut st = self.wait(MAX_IN_FLIGHT - 1)?;
+            st.in_flight += 1;
+            st.spare.pop()
+        };
+        let next = match next {
+            Some(m) => m,
+            None => MmapMut::map_anon(STAGE)?,
+        };
+        let full = std::mem::replace(&mut self.stage, next);
+        self.writers.submit(WriteJob {
+            fd: self.fd.clone(),
+            cached: self.cached.clone(),
+            buf: full,
+            offset: self.start,
+            flight: self.flight.clone(),
+        });
+        self.start += STAGE as u64;
+        self.filled = 0;
         Ok(())
     }
 
-    /// Writes out the stage: whole blocks directly, a partial last block through the
-    /// cache.
+    /// Waits until at most `n` writes are in flight; returns the first error any had.
+    fn wait(&self, n: usize) -> io::Result<std::sync::MutexGuard<'_, FlightState>> {
+        let mut st = self
+            .flight
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("a direct writer panicked"))?;
+        while st.in_flight > n {
+            st = self
+                .flight
+                .done
+                .wait(st)
+                .map_err(|_| io::Error::other("a direct writer panicked"))?;
+        }
+        match st.error.take() {
+            Some(e) => Err(e),
+            None => Ok(st),
+        }
+    }
+
+    /// Waits for the writes in flight, then writes out the stage: whole blocks
+    /// directly, a partial last block through the cache.
     fn flush(&mut self, file: &File) -> io::Result<()> {
+        let refused = self.wait(0)?.refused;
         let whole = self.filled / DIRECT_ALIGN as usize * DIRECT_ALIGN as usize;
         if whole > 0 {
-            self.put(file, whole)?;
+            let r = write_direct(&self.fd, file, &self.stage[..whole], self.start, refused)?;
+            if r {
+                if let Ok(mut st) = self.flight.state.lock() {
+                    st.refused = true;
+                }
+            }
         }
         if self.filled > whole {
             file.write_all_at(&self.stage[whole..self.filled], self.start + whole as u64)?;
@@ -600,19 +667,97 @@ impl Direct {
         self.filled = 0;
         Ok(())
     }
+}
 
-    /// Writes the first `n` bytes of the stage (whole blocks) at `start`.
-    fn put(&mut self, file: &File, n: usize) -> io::Result<()> {
-        if !self.refused {
-            match self.fd.write_all_at(&self.stage[..n], self.start) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::debug!(error = %e, "direct write refused; writing through the page cache");
-                    self.refused = true;
+/// Writes `buf` at `offset` with `O_DIRECT`, or through the cache when `refused` or
+/// when the file system refuses it now (EINVAL); returns whether it refused now.
+fn write_direct(
+    fd: &File,
+    cached: &File,
+    buf: &[u8],
+    offset: u64,
+    refused: bool,
+) -> io::Result<bool> {
+    if !refused {
+        match fd.write_all_at(buf, offset) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(error = %e, "direct write refused; writing through the page cache");
+                cached.write_all_at(buf, offset)?;
+                return Ok(true);
+            }
+            r => return r.map(|()| false),
+        }
+    }
+    cached.write_all_at(buf, offset).map(|()| false)
+}
+
+/// One full stage on its way to the disk.
+struct WriteJob {
+    fd: Arc<File>,
+    cached: Arc<File>,
+    buf: MmapMut,
+    offset: u64,
+    flight: Arc<Flight>,
+}
+
+/// The threads that carry out direct writes, shared by every file (started with the
+/// first direct file).
+#[derive(Debug)]
+pub struct Writers {
+    tx: Mutex<Option<std::sync::mpsc::Sender<WriteJob>>>,
+}
+
+impl Writers {
+    fn new() -> Writers {
+        Writers {
+            tx: Mutex::new(None),
+        }
+    }
+
+    fn submit(&self, job: WriteJob) {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = tx.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+            let rx = Arc::new(Mutex::new(rx));
+            for i in 0..WRITERS {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("direct-writer-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock().map(|r| r.recv()) {
+                            Ok(Ok(job)) => job,
+                            _ => return,
+                        };
+                        job.run();
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a direct writer thread");
                 }
-                r => return r,
+            }
+            tx
+        });
+        if let Err(std::sync::mpsc::SendError(job)) = sender.send(job) {
+            // No writer is left: write here rather than lose the stage.
+            job.run();
+        }
+    }
+}
+
+impl WriteJob {
+    fn run(self) {
+        let refused = self.flight.state.lock().map(|s| s.refused).unwrap_or(false);
+        let r = write_direct(&self.fd, &self.cached, &self.buf, self.offset, refused);
+        let mut st = self.flight.state.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(now_refused) => st.refused |= now_refused,
+            Err(e) => {
+                st.error.get_or_insert(e);
             }
         }
-        file.write_all_at(&self.stage[..n], self.start)
+        st.in_flight -= 1;
+        st.spare.push(self.buf);
+        drop(st);
+        self.flight.done.notify_all();
     }
 }
 
@@ -638,9 +783,8 @@ impl FileSink for PendingFile {
         self.direct.as_mut()?.stage(offset, max)
     }
     fn staged(&mut self, n: usize) -> io::Result<()> {
-        let file = self.file.as_ref().ok_or_else(handed_over)?;
         match self.direct.as_mut() {
-            Some(d) => d.staged(file, n),
+            Some(d) => d.staged(n),
             None => Err(io::Error::other("nothing was staged")),
         }
     }
