@@ -281,6 +281,13 @@ impl FileSink for MmapSink {
         }
         Ok(())
     }
+    fn stage(&mut self, offset: u64, max: usize) -> Option<&mut [u8]> {
+        let r = sink_range(FileSink::len(self) as usize, offset, max).ok()?;
+        match self {
+            MmapSink::Map(map, _) => Some(&mut map[r]),
+            MmapSink::File(..) => None,
+        }
+    }
 }
 
 /// Runs a session's ops: what a runtime does between reads.

@@ -135,6 +135,11 @@ impl FileSink for Vec<u8> {
         buf.copy_from_slice(&self[r]);
         Ok(())
     }
+    /// The bytes themselves: the session decrypts straight into them.
+    fn stage(&mut self, offset: u64, max: usize) -> Option<&mut [u8]> {
+        let r = sink_range(Vec::len(self), offset, max).ok()?;
+        Some(&mut self[r])
+    }
 }
 
 /// An operation the runtime runs for the session (registry and storage work).
@@ -508,8 +513,8 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     /// Heap bytes the session holds apart from its sinks: unsent output, queued ops and
-    /// the bookkeeping of a file in flight. Without output it is bounded by a few KiB
-    /// plus `16 * total_packets` (at most the ciphertext size of the file in flight);
+    /// the bookkeeping of a file in flight. Without output it is bounded by a few KiB,
+    /// the 64 KiB decryption scratch, plus `16 * total_packets` (at most the ciphertext size of the file in flight);
     /// the fuzz targets check that no input makes it grow further.
     pub fn held_bytes(&self) -> usize {
         let names = |t: &str| t.len();
@@ -517,6 +522,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             names(&t.file_name)
                 + t.received.capacity() * std::mem::size_of::<u64>()
                 + t.boundary.capacity() * BLOCK
+                + t.scratch.capacity()
         });
         let verdict = self.verdict.as_ref().map_or(0, |v| names(&v.file_name));
         let client = self.client.as_ref().map_or(0, |c| names(&c.name));
