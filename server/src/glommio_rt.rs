@@ -135,7 +135,7 @@ async fn shard_main(
     shutdown: Arc<Shutdown>,
     ready: mpsc::Sender<Result<SocketAddr>>,
 ) {
-    let listener = match TcpListener::bind(addr) {
+    let (listener, listener_fd) = match bind_listener(addr) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(anyhow!("cannot listen on {addr}: {e}")));
@@ -196,8 +196,27 @@ async fn shard_main(
             },
         );
     }
+    // Stop listening before the drain. Dropping the listener is not enough: an accept
+    // still armed on the ring keeps the socket listening, and a connection that arrives
+    // during the grace period would sit in its queue, never answered, until exit.
+    // SAFETY: shutdown(2) of the listening socket the listener still owns.
+    unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
     drop(listener);
     drain(&state, cfg.shutdown_grace).await;
+}
+
+/// The shard's SO_REUSEPORT listener (as glommio's `TcpListener::bind` makes it), and
+/// its fd, which the listener owns.
+fn bind_listener(addr: SocketAddr) -> io::Result<(TcpListener, std::os::fd::RawFd)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(1024)?;
+    let fd = sk.into_raw_fd();
+    // SAFETY: `fd` is a bound, listening TCP socket that nothing else owns.
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
 }
 
 /// Stops idle connections at once, gives the others `grace` to finish their files,
