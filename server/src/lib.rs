@@ -37,6 +37,14 @@ pub fn run(cfg: config::Config) -> Result<()> {
         .with_context(|| format!("opening storage {}", cfg.storage.display()))?
         .with_direct_io(cfg.direct_io_min_size);
     let (registry, registry_thread) = registry::Registry::open(&cfg.database)?;
+    if storage.unclean_start() {
+        let r = registry::reconcile(&cfg.database, storage.root())?;
+        tracing::warn!(
+            files = r.files,
+            rows_written = r.rows_written,
+            "the last run did not end cleanly; checked the registry against the stored files"
+        );
+    }
     let shutdown = Arc::new(shutdown::Shutdown::default());
     shutdown
         .install_signal_handlers()
@@ -48,6 +56,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
         "starting"
     );
     let storage = Arc::new(storage);
+    let svc_storage = storage.clone();
     let svc = ops::Services {
         committer: storage.start_committer(),
         storage,
@@ -80,6 +89,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
     };
     registry_thread.join();
     if result.is_ok() {
+        svc_storage.close();
         tracing::info!("stopped");
     }
     result

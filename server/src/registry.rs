@@ -32,6 +32,132 @@ pub enum RegistryError {
     Sql(#[from] rusqlite::Error),
     #[error("the registry thread has stopped")]
     Gone,
+    #[error("reconciling {path}: {source}")]
+    Reconcile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`reconcile`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Files in client directories that were looked at.
+    pub files: usize,
+    /// Rows written for files that had none or an outdated one.
+    pub rows_written: usize,
+}
+
+/// After a run that did not end cleanly: gives every file in a client directory its
+/// registry row. A file is renamed into place only after the client's CRC_OK and made
+/// durable before its row is written (and the ACK goes out after both), so a crash in
+/// between leaves a confirmed file without a row, or, for a file replaced under the
+/// same name, with the old file's row. Such files are found by a missing row, a size
+/// that differs from the row's, or a modification time after the row's; their checksum
+/// is computed from the bytes on disk (those the client confirmed) and the row written.
+pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
+    use std::collections::{HashMap, HashSet};
+    use std::io::Read;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RegistryError::Reconcile { path, source }
+    };
+    let conn = Connection::open(db).map_err(|source| RegistryError::Open {
+        path: db.to_owned(),
+        source,
+    })?;
+    let mut rows: HashMap<(Vec<u8>, String), (i64, i64)> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT client_id, name, size, stored_at FROM files")?;
+        let it = st.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?))))?;
+        for row in it {
+            let (k, v) = row?;
+            rows.insert(k, v);
+        }
+    }
+    let clients: HashSet<Vec<u8>> = {
+        let mut st = conn.prepare("SELECT id FROM clients")?;
+        let it = st.query_map([], |r| r.get(0))?;
+        it.collect::<Result<_, _>>()?
+    };
+    let mut found = Reconciled::default();
+    for dir in std::fs::read_dir(root).map_err(io(root))? {
+        let dir = dir.map_err(io(root))?;
+        let Some(id) = dir.file_name().to_str().and_then(parse_client_hex) else {
+            continue; // .incoming, or nothing of ours
+        };
+        if !dir.file_type().map_err(io(&dir.path()))?.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(dir.path()).map_err(io(&dir.path()))? {
+            let file = file.map_err(io(&dir.path()))?;
+            let path = file.path();
+            let Some(name) = file.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let meta = file.metadata().map_err(io(&path))?;
+            if !meta.is_file() {
+                continue;
+            }
+            found.files += 1;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            match rows.get(&(id.to_vec(), name.clone())) {
+                Some(&(size, stored_at)) if size == meta.len() as i64 && mtime <= stored_at => {
+                    continue
+                }
+                _ => {}
+            }
+            if !clients.contains(id.as_slice()) {
+                tracing::warn!(path = %path.display(), "a file of an unknown client; left alone");
+                continue;
+            }
+            let mut ck = cyberbackup_protocol::cksum::Cksum::new();
+            let mut f = std::fs::File::open(&path).map_err(io(&path))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf).map_err(io(&path))?;
+                if n == 0 {
+                    break;
+                }
+                ck.update(&buf[..n]);
+            }
+            conn.execute(
+                "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)
+                 ON CONFLICT(client_id, name) DO UPDATE SET
+                    path = excluded.path, size = excluded.size, cksum = excluded.cksum,
+                    verified = 1, stored_at = excluded.stored_at",
+                params![
+                    &id[..],
+                    name,
+                    path.to_string_lossy(),
+                    ck.len() as i64,
+                    ck.finalize() as i64,
+                    now_secs()
+                ],
+            )?;
+            tracing::warn!(path = %path.display(), "registry row written for a file stored just before a crash");
+            found.rows_written += 1;
+        }
+    }
+    Ok(found)
+}
+
+/// A client directory's name (32 lowercase hex digits) as the client's id.
+fn parse_client_hex(s: &str) -> Option<ClientId> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    (cyberbackup_protocol::client_id_hex(&id) == s).then_some(id)
 }
 
 /// A stored file's record.
@@ -355,6 +481,92 @@ mod tests {
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         futures_lite::future::block_on(f)
+    }
+
+    #[test]
+    fn reconcile_writes_the_rows_a_crash_left_out() {
+        use cyberbackup_protocol::{cksum::cksum, client_id_hex};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let root = dir.path().join("files");
+        let (alice, bob) = ([1u8; 16], [2u8; 16]);
+        let path = |id: &ClientId, n: &str| root.join(client_id_hex(id)).join(n);
+        {
+            let (r, t) = Registry::open(&db).unwrap();
+            assert!(block_on(r.register(alice, "alice".into())).unwrap());
+            for (name, body) in [("kept", &b"kept"[..]), ("replaced", b"old")] {
+                block_on(r.file_stored(FileRecord {
+                    client_id: alice,
+                    name: name.into(),
+                    path: path(&alice, name).to_string_lossy().into_owned(),
+                    size: body.len() as u64,
+                    cksum: cksum(body),
+                }))
+                .unwrap();
+            }
+            drop(r);
+            t.join();
+        }
+        std::fs::create_dir_all(root.join(client_id_hex(&alice))).unwrap();
+        std::fs::create_dir_all(root.join(client_id_hex(&bob))).unwrap();
+        std::fs::create_dir_all(root.join(".incoming")).unwrap();
+        std::fs::write(path(&alice, "kept"), b"kept").unwrap();
+        // written before its row, as the server does
+        std::fs::File::options()
+            .write(true)
+            .open(path(&alice, "kept"))
+            .unwrap()
+            .set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            .unwrap();
+        // renamed into place, row never written / still the old file's
+        std::fs::write(path(&alice, "new"), b"confirmed bytes").unwrap();
+        std::fs::write(path(&alice, "replaced"), b"the new version").unwrap();
+        // a client the registry does not know: left alone
+        std::fs::write(path(&bob, "stray"), b"?").unwrap();
+
+        let r = reconcile(&db, &root).unwrap();
+        assert_eq!(
+            r,
+            Reconciled {
+                files: 4,
+                rows_written: 2
+            }
+        );
+        let conn = Connection::open(&db).unwrap();
+        let row = |name: &str| -> Option<(String, i64, i64)> {
+            conn.query_row(
+                "SELECT path, size, cksum FROM files WHERE client_id = ?1 AND name = ?2",
+                params![&alice[..], name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .unwrap()
+        };
+        for (name, body) in [
+            ("kept", &b"kept"[..]),
+            ("new", b"confirmed bytes"),
+            ("replaced", b"the new version"),
+        ] {
+            assert_eq!(
+                row(name),
+                Some((
+                    path(&alice, name).to_string_lossy().into_owned(),
+                    body.len() as i64,
+                    cksum(body) as i64
+                )),
+                "{name}"
+            );
+        }
+        let bobs: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM files WHERE client_id = ?1",
+                [&bob[..]],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(bobs, 0);
+        // a second pass finds nothing more to do
+        assert_eq!(reconcile(&db, &root).unwrap().rows_written, 0);
     }
 
     #[test]

@@ -44,6 +44,10 @@ use memmap2::MmapMut;
 /// it cannot collide with one.
 pub const INCOMING: &str = ".incoming";
 
+/// Marker in `.incoming` while a server runs on the root: found at start-up, it means
+/// the last run did not end cleanly.
+const RUNNING: &str = "RUNNING";
+
 /// Temp files are spread over this many subdirectories of `.incoming` (`00`..`3f`):
 /// creating them all in one directory serialises every upload on that directory's
 /// lock and crowds ext4's inode allocator into one block group.
@@ -55,6 +59,7 @@ pub fn temp_files(root: &Path) -> usize {
         return 0;
     };
     dirs.filter_map(|d| d.ok())
+        .filter(|d| d.file_name() != RUNNING)
         .map(|d| {
             if d.path().is_dir() {
                 fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(0)
@@ -102,6 +107,8 @@ pub struct Storage {
     /// Temp files at least this large are written with `O_DIRECT`; 0: never.
     direct_min: u64,
     writers: Arc<Writers>,
+    /// The last run on this root did not end cleanly (a crash or a kill).
+    unclean: bool,
 }
 
 impl Storage {
@@ -111,9 +118,14 @@ impl Storage {
         let incoming = root.join(INCOMING);
         fs::create_dir_all(&incoming).map_err(io_err("creating", &incoming))?;
         let mut removed = 0usize;
+        let marker = incoming.join(RUNNING);
+        let unclean = marker.exists();
         for entry in fs::read_dir(&incoming).map_err(io_err("reading", &incoming))? {
             let entry = entry.map_err(io_err("reading", &incoming))?;
             let path = entry.path();
+            if path == marker {
+                continue;
+            }
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
             let fan_out = is_dir
                 && entry
@@ -150,6 +162,7 @@ impl Storage {
             tracing::warn!(removed, dir = %incoming.display(), "removed unfinished uploads left by a crash");
             nix::unistd::sync();
         }
+        File::create(&marker).map_err(io_err("creating", &marker))?;
         Ok(Self {
             root: root.to_owned(),
             incoming,
@@ -159,7 +172,22 @@ impl Storage {
             durable_dirs: Mutex::new(HashSet::new()),
             direct_min: DIRECT_MIN_DEFAULT,
             writers: Arc::new(Writers::new()),
+            unclean: unclean || removed > 0,
         })
+    }
+
+    /// Whether the last run on this root ended without [`close`](Self::close) (a crash
+    /// or a kill): files renamed into place just before it may lack their registry row.
+    pub fn unclean_start(&self) -> bool {
+        self.unclean
+    }
+
+    /// Marks a clean end of the run (after every connection is done).
+    pub fn close(&self) {
+        let marker = self.incoming.join(RUNNING);
+        if let Err(e) = fs::remove_file(&marker) {
+            tracing::warn!(error = %e, path = %marker.display(), "cannot remove the run marker");
+        }
     }
 
     /// Temp files of at least `min` bytes bypass the page cache (`O_DIRECT`); 0 turns
@@ -879,6 +907,18 @@ mod tests {
         assert_eq!(temp_files(dir.path()), 1);
         drop(p);
         assert_eq!(temp_files(dir.path()), 0);
+    }
+
+    #[test]
+    fn a_run_that_did_not_close_is_unclean_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!Storage::open(dir.path(), 1 << 30).unwrap().unclean_start());
+        // dropped without close: a crash, as far as the next run can tell
+        let s = Storage::open(dir.path(), 1 << 30).unwrap();
+        assert!(s.unclean_start());
+        s.close();
+        assert!(!Storage::open(dir.path(), 1 << 30).unwrap().unclean_start());
+        assert_eq!(temp_files(dir.path()), 0, "the marker is no temp file");
     }
 
     #[test]

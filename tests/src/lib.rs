@@ -227,12 +227,13 @@ impl Server {
         self.storage().join(cyberbackup_protocol::client_id_hex(id))
     }
 
-    /// Entries in the temp directory.
+    /// Entries in the temp directory (but the server's run marker, `.incoming/RUNNING`).
     pub fn temp_files(&self) -> usize {
         // .incoming/NN/<temp files>
         std::fs::read_dir(self.storage().join(".incoming"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name() != "RUNNING")
                     .map(|e| {
                         if e.path().is_dir() {
                             std::fs::read_dir(e.path()).map(|f| f.count()).unwrap_or(0)

@@ -81,6 +81,9 @@ fn assert_only_expected_files(srv: &Server, allowed: &[(ClientId, Vec<String>)])
         let ok = match parts.as_slice() {
             [f] => f == "server.log" || f.starts_with("defensive.db") || f == "received_files",
             [r, inc] if r == "received_files" && inc == ".incoming" => true,
+            [r, inc, run] if r == "received_files" && inc == ".incoming" && run == "RUNNING" => {
+                srv.dir.join(&rel).is_file()
+            }
             [r, inc, nn] if r == "received_files" && inc == ".incoming" => {
                 nn.len() == 2 && srv.dir.join(&rel).is_dir()
             }
