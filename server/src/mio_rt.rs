@@ -31,7 +31,11 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 /// Worker threads per shard for ops (registry round trips, file creation, fsync).
-const WORKERS: usize = 16;
+/// A worker is held for the whole op, including the wait for its group commit, so
+/// this caps how many of a shard's files can share one commit: with 16, 64 clients of
+/// 4 KiB files ran at 0.68x glommio (whose ops wait without holding a thread). The
+/// threads are mostly blocked; each costs a stack's resident pages only.
+const WORKERS: usize = 64;
 /// Reads one connection may do before others get a turn.
 const READS_PER_TURN: usize = 16;
 /// Longest sleep in `poll`, so that a shutdown is noticed promptly.
