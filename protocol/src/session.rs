@@ -19,10 +19,12 @@
 //!
 //! # Files
 //!
-//! A file's packets are decrypted as they arrive straight into a sink of
-//! `ciphertext_len(orig_file_size)` bytes that the runtime provides (a memory-mapped
-//! temp file in the server, a `Vec` in tests and benches), and checksummed in the same
-//! pass while they arrive in order. A packet that arrives ahead of a gap (allowed when
+//! A file's packets are decrypted as they arrive, 64 KiB at a time, into the sink's
+//! stage when it offers one (the server's direct-I/O buffer, or a `Vec`'s own bytes) or
+//! else into a scratch buffer written to the sink at its offset; the sink is
+//! `ciphertext_len(orig_file_size)` bytes that the runtime provides (a temp file in the
+//! server, a `Vec` in tests and benches). Bytes are checksummed in the same pass while
+//! they arrive in order. A packet that arrives ahead of a gap (allowed when
 //! all packets but the last have the size of packet 1) is decrypted on arrival with a
 //! zero IV; its first block is corrected when its predecessor arrives, and it is
 //! checksummed when the gap closes. When the last byte is in, the padding is checked and

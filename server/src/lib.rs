@@ -7,7 +7,8 @@
 //!   shard; it only moves bytes between sockets and the protocol session.
 //! - [`mio_rt`]: the epoll fallback, same shape, chosen where io_uring cannot run.
 //! - [`ops`]: runs the session's registry and storage operations off the reactor.
-//! - [`storage`]: temp files mapped for reassembly, atomic and durable finalize.
+//! - [`storage`]: temp files for reassembly (direct I/O for large ones), atomic and
+//!   durable finalize, the run marker that tells a crash.
 //! - [`registry`]: the SQLite registry of clients and files, on its own thread.
 //! - [`shutdown`]: the shutdown flag, the connection count, shard start-up and end.
 //! - [`queue`]: draining a channel in batches (group commit).
