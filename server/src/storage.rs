@@ -505,8 +505,11 @@ pub const DIRECT_MIN_DEFAULT: u64 = 1 << 20;
 /// Offsets, lengths and buffers of direct I/O are multiples of this (the largest
 /// logical block size of common devices).
 const DIRECT_ALIGN: u64 = 4096;
-/// Bytes staged per file before a direct write.
-const STAGE: usize = 256 << 10;
+/// Bytes staged per file before a direct write. Measured with 64 uploads of 16 MiB
+/// (benches/scripts/load.sh glommio -c 64 --size 16MiB -d 8), 1 MiB stages moved
+/// 1036-1130 MB/s at 0.98-1.18 core-s/GiB, against 663-958 MB/s at 1.10-1.67 with
+/// 256 and 512 KiB, for at most 3 MiB of stages per upload (one filling, two writing).
+const STAGE: usize = 1 << 20;
 /// Direct writes of one file in flight at once (each holds a stage).
 const MAX_IN_FLIGHT: usize = 2;
 /// Threads that carry out direct writes for all files.
