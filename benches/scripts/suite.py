@@ -225,7 +225,8 @@ def inflight_rss(runtime, n=64, size_gib=1, seconds=25):
         while time.time() < end:
             for k in peak:
                 peak[k] = max(peak[k], s.rss_kib(k))
-            inflight = max(inflight, sum(len(f) for b, _, f in os.walk(os.path.join(mnt, "files", ".incoming"))))
+            inflight = max(inflight, sum(len([x for x in f if x != "RUNNING"])
+                                         for b, _, f in os.walk(os.path.join(mnt, "files", ".incoming"))))
             time.sleep(0.2)
         for c in clients:
             c.kill()
