@@ -127,11 +127,7 @@ pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
                 ck.update(&buf[..n]);
             }
             conn.execute(
-                "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)
-                 ON CONFLICT(client_id, name) DO UPDATE SET
-                    path = excluded.path, size = excluded.size, cksum = excluded.cksum,
-                    verified = 1, stored_at = excluded.stored_at",
+                UPSERT_FILE,
                 params![
                     &id[..],
                     name,
@@ -242,6 +238,15 @@ CREATE TABLE IF NOT EXISTS files (
     UNIQUE (client_id, name)
 );
 ";
+
+/// A verified file's row, new or replacing the row of an earlier file of that name:
+/// client id, name, path, size, checksum, time.
+const UPSERT_FILE: &str =
+    "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)
+     ON CONFLICT(client_id, name) DO UPDATE SET
+        path = excluded.path, size = excluded.size, cksum = excluded.cksum,
+        verified = 1, stored_at = excluded.stored_at";
 
 impl Registry {
     /// Opens (creating if needed) the database and starts its thread.
@@ -455,11 +460,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
         Request::FileStored { record, reply } => {
             let r = tx
                 .execute(
-                    "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)
-                     ON CONFLICT(client_id, name) DO UPDATE SET
-                        path = excluded.path, size = excluded.size, cksum = excluded.cksum,
-                        verified = 1, stored_at = excluded.stored_at",
+                    UPSERT_FILE,
                     params![
                         &record.client_id[..],
                         record.name,
