@@ -749,3 +749,33 @@ pub fn raise_open_files_limit(want: u64) {
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
     }
 }
+
+/// A v3 request header with any version, code and payload size (for hostile inputs).
+pub fn request_header(id: ClientId, version: u8, code: u16, size: u32) -> Vec<u8> {
+    cyberbackup_protocol::header::RequestHeader {
+        client_id: id,
+        version,
+        code: code.into(),
+        payload_size: size,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+/// Every path under `dir` (files and directories), relative to it.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            assert!(!t.is_symlink(), "a symlink: {}", e.path().display());
+            out.push(e.path().strip_prefix(dir).unwrap().to_owned());
+            if t.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}

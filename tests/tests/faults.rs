@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::header::{RequestCode, RequestHeader};
+use cyberbackup_protocol::header::RequestCode;
 use cyberbackup_protocol::message::{
     encode_name_request, encode_send_file_head, encode_send_public_key, Response, SendFileHead,
 };
@@ -22,14 +22,7 @@ use cyberbackup_protocol::{cksum, client_id_hex, ClientId};
 use rand::{Rng, SeedableRng};
 
 fn header(id: ClientId, version: u8, code: u16, size: u32) -> Vec<u8> {
-    RequestHeader {
-        client_id: id,
-        version,
-        code: code.into(),
-        payload_size: size,
-    }
-    .to_bytes()
-    .to_vec()
+    request_header(id, version, code, size)
 }
 
 /// How far an upload got, as the client saw it.
@@ -84,26 +77,16 @@ fn try_upload(
 }
 
 /// Files (not directories) under `dir`, recursively, as paths relative to it.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let t = e.file_type().unwrap();
-            if t.is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path().strip_prefix(dir).unwrap().to_owned());
-            }
-        }
-    }
-    out
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| dir.join(p).is_file())
+        .collect()
 }
 
 /// Temp files under `<root>/.incoming` (not the server's run marker `RUNNING`).
 fn temp_files_in(root: &Path) -> usize {
-    walk(&root.join(".incoming"))
+    walk_files(&root.join(".incoming"))
         .iter()
         .filter(|p| p.as_os_str() != "RUNNING")
         .count()
@@ -216,7 +199,7 @@ fn kill_9_mid_concurrent_uploads_then_restart_loses_nothing_acknowledged(rt: Run
         .collect();
     let mut found = 0usize;
     let mut unacked_found = 0usize;
-    for rel in walk(&root) {
+    for rel in walk_files(&root) {
         let mut parts = rel.iter().map(|p| p.to_str().unwrap().to_owned());
         let (d, name) = (parts.next().unwrap(), parts.next());
         if d == ".incoming" {
@@ -1034,7 +1017,7 @@ fn the_bridge_survives_its_server_killed_mid_transfer() {
         .unwrap();
     assert_eq!(v["job"]["status"], "done", "{v}");
     // nothing of the victim anywhere
-    assert!(walk(&srv.storage())
+    assert!(walk_files(&srv.storage())
         .iter()
         .all(|p| p.file_name().unwrap() != "victim.bin"));
 }

@@ -4,27 +4,19 @@
 //! someone else's name yields only a key encrypted to the real owner; no key material
 //! or file content reaches any log, at the most verbose levels.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
 use cyberbackup_protocol::crypto::{self, ClientKeypair};
-use cyberbackup_protocol::header::{RequestCode, RequestHeader};
+use cyberbackup_protocol::header::RequestCode;
 use cyberbackup_protocol::message::{
     encode_name_request, encode_send_file, encode_send_public_key, Response,
 };
 use cyberbackup_protocol::{cksum, client_id_hex, ClientId};
 
 fn header(id: ClientId, code: u16, size: u32) -> Vec<u8> {
-    RequestHeader {
-        client_id: id,
-        version: 3,
-        code: code.into(),
-        payload_size: size,
-    }
-    .to_bytes()
-    .to_vec()
+    request_header(id, 3, code, size)
 }
 
 /// A request whose 255-byte name field holds exactly `field` (then zeros).
@@ -49,24 +41,6 @@ fn raw_send_file(c: &Conn, field: &[u8], plain: &[u8]) -> Vec<u8> {
     req.extend_from_slice(&f);
     req.extend_from_slice(&ct);
     req
-}
-
-/// Every path under `dir` (files and directories), relative to it.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let t = e.file_type().unwrap();
-            assert!(!t.is_symlink(), "a symlink: {}", e.path().display());
-            out.push(e.path().strip_prefix(dir).unwrap().to_owned());
-            if t.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 /// Asserts the server's directory holds only its log, its registry, the temp fan-out

@@ -4,21 +4,14 @@
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::header::{RequestCode, RequestHeader};
+use cyberbackup_protocol::header::RequestCode;
 use cyberbackup_protocol::message::{
     encode_send_file, encode_send_file_head, Response, SendFileHead,
 };
 use cyberbackup_protocol::{cksum, crypto, MAX_PAYLOAD_SIZE};
 
 fn header(id: [u8; 16], version: u8, code: u16, size: u32) -> Vec<u8> {
-    RequestHeader {
-        client_id: id,
-        version,
-        code: code.into(),
-        payload_size: size,
-    }
-    .to_bytes()
-    .to_vec()
+    request_header(id, version, code, size)
 }
 
 fn register_duplicate_key_and_reconnect(rt: Runtime) {
