@@ -384,11 +384,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
     match req {
         Request::Register { id, name, reply } => {
             let r = tx
-                .execute(
+                .prepare_cached(
                     "INSERT INTO clients (id, name, public_key, last_seen) VALUES (?1, ?2, NULL, ?3)
                      ON CONFLICT(name) DO NOTHING",
-                    params![&id[..], name, now_secs()],
                 )
+                .and_then(|mut st| st.execute(params![&id[..], name, now_secs()]))
                 .map(|n| n == 1);
             answer(reply, r)
         }
@@ -401,21 +401,22 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
         } => {
             let r = (|| {
                 let row: Option<(String, Option<Vec<u8>>)> = tx
-                    .query_row(
-                        "SELECT name, public_key FROM clients WHERE id = ?1",
-                        params![&id[..]],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .prepare_cached("SELECT name, public_key FROM clients WHERE id = ?1")?
+                    .query_row(params![&id[..]], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 Ok(match row {
                     None => KeyStored::UnknownClient,
                     Some((stored, key_on_file))
                         if stored == name && (registered_here || key_on_file.is_none()) =>
                     {
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE clients SET public_key = ?2, last_seen = ?3 WHERE id = ?1",
-                            params![&id[..], &key[..], now_secs()],
-                        )?;
+                        )?
+                        .execute(params![
+                            &id[..],
+                            &key[..],
+                            now_secs()
+                        ])?;
                         KeyStored::Stored
                     }
                     Some(_) => KeyStored::Refused,
@@ -426,18 +427,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
         Request::Reconnect { id, name, reply } => {
             let r = (|| {
                 let by_name: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
-                    .query_row(
-                        "SELECT id, public_key FROM clients WHERE name = ?1",
-                        params![name],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .prepare_cached("SELECT id, public_key FROM clients WHERE name = ?1")?
+                    .query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
                 let id_known = tx
-                    .query_row(
-                        "SELECT 1 FROM clients WHERE id = ?1",
-                        params![&id[..]],
-                        |_| Ok(()),
-                    )
+                    .prepare_cached("SELECT 1 FROM clients WHERE id = ?1")?
+                    .query_row(params![&id[..]], |_| Ok(()))
                     .optional()?
                     .is_some();
                 let by_name = by_name.and_then(|(stored, key)| {
@@ -448,10 +443,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
                     .as_ref()
                     .is_some_and(|(s, k)| *s == id && k.is_some())
                 {
-                    tx.execute(
-                        "UPDATE clients SET last_seen = ?2 WHERE id = ?1",
-                        params![&id[..], now_secs()],
-                    )?;
+                    tx.prepare_cached("UPDATE clients SET last_seen = ?2 WHERE id = ?1")?
+                        .execute(params![&id[..], now_secs()])?;
                 }
                 Ok(ReconnectLookup { by_name, id_known })
             })();
@@ -459,17 +452,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
         }
         Request::FileStored { record, reply } => {
             let r = tx
-                .execute(
-                    UPSERT_FILE,
-                    params![
+                .prepare_cached(UPSERT_FILE)
+                .and_then(|mut st| {
+                    st.execute(params![
                         &record.client_id[..],
                         record.name,
                         record.path,
                         record.size as i64,
                         record.cksum as i64,
                         now_secs()
-                    ],
-                )
+                    ])
+                })
                 .map(|_| ());
             answer(reply, r)
         }
