@@ -14,6 +14,14 @@ Scenarios (issue 7): 1. one 1 GiB file over one connection; 2. 64 connections x
 runtimes for 2 and 3. Memory: server RSS with 1,000 idle connections.
 Baselines: dd of 1 GiB with conv=fdatasync; a 4 KiB file-and-fsync loop and its
 batched variants; openssl speed for AES-256-CBC; iperf3 and sftp when installed.
+
+Small files (scenarios 3 and 4, and the fsync-loop baselines they are compared with) run
+on a file system of their own: an ext4 image on a loop device, as README advises for the
+storage root. They are also run on the root file system, for comparison: there, every
+new inode costs ext4 a search past recently deleted ones (0.6-0.9 ms per file create on
+this VM's long-used disk, against 20 us on a fresh file system), which caps both the
+loop and the server alike. Root is needed for the loop device; without it everything
+runs on the root file system.
 """
 import argparse
 import json
@@ -36,8 +44,8 @@ def run(cmd, **kw):
 
 
 class Server:
-    def __init__(self, runtime, extra=(), storage=None):
-        self.dir = tempfile.mkdtemp(prefix="cb-suite-")
+    def __init__(self, runtime, extra=(), storage=None, base=None):
+        self.dir = tempfile.mkdtemp(prefix="cb-suite-", dir=base)
         subprocess.run(["sync"])
         self.p = subprocess.Popen(
             [os.path.join(REL, "cyberbackup-server"), "--runtime", runtime, "--bind", "127.0.0.1",
@@ -69,8 +77,8 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def loadgen(runtime, args, server_extra=()):
-    s = Server(runtime, server_extra)
+def loadgen(runtime, args, server_extra=(), base=None):
+    s = Server(runtime, server_extra, base=base)
     try:
         c0 = s.cpu()
         out = subprocess.run([os.path.join(REL, "cyberbackup-loadgen"), "-s", s.addr, "--json", "-q", *args],
@@ -105,8 +113,8 @@ def dd_rate():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def fsync_loop(mode, n):
-    d = tempfile.mkdtemp(prefix="cb-fs-")
+def fsync_loop(mode, n, base=None):
+    d = tempfile.mkdtemp(prefix="cb-fs-", dir=base)
     try:
         subprocess.run(["sync"])
         out = run([sys.executable, os.path.join(ROOT, "benches/scripts/fsync_loop.py"), d + "/x", str(n), mode]).stdout
@@ -124,15 +132,45 @@ def openssl(decrypt=False):
 
 
 def iperf3():
+    """One TCP stream on 127.0.0.1: (MB/s, the receiver's CPU seconds per GiB received).
+    The second is what the kernel charges a receiver that only reads, the floor under
+    the server's own CPU per GiB."""
     if not shutil.which("iperf3"):
-        return None
+        return None, None
     srv = subprocess.Popen(["iperf3", "-s", "-1", "-p", "15201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     try:
         out = json.loads(run(["iperf3", "-c", "127.0.0.1", "-p", "15201", "-t", "3", "-J"]).stdout)
-        return out["end"]["sum_received"]["bits_per_second"] / 8e6
+        recv = out["end"]["sum_received"]
+        cpu_s = out["end"]["cpu_utilization_percent"]["remote_total"] / 100 * recv["seconds"]
+        return recv["bits_per_second"] / 8e6, cpu_s / (recv["bytes"] / (1 << 30))
     finally:
         srv.wait(10)
+
+
+def loop_fs(size_gib, tag):
+    """A sparse ext4 image of `size_gib` GiB mounted through a loop device: (mount
+    point, cleanup), or None without root or mkfs.ext4."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        return None
+    d = tempfile.mkdtemp(prefix=f"cb-{tag}-")
+    mnt = os.path.join(d, "mnt")
+    os.makedirs(mnt)
+    img = os.path.join(d, "fs.img")
+    try:
+        with open(img, "wb") as f:
+            f.truncate(size_gib << 30)
+        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", img])
+        run(["mount", "-o", "loop", img, mnt])
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"no loop file system ({tag}): {e}", file=sys.stderr)
+        shutil.rmtree(d, ignore_errors=True)
+        return None
+
+    def cleanup():
+        subprocess.run(["umount", mnt])
+        shutil.rmtree(d, ignore_errors=True)
+    return mnt, cleanup
 
 
 def sftp_rate():
@@ -188,21 +226,11 @@ def inflight_rss(runtime, n=64, size_gib=1, seconds=25):
     fully allocated temp files fit whatever the disk's free space. Samples VmRSS,
     RssAnon and RssFile of the server every 0.2 s for `seconds` while the uploads run
     (none can finish in the window), then stops the clients."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+    fs_ = loop_fs(n * size_gib + 8, "inflight")
+    if not fs_:
         return None
+    mnt, cleanup = fs_
     d = tempfile.mkdtemp(prefix="cb-inflight-")
-    mnt = os.path.join(d, "mnt")
-    os.makedirs(mnt)
-    img = os.path.join(d, "fs.img")
-    try:
-        with open(img, "wb") as f:
-            f.truncate((n * size_gib + 8) << 30)
-        run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", img])
-        run(["mount", "-o", "loop", img, mnt])
-    except (subprocess.CalledProcessError, OSError) as e:
-        print(f"in-flight memory case skipped: {e}", file=sys.stderr)
-        shutil.rmtree(d, ignore_errors=True)
-        return None
     s = None
     try:
         s = Server(runtime, ["--max-pending-bytes", str((n * size_gib + 1) << 30)], storage=os.path.join(mnt, "files"))
@@ -237,7 +265,7 @@ def inflight_rss(runtime, n=64, size_gib=1, seconds=25):
     finally:
         if s:
             s.stop()
-        subprocess.run(["umount", mnt])
+        cleanup()
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -266,22 +294,36 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results"))
     ap.add_argument("--quick", action="store_true", help="short runs (3 s) for a smoke test")
     a = ap.parse_args()
-    dur = "3" if a.quick else "10"
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "cyberbackup-server", "-p", "cyberbackup-loadgen"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "cyberbackup-server", "-p", "cyberbackup-loadgen",
+                    "-p", "cyberbackup-client"], cwd=ROOT, check=True)
     r = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
                      "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
          "baselines": {}, "scenarios": {}, "memory": {}}
     b = r["baselines"]
+    # The small-file file system (see the module doc); None: the root file system.
+    small = loop_fs(16, "small")
+    small_base, small_cleanup = small if small else (None, lambda: None)
+    r["machine"]["small_files_on"] = "a dedicated ext4 loop image" if small else "the root file system"
+    try:
+        run_all(a, r, b, small_base)
+    finally:
+        small_cleanup()
+
+
+def run_all(a, r, b, small_base):
+    dur = "3" if a.quick else "10"
     print("baselines...", file=sys.stderr)
     b["dd_fdatasync_mb_s"] = dd_rate()
-    b["fsync_loop_files_s"] = fsync_loop("each", 1000)
-    b["fsync_batched_files_s"] = fsync_loop("batch", 2000)
-    b["one_sync_files_s"] = fsync_loop("sync", 5000)
+    b["fsync_loop_files_s"] = fsync_loop("each", 1000, small_base)
+    b["fsync_batched_files_s"] = fsync_loop("batch", 2000, small_base)
+    b["one_sync_files_s"] = fsync_loop("sync", 5000, small_base)
+    if small_base:
+        b["rootfs_fsync_loop_files_s"] = fsync_loop("each", 1000)
+        b["rootfs_one_sync_files_s"] = fsync_loop("sync", 2000)
     b["openssl_aes256cbc_encrypt_mb_s"] = openssl()
     b["openssl_aes256cbc_decrypt_mb_s"] = openssl(decrypt=True)
-    b["iperf3_loopback_mb_s"] = iperf3()
+    b["iperf3_loopback_mb_s"], b["iperf3_receiver_core_s_per_gib"] = iperf3()
     b["sftp_mb_s"] = sftp_rate()
     sc = r["scenarios"]
     print("scenario 1...", file=sys.stderr)
@@ -292,10 +334,13 @@ def main():
     for rt in ("glommio", "mio"):
         print(f"scenarios 2 and 3 ({rt})...", file=sys.stderr)
         sc[f"2_64x16MiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"])
-        sc[f"3_64x4KiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"])
+        sc[f"3_64x4KiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"], base=small_base)
+    if small_base:
+        sc["3_64x4KiB_glommio_root_fs"] = loadgen("glommio", ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"])
     half = max(1, round(sc["3_64x4KiB_glommio"]["files_per_sec"] / 2))
     print("scenario 4...", file=sys.stderr)
-    sc["4_half_rate_4KiB"] = loadgen("glommio", ["-c", "64", "--size", "4KiB", "--rate", str(half), "-d", dur, "--warmup", "1"])
+    sc["4_half_rate_4KiB"] = loadgen("glommio", ["-c", "64", "--size", "4KiB", "--rate", str(half), "-d", dur, "--warmup", "1"],
+                                     base=small_base)
     print("scenario 5...", file=sys.stderr)
     sc["5_handshakes"] = loadgen("glommio", ["-c", "8", "--mode", "handshake", "-d", dur, "--warmup", "1"])
     print("memory...", file=sys.stderr)
@@ -318,11 +363,20 @@ def main():
         "s2_server_core_s_per_gib_glommio": gib_per_cpu(s2g),
         "s2_server_core_s_per_gib_mio": gib_per_cpu(s2m),
         "s2_server_core_s_per_gib_glommio_page_cache": gib_per_cpu(sc["2_64x16MiB_glommio_page_cache"]),
+        # What any server pays per GiB it receives and decrypts here: the kernel's TCP
+        # receive (iperf3's receiver) plus AES-256-CBC decryption at openssl's speed.
+        "s2_cpu_floor_core_s_per_gib": (b["iperf3_receiver_core_s_per_gib"] + (1 << 30) / 1e6 / b["openssl_aes256cbc_decrypt_mb_s"])
+        if b.get("iperf3_receiver_core_s_per_gib") else None,
         "s3_glommio_vs_fsync_loop": s3g["files_per_sec"] / b["fsync_loop_files_s"],
         "s3_mio_vs_fsync_loop": s3m["files_per_sec"] / b["fsync_loop_files_s"],
         # The file system's own ceiling for new durable files: many written, one sync.
         "s3_glommio_vs_one_sync": s3g["files_per_sec"] / b["one_sync_files_s"],
+        "s3_root_fs_glommio_vs_root_fs_fsync_loop": sc["3_64x4KiB_glommio_root_fs"]["files_per_sec"] / b["rootfs_fsync_loop_files_s"]
+        if "3_64x4KiB_glommio_root_fs" in sc else None,
         "mio_vs_glommio_s2": s2m["mb_per_sec"] / max(s2g["mb_per_sec"], 1e-9),
+        "mio_vs_glommio_s2_cpu_per_gib": gib_per_cpu(s2m) / gib_per_cpu(s2g) if gib_per_cpu(s2g) else None,
+        # (4 KiB files each: CPU per byte is CPU per file)
+        "mio_vs_glommio_s3_cpu_per_file": gib_per_cpu(s3m) / gib_per_cpu(s3g) if gib_per_cpu(s3g) else None,
         "mio_vs_glommio_s3": s3m["files_per_sec"] / max(s3g["files_per_sec"], 1e-9),
         "idle_bytes_per_connection_glommio": r["memory"]["idle_1000_glommio"]["per_connection_bytes"],
         "idle_bytes_per_connection_mio": r["memory"]["idle_1000_mio"]["per_connection_bytes"],
@@ -332,10 +386,12 @@ def main():
         json.dump(r, f, indent=2)
     md = [f"# CyberBackup performance report", "",
           f"Machine: {r['machine']['cpus']} CPUs ({r['machine']['cpu']}), kernel {r['machine']['kernel']}, {r['machine']['date']}.",
-          "Every figure below comes from the same run of `python3 benches/scripts/suite.py`; ratios are against the baselines of that run.", "",
+          "Every figure below comes from the same run of `python3 benches/scripts/suite.py`; ratios are against the baselines of that run.",
+          f"Small files (scenarios 3 and 4 and the fsync-loop baselines) ran on {r['machine']['small_files_on']}; "
+          "`rootfs_*` and `*_root_fs` are the same on the root file system.", "",
           "## Baselines", "", "| baseline | value |", "|---|---|"]
     for k, v in b.items():
-        md.append(f"| {k} | {'not measured' if v is None else f'{v:,.1f}'} |")
+        md.append(f"| {k} | {'not measured' if v is None else (f'{v:.3f}' if v < 10 else f'{v:,.1f}')} |")
     md += ["", "## Scenarios", "", "| scenario | runtime | MB/s | files/s | p50 | p99 | p99.9 | server CPU s | server peak RSS KiB | generator CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in sc.items():
         lat = s["handshake_latency_us"] if s["mode"] == "handshake" else s["file_latency_us"]
@@ -365,6 +421,7 @@ def main():
         ("scenario 2 server CPU <= 0.5 core-s/GiB (glommio)", ra["s2_server_core_s_per_gib_glommio"], lambda v: v <= 0.5),
         ("scenario 2 server CPU <= 0.5 core-s/GiB (mio)", ra["s2_server_core_s_per_gib_mio"], lambda v: v <= 0.5),
         ("scenario 3 >= 5x fsync-per-file loop (glommio)", ra["s3_glommio_vs_fsync_loop"], lambda v: v >= 5),
+        ("scenario 3 >= 5x fsync-per-file loop (mio)", ra["s3_mio_vs_fsync_loop"], lambda v: v >= 5),
         ("idle connection < 64 KiB (glommio)", ra["idle_bytes_per_connection_glommio"] / 1024, lambda v: v < 64),
         ("idle connection < 64 KiB (mio)", ra["idle_bytes_per_connection_mio"] / 1024, lambda v: v < 64),
         ("64 x 1 GiB in flight: anonymous RSS MiB", inf.get("peak_rss_anon_kib", 0) / 1024 if inf else None, lambda v: v < 256),
