@@ -5,6 +5,10 @@
 //! 5 server unreachable, connection lost or timed out; 6 the server refused (name
 //! taken, error answer, not a v3 server); 7 checksum mismatch four times (aborted);
 //! 130 cancelled.
+//!
+//! Diagnostics (reconnects, resends) go to standard error as log lines: warnings by
+//! default, errors only with `--quiet`, anything `RUST_LOG` asks for (e.g.
+//! `RUST_LOG=debug`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -97,6 +101,15 @@ fn exit_code(e: &ClientError) -> i32 {
 
 fn main() {
     let cli = Cli::parse();
+    let quiet = cli.common.quiet;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if quiet { "error" } else { "warn" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -259,6 +259,10 @@ fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing(rt: Runti
             || err.contains("cannot reach the server"),
         "{err}"
     );
+    assert!(
+        err.contains("WARN") && err.contains("reconnecting"),
+        "the reconnect attempts are logged: {err}"
+    );
     // after a restart nothing of it is visible and no temp is left
     let srv = Server::start_in(rt, dir.path(), &[]);
     assert_eq!(srv.temp_files(), 0);
