@@ -57,8 +57,11 @@ pub struct SessionConfig {
     pub header_timeout: Duration,
     /// Time a connection may sit idle between requests.
     pub idle_timeout: Duration,
-    /// Slowest accepted rate for packet content, in bytes per second: a packet of `n`
-    /// bytes must arrive within `header_timeout + n / min_rate`.
+    /// Slowest accepted rate for packet content, in bytes per second. Content is owed
+    /// in windows of at most `min_rate × header_timeout` bytes (the rest of the packet
+    /// if less): a window of `w` bytes must arrive within `header_timeout + w /
+    /// min_rate` of the previous one's end, so a peer that trickles a large packet is
+    /// closed after one window, not after the whole packet's time.
     pub min_rate: u32,
 }
 
@@ -394,6 +397,8 @@ pub struct ServerSession<S, R, K: KeyExchange = RsaOaep> {
     out: Vec<u8>,
     closing: bool,
     deadline: Option<Instant>,
+    /// Content bytes still owed before `deadline` (the current window).
+    due: u32,
     last_refusal: Option<Refusal>,
     stats: SessionStats,
     /// Files that did not decrypt on this connection.
@@ -435,6 +440,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             out: Vec::with_capacity(512),
             closing: false,
             deadline,
+            due: 0,
             last_refusal: None,
             stats: SessionStats::default(),
             bad_files: 0,
@@ -600,6 +606,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                         self.on_packet_end(now);
                     } else {
                         self.read = Read::Content { remaining };
+                        self.content_arrived(now, take, remaining);
                     }
                 }
                 Read::Skip { remaining } => {
@@ -610,6 +617,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                         self.next_request(now);
                     } else {
                         self.read = Read::Skip { remaining };
+                        self.content_arrived(now, take, remaining);
                     }
                 }
             }
@@ -773,13 +781,27 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             self.next_request(now);
         } else {
             self.read = Read::Skip { remaining: n };
-            self.deadline = Some(now + self.content_time(n));
+            self.open_window(now, n);
         }
     }
 
-    fn content_time(&self, n: u32) -> Duration {
-        self.cfg.header_timeout
-            + Duration::from_secs_f64(n as f64 / self.cfg.min_rate.max(1) as f64)
+    /// Content of `left` bytes is expected: the next window is owed by its deadline.
+    fn open_window(&mut self, now: Instant, left: u32) {
+        let rate = self.cfg.min_rate.max(1) as u64;
+        let window = (rate as f64 * self.cfg.header_timeout.as_secs_f64()).max(1.0);
+        self.due = (left as u64).min(window as u64) as u32;
+        self.deadline = Some(
+            now + self.cfg.header_timeout + Duration::from_secs_f64(self.due as f64 / rate as f64),
+        );
+    }
+
+    /// `n` content bytes arrived and `left` are still to come: once the window's bytes
+    /// are in, the next window opens.
+    fn content_arrived(&mut self, now: Instant, n: usize, left: u32) {
+        self.due = self.due.saturating_sub(n.min(u32::MAX as usize) as u32);
+        if self.due == 0 {
+            self.open_window(now, left);
+        }
     }
 
     fn authenticated(&self, id: &ClientId) -> bool {
@@ -1181,7 +1203,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
         self.read = Read::Content {
             remaining: plan.len,
         };
-        self.deadline = Some(now + self.content_time(plan.len));
+        self.open_window(now, plan.len);
     }
 
     /// Decrypts `data` (the next bytes of the current packet) into the scratch buffer,

@@ -90,8 +90,9 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_HEADER_TIMEOUT")]
     pub header_timeout: Option<u64>,
 
-    /// Slowest accepted upload rate in bytes per second: a packet of n bytes must arrive
-    /// within header-timeout + n / min-rate seconds [default: 16384].
+    /// Slowest accepted upload rate in bytes per second: packet content is owed in
+    /// windows of min-rate x header-timeout bytes, each within header-timeout +
+    /// window / min-rate seconds of the last [default: 16384].
     #[arg(long, env = "CYBERBACKUP_MIN_RATE")]
     pub min_rate: Option<u32>,
 

@@ -581,9 +581,14 @@ fn slow_peers_cannot_starve_an_honest_client_and_are_timed_out(rt: Runtime) {
         (Slow::HalfHeader, 2.0),
         (Slow::Silent, 3.0),
         (Slow::Silent, 3.0),
-        // 2 s + 256 KiB at 64 KiB/s
-        (Slow::ContentTrickle { content: 256 << 10 }, 6.0),
-        (Slow::ContentTrickle { content: 256 << 10 }, 6.0),
+        // content is owed in windows of 2 s x 64 KiB/s = 128 KiB, each within
+        // 2 s + 128 KiB at 64 KiB/s: a trickler is closed after its first window,
+        // whatever its packet announces (8 MiB would allow 2 s + 128 s as a whole)
+        (Slow::ContentTrickle { content: 256 << 10 }, 4.0),
+        (Slow::ContentTrickle { content: 256 << 10 }, 4.0),
+        (Slow::ContentTrickle { content: 8 << 20 }, 4.0),
+        (Slow::ContentTrickle { content: 8 << 20 }, 4.0),
+        (Slow::ContentTrickle { content: 8 << 20 }, 4.0),
     ]
     .into();
     let timed_threads: Vec<_> = timed
@@ -591,16 +596,6 @@ fn slow_peers_cannot_starve_an_honest_client_and_are_timed_out(rt: Runtime) {
         .map(|&(kind, _)| {
             let stop = stop.clone();
             std::thread::spawn(move || slow_peer(addr, kind, stop))
-        })
-        .collect();
-    // these announce 8 MiB packets: 2 s + 128 s at the minimum rate, so they are
-    // certainly still connected, trickling, while the honest client works
-    let long: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                slow_peer(addr, Slow::ContentTrickle { content: 8 << 20 }, stop)
-            })
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
@@ -613,10 +608,6 @@ fn slow_peers_cannot_starve_an_honest_client_and_are_timed_out(rt: Runtime) {
         assert_eq!(std::fs::read(srv.client_dir(&c.id).join(&name)).unwrap(), d);
     }
     let honest = t0.elapsed();
-    assert!(
-        long.iter().all(|t| !t.is_finished()),
-        "the long slow peers were still connected while the honest client uploaded"
-    );
     for ((kind, limit), t) in timed.iter().zip(timed_threads) {
         let closed = t
             .join()
@@ -633,9 +624,6 @@ fn slow_peers_cannot_starve_an_honest_client_and_are_timed_out(rt: Runtime) {
         );
     }
     stop.store(true, Ordering::SeqCst);
-    for t in long {
-        assert_eq!(t.join().unwrap(), None, "a long slow peer was closed early");
-    }
     eprintln!("{rt:?}: the honest client uploaded 20 files in {honest:.2?} meanwhile");
     assert!(
         srv.wait_no_temp_files(),

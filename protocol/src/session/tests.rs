@@ -637,6 +637,51 @@ fn timeouts_close_and_abort_returns_the_sink() {
     assert_eq!(d, t0 + SessionConfig::default().idle_timeout);
 }
 
+#[test]
+fn content_is_owed_window_by_window() {
+    // 1 KiB/s with a 10 s header timeout: windows of 10 KiB, each due 20 s after the
+    // last one ended. One 64 KiB packet would allow 10 + 64 s as a whole.
+    let t0 = Instant::now();
+    let cfg = SessionConfig {
+        header_timeout: Duration::from_secs(10),
+        min_rate: 1024,
+        ..SessionConfig::default()
+    };
+    let mut b = MemoryBackend::default();
+    let mut s: Sess = ServerSession::new(cfg.clone(), StdRng::seed_from_u64(2), t0);
+    let c = login(&mut b, &mut s, t0, "win");
+    let ps = packets(&c, "w", &data(64 << 10, 3), 64 << 10);
+    let head = ps[0].len() - (64 << 10);
+    b.feed(&mut s, t0, &ps[0][..head]);
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(20)));
+    // half a window at 5 s moves nothing
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    b.feed(&mut s, at(5), &ps[0][head..head + (5 << 10)]);
+    assert_eq!(s.poll_timeout(), Some(at(20)));
+    // the window completes at 15 s: the next is due at 35 s
+    b.feed(&mut s, at(15), &ps[0][head + (5 << 10)..head + (10 << 10)]);
+    assert_eq!(s.poll_timeout(), Some(at(35)));
+    s.handle_timeout(at(35) - Duration::from_millis(1));
+    assert!(!s.is_closing());
+    // a trickle of one byte a second does not keep it open
+    for i in 0..19 {
+        let o = head + (10 << 10) + i;
+        b.feed(&mut s, at(16 + i as u64), &ps[0][o..o + 1]);
+    }
+    assert_eq!(s.poll_timeout(), Some(at(35)));
+    s.handle_timeout(at(35));
+    assert!(s.is_closing(), "closed after one window, not after 74 s");
+    // the rest of the packet at full speed is fine on a fresh connection
+    let mut s: Sess = ServerSession::new(cfg, StdRng::seed_from_u64(2), t0);
+    let c = login(&mut b, &mut s, t0, "win2");
+    let ps = packets(&c, "w", &data(64 << 10, 3), 64 << 10);
+    for (i, chunk) in ps[0].chunks(4096).enumerate() {
+        b.feed(&mut s, at(i as u64), chunk);
+        assert!(s.poll_timeout().unwrap() > at(i as u64));
+    }
+    assert!(!s.is_closing());
+}
+
 /// The whole byte stream of a client that logs in (with a fixed key pair) and uploads.
 fn scripted_stream(seed: u64, sizes: &[usize], packet: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
     // Run once to learn the id and key the seeded session will issue.
