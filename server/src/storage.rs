@@ -736,7 +736,10 @@ impl Direct {
         if self.filled < STAGE {
             return Ok(());
         }
+        // Room first, then the next stage: a file holds at most MAX_IN_FLIGHT + 1.
+        drop(self.wait(MAX_IN_FLIGHT - 1)?);
         let next = self.writers.stages.take()?;
+        // (returns at once: only this thread adds writes to this file)
         self.wait(MAX_IN_FLIGHT - 1)?.in_flight += 1;
         let full = std::mem::replace(&mut self.stage, next);
         self.writers.submit(WriteJob {
