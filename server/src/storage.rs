@@ -1035,10 +1035,24 @@ impl PendingFile {
     /// Makes `file` (this file's descriptor) end at `size`: the plaintext part of the
     /// held-back tail is written where the sink ends in it, else the file is cut.
     fn cut(&self, file: &File, size: u64) -> io::Result<()> {
+        if size > self.len {
+            return Err(io::Error::other(format!(
+                "a size of {size} bytes is beyond the {} the file holds",
+                self.len
+            )));
+        }
         if let Some(tail) = self.tail.as_ref() {
             let start = self.len - TAIL as u64;
-            if size >= start && file.metadata()?.len() <= start {
-                return file.write_all_at(&tail[..(size - start) as usize], start);
+            let on_disk = file.metadata()?.len();
+            if size >= start && on_disk <= start {
+                let kept = &tail[..(size - start) as usize];
+                if !kept.is_empty() {
+                    // (ends the file at `size`, even were the body short of `start`)
+                    return file.write_all_at(kept, start);
+                }
+                if on_disk == size {
+                    return Ok(());
+                }
             }
         }
         file.set_len(size)
@@ -1305,6 +1319,34 @@ mod tests {
         }
         assert_eq!(temp_files(dir.path()), 0);
         assert_eq!(s.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_small_file_ends_at_its_size_whatever_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(dir.path(), 1 << 30).unwrap();
+        // A size beyond the sink is an error, not a panic.
+        let mut p = s.create_pending(64).unwrap();
+        p.write_at(0, &[1; 64]).unwrap();
+        assert!(s.commit(p, &[8; 16], "over", 65).is_err());
+        // A whole padding block (size = len - 16) with the body not all written:
+        // the file still ends at its size.
+        let mut p = s.create_pending(64).unwrap();
+        p.write_at(0, &[2; 10]).unwrap();
+        let path = s.commit(p, &[8; 16], "short", 48).unwrap();
+        let mut want = vec![0u8; 48];
+        want[..10].fill(2);
+        assert_eq!(fs::read(path).unwrap(), want);
+        // The same with part of the tail kept.
+        let mut p = s.create_pending(64).unwrap();
+        p.write_at(0, &[3; 10]).unwrap();
+        p.write_at(48, &[4; 16]).unwrap();
+        let path = s.commit(p, &[8; 16], "holey", 50).unwrap();
+        let mut want = vec![0u8; 50];
+        want[..10].fill(3);
+        want[48..].fill(4);
+        assert_eq!(fs::read(path).unwrap(), want);
+        assert_eq!(temp_files(dir.path()), 0);
     }
 
     #[test]
