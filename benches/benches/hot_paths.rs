@@ -13,7 +13,9 @@
 //!   `Response::FileReceived` encode and decode (the 286-byte 1603 frame). Headers
 //!   report elements/s, the payloads bytes/s.
 //! - `aes`: AES-256-CBC over 1 MiB: decryption with `StreamDecryptor::decrypt_b2b`
-//!   (the multi-block path the session uses, parallel across blocks) and encryption
+//!   (the multi-block path the session uses, parallel across blocks: the VAES kernel
+//!   where the CPU has it), the same with the `aes` + `cbc` crates directly
+//!   (`decrypt_cbc_crate`, what `CYBERBACKUP_AES=portable` runs), and encryption
 //!   with `StreamEncryptor::encrypt_blocks` (serial by the nature of CBC; what a client
 //!   pays), for comparison. Bytes/s.
 //! - `session`: the whole server path in memory. A client registers and exchanges keys
@@ -234,6 +236,19 @@ fn bench_aes(c: &mut Criterion) {
             black_box(&out);
         })
     });
+
+    {
+        use aes::cipher::{inout::InOutBuf, BlockDecryptMut, KeyIvInit};
+        g.bench_function(BenchmarkId::new("decrypt_cbc_crate", "1MiB"), |b| {
+            b.iter(|| {
+                let mut d = cbc::Decryptor::<aes::Aes256Dec>::new((&key).into(), (&ZERO_IV).into());
+                let buf = InOutBuf::new(black_box(&cipher[..]), &mut out[..]).expect("same length");
+                d.decrypt_blocks_inout_mut(buf.into_chunks().0);
+                black_box(&out);
+            })
+        });
+        assert_eq!(out, plain, "cbc crate round trip");
+    }
 
     let mut buf = plain.clone();
     g.bench_function(BenchmarkId::new("encrypt_serial", "1MiB"), |b| {

@@ -249,7 +249,7 @@ struct ClientState {
     id: ClientId,
     name: String,
     registered_here: bool,
-    key: Option<aes::Aes256Dec>,
+    key: Option<crypto::DecryptionKey>,
 }
 
 /// A validated packet about to stream in.
