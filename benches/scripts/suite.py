@@ -24,6 +24,7 @@ loop and the server alike. Root is needed for the loop device; without it everyt
 runs on the root file system.
 """
 import argparse
+import statistics
 import json
 import os
 import re
@@ -59,8 +60,12 @@ class Server:
         self.addr = m.group(1)
 
     def cpu(self):
+        return sum(self.cpu_split())
+
+    def cpu_split(self):
+        """(user, system) CPU seconds of the server so far."""
         f = open(f"/proc/{self.p.pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / TICK
+        return int(f[11]) / TICK, int(f[12]) / TICK
 
     def rss_kib(self, field="VmRSS"):
         for l in open(f"/proc/{self.p.pid}/status"):
@@ -80,10 +85,10 @@ class Server:
 def loadgen(runtime, args, server_extra=(), base=None):
     s = Server(runtime, server_extra, base=base)
     try:
-        c0 = s.cpu()
+        (u0, s0) = s.cpu_split()
         out = subprocess.run([os.path.join(REL, "cyberbackup-loadgen"), "-s", s.addr, "--json", "-q", *args],
                              capture_output=True, text=True)
-        c1 = s.cpu()
+        (u1, s1) = s.cpu_split()
         rep = json.loads(out.stdout)
         # Everything the server stored in the run (the warm-up and the files in flight
         # when the window closed too), for CPU per GiB ingested.
@@ -93,7 +98,9 @@ def loadgen(runtime, args, server_extra=(), base=None):
                 continue
             stored += sum(os.path.getsize(os.path.join(base, f)) for f in files)
         rep["server_stored_bytes"] = stored
-        rep["server_cpu_s"] = c1 - c0
+        rep["server_cpu_s"] = (u1 - u0) + (s1 - s0)
+        rep["server_cpu_user_s"] = u1 - u0
+        rep["server_cpu_system_s"] = s1 - s0
         rep["server_peak_rss_kib"] = s.rss_kib("VmHWM")
         rep["runtime"] = runtime
         rep.pop("timeline", None)
@@ -335,6 +342,14 @@ def run_all(a, r, b, small_base):
         print(f"scenarios 2 and 3 ({rt})...", file=sys.stderr)
         sc[f"2_64x16MiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"])
         sc[f"3_64x4KiB_{rt}"] = loadgen(rt, ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"], base=small_base)
+    # Scenario 2's CPU per GiB swings by +-15% between runs here (memory bandwidth
+    # shared with other guests), so two more runs per runtime, alternating; the target
+    # is judged on the median of the three.
+    reps = r["s2_cpu_runs"] = {"glommio": [sc["2_64x16MiB_glommio"]], "mio": [sc["2_64x16MiB_mio"]]}
+    for i in range(2):
+        for rt in ("glommio", "mio"):
+            print(f"scenario 2 again ({rt}, {i + 2} of 3)...", file=sys.stderr)
+            reps[rt].append(loadgen(rt, ["-c", "64", "--size", "16MiB", "-d", dur, "--warmup", "1"]))
     if small_base:
         sc["3_64x4KiB_glommio_root_fs"] = loadgen("glommio", ["-c", "64", "--size", "4KiB", "-d", dur, "--warmup", "1"])
     half = max(1, round(sc["3_64x4KiB_glommio"]["files_per_sec"] / 2))
@@ -354,14 +369,17 @@ def run_all(a, r, b, small_base):
         # the server's CPU over the same run.
         b = s["all_acked_bytes"]
         return s["server_cpu_s"] / (b / (1 << 30)) if b else None
+    def median_cpu(rt):
+        return statistics.median(gib_per_cpu(x) for x in r["s2_cpu_runs"][rt])
     s1, s2g, s2m = sc["1_one_1gib_file"], sc["2_64x16MiB_glommio"], sc["2_64x16MiB_mio"]
     s3g, s3m = sc["3_64x4KiB_glommio"], sc["3_64x4KiB_mio"]
     r["ratios"] = {
         "s1_vs_dd": s1["mb_per_sec"] / b["dd_fdatasync_mb_s"],
         "s1_vs_sftp": s1["mb_per_sec"] / b["sftp_mb_s"] if b["sftp_mb_s"] else None,
         "s2_glommio_vs_dd": s2g["mb_per_sec"] / b["dd_fdatasync_mb_s"],
-        "s2_server_core_s_per_gib_glommio": gib_per_cpu(s2g),
-        "s2_server_core_s_per_gib_mio": gib_per_cpu(s2m),
+        # (median of three runs: see s2_cpu_runs)
+        "s2_server_core_s_per_gib_glommio": median_cpu("glommio"),
+        "s2_server_core_s_per_gib_mio": median_cpu("mio"),
         "s2_server_core_s_per_gib_glommio_page_cache": gib_per_cpu(sc["2_64x16MiB_glommio_page_cache"]),
         # What any server pays per GiB it receives and decrypts here: the kernel's TCP
         # receive (iperf3's receiver) plus AES-256-CBC decryption at openssl's speed.
@@ -374,7 +392,7 @@ def run_all(a, r, b, small_base):
         "s3_root_fs_glommio_vs_root_fs_fsync_loop": sc["3_64x4KiB_glommio_root_fs"]["files_per_sec"] / b["rootfs_fsync_loop_files_s"]
         if "3_64x4KiB_glommio_root_fs" in sc else None,
         "mio_vs_glommio_s2": s2m["mb_per_sec"] / max(s2g["mb_per_sec"], 1e-9),
-        "mio_vs_glommio_s2_cpu_per_gib": gib_per_cpu(s2m) / gib_per_cpu(s2g) if gib_per_cpu(s2g) else None,
+        "mio_vs_glommio_s2_cpu_per_gib": median_cpu("mio") / median_cpu("glommio"),
         # (4 KiB files each: CPU per byte is CPU per file)
         "mio_vs_glommio_s3_cpu_per_file": gib_per_cpu(s3m) / gib_per_cpu(s3g) if gib_per_cpu(s3g) else None,
         "mio_vs_glommio_s3": s3m["files_per_sec"] / max(s3g["files_per_sec"], 1e-9),
@@ -397,6 +415,14 @@ def run_all(a, r, b, small_base):
         lat = s["handshake_latency_us"] if s["mode"] == "handshake" else s["file_latency_us"]
         rate = s["handshakes_per_sec"] if s["mode"] == "handshake" else s["files_per_sec"]
         md.append(f"| {k} | {s['runtime']} | {s['mb_per_sec']:.1f} | {rate:.1f} | {lat['p50']/1000:.2f} ms | {lat['p99']/1000:.2f} ms | {lat['p999']/1000:.2f} ms | {s['server_cpu_s']:.2f} | {s['server_peak_rss_kib']} | {s['generator_cpu_user_s'] + s['generator_cpu_system_s']:.2f} |")
+    md += ["", "## Scenario 2 CPU, three runs per runtime", "",
+           "The target is judged on the median. Core-seconds per GiB acknowledged, split into user and system time.", "",
+           "| runtime | run | MB/s | core-s/GiB | user | system |", "|---|---|---|---|---|---|"]
+    for rt, runs in r["s2_cpu_runs"].items():
+        for i, x in enumerate(runs):
+            gib = x["all_acked_bytes"] / (1 << 30)
+            md.append(f"| {rt} | {i + 1} | {x['mb_per_sec']:.1f} | {gib_per_cpu(x):.2f} | "
+                      f"{x['server_cpu_user_s'] / gib:.2f} | {x['server_cpu_system_s'] / gib:.2f} |")
     md += ["", "## Memory", "", "| case | RSS before KiB | RSS after KiB | bytes per connection |", "|---|---|---|---|"]
     for k, m in r["memory"].items():
         md.append(f"| {k} | {m['rss_before_kib']} | {m['rss_after_kib']} | {m['per_connection_bytes']:.0f} |")
@@ -418,8 +444,8 @@ def run_all(a, r, b, small_base):
         ("scenario 1 >= 0.9x dd", ra["s1_vs_dd"], lambda v: v >= 0.9),
         ("scenario 1 >= 1.4x sftp", ra["s1_vs_sftp"], lambda v: v >= 1.4),
         ("scenario 2 (glommio) >= 0.9x dd", ra["s2_glommio_vs_dd"], lambda v: v >= 0.9),
-        ("scenario 2 server CPU <= 0.5 core-s/GiB (glommio)", ra["s2_server_core_s_per_gib_glommio"], lambda v: v <= 0.5),
-        ("scenario 2 server CPU <= 0.5 core-s/GiB (mio)", ra["s2_server_core_s_per_gib_mio"], lambda v: v <= 0.5),
+        ("scenario 2 server CPU <= 0.5 core-s/GiB (glommio, median of 3)", ra["s2_server_core_s_per_gib_glommio"], lambda v: v <= 0.5),
+        ("scenario 2 server CPU <= 0.5 core-s/GiB (mio, median of 3)", ra["s2_server_core_s_per_gib_mio"], lambda v: v <= 0.5),
         ("scenario 3 >= 5x fsync-per-file loop (glommio)", ra["s3_glommio_vs_fsync_loop"], lambda v: v >= 5),
         ("scenario 3 >= 5x fsync-per-file loop (mio)", ra["s3_mio_vs_fsync_loop"], lambda v: v >= 5),
         ("idle connection < 64 KiB (glommio)", ra["idle_bytes_per_connection_glommio"] / 1024, lambda v: v < 64),
