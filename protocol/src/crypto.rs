@@ -167,7 +167,7 @@ enum Decrypt {
     Portable(CbcDec),
     #[cfg(target_arch = "x86_64")]
     Vaes {
-        keys: vaes::Keys,
+        keys: std::sync::Arc<vaes::Keys>,
         /// The previous ciphertext block.
         iv: [u8; BLOCK],
     },
@@ -235,8 +235,10 @@ impl StreamDecryptor {
 #[derive(Clone)]
 pub struct DecryptionKey {
     aes: aes::Aes256Dec,
+    /// Shared by the decryptor of every packet, so the schedule is not copied per
+    /// packet (each copy would be one more to wipe).
     #[cfg(target_arch = "x86_64")]
-    vaes: Option<vaes::Keys>,
+    vaes: Option<std::sync::Arc<vaes::Keys>>,
 }
 
 impl std::fmt::Debug for DecryptionKey {
@@ -265,7 +267,10 @@ pub fn decryption_key(key: &AesKey) -> DecryptionKey {
     DecryptionKey {
         aes: aes::Aes256Dec::new(key.into()),
         #[cfg(target_arch = "x86_64")]
-        vaes: vaes_enabled().then(|| vaes::Keys::new(key)).flatten(),
+        vaes: vaes_enabled()
+            .then(|| vaes::Keys::new(key))
+            .flatten()
+            .map(std::sync::Arc::new),
     }
 }
 
@@ -717,6 +722,44 @@ mod tests {
             proptest::prop_assert_eq!(&got, &want);
             let last = if blocks == 0 { iv } else { cipher[cipher.len() - BLOCK..].try_into().unwrap() };
             proptest::prop_assert_eq!(chain, last);
+        }
+    }
+
+    /// The kernel writes exactly the blocks it is given: guard bytes after the output
+    /// (and after an in-place buffer) stay as they were, for every tail length.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vaes_writes_nothing_past_the_output() {
+        let key: AesKey = [5; 32];
+        let Some(k) = vaes::Keys::new(&key) else {
+            return;
+        };
+        const GUARD: usize = 64;
+        for blocks in 0..=40usize {
+            let mut cipher = vec![0u8; blocks * BLOCK];
+            rng().fill(&mut cipher[..]);
+            let want = portable(&key, &ZERO_IV, &cipher);
+            let mut out = vec![0xA5u8; blocks * BLOCK + GUARD];
+            let mut iv = ZERO_IV;
+            k.decrypt_b2b(&mut iv, &cipher, &mut out[..blocks * BLOCK]);
+            assert_eq!(&out[..blocks * BLOCK], &want[..], "{blocks} blocks");
+            assert!(
+                out[blocks * BLOCK..].iter().all(|&b| b == 0xA5),
+                "{blocks} blocks: wrote past the output"
+            );
+            let mut buf = cipher.clone();
+            buf.extend_from_slice(&[0x5Au8; GUARD]);
+            let mut iv = ZERO_IV;
+            k.decrypt_in_place(&mut iv, &mut buf[..blocks * BLOCK]);
+            assert_eq!(
+                &buf[..blocks * BLOCK],
+                &want[..],
+                "{blocks} blocks in place"
+            );
+            assert!(
+                buf[blocks * BLOCK..].iter().all(|&b| b == 0x5A),
+                "{blocks} blocks: wrote past the buffer"
+            );
         }
     }
 }

@@ -984,7 +984,8 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn issue_key(&mut self, id: ClientId, name: String, key: &K::PublicKey, reconnect: bool) {
-        let aes_key = self.keys.session_key(&mut self.rng);
+        // Wiped when this function returns: the schedules keep what decryption needs.
+        let aes_key = zeroize::Zeroizing::new(self.keys.session_key(&mut self.rng));
         match self.keys.encrypt_session_key(key, &mut self.rng, &aes_key) {
             Ok(encrypted_key) => {
                 let registered_here = self

@@ -15,12 +15,20 @@
 
 use core::arch::x86_64::*;
 
+use zeroize::Zeroize;
+
 const ROUNDS: usize = 15;
 
 /// AES-256 decryption round keys (the equivalent inverse cipher's), in the order the
-/// rounds use them.
-#[derive(Clone)]
+/// rounds use them. They hold the session key in the clear (the last one is its first
+/// half), so they are wiped when dropped, as the `aes` crate's schedules are.
 pub struct Keys([[u8; 16]; ROUNDS]);
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl Keys {
     /// Whether this CPU has what the kernel uses: AES-NI (for the key schedule),
@@ -125,7 +133,12 @@ fn expand(key: &[u8; 32]) -> Keys {
         // SAFETY: writes 16 bytes into a 16-byte array.
         unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), k) };
     }
-    Keys(dk)
+    ek.zeroize();
+    t1.zeroize();
+    t3.zeroize();
+    let keys = Keys(dk);
+    dk.zeroize();
+    keys
 }
 
 /// Registers of four blocks decrypted per loop round.
