@@ -115,14 +115,15 @@ pub async fn run_op<B: Blocking>(
                     .await
             };
             let r = match stored {
-                Ok(path) => svc
+                Ok(stored) => svc
                     .registry
                     .file_stored(FileRecord {
                         client_id,
                         name: file_name.clone(),
-                        path: path.to_string_lossy().into_owned(),
+                        path: stored.path.to_string_lossy().into_owned(),
                         size,
                         cksum,
+                        inode: Some(stored.inode),
                     })
                     .await
                     .map_err(|e| e.to_string()),

@@ -59,6 +59,7 @@ pub struct Reconciled {
 pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
     use std::collections::{HashMap, HashSet};
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| RegistryError::Reconcile { path, source }
@@ -67,10 +68,14 @@ pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
         path: db.to_owned(),
         source,
     })?;
-    let mut rows: HashMap<(Vec<u8>, String), (i64, i64)> = HashMap::new();
+    migrate(&conn)?;
+    type Row = (i64, i64, Option<i64>);
+    let mut rows: HashMap<(Vec<u8>, String), Row> = HashMap::new();
     {
-        let mut st = conn.prepare("SELECT client_id, name, size, stored_at FROM files")?;
-        let it = st.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?))))?;
+        let mut st = conn.prepare("SELECT client_id, name, size, stored_at, inode FROM files")?;
+        let it = st.query_map([], |r| {
+            Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?, r.get(4)?)))
+        })?;
         for row in it {
             let (k, v) = row?;
             rows.insert(k, v);
@@ -106,11 +111,20 @@ pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_secs() as i64);
-            match rows.get(&(id.to_vec(), name.clone())) {
-                Some(&(size, stored_at)) if size == meta.len() as i64 && mtime <= stored_at => {
-                    continue
+            // The row describes this file if the sizes match and it names this inode
+            // (every upload is a new inode renamed into place). Rows written before
+            // the inode column existed fall back to the time: a file no newer than
+            // its row (which misses a replacement of the same size within the same
+            // second as the row).
+            let described = match rows.get(&(id.to_vec(), name.clone())) {
+                Some(&(size, _, Some(inode))) => {
+                    size == meta.len() as i64 && inode as u64 == meta.ino()
                 }
-                _ => {}
+                Some(&(size, stored_at, None)) => size == meta.len() as i64 && mtime <= stored_at,
+                None => false,
+            };
+            if described {
+                continue;
             }
             if !clients.contains(id.as_slice()) {
                 tracing::warn!(path = %path.display(), "a file of an unknown client; left alone");
@@ -134,7 +148,8 @@ pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
                     path.to_string_lossy(),
                     ck.len() as i64,
                     ck.finalize() as i64,
-                    now_secs()
+                    now_secs(),
+                    meta.ino() as i64
                 ],
             )?;
             tracing::warn!(path = %path.display(), "registry row written for a file stored just before a crash");
@@ -164,6 +179,9 @@ pub struct FileRecord {
     pub path: String,
     pub size: u64,
     pub cksum: u32,
+    /// The stored file's inode number: a file that later replaces it under the same
+    /// name has another one (see [`reconcile`]).
+    pub inode: Option<u64>,
 }
 
 /// What a shard asks of the registry.
@@ -240,13 +258,26 @@ CREATE TABLE IF NOT EXISTS files (
 ";
 
 /// A verified file's row, new or replacing the row of an earlier file of that name:
-/// client id, name, path, size, checksum, time.
+/// client id, name, path, size, checksum, time, inode.
 const UPSERT_FILE: &str =
-    "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)
+    "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at, inode)
+     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7)
      ON CONFLICT(client_id, name) DO UPDATE SET
         path = excluded.path, size = excluded.size, cksum = excluded.cksum,
-        verified = 1, stored_at = excluded.stored_at";
+        verified = 1, stored_at = excluded.stored_at, inode = excluded.inode";
+
+/// Brings a database of an earlier version up to this one, and a new one from
+/// [`SCHEMA`] to the current shape: the `inode` column of `files` (NULL in rows
+/// written before it existed).
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let has_inode = conn
+        .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'inode'")?
+        .exists([])?;
+    if !has_inode {
+        conn.execute_batch("ALTER TABLE files ADD COLUMN inode INTEGER")?;
+    }
+    Ok(())
+}
 
 impl Registry {
     /// Opens (creating if needed) the database and starts its thread.
@@ -256,6 +287,7 @@ impl Registry {
             source,
         })?;
         conn.execute_batch(SCHEMA)
+            .and_then(|()| migrate(&conn))
             .map_err(|source| RegistryError::Open {
                 path: path.to_owned(),
                 source,
@@ -460,7 +492,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
                         record.path,
                         record.size as i64,
                         record.cksum as i64,
-                        now_secs()
+                        now_secs(),
+                        record.inode.map(|i| i as i64)
                     ])
                 })
                 .map(|_| ());
@@ -495,6 +528,7 @@ mod tests {
                     path: path(&alice, name).to_string_lossy().into_owned(),
                     size: body.len() as u64,
                     cksum: cksum(body),
+                    inode: None,
                 }))
                 .unwrap();
             }
@@ -563,6 +597,117 @@ mod tests {
         assert_eq!(reconcile(&db, &root).unwrap().rows_written, 0);
     }
 
+    /// A row that names the file's inode is trusted only for that inode: a file of the
+    /// same size put in its place within the same second (the time rule cannot tell)
+    /// gets its row rewritten.
+    #[test]
+    fn reconcile_tells_a_same_size_replacement_by_its_inode() {
+        use cyberbackup_protocol::{cksum::cksum, client_id_hex};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let root = dir.path().join("files");
+        let alice = [1u8; 16];
+        let cdir = root.join(client_id_hex(&alice));
+        std::fs::create_dir_all(&cdir).unwrap();
+        let (same, other) = (cdir.join("same"), cdir.join("other"));
+        std::fs::write(&same, b"version 1").unwrap();
+        std::fs::write(&other, b"version 1").unwrap();
+        {
+            let (r, t) = Registry::open(&db).unwrap();
+            assert!(block_on(r.register(alice, "alice".into())).unwrap());
+            for p in [&same, &other] {
+                block_on(r.file_stored(FileRecord {
+                    client_id: alice,
+                    name: p.file_name().unwrap().to_str().unwrap().into(),
+                    path: p.to_string_lossy().into_owned(),
+                    size: 9,
+                    cksum: cksum(b"version 1"),
+                    inode: Some(std::fs::metadata(p).unwrap().ino()),
+                }))
+                .unwrap();
+            }
+            drop(r);
+            t.join();
+        }
+        // "other" is replaced the way the server does it (a new file renamed over it),
+        // same size, and dated no later than its row.
+        let tmp = root.join("tmp");
+        std::fs::write(&tmp, b"version 2").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            .unwrap();
+        std::fs::rename(&tmp, &other).unwrap();
+
+        let r = reconcile(&db, &root).unwrap();
+        assert_eq!(
+            r,
+            Reconciled {
+                files: 2,
+                rows_written: 1
+            }
+        );
+        let conn = Connection::open(&db).unwrap();
+        let row = |name: &str| -> (i64, i64) {
+            conn.query_row(
+                "SELECT cksum, inode FROM files WHERE client_id = ?1 AND name = ?2",
+                params![&alice[..], name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino() as i64;
+        assert_eq!(row("same"), (cksum(b"version 1") as i64, ino(&same)));
+        assert_eq!(row("other"), (cksum(b"version 2") as i64, ino(&other)));
+        assert_eq!(reconcile(&db, &root).unwrap().rows_written, 0);
+    }
+
+    /// A database from before the inode column opens, gains the column, and keeps its
+    /// rows (with no inode, so reconcile uses the time rule for them).
+    #[test]
+    fn an_older_database_gains_the_inode_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&db).unwrap();
+            // (SCHEMA is the table as it was; `migrate` adds the column)
+            conn.execute_batch(SCHEMA).unwrap();
+            assert!(!conn
+                .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'inode'")
+                .unwrap()
+                .exists([])
+                .unwrap());
+            conn.execute(
+                "INSERT INTO clients (id, name, last_seen) VALUES (?1, 'a', 0)",
+                [&[1u8; 16][..]],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO files (client_id, name, path, size, cksum, verified, stored_at)
+                 VALUES (?1, 'f', 'p', 1, 2, 1, 3)",
+                [&[1u8; 16][..]],
+            )
+            .unwrap();
+        }
+        let (r, t) = Registry::open(&db).unwrap();
+        drop(r);
+        t.join();
+        let conn = Connection::open(&db).unwrap();
+        let (size, inode): (i64, Option<i64>) = conn
+            .query_row("SELECT size, inode FROM files WHERE name = 'f'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((size, inode), (1, None));
+        // opening again does not try to add it twice
+        let (r, t) = Registry::open(&db).unwrap();
+        drop(r);
+        t.join();
+    }
+
     #[test]
     fn register_key_reconnect_and_files_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -591,6 +736,7 @@ mod tests {
                 path: "p".into(),
                 size: 3,
                 cksum: 42,
+                inode: Some(7),
             }))
             .unwrap();
             drop(r);

@@ -29,7 +29,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -277,7 +277,7 @@ impl Storage {
         client: &ClientId,
         name: &str,
         size: u64,
-    ) -> Result<PathBuf, StorageError> {
+    ) -> Result<Stored, StorageError> {
         self.commit_batch(vec![CommitItem {
             pending,
             client: *client,
@@ -298,7 +298,7 @@ impl Storage {
     /// `fdatasync` per file and `fsync` per directory; from [`GROUP_MIN`] files on it is
     /// one `syncfs` before the renames and one after, however many files there are.
     /// Every result is durable and visible before it is returned.
-    pub fn commit_batch(&self, items: Vec<CommitItem>) -> Vec<Result<PathBuf, StorageError>> {
+    pub fn commit_batch(&self, items: Vec<CommitItem>) -> Vec<Result<Stored, StorageError>> {
         let group = items.len() >= GROUP_MIN;
         let mut batch = self.prepare(items, !group);
         // 2. all the data at once
@@ -362,8 +362,15 @@ impl Storage {
                     file.sync_data()
                         .map_err(io_err("syncing", &it.pending.path))?;
                 }
+                let inode = file
+                    .metadata()
+                    .map_err(io_err("reading the metadata of", &it.pending.path))?
+                    .ino();
                 drop(file);
-                let target = dir.join(&it.name);
+                let target = Stored {
+                    path: dir.join(&it.name),
+                    inode,
+                };
                 Ok((it.pending, dir, target, it.client))
             })
             .collect();
@@ -375,7 +382,7 @@ impl Storage {
         &self,
         batch: Batch,
         durable: Result<(), StorageError>,
-    ) -> Vec<Result<PathBuf, StorageError>> {
+    ) -> Vec<Result<Stored, StorageError>> {
         if let Err(e) = durable {
             return batch.fail(&e);
         }
@@ -469,6 +476,13 @@ impl Storage {
     }
 }
 
+/// A committed file: where it is, and its inode number (for the registry row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub path: PathBuf,
+    pub inode: u64,
+}
+
 /// A file to commit.
 #[derive(Debug)]
 pub struct CommitItem {
@@ -478,12 +492,12 @@ pub struct CommitItem {
     pub size: u64,
 }
 
-type CommitReply = futures_channel::oneshot::Sender<Result<PathBuf, StorageError>>;
+type CommitReply = futures_channel::oneshot::Sender<Result<Stored, StorageError>>;
 
-/// Files on their way through a commit: (temp file, client directory, final path,
-/// client), or why one failed; and the client directories it created.
+/// Files on their way through a commit: (temp file, client directory, final path and
+/// inode, client), or why one failed; and the client directories it created.
 struct Batch {
-    files: Vec<Result<(PendingFile, PathBuf, PathBuf, ClientId), StorageError>>,
+    files: Vec<Result<(PendingFile, PathBuf, Stored, ClientId), StorageError>>,
     new_dirs: Vec<ClientId>,
 }
 
@@ -492,17 +506,17 @@ impl Batch {
     fn rename(&mut self) {
         for st in self.files.iter_mut() {
             if let Ok((pending, _, target, _)) = st {
-                match fs::rename(&pending.path, &*target) {
+                match fs::rename(&pending.path, &target.path) {
                     // Renamed: the temp path no longer exists, nothing to clean.
                     Ok(()) => pending.path = PathBuf::new(),
-                    Err(e) => *st = Err(io_err("renaming to", target)(e)),
+                    Err(e) => *st = Err(io_err("renaming to", &target.path)(e)),
                 }
             }
         }
     }
 
     /// The same error for every file (temp files not yet renamed are removed).
-    fn fail(self, e: &StorageError) -> Vec<Result<PathBuf, StorageError>> {
+    fn fail(self, e: &StorageError) -> Vec<Result<Stored, StorageError>> {
         self.files.into_iter().map(|_| Err(e.duplicate())).collect()
     }
 }
@@ -519,7 +533,7 @@ pub struct Committer {
 
 impl Committer {
     /// Queues a file; the answer comes when it is durable and visible (or failed).
-    pub async fn commit(&self, item: CommitItem) -> Result<PathBuf, StorageError> {
+    pub async fn commit(&self, item: CommitItem) -> Result<Stored, StorageError> {
         let (reply, rx) = futures_channel::oneshot::channel();
         if self.tx.send((item, reply)).is_err() {
             return Err(StorageError::Io {
@@ -1119,7 +1133,7 @@ mod tests {
             p.write_at(30, b"abc").is_err(),
             "a write past the end is refused"
         );
-        let path = s.commit(p, &[1; 16], "a.txt", 5).unwrap();
+        let path = s.commit(p, &[1; 16], "a.txt", 5).unwrap().path;
         assert_eq!(fs::read(&path).unwrap(), b"hello");
         assert_eq!(temp_files(dir.path()), 0);
 
@@ -1191,7 +1205,7 @@ mod tests {
         let paths: Vec<PathBuf> = s
             .commit_batch(items)
             .into_iter()
-            .map(|r| r.unwrap())
+            .map(|r| r.unwrap().path)
             .collect();
         for (i, p) in paths.iter().enumerate() {
             assert_eq!(fs::read(p).unwrap(), vec![i as u8]);
@@ -1218,7 +1232,7 @@ mod tests {
             p.read_at(4096, &mut [0; 32]).is_err(),
             "past the sink's length"
         );
-        let path = s.commit(p, &[2; 16], "small", 103).unwrap();
+        let path = s.commit(p, &[2; 16], "small", 103).unwrap().path;
         assert_eq!(&fs::read(path).unwrap()[100..], b"abc");
     }
 
@@ -1256,7 +1270,7 @@ mod tests {
             let all: Vec<u8> = (0..len).map(|j| (j * 7) as u8).collect();
             p.write_at(0, &all).unwrap();
             let size = len - pad;
-            let path = s.commit(p, &[6; 16], "small", size).unwrap();
+            let path = s.commit(p, &[6; 16], "small", size).unwrap().path;
             proptest::prop_assert_eq!(fs::read(path).unwrap(), all[..size as usize].to_vec());
         }
     }
@@ -1302,7 +1316,7 @@ mod tests {
                             name: format!("f{i}"),
                             size: body.len() as u64,
                         };
-                        let path = block_on(committer.commit(item)).unwrap();
+                        let path = block_on(committer.commit(item)).unwrap().path;
                         assert_eq!(fs::read(path).unwrap(), body);
                     }
                 })
@@ -1333,7 +1347,7 @@ mod tests {
         // the file still ends at its size.
         let mut p = s.create_pending(64).unwrap();
         p.write_at(0, &[2; 10]).unwrap();
-        let path = s.commit(p, &[8; 16], "short", 48).unwrap();
+        let path = s.commit(p, &[8; 16], "short", 48).unwrap().path;
         let mut want = vec![0u8; 48];
         want[..10].fill(2);
         assert_eq!(fs::read(path).unwrap(), want);
@@ -1341,7 +1355,7 @@ mod tests {
         let mut p = s.create_pending(64).unwrap();
         p.write_at(0, &[3; 10]).unwrap();
         p.write_at(48, &[4; 16]).unwrap();
-        let path = s.commit(p, &[8; 16], "holey", 50).unwrap();
+        let path = s.commit(p, &[8; 16], "holey", 50).unwrap().path;
         let mut want = vec![0u8; 50];
         want[..10].fill(3);
         want[48..].fill(4);
@@ -1418,7 +1432,7 @@ mod tests {
                 model[at as usize..at as usize + n].copy_from_slice(&data);
             }
         }
-        let path = s.commit(p, &[9; 16], "f", len).unwrap();
+        let path = s.commit(p, &[9; 16], "f", len).unwrap().path;
         assert!(
             fs::read(&path).unwrap() == model,
             "file differs from the model"
@@ -1480,7 +1494,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), 1 << 30).unwrap();
         let p = s.create_pending(16).unwrap();
-        let path = s.commit(p, &[2; 16], "empty", 0).unwrap();
+        let path = s.commit(p, &[2; 16], "empty", 0).unwrap().path;
         assert_eq!(fs::metadata(path).unwrap().len(), 0);
     }
 }
