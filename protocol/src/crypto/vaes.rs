@@ -68,30 +68,31 @@ impl Keys {
     }
 }
 
+/// `w ^ w<<32 ^ w<<64 ^ w<<96`: each 32-bit word of the previous round key XORed with
+/// all the words before it, the running XOR of the key schedule (FIPS-197 §5.2).
 #[target_feature(enable = "aes")]
-fn assist1(t1: __m128i, t2: __m128i) -> __m128i {
-    let t2 = _mm_shuffle_epi32::<0xff>(t2);
-    let mut t1 = t1;
-    let mut t4 = _mm_slli_si128::<4>(t1);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128::<4>(t4);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128::<4>(t4);
-    t1 = _mm_xor_si128(t1, t4);
-    _mm_xor_si128(t1, t2)
+fn prefix_xor(mut w: __m128i) -> __m128i {
+    let mut t = _mm_slli_si128::<4>(w);
+    w = _mm_xor_si128(w, t);
+    t = _mm_slli_si128::<4>(t);
+    w = _mm_xor_si128(w, t);
+    t = _mm_slli_si128::<4>(t);
+    _mm_xor_si128(w, t)
 }
 
+/// The next even round key from the one two rounds back (`t1`) and
+/// `aeskeygenassist` of the last one (RotWord, SubWord and Rcon in its top word).
+#[target_feature(enable = "aes")]
+fn assist1(t1: __m128i, t2: __m128i) -> __m128i {
+    _mm_xor_si128(prefix_xor(t1), _mm_shuffle_epi32::<0xff>(t2))
+}
+
+/// The next odd round key from the one two rounds back (`t3`) and the even key just
+/// made (`t1`): SubWord without rotation or Rcon, as AES-256 has it.
 #[target_feature(enable = "aes")]
 fn assist2(t1: __m128i, t3: __m128i) -> __m128i {
-    let t2 = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(t1));
-    let mut t3 = t3;
-    let mut t4 = _mm_slli_si128::<4>(t3);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128::<4>(t4);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128::<4>(t4);
-    t3 = _mm_xor_si128(t3, t4);
-    _mm_xor_si128(t3, t2)
+    let sub = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(t1));
+    _mm_xor_si128(prefix_xor(t3), sub)
 }
 
 /// The AES-256 key expansion (FIPS-197 §5.2, as in Intel's AES-NI white paper), turned
