@@ -113,6 +113,12 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
                         return;
                     }
                 };
+                // Direct writes go through this shard's own ring (storage::ring).
+                if std::env::var_os("CYBERBACKUP_DIRECT_WRITES").is_none_or(|v| v != "threads") {
+                    if let Err(e) = crate::storage::ring::install() {
+                        tracing::warn!(error = %e, "no io_uring for direct writes; using writer threads");
+                    }
+                }
                 ex.run(
                     shard_main(shard, bind, cfg2, svc2, sd, ready_tx)
                         .instrument(tracing::info_span!("shard", shard)),

@@ -40,6 +40,8 @@ use cyberbackup_protocol::session::{sink_range, FileSink};
 use cyberbackup_protocol::{client_id_hex, ClientId};
 use memmap2::MmapMut;
 
+pub mod ring;
+
 /// Name of the temp directory under the root; client directories are 32 hex digits, so
 /// it cannot collide with one.
 pub const INCOMING: &str = ".incoming";
@@ -260,7 +262,7 @@ impl Storage {
                 .map_err(|e| io_err("allocating", &pending.path)(io::Error::from(e)))?;
         }
         if self.direct_min > 0 && len >= self.direct_min {
-            pending.direct = Direct::open(&pending.path, file, &self.writers);
+            pending.direct = Direct::open(&pending.path, file, &self.writers).map(Box::new);
             if pending.direct.is_some() {
                 // The stage writes whole blocks; it keeps no tail back.
                 pending.tail = None;
@@ -593,7 +595,7 @@ impl Drop for Reservation {
 pub struct PendingFile {
     file: Option<File>,
     /// Large files: the `O_DIRECT` descriptor and its staging buffer.
-    direct: Option<Direct>,
+    direct: Option<Box<Direct>>,
     /// Size allocated (the ciphertext size).
     len: u64,
     path: PathBuf,
@@ -639,8 +641,8 @@ const SPARE_STAGES: usize = 64;
 /// aligned blocks. Writing through the page cache touches a fresh cache page per 4 KiB;
 /// stages are reused, and the device reads them by DMA.
 ///
-/// A full stage goes to the [`Writers`] pool and the session goes on filling the next
-/// one, so the disk works while the connection reads and decrypts (at most
+/// A full stage goes to the calling thread's io_uring ([`ring`]; glommio shards have
+/// one) or else to the [`Writers`] pool, and the session goes on filling the next one, so the disk works while the connection reads and decrypts (at most
 /// [`MAX_IN_FLIGHT`] writes per file; the next full stage waits for one to finish).
 /// Whole aligned blocks go out through the direct descriptor; a partial block at
 /// either end of a run (a packet size that is not a multiple of 4 KiB, the CBC
@@ -661,6 +663,8 @@ struct Direct {
     /// Bytes of the stage in use, from `start` on.
     filled: usize,
     flight: Arc<Flight>,
+    /// The ring this file's writes went to (the first one's thread's; see [`ring`]).
+    ring: Option<Arc<ring::Ring>>,
 }
 
 /// The writes of one file in flight, the stages they free, and the first error.
@@ -702,6 +706,7 @@ impl Direct {
             start: 0,
             filled: 0,
             flight: Arc::default(),
+            ring: None,
         })
     }
 
@@ -756,13 +761,23 @@ impl Direct {
         // (returns at once: only this thread adds writes to this file)
         self.wait(MAX_IN_FLIGHT - 1)?.in_flight += 1;
         let full = std::mem::replace(&mut self.stage, next);
-        self.writers.submit(WriteJob {
+        let job = WriteJob {
             fd: self.fd.clone(),
             cached: self.cached.clone(),
             buf: full,
             offset: self.start,
             flight: self.flight.clone(),
-        });
+        };
+        // Through this thread's ring if it has one (and the file takes direct writes),
+        // else the writer threads.
+        let refused = self.flight.state.lock().map(|s| s.refused).unwrap_or(true);
+        if self.ring.is_none() && !refused {
+            self.ring = ring::current();
+        }
+        match self.ring.as_ref() {
+            Some(r) if !refused => r.submit(job),
+            _ => self.writers.submit(job),
+        }
         self.start += STAGE as u64;
         self.filled = 0;
         Ok(())
@@ -775,6 +790,20 @@ impl Direct {
             .state
             .lock()
             .map_err(|_| io::Error::other("a direct writer panicked"))?;
+        if let Some(ring) = self.ring.as_ref() {
+            // Writes on a ring complete only when someone reaps it (a file whose
+            // direct writes were refused midway may also have some with the writers,
+            // which `progress` waits for on the condition variable).
+            while st.in_flight > n {
+                drop(st);
+                ring.progress(&self.flight);
+                st = self
+                    .flight
+                    .state
+                    .lock()
+                    .map_err(|_| io::Error::other("a direct writer panicked"))?;
+            }
+        }
         while st.in_flight > n {
             st = self
                 .flight
@@ -945,6 +974,41 @@ impl WriteJob {
     fn run(self) {
         let refused = self.flight.state.lock().map(|s| s.refused).unwrap_or(false);
         let r = write_direct(&self.fd, &self.cached, &self.buf, self.offset, refused);
+        self.done(r);
+    }
+
+    /// Books the completion of this job's write on a ring: `res` is the byte count or
+    /// a negated errno. A short write is finished here, and a refused one (EINVAL: the
+    /// file system takes no direct writes after all) is written through the cache.
+    fn completed(self, res: i32) {
+        let r = if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                tracing::debug!(error = %e, "direct write refused; writing through the page cache");
+                self.cached
+                    .write_all_at(&self.buf, self.offset)
+                    .map(|()| true)
+            } else {
+                Err(e)
+            }
+        } else {
+            let n = (res as usize).min(self.buf.len());
+            if n < self.buf.len() {
+                write_direct(
+                    &self.fd,
+                    &self.cached,
+                    &self.buf[n..],
+                    self.offset + n as u64,
+                    false,
+                )
+            } else {
+                Ok(false)
+            }
+        };
+        self.done(r);
+    }
+
+    fn done(self, r: io::Result<bool>) {
         let mut st = self.flight.state.lock().unwrap_or_else(|p| p.into_inner());
         match r {
             Ok(now_refused) => st.refused |= now_refused,
@@ -1399,11 +1463,21 @@ mod tests {
     /// Writes as the session makes them, against a plain buffer: any mix of runs that
     /// continue each other, jumps (out-of-order packets), small rewrites (the CBC
     /// fix-up) and reads gives the same bytes through the direct-I/O stage.
-    fn direct_matches_a_buffer(len: u64, ops: &[(u64, usize, bool)]) {
+    ///
+    /// `via`: the writer threads, this thread's io_uring, or the ring with the commit
+    /// (and its final wait for the writes out) on another thread.
+    /// Returns whether the file's stages went to a ring.
+    fn direct_matches_a_buffer(len: u64, ops: &[(u64, usize, bool)], via: Via) -> bool {
         let dir = tempfile::tempdir().unwrap();
-        let s = Storage::open(dir.path(), 1 << 30)
-            .unwrap()
-            .with_direct_io(1);
+        let s = Arc::new(
+            Storage::open(dir.path(), 1 << 30)
+                .unwrap()
+                .with_direct_io(1),
+        );
+        match via {
+            Via::Threads => ring::uninstall(),
+            Via::Ring | Via::RingCommitElsewhere => ring::install().unwrap(),
+        }
         let mut p = s.create_pending(len).unwrap();
         assert!(p.direct.is_some(), "ext4 under the test takes O_DIRECT");
         let mut model = vec![0u8; len as usize];
@@ -1432,12 +1506,100 @@ mod tests {
                 model[at as usize..at as usize + n].copy_from_slice(&data);
             }
         }
-        let path = s.commit(p, &[9; 16], "f", len).unwrap().path;
+        let on_ring = p.direct.as_ref().is_some_and(|d| d.ring.is_some());
+        let threads_started = s.writers.tx.lock().unwrap().is_some();
+        match via {
+            Via::Threads => assert!(!on_ring),
+            // Whole stages went to the ring, none to the threads.
+            _ => assert!(!threads_started),
+        }
+        let path = match via {
+            Via::RingCommitElsewhere => {
+                let s2 = s.clone();
+                std::thread::spawn(move || s2.commit(p, &[9; 16], "f", len))
+                    .join()
+                    .unwrap()
+            }
+            _ => s.commit(p, &[9; 16], "f", len),
+        }
+        .unwrap()
+        .path;
         assert!(
             fs::read(&path).unwrap() == model,
             "file differs from the model"
         );
+        ring::uninstall();
+        on_ring
     }
+
+    /// What a ring's completion means: the rest of a short write is written, a refused
+    /// one (EINVAL) goes through the cache and marks the file, an error is kept.
+    #[test]
+    fn ring_completions_finish_short_writes_and_keep_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let cached = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap(),
+        );
+        cached.set_len(2 * STAGE as u64).unwrap();
+        let fd = Arc::new(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap(),
+        );
+        let stages = Arc::<Stages>::default();
+        let flight = Arc::<Flight>::default();
+        flight.state.lock().unwrap().in_flight = 3;
+        let job = |offset: u64, fill: u8| {
+            let mut buf = stages.take().unwrap();
+            buf.fill(fill);
+            WriteJob {
+                fd: fd.clone(),
+                cached: cached.clone(),
+                buf,
+                offset,
+                flight: flight.clone(),
+            }
+        };
+        // The kernel says it wrote 4 KiB of the stage (it did not, here): the rest is
+        // written by the completion.
+        job(0, 1).completed(4096);
+        let data = fs::read(&path).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0));
+        assert!(data[4096..STAGE].iter().all(|&b| b == 1));
+        {
+            let st = flight.state.lock().unwrap();
+            assert_eq!(st.in_flight, 2);
+            assert!(st.error.is_none() && !st.refused);
+        }
+        job(STAGE as u64, 2).completed(-libc::EINVAL);
+        let data = fs::read(&path).unwrap();
+        assert!(data[STAGE..].iter().all(|&b| b == 2));
+        {
+            let st = flight.state.lock().unwrap();
+            assert_eq!(st.in_flight, 1);
+            assert!(st.error.is_none() && st.refused);
+        }
+        job(0, 3).completed(-libc::EIO);
+        let st = flight.state.lock().unwrap();
+        assert_eq!(st.in_flight, 0);
+        assert_eq!(st.error.as_ref().unwrap().raw_os_error(), Some(libc::EIO));
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Via {
+        Threads,
+        Ring,
+        RingCommitElsewhere,
+    }
+    const VIAS: [Via; 3] = [Via::Threads, Via::Ring, Via::RingCommitElsewhere];
 
     #[test]
     fn direct_io_in_order_odd_sizes_and_jumps() {
@@ -1449,7 +1611,10 @@ mod tests {
             ops.push((at, 65_536 - 48, false));
             at += 65_536 - 48;
         }
-        direct_matches_a_buffer(len, &ops);
+        for via in VIAS {
+            let on_ring = direct_matches_a_buffer(len, &ops, via);
+            assert_eq!(on_ring, !matches!(via, Via::Threads), "{via:?}");
+        }
         // packets of 1 MiB + 16 bytes, out of order, with fix-ups and reads in between
         let pk = (1 << 20) + 16;
         let ops = vec![
@@ -1461,7 +1626,9 @@ mod tests {
             (2 * pk, 5000, false),
             (pk, 4096 * 3, true),
         ];
-        direct_matches_a_buffer(3 * pk + 4096, &ops);
+        for via in VIAS {
+            direct_matches_a_buffer(3 * pk + 4096, &ops, via);
+        }
     }
 
     proptest::proptest! {
@@ -1473,6 +1640,7 @@ mod tests {
                 (0u64..u64::MAX, 0usize..(STAGE + 9000), proptest::bool::weighted(0.15)),
                 1..40,
             ),
+            via in 0usize..3,
         ) {
             // Mostly continue the previous write, as the session does.
             let mut next = 0u64;
@@ -1485,7 +1653,7 @@ mod tests {
                     (at, n, read)
                 })
                 .collect();
-            direct_matches_a_buffer(len, &ops);
+            direct_matches_a_buffer(len, &ops, VIAS[via]);
         }
     }
 

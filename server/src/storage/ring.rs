@@ -1,0 +1,220 @@
+//! Direct writes through io_uring, submitted and reaped by the thread that fills the
+//! stages (a glommio shard), instead of handed to the [`Writers`](super::Writers)
+//! threads.
+//!
+//! With the writer threads every 1 MiB stage cost a hand-off (a futex wake), a writer
+//! that slept in `pwrite` until the device was done and woke again, and the shard
+//! sleeping whenever a file had two writes out: about three voluntary context switches
+//! per write, and a fifth of the server's CPU in scenario 2 of the benchmark suite. Here
+//! the shard thread queues the write on its own ring (one `io_uring_enter`, which starts
+//! the direct write and returns), the device's completion is posted to the ring, and
+//! whoever next looks at the ring (the shard, before it submits again or when it must
+//! wait for a file's writes, or a blocking thread that flushes a file at commit) books
+//! it. Nothing sleeps per write.
+//!
+//! A thread gets a ring with [`install`]; writes staged on a thread without one go to
+//! the writer threads, as under the mio runtime (the fallback where io_uring is not
+//! available). A stage stays owned by its job in the ring's table until the kernel has
+//! posted the write's completion, so its memory is never reused or unmapped while the
+//! device may still read it.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::{Flight, WriteJob};
+
+/// Submission queue entries per ring; the kernel sizes the completion queue at twice
+/// this, and with `IORING_FEAT_NODROP` (5.5+) keeps completions beyond that too.
+const ENTRIES: u32 = 256;
+
+/// How long a thread that does not own the ring sleeps between looks at it.
+const FOREIGN_POLL: Duration = Duration::from_micros(100);
+
+thread_local! {
+    static RING: RefCell<Option<Arc<Ring>>> = const { RefCell::new(None) };
+}
+
+/// Gives the calling thread its own ring for direct writes. Errors where io_uring is
+/// not available (an old kernel, a seccomp profile); writes then go to the writer
+/// threads.
+pub fn install() -> io::Result<()> {
+    let ring = Ring::new()?;
+    RING.with(|r| *r.borrow_mut() = Some(Arc::new(ring)));
+    Ok(())
+}
+
+/// Takes the calling thread's ring away (its writes still out finish first, when the
+/// last file that used it lets go of it).
+pub fn uninstall() {
+    RING.with(|r| r.borrow_mut().take());
+}
+
+/// The calling thread's ring, if it has one.
+pub(super) fn current() -> Option<Arc<Ring>> {
+    RING.with(|r| r.borrow().clone())
+}
+
+/// One thread's io_uring and the writes it has out.
+pub(super) struct Ring {
+    inner: Mutex<Inner>,
+    owner: ThreadId,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").field("owner", &self.owner).finish()
+    }
+}
+
+struct Inner {
+    uring: IoUring,
+    /// Writes the kernel has (or will get at the next submit), by `user_data`.
+    jobs: Vec<Option<WriteJob>>,
+    free: Vec<usize>,
+    out: usize,
+}
+
+impl Ring {
+    fn new() -> io::Result<Ring> {
+        let uring = IoUring::new(ENTRIES)?;
+        if !uring.params().is_feature_nodrop() {
+            return Err(io::Error::other(
+                "io_uring without IORING_FEAT_NODROP (Linux 5.5 or newer)",
+            ));
+        }
+        Ok(Ring {
+            inner: Mutex::new(Inner {
+                uring,
+                jobs: Vec::new(),
+                free: Vec::new(),
+                out: 0,
+            }),
+            owner: std::thread::current().id(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `job`'s write. The caller has counted it in its file's flight; its
+    /// completion is booked there by whoever reaps it.
+    pub(super) fn submit(&self, job: WriteJob) {
+        let mut inner = self.lock();
+        inner.reap();
+        let entry = opcode::Write::new(
+            types::Fd(job.fd.as_raw_fd()),
+            job.buf.as_ptr(),
+            job.buf.len() as u32,
+        )
+        .offset(job.offset);
+        let slot = match inner.free.pop() {
+            Some(i) => i,
+            None => {
+                inner.jobs.push(None);
+                inner.jobs.len() - 1
+            }
+        };
+        let entry = entry.build().user_data(slot as u64);
+        inner.jobs[slot] = Some(job);
+        // SAFETY: the entry points at the job's stage and names the job's descriptor;
+        // the job (which owns both) stays in `jobs[slot]` until the kernel posts the
+        // completion for `user_data == slot`, which `reap` removes it on, so neither is
+        // freed or reused while the kernel may read them.
+        let mut pushed = unsafe { inner.uring.submission().push(&entry).is_ok() };
+        if !pushed {
+            // The queue is full of entries not yet submitted: submit them, then retry.
+            let _ = inner.uring.submit();
+            // SAFETY: as above.
+            pushed = unsafe { inner.uring.submission().push(&entry).is_ok() };
+        }
+        if !pushed {
+            let job = inner.jobs[slot].take().expect("just put");
+            inner.free.push(slot);
+            drop(inner);
+            job.run();
+            return;
+        }
+        inner.out += 1;
+        // An error here (EBUSY, EAGAIN, EINTR) leaves the entry queued: the next submit
+        // or wait takes it.
+        if let Err(e) = inner.uring.submit() {
+            tracing::debug!(error = %e, "io_uring submit deferred");
+        }
+    }
+
+    /// Books completed writes; if none had completed, waits for one (the owner thread,
+    /// which runs the completions' task work as it waits) or sleeps briefly (any other
+    /// thread, while the owner posts them).
+    pub(super) fn progress(&self, flight: &Flight) {
+        let mut inner = self.lock();
+        if inner.reap() > 0 {
+            return;
+        }
+        if inner.out > 0 && std::thread::current().id() == self.owner {
+            match inner.uring.submit_and_wait(1) {
+                Ok(_) => {
+                    inner.reap();
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+                Err(e) => tracing::debug!(error = %e, "io_uring wait failed; polling"),
+            }
+        }
+        drop(inner);
+        let st = flight.state.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = flight.done.wait_timeout(st, FOREIGN_POLL);
+    }
+}
+
+impl Inner {
+    /// Books every posted completion; returns how many.
+    fn reap(&mut self) -> usize {
+        let done: Vec<(u64, i32)> = self
+            .uring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for &(slot, res) in &done {
+            let Some(job) = self
+                .jobs
+                .get_mut(slot as usize)
+                .and_then(|j: &mut Option<WriteJob>| j.take())
+            else {
+                continue;
+            };
+            self.free.push(slot as usize);
+            self.out -= 1;
+            job.completed(res);
+        }
+        done.len()
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The stages of writes still out must outlive them.
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        while inner.out > 0 {
+            match inner.uring.submit_and_wait(1) {
+                Ok(_) => {
+                    inner.reap();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!(error = %e, writes = inner.out, "io_uring wait failed at exit; leaking the stages of writes still out");
+                    for job in inner.jobs.drain(..).flatten() {
+                        std::mem::forget(job.buf);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
