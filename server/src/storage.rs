@@ -882,20 +882,38 @@ pub struct Writers {
     stages: Arc<Stages>,
 }
 
-/// Free stages, shared by every file (at most [`SPARE_STAGES`]).
+/// Free stages, shared by every file: at most [`SPARE_STAGES`], plus any a ring has
+/// registered (those are never unmapped while the pool lives; see [`ring`]).
 #[derive(Debug, Default)]
-struct Stages(Mutex<Vec<MmapMut>>);
+struct Stages(Mutex<Vec<Spare>>);
+
+/// A free stage in the pool.
+#[derive(Debug)]
+struct Spare {
+    map: MmapMut,
+    id: u64,
+    registered: bool,
+}
+
+/// Ids of stages, unique in the process (rings know their registered stages by id).
+static STAGE_IDS: AtomicU64 = AtomicU64::new(0);
 
 impl Stages {
     /// A free stage, or a new one; it comes back here when dropped.
     fn take(self: &Arc<Self>) -> io::Result<Stage> {
         let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let map = match spare {
-            Some(m) => m,
-            None => MmapMut::map_anon(STAGE)?,
+        let spare = match spare {
+            Some(s) => s,
+            None => Spare {
+                map: MmapMut::map_anon(STAGE)?,
+                id: STAGE_IDS.fetch_add(1, Ordering::Relaxed),
+                registered: false,
+            },
         };
         Ok(Stage {
-            map: Some(map),
+            map: Some(spare.map),
+            id: spare.id,
+            registered: spare.registered,
             home: self.clone(),
         })
     }
@@ -906,6 +924,10 @@ impl Stages {
 struct Stage {
     /// `None` only while being dropped.
     map: Option<MmapMut>,
+    id: u64,
+    /// A ring holds this stage's pages registered: it must stay mapped while the pool
+    /// lives (the ring holds the pool).
+    registered: bool,
     home: Arc<Stages>,
 }
 
@@ -926,8 +948,12 @@ impl Drop for Stage {
     fn drop(&mut self) {
         if let Some(map) = self.map.take() {
             let mut spare = self.home.0.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.len() < SPARE_STAGES {
-                spare.push(map);
+            if spare.len() < SPARE_STAGES || self.registered {
+                spare.push(Spare {
+                    map,
+                    id: self.id,
+                    registered: self.registered,
+                });
             }
         }
     }
@@ -1435,7 +1461,7 @@ mod tests {
             .with_direct_io(1);
         let spare = |s: &Storage| -> Vec<usize> {
             let v = s.writers.stages.0.lock().unwrap();
-            v.iter().map(|m| m.as_ptr() as usize).collect()
+            v.iter().map(|m| m.map.as_ptr() as usize).collect()
         };
         let len = 3 * STAGE as u64;
         let data = vec![5u8; len as usize];
@@ -1458,6 +1484,18 @@ mod tests {
             .collect();
         drop(many);
         assert_eq!(spare(&s).len(), SPARE_STAGES);
+        // A stage a ring registered is kept (mapped) even past that.
+        let mut many: Vec<Stage> = (0..SPARE_STAGES + 5)
+            .map(|_| s.writers.stages.take().unwrap())
+            .collect();
+        // (the last one dropped, when the pool is full)
+        let last = many.last_mut().unwrap();
+        last.registered = true;
+        let kept = last.id;
+        drop(many);
+        let pool = s.writers.stages.0.lock().unwrap();
+        assert_eq!(pool.len(), SPARE_STAGES + 1);
+        assert!(pool.iter().any(|p| p.id == kept && p.registered));
     }
 
     /// Writes as the session makes them, against a plain buffer: any mix of runs that
@@ -1476,6 +1514,7 @@ mod tests {
         );
         match via {
             Via::Threads => ring::uninstall(),
+            Via::RingUnregistered => ring::install_with(false).unwrap(),
             Via::Ring | Via::RingCommitElsewhere => ring::install().unwrap(),
         }
         let mut p = s.create_pending(len).unwrap();
@@ -1507,6 +1546,12 @@ mod tests {
             }
         }
         let on_ring = p.direct.as_ref().is_some_and(|d| d.ring.is_some());
+        let registered = ring::current().map_or(0, |r| r.registered());
+        match via {
+            Via::RingUnregistered | Via::Threads => assert_eq!(registered, 0),
+            // Where the kernel lets root register buffers, stages were registered.
+            _ => assert_eq!(registered > 0, on_ring),
+        }
         let threads_started = s.writers.tx.lock().unwrap().is_some();
         match via {
             Via::Threads => assert!(!on_ring),
@@ -1597,9 +1642,15 @@ mod tests {
     enum Via {
         Threads,
         Ring,
+        RingUnregistered,
         RingCommitElsewhere,
     }
-    const VIAS: [Via; 3] = [Via::Threads, Via::Ring, Via::RingCommitElsewhere];
+    const VIAS: [Via; 4] = [
+        Via::Threads,
+        Via::Ring,
+        Via::RingUnregistered,
+        Via::RingCommitElsewhere,
+    ];
 
     #[test]
     fn direct_io_in_order_odd_sizes_and_jumps() {
@@ -1640,7 +1691,7 @@ mod tests {
                 (0u64..u64::MAX, 0usize..(STAGE + 9000), proptest::bool::weighted(0.15)),
                 1..40,
             ),
-            via in 0usize..3,
+            via in 0usize..4,
         ) {
             // Mostly continue the previous write, as the session does.
             let mut next = 0u64;

@@ -27,11 +27,17 @@ use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{Flight, WriteJob};
+use super::{Flight, Stages, WriteJob};
 
 /// Submission queue entries per ring; the kernel sizes the completion queue at twice
 /// this, and with `IORING_FEAT_NODROP` (5.5+) keeps completions beyond that too.
 const ENTRIES: u32 = 256;
+
+/// Stages a ring registers with the kernel (`IORING_OP_WRITE_FIXED`: their pages are
+/// pinned once, not at every write). Registration counts against `RLIMIT_MEMLOCK`
+/// unless the server has `CAP_IPC_LOCK`; once the kernel refuses one, the ring stops
+/// asking and writes the rest with plain `IORING_OP_WRITE`.
+const FIXED_SLOTS: u32 = 64;
 
 /// How long a thread that does not own the ring sleeps between looks at it.
 const FOREIGN_POLL: Duration = Duration::from_micros(100);
@@ -44,7 +50,12 @@ thread_local! {
 /// not available (an old kernel, a seccomp profile); writes then go to the writer
 /// threads.
 pub fn install() -> io::Result<()> {
-    let ring = Ring::new()?;
+    install_with(true)
+}
+
+/// [`install`], with or without registered buffers (tests: the plain-write path).
+pub(super) fn install_with(register: bool) -> io::Result<()> {
+    let ring = Ring::new(register)?;
     RING.with(|r| *r.borrow_mut() = Some(Arc::new(ring)));
     Ok(())
 }
@@ -78,25 +89,49 @@ struct Inner {
     jobs: Vec<Option<WriteJob>>,
     free: Vec<usize>,
     out: usize,
+    /// Registered stages by id, and their slots in the kernel's table.
+    fixed: std::collections::HashMap<u64, u16>,
+    /// Whether more stages may be registered (the table has room, the kernel agrees).
+    can_register: bool,
+    /// The pools of the registered stages: kept alive (and so mapped) for as long as
+    /// the kernel holds their pages; dropped after `uring`.
+    pools: Vec<Arc<Stages>>,
 }
 
 impl Ring {
-    fn new() -> io::Result<Ring> {
+    fn new(register: bool) -> io::Result<Ring> {
         let uring = IoUring::new(ENTRIES)?;
         if !uring.params().is_feature_nodrop() {
             return Err(io::Error::other(
                 "io_uring without IORING_FEAT_NODROP (Linux 5.5 or newer)",
             ));
         }
+        let can_register = register
+            && match uring.submitter().register_buffers_sparse(FIXED_SLOTS) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no registered buffers for direct writes");
+                    false
+                }
+            };
         Ok(Ring {
             inner: Mutex::new(Inner {
                 uring,
                 jobs: Vec::new(),
                 free: Vec::new(),
                 out: 0,
+                fixed: Default::default(),
+                can_register,
+                pools: Vec::new(),
             }),
             owner: std::thread::current().id(),
         })
+    }
+
+    /// Stages registered with the kernel so far.
+    #[cfg(test)]
+    pub(super) fn registered(&self) -> usize {
+        self.lock().fixed.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -105,15 +140,20 @@ impl Ring {
 
     /// Starts `job`'s write. The caller has counted it in its file's flight; its
     /// completion is booked there by whoever reaps it.
-    pub(super) fn submit(&self, job: WriteJob) {
+    pub(super) fn submit(&self, mut job: WriteJob) {
         let mut inner = self.lock();
         inner.reap();
-        let entry = opcode::Write::new(
+        let (fd, buf, len) = (
             types::Fd(job.fd.as_raw_fd()),
             job.buf.as_ptr(),
             job.buf.len() as u32,
-        )
-        .offset(job.offset);
+        );
+        let entry = match inner.fixed_index(&mut job) {
+            Some(index) => opcode::WriteFixed::new(fd, buf, len, index)
+                .offset(job.offset)
+                .build(),
+            None => opcode::Write::new(fd, buf, len).offset(job.offset).build(),
+        };
         let slot = match inner.free.pop() {
             Some(i) => i,
             None => {
@@ -121,7 +161,7 @@ impl Ring {
                 inner.jobs.len() - 1
             }
         };
-        let entry = entry.build().user_data(slot as u64);
+        let entry = entry.user_data(slot as u64);
         inner.jobs[slot] = Some(job);
         // SAFETY: the entry points at the job's stage and names the job's descriptor;
         // the job (which owns both) stays in `jobs[slot]` until the kernel posts the
@@ -174,6 +214,46 @@ impl Ring {
 }
 
 impl Inner {
+    /// The slot of `job`'s stage in the kernel's buffer table, registering it there if
+    /// it is new and there is room.
+    fn fixed_index(&mut self, job: &mut WriteJob) -> Option<u16> {
+        if let Some(&i) = self.fixed.get(&job.buf.id) {
+            return Some(i);
+        }
+        if !self.can_register || self.fixed.len() >= FIXED_SLOTS as usize {
+            return None;
+        }
+        let index = self.fixed.len() as u16;
+        let iov = libc::iovec {
+            iov_base: job.buf.as_ptr() as *mut libc::c_void,
+            iov_len: job.buf.len(),
+        };
+        // SAFETY: the iovec covers the stage's whole mapping. A registered stage is
+        // never unmapped while its pool lives (`Stage::registered`), and this ring
+        // holds the pool (`pools`, dropped after the ring's descriptor), so the range
+        // stays valid for as long as the kernel holds it.
+        let r = unsafe {
+            self.uring
+                .submitter()
+                .register_buffers_update(index as u32, &[iov], None)
+        };
+        match r {
+            Ok(()) => {
+                job.buf.registered = true;
+                if !self.pools.iter().any(|p| Arc::ptr_eq(p, &job.buf.home)) {
+                    self.pools.push(job.buf.home.clone());
+                }
+                self.fixed.insert(job.buf.id, index);
+                Some(index)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, registered = self.fixed.len(), "registering a stage failed; plain writes from now on");
+                self.can_register = false;
+                None
+            }
+        }
+    }
+
     /// Books every posted completion; returns how many.
     fn reap(&mut self) -> usize {
         let done: Vec<(u64, i32)> = self
