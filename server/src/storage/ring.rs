@@ -30,7 +30,7 @@ use io_uring::{opcode, types, IoUring};
 use super::{Flight, Stages, WriteJob};
 
 /// Submission queue entries per ring; the kernel sizes the completion queue at twice
-/// this, and with `IORING_FEAT_NODROP` (5.5+) keeps completions beyond that too.
+/// this, which bounds the writes a ring has out at once (more go to the writer threads).
 const ENTRIES: u32 = 256;
 
 /// Stages a ring registers with the kernel (`IORING_OP_WRITE_FIXED`: their pages are
@@ -50,12 +50,13 @@ thread_local! {
 /// not available (an old kernel, a seccomp profile); writes then go to the writer
 /// threads.
 pub fn install() -> io::Result<()> {
-    install_with(true)
+    install_with(true, ENTRIES)
 }
 
-/// [`install`], with or without registered buffers (tests: the plain-write path).
-pub(super) fn install_with(register: bool) -> io::Result<()> {
-    let ring = Ring::new(register)?;
+/// [`install`], with or without registered buffers and with a given size (tests: the
+/// plain-write path, a full ring).
+pub(super) fn install_with(register: bool, entries: u32) -> io::Result<()> {
+    let ring = Ring::new(register, entries)?;
     RING.with(|r| *r.borrow_mut() = Some(Arc::new(ring)));
     Ok(())
 }
@@ -89,6 +90,8 @@ struct Inner {
     jobs: Vec<Option<WriteJob>>,
     free: Vec<usize>,
     out: usize,
+    /// Most writes out at once (the completion queue's size).
+    max_out: usize,
     /// Registered stages by id, and their slots in the kernel's table.
     fixed: std::collections::HashMap<u64, u16>,
     /// Whether more stages may be registered (the table has room, the kernel agrees).
@@ -99,13 +102,24 @@ struct Inner {
 }
 
 impl Ring {
-    fn new(register: bool) -> io::Result<Ring> {
-        let uring = IoUring::new(ENTRIES)?;
+    fn new(register: bool, entries: u32) -> io::Result<Ring> {
+        let uring = IoUring::new(entries)?;
         if !uring.params().is_feature_nodrop() {
             return Err(io::Error::other(
                 "io_uring without IORING_FEAT_NODROP (Linux 5.5 or newer)",
             ));
         }
+        let mut probe = io_uring::Probe::new();
+        uring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::Write::CODE) {
+            return Err(io::Error::other(
+                "io_uring without IORING_OP_WRITE (Linux 5.6 or newer)",
+            ));
+        }
+        let register = register && probe.is_supported(opcode::WriteFixed::CODE);
+        // Writes out at once stay below the completion queue's size, so completions
+        // never overflow into the kernel's list (which only `io_uring_enter` drains).
+        let max_out = uring.params().cq_entries() as usize;
         let can_register = register
             && match uring.submitter().register_buffers_sparse(FIXED_SLOTS) {
                 Ok(()) => true,
@@ -120,6 +134,7 @@ impl Ring {
                 jobs: Vec::new(),
                 free: Vec::new(),
                 out: 0,
+                max_out,
                 fixed: Default::default(),
                 can_register,
                 pools: Vec::new(),
@@ -128,10 +143,11 @@ impl Ring {
         })
     }
 
-    /// Stages registered with the kernel so far.
+    /// Stages registered with the kernel so far, and whether it would take more.
     #[cfg(test)]
-    pub(super) fn registered(&self) -> usize {
-        self.lock().fixed.len()
+    pub(super) fn registered(&self) -> (usize, bool) {
+        let inner = self.lock();
+        (inner.fixed.len(), inner.can_register)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -139,10 +155,17 @@ impl Ring {
     }
 
     /// Starts `job`'s write. The caller has counted it in its file's flight; its
-    /// completion is booked there by whoever reaps it.
-    pub(super) fn submit(&self, mut job: WriteJob) {
+    /// completion is booked there by whoever reaps it. Hands the job back when the ring
+    /// already has as many writes out as its completion queue holds, or the kernel
+    /// takes no more entries: the caller writes it some other way.
+    pub(super) fn submit(&self, mut job: WriteJob) -> Result<(), WriteJob> {
         let mut inner = self.lock();
-        inner.reap();
+        let done = inner.reap();
+        if inner.out >= inner.max_out {
+            drop(inner);
+            complete_all(done);
+            return Err(job);
+        }
         let (fd, buf, len) = (
             types::Fd(job.fd.as_raw_fd()),
             job.buf.as_ptr(),
@@ -178,8 +201,8 @@ impl Ring {
             let job = inner.jobs[slot].take().expect("just put");
             inner.free.push(slot);
             drop(inner);
-            job.run();
-            return;
+            complete_all(done);
+            return Err(job);
         }
         inner.out += 1;
         // An error here (EBUSY, EAGAIN, EINTR) leaves the entry queued: the next submit
@@ -187,6 +210,9 @@ impl Ring {
         if let Err(e) = inner.uring.submit() {
             tracing::debug!(error = %e, "io_uring submit deferred");
         }
+        drop(inner);
+        complete_all(done);
+        Ok(())
     }
 
     /// Books completed writes; if none had completed, waits for one (the owner thread,
@@ -194,22 +220,34 @@ impl Ring {
     /// thread, while the owner posts them).
     pub(super) fn progress(&self, flight: &Flight) {
         let mut inner = self.lock();
-        if inner.reap() > 0 {
-            return;
-        }
-        if inner.out > 0 && std::thread::current().id() == self.owner {
+        let mut done = inner.reap();
+        if done.is_empty() && inner.out > 0 && std::thread::current().id() == self.owner {
             match inner.uring.submit_and_wait(1) {
-                Ok(_) => {
-                    inner.reap();
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+                Ok(_) => done = inner.reap(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => tracing::debug!(error = %e, "io_uring wait failed; polling"),
             }
         }
+        if done.is_empty() && inner.out > 0 {
+            // Entries a failed submit left queued go now (any thread may submit).
+            let _ = inner.uring.submit();
+            done = inner.reap();
+        }
         drop(inner);
+        if !done.is_empty() {
+            complete_all(done);
+            return;
+        }
         let st = flight.state.lock().unwrap_or_else(|p| p.into_inner());
         let _ = flight.done.wait_timeout(st, FOREIGN_POLL);
+    }
+}
+
+/// Books completions taken off a ring, outside its lock: a short or refused write is
+/// finished with a blocking write here, which must not hold up the ring's owner.
+fn complete_all(done: Vec<(WriteJob, i32)>) {
+    for (job, res) in done {
+        job.completed(res);
     }
 }
 
@@ -254,14 +292,16 @@ impl Inner {
         }
     }
 
-    /// Books every posted completion; returns how many.
-    fn reap(&mut self) -> usize {
-        let done: Vec<(u64, i32)> = self
+    /// Takes every posted completion off the queue, with its job (which the caller
+    /// books with [`WriteJob::completed`] once the lock is released).
+    fn reap(&mut self) -> Vec<(WriteJob, i32)> {
+        let posted: Vec<(u64, i32)> = self
             .uring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        for &(slot, res) in &done {
+        let mut done = Vec::with_capacity(posted.len());
+        for (slot, res) in posted {
             let Some(job) = self
                 .jobs
                 .get_mut(slot as usize)
@@ -271,9 +311,9 @@ impl Inner {
             };
             self.free.push(slot as usize);
             self.out -= 1;
-            job.completed(res);
+            done.push((job, res));
         }
-        done.len()
+        done
     }
 }
 
@@ -283,9 +323,7 @@ impl Drop for Ring {
         let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
         while inner.out > 0 {
             match inner.uring.submit_and_wait(1) {
-                Ok(_) => {
-                    inner.reap();
-                }
+                Ok(_) => complete_all(inner.reap()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::error!(error = %e, writes = inner.out, "io_uring wait failed at exit; leaking the stages of writes still out");
