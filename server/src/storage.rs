@@ -1585,17 +1585,24 @@ mod tests {
         on_ring
     }
 
+    /// A pipe already full: writes to it wait until its reader drains it.
+    fn full_pipe() -> (std::io::PipeReader, Arc<File>) {
+        use std::io::Write;
+        let (rd, wr) = std::io::pipe().unwrap();
+        let wr = Arc::new(File::from(std::os::fd::OwnedFd::from(wr)));
+        let cap = nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+        (&*wr).write_all(&vec![0u8; cap as usize]).unwrap();
+        (rd, wr)
+    }
+
     /// A ring hands back a write when it already has as many out as its completion
     /// queue holds, and books the ones out once they complete. (The writes go to a
     /// pipe that is full until a reader starts, so none can complete before the third
     /// is offered.)
     #[test]
     fn a_full_ring_hands_writes_back() {
-        use std::io::{Read, Write};
-        let (mut rd, wr) = std::io::pipe().unwrap();
-        let wr = Arc::new(File::from(std::os::fd::OwnedFd::from(wr)));
-        let cap = nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
-        (&*wr).write_all(&vec![0u8; cap as usize]).unwrap();
+        use std::io::Read;
+        let (mut rd, wr) = full_pipe();
         let stages = Arc::<Stages>::default();
         let flight = Arc::<Flight>::default();
         ring::install_with(false, 1).unwrap();
@@ -1631,11 +1638,8 @@ mod tests {
     /// a full pipe that a reader starts draining only later.)
     #[test]
     fn a_ring_dropped_with_writes_out_waits_for_them() {
-        use std::io::{Read, Write};
-        let (mut rd, wr) = std::io::pipe().unwrap();
-        let wr = Arc::new(File::from(std::os::fd::OwnedFd::from(wr)));
-        let cap = nix::fcntl::fcntl(wr.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
-        (&*wr).write_all(&vec![0u8; cap as usize]).unwrap();
+        use std::io::Read;
+        let (mut rd, wr) = full_pipe();
         let stages = Arc::<Stages>::default();
         let flight = Arc::<Flight>::default();
         ring::install_with(false, 8).unwrap();
