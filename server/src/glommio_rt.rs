@@ -12,13 +12,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::task::JoinHandle;
 use glommio::timer::Timer;
@@ -313,11 +315,25 @@ async fn serve(
                         .max(Duration::from_millis(1))
                 });
                 let _ = stream.set_read_timeout(timeout);
-                let r = stream.read(driver.read_buf()).await;
+                // The thread's read buffer is borrowed only inside one poll: glommio
+                // reads with a non-blocking recv there, and keeps no buffer while the
+                // socket is not ready.
+                let r = std::future::poll_fn(|cx| {
+                    match driver.read_from(Instant::now(), |b| {
+                        match Pin::new(&mut stream).poll_read(cx, b) {
+                            Poll::Ready(r) => r,
+                            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                        }
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+                        r => Poll::Ready(r),
+                    }
+                })
+                .await;
                 idle.set(false);
                 match r {
                     Ok(0) => break "peer closed",
-                    Ok(n) => driver.filled(n),
+                    Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                         if driver.timed_out(Instant::now()) {
                             break "timed out";

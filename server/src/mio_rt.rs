@@ -440,9 +440,10 @@ impl Shard {
                         break None;
                     }
                     reads += 1;
-                    match conn.stream.read(conn.driver.read_buf()) {
+                    let stream = &mut conn.stream;
+                    match conn.driver.read_from(now, |b| stream.read(b)) {
                         Ok(0) => break Some("peer closed"),
-                        Ok(n) => conn.driver.filled(n),
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             if let Some(d) = conn.driver.deadline() {
                                 self.timers.push(Reverse((d, token)));
