@@ -298,9 +298,9 @@ fn failure(e: &ClientError) -> (StatusCode, &'static str) {
         ClientError::BadInput { .. } | ClientError::File { .. } => {
             (StatusCode::BAD_REQUEST, "incomplete_body")
         }
-        ClientError::BadIdentity { .. } | ClientError::Crypto(_) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-        }
+        ClientError::BadIdentity { .. }
+        | ClientError::Crypto(_)
+        | ClientError::Congestion { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 

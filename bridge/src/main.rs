@@ -82,6 +82,7 @@ fn run() -> Result<()> {
         ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(args.timeout.max(1)),
+            congestion: None,
         },
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -43,6 +43,12 @@ pub enum ClientError {
     Crypto(#[from] cyberbackup_protocol::crypto::CryptoError),
     #[error("cancelled")]
     Cancelled,
+    #[error("TCP congestion control {name:?} cannot be used here")]
+    Congestion {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {

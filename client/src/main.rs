@@ -96,6 +96,7 @@ fn exit_code(e: &ClientError) -> i32 {
         | ClientError::Crypto(_) => 6,
         ClientError::ChecksumFailed { .. } => 7,
         ClientError::Cancelled => 130,
+        ClientError::Congestion { .. } => 2,
     }
 }
 
@@ -230,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let copts = ConnectOptions {
         io_timeout: Duration::from_secs(c.timeout.max(1)),
+        congestion: None,
         ..ConnectOptions::default()
     };
     // A new identity is saved as soon as the server assigns its id.

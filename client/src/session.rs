@@ -29,6 +29,10 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Longest wait for any read or write.
     pub io_timeout: Duration,
+    /// TCP congestion control for the connection (`TCP_CONGESTION`, e.g. "cubic"), or
+    /// `None` for the system's default. The load generator uses it on loopback, where
+    /// a pacing algorithm (BBR) bills the sender's transmissions to the server's CPU.
+    pub congestion: Option<String>,
 }
 
 impl Default for ConnectOptions {
@@ -36,6 +40,7 @@ impl Default for ConnectOptions {
         Self {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(60),
+            congestion: None,
         }
     }
 }
@@ -90,7 +95,11 @@ fn resolve(server: &str) -> Result<Vec<SocketAddr>, ClientError> {
 fn connect_tcp(server: &str, opts: &ConnectOptions) -> Result<TcpStream, ClientError> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for addr in resolve(server)? {
-        match TcpStream::connect_timeout(&addr, opts.connect_timeout) {
+        let connected = match &opts.congestion {
+            None => TcpStream::connect_timeout(&addr, opts.connect_timeout),
+            Some(name) => connect_with_congestion(&addr, name, opts.connect_timeout)?,
+        };
+        match connected {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 s.set_read_timeout(Some(opts.io_timeout))
@@ -105,6 +114,50 @@ fn connect_tcp(server: &str, opts: &ConnectOptions) -> Result<TcpStream, ClientE
         server: server.to_owned(),
         source: last,
     })
+}
+
+/// Connects with TCP congestion control `name`, set before the SYN: an algorithm
+/// switched after the handshake keeps what the default one set up (BBR turns on the
+/// kernel's pacing, and it stays on). The outer error is the option's, the inner one
+/// the connection's.
+fn connect_with_congestion(
+    addr: &std::net::SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<io::Result<TcpStream>, ClientError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sk = match Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    ) {
+        Ok(sk) => sk,
+        Err(e) => return Ok(Err(e)),
+    };
+    sk.set_tcp_congestion(name.as_bytes())
+        .map_err(|source| ClientError::Congestion {
+            name: name.to_owned(),
+            source,
+        })?;
+    Ok(sk
+        .connect_timeout(&(*addr).into(), timeout)
+        .map(|()| TcpStream::from(sk)))
+}
+
+/// Checks that TCP congestion control `name` can be set on this host, as
+/// [`ConnectOptions::congestion`] will, without connecting anywhere.
+pub fn check_congestion(name: &str) -> Result<(), ClientError> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(
+        |source| ClientError::Congestion {
+            name: name.to_owned(),
+            source,
+        },
+    )?;
+    s.set_tcp_congestion(name.as_bytes())
+        .map_err(|source| ClientError::Congestion {
+            name: name.to_owned(),
+            source,
+        })
 }
 
 /// Reads one response, bounded: nothing larger than a v3 response is read.
@@ -378,5 +431,40 @@ impl Session {
             }
             None => Err(ClientError::Rejected(self.identity.name.clone())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reno is built into every Linux kernel, so these run anywhere.
+    #[test]
+    fn a_connection_gets_the_congestion_control_asked_for() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = l.local_addr().unwrap().to_string();
+        let opts = ConnectOptions {
+            congestion: Some("reno".into()),
+            ..ConnectOptions::default()
+        };
+        let s = connect_tcp(&server, &opts).unwrap();
+        let cc = socket2::SockRef::from(&s).tcp_congestion().unwrap();
+        // The kernel answers with a NUL-padded name.
+        assert_eq!(cc.split(|&b| b == 0).next(), Some(&b"reno"[..]));
+        check_congestion("reno").unwrap();
+    }
+
+    #[test]
+    fn an_unknown_congestion_control_is_a_clear_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = l.local_addr().unwrap().to_string();
+        let opts = ConnectOptions {
+            congestion: Some("no-such-algorithm".into()),
+            ..ConnectOptions::default()
+        };
+        let e = connect_tcp(&server, &opts).unwrap_err();
+        assert!(matches!(e, ClientError::Congestion { .. }), "{e:?}");
+        assert!(e.report().contains("no-such-algorithm"), "{}", e.report());
+        assert!(check_congestion("no-such-algorithm").is_err());
     }
 }

@@ -83,6 +83,13 @@ pub struct Args {
     /// Prefix of the user names the clients register.
     #[arg(long)]
     pub user_prefix: Option<String>,
+    /// TCP congestion control of the upload connections (e.g. "cubic"; default: the
+    /// system's). On 127.0.0.1 a pacing algorithm such as BBR sends the generator's
+    /// data from kernel timers that fire on whichever CPU armed them, often the
+    /// server's, which is then billed for the generator's transmissions; a server with
+    /// remote clients never pays that.
+    #[arg(long, value_name = "NAME")]
+    pub congestion: Option<String>,
 }
 
 /// A fixed size or a log-uniform range, in bytes.
@@ -178,6 +185,18 @@ impl Args {
         }
         if self.timeout == 0 {
             bail!("--timeout must be at least 1 second");
+        }
+        if let Some(name) = &self.congestion {
+            if let Err(e) = cyberbackup_client::session::check_congestion(name) {
+                let available =
+                    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                        .unwrap_or_default();
+                bail!(
+                    "--congestion: {} (available here: {})",
+                    e.report(),
+                    available.trim()
+                );
+            }
         }
         // Each client keeps the ciphertext of the largest file of its session.
         let cache = self

@@ -293,6 +293,8 @@ pub struct Report {
     pub connections: usize,
     pub size: crate::config::SizeRange,
     pub packet_size: u64,
+    /// TCP congestion control of the upload connections (`None`: the system's).
+    pub congestion: Option<String>,
     pub schedule: String,
     pub rate_target: Option<f64>,
     pub measured_seconds: f64,
@@ -339,6 +341,7 @@ impl Report {
             connections: args.connections,
             size: args.size,
             packet_size: args.packet_size,
+            congestion: args.congestion.clone(),
             schedule: if open {
                 "open loop, constant rate".into()
             } else {

@@ -105,6 +105,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
     let copts = ConnectOptions {
         connect_timeout: a.io_timeout(),
         io_timeout: a.io_timeout(),
+        congestion: a.congestion.clone(),
     };
     let name = format!("{}-{idx}", sh.user_prefix);
     let key = sh.keys[idx % sh.keys.len()].clone();

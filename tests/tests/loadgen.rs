@@ -39,7 +39,19 @@ fn closed_loop_report_holds_together(rt: Runtime) {
     let srv = Server::start(rt, &[]);
     let addr = srv.addr.to_string();
     let out = loadgen(&[
-        "-s", &addr, "-c", "4", "--size", "64KiB", "-d", "2", "--warmup", "0.5", "--json",
+        "-s",
+        &addr,
+        "-c",
+        "4",
+        "--size",
+        "64KiB",
+        "-d",
+        "2",
+        "--warmup",
+        "0.5",
+        "--json",
+        "--congestion",
+        "reno",
     ]);
     assert!(
         out.status.success(),
@@ -72,6 +84,7 @@ fn closed_loop_report_holds_together(rt: Runtime) {
         .sum();
     assert!(in_window >= files, "{in_window} < {files}");
     assert!(r["generator_cpu_user_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(r["congestion"], "reno");
     // the server really stored them
     assert!(srv.log().contains("file stored"));
 }
@@ -211,6 +224,7 @@ fn impossible_options_are_refused_before_any_load() {
         (&["--connections", "0"], "--connections"),
         (&["--connections", "2000000", "--size", "16"], "open files"),
         (&["--packet-size", "100"], "--packet-size"),
+        (&["--congestion", "no-such-algorithm"], "--congestion"),
     ] {
         let out = loadgen(&[&["-s", "127.0.0.1:1"][..], args].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}");
