@@ -103,6 +103,7 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
         let t = std::thread::Builder::new()
             .name(format!("shard-{shard}"))
             .spawn(move || {
+                let _stop = crate::shutdown::StopOnPanic(sd.clone());
                 let ex = match LocalExecutorBuilder::new(Placement::Unbound)
                     .name(&format!("shard-{shard}"))
                     .io_memory(IO_MEMORY)
@@ -131,8 +132,7 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
         // port 0: the other shards share the port chosen
         addr = crate::shutdown::wait_ready(&ready_rx, &shutdown, &mut threads, shard)?;
     }
-    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "glommio");
-    Ok(())
+    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "glommio")
 }
 
 async fn shard_main(

@@ -88,7 +88,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
         RuntimeKind::Mio => mio_rt::run(cfg, svc, shutdown),
         _ => glommio_rt::run(cfg, svc, shutdown),
     };
-    registry_thread.join();
+    // After a shard panicked, its tasks may still hold the registry's channel: the
+    // registry thread would wait for them forever. Everything acknowledged is already
+    // in the database (a client's ACK waits for its row).
+    if result.is_ok() {
+        registry_thread.join();
+    }
     if result.is_ok() {
         svc_storage.close();
         tracing::info!("stopped");

@@ -23,6 +23,11 @@ fn real_main() -> Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the log's disk is full) is dropped. By
+        // default tracing-subscriber reports it with `eprintln!`, which fails the same
+        // way and panics: a shard that logged then died, and its leaked tasks kept
+        // the server from ever exiting.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     match cfg.log_format {
         LogFormat::Text => builder.init(),

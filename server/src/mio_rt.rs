@@ -167,6 +167,7 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
         let t = std::thread::Builder::new()
             .name(format!("shard-{shard}"))
             .spawn(move || {
+                let _stop = crate::shutdown::StopOnPanic(sd.clone());
                 let span = tracing::info_span!("shard", shard);
                 let _e = span.enter();
                 match Shard::new(shard, cfg2, svc2, sd, listener) {
@@ -183,8 +184,7 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
         threads.push(t);
         crate::shutdown::wait_ready(&ready_rx, &shutdown, &mut threads, shard)?;
     }
-    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "mio");
-    Ok(())
+    crate::shutdown::serve_until_stopped(threads, addr, cfg.shards, "mio")
 }
 
 impl Shard {

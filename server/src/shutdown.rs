@@ -77,15 +77,42 @@ pub fn wait_ready<T>(
 }
 
 /// Announces the address once every shard listens, then waits for them all to stop.
+/// A shard that panicked is an error: the others were told to drain (see
+/// [`StopOnPanic`]), and the caller must not wait for the services the dead shard's
+/// tasks may still hold.
 pub fn serve_until_stopped(
     threads: Vec<JoinHandle<()>>,
     addr: std::net::SocketAddr,
     shards: usize,
     runtime: &str,
-) {
+) -> anyhow::Result<()> {
     tracing::info!(addr = %addr, shards, runtime, "listening");
     println!("cyberbackup-server listening on {addr}");
-    for t in threads {
-        let _ = t.join();
+    let mut panicked = Vec::new();
+    for (i, t) in threads.into_iter().enumerate() {
+        if t.join().is_err() {
+            panicked.push(i);
+        }
+    }
+    if panicked.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "shard(s) {panicked:?} stopped with a panic; the server stopped"
+        ))
+    }
+}
+
+/// Held by a shard thread: if the thread unwinds from a panic, the whole server
+/// drains and stops instead of serving on with one shard gone. (glommio does not
+/// drop the tasks of an executor that unwinds, so what they hold stays held.)
+pub struct StopOnPanic(pub Arc<Shutdown>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("a shard panicked; stopping the server");
+            self.0.trigger();
+        }
     }
 }

@@ -180,12 +180,22 @@ impl Server {
     }
 
     /// Starts `cmd` (the server, possibly behind a wrapper) in `dir`.
-    pub fn spawn(mut cmd: Command, dir: &Path, extra: &[&str]) -> Server {
+    pub fn spawn(cmd: Command, dir: &Path, extra: &[&str]) -> Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("server.log"))
             .expect("log file");
+        Server::spawn_logging_to(cmd, dir, extra, log)
+    }
+
+    /// Starts `cmd` in `dir` with its log (standard error) going to `log`.
+    pub fn spawn_logging_to(
+        mut cmd: Command,
+        dir: &Path,
+        extra: &[&str],
+        log: std::fs::File,
+    ) -> Server {
         // `--log debug` unless the test chose a level (the flag may be given once)
         let level: &[&str] = if extra.contains(&"--log") {
             &[]
@@ -277,6 +287,13 @@ impl Server {
         self.signal("TERM");
         self.wait(Duration::from_secs(60))
             .expect("server did not exit after SIGTERM")
+    }
+
+    /// SIGTERM, then waits at most `limit` for the exit status (None: still running;
+    /// the process is then killed when the `Server` drops).
+    pub fn wait_or_term(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.signal("TERM");
+        self.wait(limit)
     }
 
     /// Waits for the process to exit.

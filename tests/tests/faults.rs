@@ -1218,7 +1218,41 @@ fn a_flood_of_random_and_truncated_frames_leaves_honest_clients_untouched(rt: Ru
     assert!(srv.wait_no_temp_files(), "flood temp files removed");
 }
 
+/// A log that cannot be written (its disk is full: here `/dev/full`) costs the log
+/// lines, never the service: uploads are stored and SIGTERM still stops the server.
+/// tracing-subscriber used to report the failed write with `eprintln!`, which failed
+/// too and panicked the shard that logged; glommio leaked that shard's tasks, and the
+/// server never exited.
+fn a_log_on_a_full_disk_neither_kills_nor_hangs_the_server(rt: Runtime) {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut cmd = Command::new(server_binary());
+    cmd.args(["--runtime", rt.flag()]);
+    let mut srv = Server::spawn_logging_to(cmd, tmp.path(), &[], full);
+    let mut conns: Vec<Conn> = (0..4)
+        .map(|i| Conn::login(srv.addr, &unique_name(&format!("full-log-{i}"))))
+        .collect();
+    for round in 0..3 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let plain = data(200_000 + i, round * 10 + i as u64);
+            let f = c.upload(&format!("f{round}"), &plain, 65536, Order::InOrder);
+            assert_eq!(f.cksum, cksum::cksum(&plain));
+            let stored = std::fs::read(srv.client_dir(&c.id).join(format!("f{round}"))).unwrap();
+            assert_eq!(stored, plain);
+        }
+    }
+    drop(conns);
+    let st = srv
+        .wait_or_term(Duration::from_secs(30))
+        .expect("the server exits after SIGTERM although it cannot log");
+    assert!(st.success(), "{st:?}");
+}
+
 both_runtimes!(
+    a_log_on_a_full_disk_neither_kills_nor_hangs_the_server,
     kill_9_mid_concurrent_uploads_then_restart_loses_nothing_acknowledged,
     a_full_disk_answers_1607_spares_the_others_and_recovers,
     slow_peers_cannot_starve_an_honest_client_and_are_timed_out,
