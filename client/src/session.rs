@@ -438,16 +438,20 @@ impl Session {
 mod tests {
     use super::*;
 
+    /// Connects to a local listener with congestion control `cc`.
+    fn connect_with(cc: &str) -> Result<TcpStream, ClientError> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let opts = ConnectOptions {
+            congestion: Some(cc.into()),
+            ..ConnectOptions::default()
+        };
+        connect_tcp(&l.local_addr().unwrap().to_string(), &opts)
+    }
+
     /// Reno is built into every Linux kernel, so these run anywhere.
     #[test]
     fn a_connection_gets_the_congestion_control_asked_for() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = l.local_addr().unwrap().to_string();
-        let opts = ConnectOptions {
-            congestion: Some("reno".into()),
-            ..ConnectOptions::default()
-        };
-        let s = connect_tcp(&server, &opts).unwrap();
+        let s = connect_with("reno").unwrap();
         let cc = socket2::SockRef::from(&s).tcp_congestion().unwrap();
         // The kernel answers with a NUL-padded name.
         assert_eq!(cc.split(|&b| b == 0).next(), Some(&b"reno"[..]));
@@ -456,13 +460,7 @@ mod tests {
 
     #[test]
     fn an_unknown_congestion_control_is_a_clear_error() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = l.local_addr().unwrap().to_string();
-        let opts = ConnectOptions {
-            congestion: Some("no-such-algorithm".into()),
-            ..ConnectOptions::default()
-        };
-        let e = connect_tcp(&server, &opts).unwrap_err();
+        let e = connect_with("no-such-algorithm").unwrap_err();
         assert!(matches!(e, ClientError::Congestion { .. }), "{e:?}");
         assert!(e.report().contains("no-such-algorithm"), "{}", e.report());
         assert!(check_congestion("no-such-algorithm").is_err());
