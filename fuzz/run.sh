@@ -8,7 +8,7 @@
 # (ignored by git); the committed seeds in fuzz/corpus/ are only read. A crash leaves
 # its input in fuzz/artifacts/<target>/: replay it with
 #   cargo fuzz run <target> fuzz/artifacts/<target>/crash-...
-# then make it a named test in protocol/src/fuzzing/tests.rs.
+# then make it a named test in protocol/src/v3/fuzzing/tests.rs.
 # FUZZ_SANITIZER=address (or another cargo-fuzz sanitizer) trades speed for checks on
 # the unsafe code of the dependencies; the default, none, suits the `forbid(unsafe)`
 # protocol crate and keeps the executions per second high.

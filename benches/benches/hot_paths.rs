@@ -2,7 +2,7 @@
 //!
 //! # Groups
 //!
-//! - `cksum`: the POSIX `cksum` of `cyberbackup_protocol::cksum` (CRC-32/CKSUM with
+//! - `cksum`: the POSIX `cksum` of `cyberbackup_protocol::v3::cksum` (CRC-32/CKSUM with
 //!   carry-less-multiply folding, plus the length suffix) against `crc32fast::hash`
 //!   (CRC-32/ISO-HDLC, also PCLMULQDQ-folded) on the same random 4 KiB, 64 KiB and
 //!   1 MiB buffers. Both are one pass over the data, so the ratio says whether the
@@ -61,23 +61,24 @@ use memmap2::MmapMut;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
-use cyberbackup_protocol::crypto::{
+use cyberbackup_protocol::common::ClientId;
+use cyberbackup_protocol::v3::cksum;
+use cyberbackup_protocol::v3::crypto::{
     self, ciphertext_len, decryption_key, AesKey, ClientKeypair, StreamDecryptor, StreamEncryptor,
     ZERO_IV,
 };
-use cyberbackup_protocol::header::{
+use cyberbackup_protocol::v3::header::{
     RequestCode, RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
     RESPONSE_HEADER_LEN,
 };
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::v3::message::{
     encode_name_request, encode_send_file, encode_send_file_head, encode_send_public_key,
     FileReceived, Response, SendFileHead, SEND_FILE_FIXED_LEN,
 };
-use cyberbackup_protocol::session::memory::MemoryBackend;
-use cyberbackup_protocol::session::{
+use cyberbackup_protocol::v3::session::memory::MemoryBackend;
+use cyberbackup_protocol::v3::session::{
     sink_range, Completion, FileSink, Op, ServerSession, SessionConfig,
 };
-use cyberbackup_protocol::{cksum, ClientId};
 use std::os::unix::fs::FileExt;
 
 const KIB: usize = 1024;
@@ -137,7 +138,7 @@ fn bench_codec(c: &mut Criterion) {
 
     let req = RequestHeader {
         client_id: id,
-        version: cyberbackup_protocol::VERSION,
+        version: cyberbackup_protocol::v3::VERSION,
         code: RequestCode::SendFile,
         payload_size: (SEND_FILE_FIXED_LEN + MIB) as u32,
     }
@@ -151,7 +152,7 @@ fn bench_codec(c: &mut Criterion) {
     });
 
     let resp = ResponseHeader {
-        version: cyberbackup_protocol::VERSION,
+        version: cyberbackup_protocol::v3::VERSION,
         code: ResponseCode::FileReceived,
         payload_size: 279,
     };

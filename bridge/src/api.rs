@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cyberbackup_client::ClientError;
-use cyberbackup_protocol::name;
+use cyberbackup_protocol::v3::name;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -408,10 +408,10 @@ pub fn probe_server(server: &str, timeout: Duration) -> Result<Duration, String>
         .map_err(|e| e.to_string())?;
     let mut req = Vec::new();
     let probe_name = format!("probe-{:08x}", rand::random::<u32>());
-    cyberbackup_protocol::message::encode_name_request(
+    cyberbackup_protocol::v3::message::encode_name_request(
         &mut req,
         &[0; 16],
-        cyberbackup_protocol::RequestCode::Reconnect,
+        cyberbackup_protocol::v3::RequestCode::Reconnect,
         &probe_name,
     )
     .map_err(|e| e.to_string())?;
@@ -420,7 +420,7 @@ pub fn probe_server(server: &str, timeout: Duration) -> Result<Duration, String>
     let mut h = [0u8; 7];
     s.read_exact(&mut h)
         .map_err(|e| format!("{server} did not answer like a CyberBackup server: {e}"))?;
-    let h = cyberbackup_protocol::ResponseHeader::parse(&h).map_err(|e| e.to_string())?;
+    let h = cyberbackup_protocol::v3::ResponseHeader::parse(&h).map_err(|e| e.to_string())?;
     if h.version != 3 || u16::from(h.code) < 1600 || u16::from(h.code) > 1607 {
         return Err(format!("{server} does not speak CyberBackup v3"));
     }

@@ -40,7 +40,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("cryptography failed: {0}")]
-    Crypto(#[from] cyberbackup_protocol::crypto::CryptoError),
+    Crypto(#[from] cyberbackup_protocol::v3::crypto::CryptoError),
     #[error("cancelled")]
     Cancelled,
     #[error("TCP congestion control {name:?} cannot be used here")]

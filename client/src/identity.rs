@@ -13,8 +13,9 @@ use std::io::Write;
 use std::path::Path;
 
 use base64::Engine;
-use cyberbackup_protocol::crypto::ClientKeypair;
-use cyberbackup_protocol::{client_id_hex, name, parse_client_id_hex, ClientId};
+use cyberbackup_protocol::common::{client_id_hex, parse_client_id_hex, ClientId};
+use cyberbackup_protocol::v3::crypto::ClientKeypair;
+use cyberbackup_protocol::v3::name;
 
 use crate::ClientError;
 

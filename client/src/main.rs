@@ -243,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         eprintln!(
             "registered as {} (client id {}), identity saved in {}",
             identity.name,
-            cyberbackup_protocol::client_id_hex(&identity.id),
+            cyberbackup_protocol::common::client_id_hex(&identity.id),
             c.identity.display()
         );
     }

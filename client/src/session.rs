@@ -5,10 +5,10 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use cyberbackup_protocol::crypto::{AesKey, ClientKeypair};
-use cyberbackup_protocol::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
-use cyberbackup_protocol::message::{encode_name_request, encode_send_public_key, Response};
-use cyberbackup_protocol::{name, VERSION};
+use cyberbackup_protocol::v3::crypto::{AesKey, ClientKeypair};
+use cyberbackup_protocol::v3::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
+use cyberbackup_protocol::v3::message::{encode_name_request, encode_send_public_key, Response};
+use cyberbackup_protocol::v3::{name, VERSION};
 
 use crate::{ClientError, Identity};
 
@@ -176,7 +176,8 @@ pub(crate) fn read_response(
             h.version
         )));
     }
-    let max = Response::MAX_PAYLOAD.max(cyberbackup_protocol::message::FILE_RECEIVED_LEN as u32);
+    let max =
+        Response::MAX_PAYLOAD.max(cyberbackup_protocol::v3::message::FILE_RECEIVED_LEN as u32);
     if h.payload_size > max {
         return Err(ClientError::Protocol(format!(
             "response payload of {} bytes (at most {max})",

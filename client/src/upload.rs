@@ -18,13 +18,13 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cyberbackup_protocol::cksum::Cksum;
-use cyberbackup_protocol::crypto::{ciphertext_len, StreamEncryptor, BLOCK};
-use cyberbackup_protocol::header::RequestCode;
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::v3::cksum::Cksum;
+use cyberbackup_protocol::v3::crypto::{ciphertext_len, StreamEncryptor, BLOCK};
+use cyberbackup_protocol::v3::header::RequestCode;
+use cyberbackup_protocol::v3::message::{
     encode_name_request, encode_send_file_head, FileReceived, Response, SendFileHead,
 };
-use cyberbackup_protocol::{name, MAX_CONTENT_SIZE};
+use cyberbackup_protocol::v3::{name, MAX_CONTENT_SIZE};
 
 use crate::progress::{Cancel, Phase, Progress};
 use crate::session::{io_error, read_response};

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cyberbackup_protocol::crypto::ClientKeypair;
+use cyberbackup_protocol::v3::crypto::ClientKeypair;
 use rand::RngCore;
 
 use config::{Args, Mode};

@@ -15,9 +15,9 @@ use std::sync::{mpsc, Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use cyberbackup_client::{ClientError, ConnectOptions, Identity, Session};
-use cyberbackup_protocol::crypto::{AesKey, ClientKeypair, StreamEncryptor, BLOCK, ZERO_IV};
-use cyberbackup_protocol::header::{RequestCode, ResponseCode, ResponseHeader};
-use cyberbackup_protocol::message::encode_name_request;
+use cyberbackup_protocol::v3::crypto::{AesKey, ClientKeypair, StreamEncryptor, BLOCK, ZERO_IV};
+use cyberbackup_protocol::v3::header::{RequestCode, ResponseCode, ResponseHeader};
+use cyberbackup_protocol::v3::message::encode_name_request;
 use rand::{Rng, SeedableRng};
 
 use crate::config::{Args, Mode};
@@ -143,7 +143,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
     let mut in_session = 0u64;
     let mut sessions = 0u64;
     let fixed_cksum = (a.mode == Mode::Upload && a.size.min == a.size.max)
-        .then(|| cyberbackup_protocol::cksum(&sh.plain[..a.size.min as usize]));
+        .then(|| cyberbackup_protocol::v3::cksum(&sh.plain[..a.size.min as usize]));
 
     while !sh.stop.load(Ordering::Relaxed) {
         // When is the next one due?
@@ -257,7 +257,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
             let hi = (a.size.max.max(1) as f64).ln();
             (rng.gen_range(lo..=hi).exp().round() as u64).clamp(a.size.min, a.size.max)
         } as usize;
-        let want = fixed_cksum.unwrap_or_else(|| cyberbackup_protocol::cksum(&sh.plain[..n]));
+        let want = fixed_cksum.unwrap_or_else(|| cyberbackup_protocol::v3::cksum(&sh.plain[..n]));
         let (body, last) = c.file(&sh.plain, n);
         let file_name = format!("lg-{}", in_session % 64);
         let t0 = Instant::now();

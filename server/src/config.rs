@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use cyberbackup_protocol::session::SessionConfig;
-use cyberbackup_protocol::MAX_CONTENT_SIZE;
+use cyberbackup_protocol::v3::session::SessionConfig;
+use cyberbackup_protocol::v3::MAX_CONTENT_SIZE;
 use serde::Deserialize;
 
 /// The default port of CyberBackup.
@@ -220,7 +220,7 @@ impl Args {
             Ok(Duration::from_secs(v))
         };
         let session = SessionConfig {
-            max_payload: max_packet + cyberbackup_protocol::message::SEND_FILE_FIXED_LEN as u32,
+            max_payload: max_packet + cyberbackup_protocol::v3::message::SEND_FILE_FIXED_LEN as u32,
             max_file_size,
             header_timeout: secs(pick!(header_timeout), 30, "header-timeout")?,
             idle_timeout: secs(pick!(idle_timeout), 300, "idle-timeout")?,

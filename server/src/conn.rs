@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::io;
 use std::time::Instant;
 
-use cyberbackup_protocol::session::{Completion, Op, ServerSession, SessionConfig};
+use cyberbackup_protocol::v3::session::{Completion, Op, ServerSession, SessionConfig};
 
 use crate::storage::PendingFile;
 
@@ -183,7 +183,7 @@ impl Driver {
     }
 
     /// Counters for the disconnect log line.
-    pub fn stats(&self) -> cyberbackup_protocol::session::SessionStats {
+    pub fn stats(&self) -> cyberbackup_protocol::v3::session::SessionStats {
         self.session.stats()
     }
 }

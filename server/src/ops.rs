@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use cyberbackup_protocol::session::{Completion, Op};
+use cyberbackup_protocol::v3::session::{Completion, Op};
 
 use crate::registry::{FileRecord, Registry};
 use crate::storage::{CommitItem, Committer, PendingFile, Storage};
@@ -66,7 +66,7 @@ pub async fn run_op<B: Blocking>(
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "storing a public key failed");
-                    cyberbackup_protocol::session::KeyStored::Refused
+                    cyberbackup_protocol::v3::session::KeyStored::Refused
                 }
             },
         ),
@@ -75,7 +75,7 @@ pub async fn run_op<B: Blocking>(
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "reconnect lookup failed");
-                    cyberbackup_protocol::session::ReconnectLookup {
+                    cyberbackup_protocol::v3::session::ReconnectLookup {
                         by_name: None,
                         id_known: true,
                     }

@@ -14,8 +14,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cyberbackup_protocol::session::{KeyStored, ReconnectLookup};
-use cyberbackup_protocol::{ClientId, PUBLIC_KEY_LEN};
+use cyberbackup_protocol::common::ClientId;
+use cyberbackup_protocol::v3::session::{KeyStored, ReconnectLookup};
+use cyberbackup_protocol::v3::PUBLIC_KEY_LEN;
 use futures_channel::oneshot;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -130,7 +131,7 @@ pub fn reconcile(db: &Path, root: &Path) -> Result<Reconciled, RegistryError> {
                 tracing::warn!(path = %path.display(), "a file of an unknown client; left alone");
                 continue;
             }
-            let mut ck = cyberbackup_protocol::cksum::Cksum::new();
+            let mut ck = cyberbackup_protocol::v3::cksum::Cksum::new();
             let mut f = std::fs::File::open(&path).map_err(io(&path))?;
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -168,7 +169,7 @@ fn parse_client_hex(s: &str) -> Option<ClientId> {
     for (i, b) in id.iter_mut().enumerate() {
         *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    (cyberbackup_protocol::client_id_hex(&id) == s).then_some(id)
+    (cyberbackup_protocol::common::client_id_hex(&id) == s).then_some(id)
 }
 
 /// A stored file's record.
@@ -512,7 +513,8 @@ mod tests {
 
     #[test]
     fn reconcile_writes_the_rows_a_crash_left_out() {
-        use cyberbackup_protocol::{cksum::cksum, client_id_hex};
+        use cyberbackup_protocol::common::client_id_hex;
+        use cyberbackup_protocol::v3::cksum::cksum;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("t.db");
         let root = dir.path().join("files");
@@ -602,7 +604,8 @@ mod tests {
     /// gets its row rewritten.
     #[test]
     fn reconcile_tells_a_same_size_replacement_by_its_inode() {
-        use cyberbackup_protocol::{cksum::cksum, client_id_hex};
+        use cyberbackup_protocol::common::client_id_hex;
+        use cyberbackup_protocol::v3::cksum::cksum;
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("t.db");

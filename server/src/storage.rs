@@ -7,7 +7,7 @@
 //! writes the decrypted bytes at their offsets (out-of-order packets land at their
 //! place; the file is the reassembly buffer): files of at least `--direct-io-min-size`
 //! through a page-aligned stage that the session decrypts into and that goes out with
-//! `O_DIRECT` ([`Direct`]), smaller ones with `pwrite` through the page cache. On
+//! `O_DIRECT` (`Direct`), smaller ones with `pwrite` through the page cache. On
 //! CRC_OK the stage is written out, the file cut to the plaintext size, `fdatasync`ed,
 //! renamed to `<root>/<client id hex>/<name>` and the directory `fsync`ed, in that
 //! order, before the ACK is sent. Anything else (CRC_RETRY, CRC_ABORT, an error, a
@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex};
 
 use std::os::unix::fs::FileExt;
 
-use cyberbackup_protocol::session::{sink_range, FileSink};
-use cyberbackup_protocol::{client_id_hex, ClientId};
+use cyberbackup_protocol::common::{client_id_hex, ClientId};
+use cyberbackup_protocol::v3::session::{sink_range, FileSink};
 use memmap2::MmapMut;
 
 pub mod ring;
@@ -464,7 +464,7 @@ impl Storage {
     }
 
     /// Starts the group-commit thread: files that finish together are committed
-    /// together, see [`Storage::run_committer`].
+    /// together, see `Storage::run_committer`.
     pub fn start_committer(self: &Arc<Self>) -> Committer {
         let (tx, rx) = std::sync::mpsc::channel::<(CommitItem, CommitReply)>();
         let me = self.clone();

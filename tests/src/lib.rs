@@ -10,12 +10,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cyberbackup_protocol::crypto::{self, AesKey, ClientKeypair};
-use cyberbackup_protocol::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::common::ClientId;
+use cyberbackup_protocol::v3::crypto::{self, AesKey, ClientKeypair};
+use cyberbackup_protocol::v3::header::{RequestCode, ResponseHeader, RESPONSE_HEADER_LEN};
+use cyberbackup_protocol::v3::message::{
     encode_name_request, encode_send_file, encode_send_public_key, FileReceived, Response,
 };
-use cyberbackup_protocol::ClientId;
 use rand::{RngCore, SeedableRng};
 
 /// How long any single read waits before a test fails instead of hanging.
@@ -234,7 +234,8 @@ impl Server {
 
     /// A client's directory.
     pub fn client_dir(&self, id: &ClientId) -> PathBuf {
-        self.storage().join(cyberbackup_protocol::client_id_hex(id))
+        self.storage()
+            .join(cyberbackup_protocol::common::client_id_hex(id))
     }
 
     /// Entries in the temp directory (but the server's run marker, `.incoming/RUNNING`).
@@ -583,9 +584,9 @@ impl WrongChecksumServer {
 }
 
 fn serve_wrong_checksum(mut s: TcpStream, mut record: impl FnMut(u16)) {
-    use cyberbackup_protocol::crypto::PublicKey;
-    use cyberbackup_protocol::header::RequestHeader;
-    use cyberbackup_protocol::message::SendFileHead;
+    use cyberbackup_protocol::v3::crypto::PublicKey;
+    use cyberbackup_protocol::v3::header::RequestHeader;
+    use cyberbackup_protocol::v3::message::SendFileHead;
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let id = [7u8; 16];
     loop {
@@ -769,7 +770,7 @@ pub fn raise_open_files_limit(want: u64) {
 
 /// A v3 request header with any version, code and payload size (for hostile inputs).
 pub fn request_header(id: ClientId, version: u8, code: u16, size: u32) -> Vec<u8> {
-    cyberbackup_protocol::header::RequestHeader {
+    cyberbackup_protocol::v3::header::RequestHeader {
         client_id: id,
         version,
         code: code.into(),

@@ -74,7 +74,7 @@ fn backups_through_the_bridge_reconnect_and_survive_a_restart() {
     let c = cyberbackup_e2e::data(1000, 2);
     let j1 = backup(&b.url, &server, "carol", "a.bin", &a);
     assert_eq!(j1["status"], "done");
-    assert_eq!(j1["cksum"], cyberbackup_protocol::cksum(&a));
+    assert_eq!(j1["cksum"], cyberbackup_protocol::v3::cksum(&a));
     assert_eq!(j1["percent"], 100.0);
     // the same user again: the bridge reconnects with the identity it kept
     let j2 = backup(&b.url, &server, "carol", "c.bin", &c);

@@ -54,7 +54,7 @@ fn first_run_registers_second_reconnects_with_several_files(rt: Runtime) {
     assert!(lines[1]
         .chars()
         .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-    let id = cyberbackup_protocol::parse_client_id_hex(lines[1]).unwrap();
+    let id = cyberbackup_protocol::common::parse_client_id_hex(lines[1]).unwrap();
     for (name, bytes) in [("a.bin", &a[..]), ("b.bin", &b[..]), ("empty", &[][..])] {
         assert_eq!(
             std::fs::read(srv.client_dir(&id).join(name)).unwrap(),
@@ -66,7 +66,7 @@ fn first_run_registers_second_reconnects_with_several_files(rt: Runtime) {
     assert!(
         stdout.contains(&format!(
             "stored a.bin: 300000 bytes, cksum {}",
-            cyberbackup_protocol::cksum(&a)
+            cyberbackup_protocol::v3::cksum(&a)
         )),
         "{stdout}"
     );
@@ -83,7 +83,10 @@ fn first_run_registers_second_reconnects_with_several_files(rt: Runtime) {
         .rfind(|v: &serde_json::Value| v["event"] == "stored")
         .expect("a stored event");
     assert_eq!(last["file"], "c.txt");
-    assert_eq!(last["cksum"], cyberbackup_protocol::cksum(b"second run"));
+    assert_eq!(
+        last["cksum"],
+        cyberbackup_protocol::v3::cksum(b"second run")
+    );
     assert_eq!(
         std::fs::read(srv.client_dir(&id).join("c.txt")).unwrap(),
         b"second run"
@@ -127,7 +130,7 @@ fn a_1_gib_file_in_constant_memory(rt: Runtime) {
         "peak RSS {peak_kib} KiB is over 64 MiB"
     );
     let me = std::fs::read_to_string(work.path().join("me.info")).unwrap();
-    let id = cyberbackup_protocol::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
+    let id = cyberbackup_protocol::common::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
     let stored = srv.client_dir(&id).join("big.bin");
     assert_eq!(system_cksum(&stored), system_cksum(&path));
 }
@@ -267,7 +270,7 @@ fn the_server_killed_mid_upload_gives_a_clear_error_and_stores_nothing(rt: Runti
     let srv = Server::start_in(rt, dir.path(), &[]);
     assert_eq!(srv.temp_files(), 0);
     let me = std::fs::read_to_string(work.path().join("me.info")).unwrap();
-    let id = cyberbackup_protocol::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
+    let id = cyberbackup_protocol::common::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
     assert!(!srv.client_dir(&id).join("victim.bin").exists());
 }
 
@@ -277,7 +280,7 @@ fn an_interrupted_registration_is_finished_by_the_next_run(rt: Runtime) {
     let srv = Server::start(rt, &[]);
     let user = unique_name("interrupted");
     let mut c = Conn::connect(srv.addr);
-    let cyberbackup_protocol::message::Response::RegisterOk { client_id } = c.register(&user)
+    let cyberbackup_protocol::v3::message::Response::RegisterOk { client_id } = c.register(&user)
     else {
         panic!("register")
     };
@@ -321,7 +324,7 @@ fn batch_mode_reads_transfer_info(rt: Runtime) {
     let out = cli(w).arg("--batch").output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let me = std::fs::read_to_string(w.join("me.info")).unwrap();
-    let id = cyberbackup_protocol::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
+    let id = cyberbackup_protocol::common::parse_client_id_hex(me.lines().nth(1).unwrap()).unwrap();
     assert_eq!(
         std::fs::read(srv.client_dir(&id).join("doc.txt")).unwrap(),
         b"batch mode"

@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::header::RequestCode;
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::common::{client_id_hex, ClientId};
+use cyberbackup_protocol::v3::cksum;
+use cyberbackup_protocol::v3::header::RequestCode;
+use cyberbackup_protocol::v3::message::{
     encode_name_request, encode_send_file_head, encode_send_public_key, Response, SendFileHead,
 };
-use cyberbackup_protocol::{cksum, client_id_hex, ClientId};
 use rand::{Rng, SeedableRng};
 
 fn header(id: ClientId, version: u8, code: u16, size: u32) -> Vec<u8> {

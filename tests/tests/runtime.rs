@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::cksum;
+use cyberbackup_protocol::v3::cksum;
 
 fn behind_seccomp(runtime: &str) -> Command {
     let mut cmd = Command::new(no_io_uring_binary());

@@ -8,12 +8,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::crypto::{self, ClientKeypair};
-use cyberbackup_protocol::header::RequestCode;
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::common::{client_id_hex, ClientId};
+use cyberbackup_protocol::v3::cksum;
+use cyberbackup_protocol::v3::crypto::{self, ClientKeypair};
+use cyberbackup_protocol::v3::header::RequestCode;
+use cyberbackup_protocol::v3::message::{
     encode_name_request, encode_send_file, encode_send_public_key, Response,
 };
-use cyberbackup_protocol::{cksum, client_id_hex, ClientId};
 
 fn header(id: ClientId, code: u16, size: u32) -> Vec<u8> {
     request_header(id, 3, code, size)

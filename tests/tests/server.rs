@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
-use cyberbackup_protocol::header::RequestCode;
-use cyberbackup_protocol::message::{
+use cyberbackup_protocol::v3::header::RequestCode;
+use cyberbackup_protocol::v3::message::{
     encode_send_file, encode_send_file_head, Response, SendFileHead,
 };
-use cyberbackup_protocol::{cksum, crypto, MAX_PAYLOAD_SIZE};
+use cyberbackup_protocol::v3::{cksum, crypto, MAX_PAYLOAD_SIZE};
 
 fn header(id: [u8; 16], version: u8, code: u16, size: u32) -> Vec<u8> {
     request_header(id, version, code, size)

@@ -84,7 +84,7 @@ fn backing_up_two_files_from_the_browser() {
     );
     // the checksums the browser showed are the real ones
     assert!(
-        stdout.contains(&cyberbackup_protocol::cksum(&a_bytes).to_string()),
+        stdout.contains(&cyberbackup_protocol::v3::cksum(&a_bytes).to_string()),
         "{stdout}"
     );
 }

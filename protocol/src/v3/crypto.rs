@@ -3,7 +3,7 @@
 //! key.
 //!
 //! CBC decryption is parallel across blocks. Where the CPU has AVX-512 and VAES, it
-//! runs through [`vaes`], which keeps 32 blocks in flight (about twice the rate of the
+//! runs through `vaes`, which keeps 32 blocks in flight (about twice the rate of the
 //! `aes` crate here); elsewhere, or with `CYBERBACKUP_AES=portable` in the environment,
 //! through `cbc::Decryptor::decrypt_blocks_*`, where the `aes` crate pipelines 8 blocks
 //! at a time through AES-NI. Encryption is serial by the nature of CBC.
@@ -338,7 +338,7 @@ impl ClientKeypair {
             .to_public_key_der()
             .map_err(|_| CryptoError::BadPublicKey)?
             .into_vec();
-        if public_der.len() > crate::PUBLIC_KEY_LEN {
+        if public_der.len() > crate::v3::PUBLIC_KEY_LEN {
             return Err(CryptoError::PublicKeyTooLong(public_der.len()));
         }
         Ok(Self {
@@ -415,7 +415,7 @@ impl PublicKey {
 /// How a session key reaches the client: parse the client's public key field, make a
 /// session key, encrypt it to the public key.
 ///
-/// v3 is [`RsaOaep`], the default of [`ServerSession`](crate::session::ServerSession)
+/// v3 is [`RsaOaep`], the default of [`ServerSession`](crate::v3::session::ServerSession)
 /// and a zero-sized type, so the production path is monomorphised exactly as if it
 /// called [`PublicKey`] directly. The trait exists so that fuzz targets (feature
 /// `fuzzing`) can swap in a provider whose session key is known and whose "encryption"

@@ -32,22 +32,23 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::cksum::cksum;
-use crate::crypto::{
+use crate::common::ClientId;
+use crate::v3::cksum::cksum;
+use crate::v3::crypto::{
     self, ciphertext_len, AesKey, CryptoError, CryptoRng, CryptoRngCore, KeyExchange, RngCore,
 };
-use crate::header::{
+use crate::v3::header::{
     RequestCode, RequestHeader, ResponseCode, ResponseHeader, REQUEST_HEADER_LEN,
     RESPONSE_HEADER_LEN,
 };
-use crate::message::{
+use crate::v3::message::{
     self, DecodeError, Response, SendFileHead, ENCRYPTED_KEY_LEN, NAME_PAYLOAD_LEN,
     SEND_FILE_FIXED_LEN, SEND_PUBLIC_KEY_LEN,
 };
-use crate::name::{self, NameError, NAME_FIELD_LEN};
-use crate::session::memory::{MemClient, MemoryBackend};
-use crate::session::{Completion, Op, ServerSession, SessionConfig};
-use crate::{ClientId, MAX_PAYLOAD_SIZE, PUBLIC_KEY_LEN, VERSION};
+use crate::v3::name::{self, NameError, NAME_FIELD_LEN};
+use crate::v3::session::memory::{MemClient, MemoryBackend};
+use crate::v3::session::{Completion, Op, ServerSession, SessionConfig};
+use crate::v3::{MAX_PAYLOAD_SIZE, PUBLIC_KEY_LEN, VERSION};
 
 /// The session key [`KnownKey`] issues to everyone.
 pub const KNOWN_AES_KEY: AesKey = *b"cyberbackup fuzz: known aes key!";
@@ -370,7 +371,7 @@ fn send_file_payload(p: &[u8]) {
                 assert_eq!(SendFileHead::decode(body), Ok(head));
                 // (A content size over 16 MiB is never sent: the u32 payload size of the
                 // header would not hold it; see the fuzz README.)
-                if head.content_size <= crate::MAX_CONTENT_SIZE {
+                if head.content_size <= crate::v3::MAX_CONTENT_SIZE {
                     let h = RequestHeader::parse(&out).expect("a header");
                     assert_eq!(
                         h.payload_size as u64,

@@ -109,7 +109,7 @@ pub struct TooShort {
 /// The 23-byte request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
-    pub client_id: crate::ClientId,
+    pub client_id: crate::common::ClientId,
     pub version: u8,
     pub code: RequestCode,
     pub payload_size: u32,

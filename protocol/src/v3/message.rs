@@ -5,11 +5,12 @@
 //! Encoders write whole frames (header and payload) into a caller's buffer, so a
 //! runtime can reuse one buffer for every response.
 
-use crate::header::{
+use crate::common::ClientId;
+use crate::v3::header::{
     RequestCode, RequestHeader, ResponseCode, ResponseHeader, RESPONSE_HEADER_LEN,
 };
-use crate::name::{self, NameError, NAME_FIELD_LEN};
-use crate::{ClientId, PUBLIC_KEY_LEN, VERSION};
+use crate::v3::name::{self, NameError, NAME_FIELD_LEN};
+use crate::v3::{PUBLIC_KEY_LEN, VERSION};
 
 /// Payload size of REGISTER, RECONNECT and the three CRC requests.
 pub const NAME_PAYLOAD_LEN: usize = NAME_FIELD_LEN;
@@ -541,7 +542,7 @@ mod tests {
             };
             let mut input = code.to_le_bytes().to_vec();
             input.extend_from_slice(&frame[skip..]);
-            crate::fuzzing::payload(&input);
+            crate::v3::fuzzing::payload(&input);
         }
 
         #[test]

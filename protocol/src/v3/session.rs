@@ -33,15 +33,18 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cksum::Cksum;
-use crate::crypto::{self, CryptoRngCore, KeyExchange, RsaOaep, StreamDecryptor, BLOCK, ZERO_IV};
-use crate::header::{RequestCode, RequestHeader, REQUEST_HEADER_LEN};
-use crate::message::{
+use crate::common::ClientId;
+use crate::v3::cksum::Cksum;
+use crate::v3::crypto::{
+    self, CryptoRngCore, KeyExchange, RsaOaep, StreamDecryptor, BLOCK, ZERO_IV,
+};
+use crate::v3::header::{RequestCode, RequestHeader, REQUEST_HEADER_LEN};
+use crate::v3::message::{
     self, FileReceived, Response, SendFileHead, NAME_PAYLOAD_LEN, SEND_FILE_FIXED_LEN,
     SEND_PUBLIC_KEY_LEN,
 };
-use crate::name;
-use crate::{ClientId, MAX_PAYLOAD_SIZE, PUBLIC_KEY_LEN, VERSION};
+use crate::v3::name;
+use crate::v3::{MAX_PAYLOAD_SIZE, PUBLIC_KEY_LEN, VERSION};
 
 /// Limits and timeouts of a session.
 #[derive(Debug, Clone)]
@@ -638,7 +641,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
         match (w, c) {
             (Waiting::Register { id, name }, Completion::Registered(ok)) => {
                 if ok {
-                    tracing::info!(client = %crate::client_id_hex(&id), name = %name, "registered");
+                    tracing::info!(client = %crate::common::client_id_hex(&id), name = %name, "registered");
                     // A file in flight belongs to the identity it was sent under.
                     self.drop_transfer();
                     self.drop_verdict();
@@ -992,7 +995,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                     .client
                     .as_ref()
                     .is_some_and(|c| c.registered_here && c.id == id);
-                tracing::info!(client = %crate::client_id_hex(&id), name = %name, reconnect, "session key issued");
+                tracing::info!(client = %crate::common::client_id_hex(&id), name = %name, reconnect, "session key issued");
                 if self.client.as_ref().is_some_and(|c| c.id != id) {
                     // A file in flight belongs to the identity it was sent under: it
                     // must never be committed into another client's directory.

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{Completion, KeyStored, Op, ReconnectLookup, ServerSession};
-use crate::crypto::{CryptoRngCore, KeyExchange};
-use crate::{ClientId, PUBLIC_KEY_LEN};
+use crate::common::ClientId;
+use crate::v3::crypto::{CryptoRngCore, KeyExchange};
+use crate::v3::PUBLIC_KEY_LEN;
 
 /// A stored client.
 #[derive(Debug, Clone)]

@@ -10,9 +10,9 @@ use rand::SeedableRng;
 
 use super::memory::MemoryBackend;
 use super::*;
-use crate::crypto::{self, ClientKeypair};
-use crate::header::{ResponseCode, ResponseHeader, RESPONSE_HEADER_LEN};
-use crate::message::{encode_name_request, encode_send_file, encode_send_public_key, Response};
+use crate::v3::crypto::{self, ClientKeypair};
+use crate::v3::header::{ResponseCode, ResponseHeader, RESPONSE_HEADER_LEN};
+use crate::v3::message::{encode_name_request, encode_send_file, encode_send_public_key, Response};
 
 type Sess = ServerSession<Vec<u8>, StdRng>;
 
@@ -124,7 +124,7 @@ fn upload(
     let Response::FileReceived(f) = &r[0] else {
         panic!("expected 1603, got {r:?}")
     };
-    assert_eq!(f.cksum, crate::cksum(data));
+    assert_eq!(f.cksum, crate::v3::cksum(data));
     assert_eq!(
         f.content_size as u64,
         crypto::ciphertext_len(data.len() as u64)
@@ -189,7 +189,7 @@ fn out_of_order_packets_reassemble() {
     let Response::FileReceived(f) = &r[0] else {
         panic!("{r:?}")
     };
-    assert_eq!(f.cksum, crate::cksum(&d));
+    assert_eq!(f.cksum, crate::v3::cksum(&d));
     b.feed(&mut s, now, &crc_req(&c, RequestCode::CrcOk, "o.bin"));
     assert_eq!(b.files[&(c.id, "o.bin".to_string())].0, d);
 }
@@ -214,7 +214,7 @@ fn in_order_packets_may_differ_in_size_but_not_out_of_order() {
     }
     let r = take(&mut s);
     assert!(
-        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)),
+        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::v3::cksum(&d)),
         "{r:?}"
     );
     // the same sizes with packet 3 before packet 2: refused (stride unknown)
@@ -239,7 +239,7 @@ fn the_largest_packet_count_works_in_and_out_of_order() {
     b.feed(&mut s, now, &stream);
     let r = take(&mut s);
     assert!(
-        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)),
+        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::v3::cksum(&d)),
         "{:?}",
         &r[..1]
     );
@@ -248,7 +248,9 @@ fn the_largest_packet_count_works_in_and_out_of_order() {
     let mut order = vec![ps[0].clone(), ps[65_534].clone()];
     order.extend(ps[1..65_534].iter().cloned());
     b.feed(&mut s, now, &order.concat());
-    assert!(matches!(&take(&mut s)[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)));
+    assert!(
+        matches!(&take(&mut s)[0], Response::FileReceived(f) if f.cksum == crate::v3::cksum(&d))
+    );
 }
 
 #[test]
@@ -308,7 +310,7 @@ fn a_last_packet_larger_than_packet_one_may_arrive_early() {
     }
     let r = take(&mut s);
     assert!(
-        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d)),
+        matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::v3::cksum(&d)),
         "{r:?}"
     );
 }
@@ -546,14 +548,14 @@ fn errors_table_bad_packets_drop_the_transfer() {
     let bad_names: [&[u8]; 4] = [b"../x", b"a/b", b"..", b"\x01"];
     for name in bad_names {
         let mut req = Vec::new();
-        let head = crate::message::SendFileHead {
+        let head = crate::v3::message::SendFileHead {
             content_size: 16,
             orig_file_size: 1,
             packet_number: 1,
             total_packets: 1,
             file_name: name,
         };
-        crate::message::encode_send_file_head(&mut req, &c.id, &head).unwrap();
+        crate::v3::message::encode_send_file_head(&mut req, &c.id, &head).unwrap();
         req.extend_from_slice(&crypto::encrypt(&c.key, b"x"));
         b.feed(&mut s, now, &req);
         assert_eq!(take(&mut s), vec![Response::Error], "{name:?}");
@@ -593,7 +595,7 @@ fn tampered_ciphertext_is_caught() {
     let Response::FileReceived(f) = &r[0] else {
         panic!("{r:?}")
     };
-    assert_ne!(f.cksum, crate::cksum(&d));
+    assert_ne!(f.cksum, crate::v3::cksum(&d));
 }
 
 #[test]
@@ -761,7 +763,7 @@ proptest! {
         }
         let r = take(&mut s);
         prop_assert_eq!(r.len(), 1);
-        let ok = matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::cksum(&d));
+        let ok = matches!(&r[0], Response::FileReceived(f) if f.cksum == crate::v3::cksum(&d));
         prop_assert!(ok, "{:?}", r);
         b.feed(&mut s, now, &crc_req(&c, RequestCode::CrcOk, "x"));
         prop_assert_eq!(&b.files[&(c.id, "x".to_string())].0, &d);
@@ -778,7 +780,7 @@ proptest! {
     }
 }
 
-/// One client's stream with the [`KnownKey`](crate::fuzzing::KnownKey) exchange: REGISTER,
+/// One client's stream with the [`KnownKey`](crate::v3::fuzzing::KnownKey) exchange: REGISTER,
 /// SEND_PUBLIC_KEY, then each file as packets of `packet_blocks` blocks (the last
 /// packet takes the rest, possibly more than the others when `long_last`), packet 1
 /// first and the others in the order `shuffle` gives (none: in order), then CRC_OK.
@@ -788,7 +790,7 @@ fn known_key_stream(
     long_last: bool,
     shuffle: Option<u64>,
 ) -> Vec<u8> {
-    use crate::fuzzing::{Script, KNOWN_AES_KEY};
+    use crate::v3::fuzzing::{Script, KNOWN_AES_KEY};
     let id = Script::registered_id(0);
     let mut s = Script::default();
     s.name_request(&[0; 16], RequestCode::Register, "prop");
@@ -836,10 +838,10 @@ fn known_key_stream(
     s.bytes
 }
 
-/// Feeds `stream` cut at `cuts` to a [`KnownKey`](crate::fuzzing::KnownKey) session;
+/// Feeds `stream` cut at `cuts` to a [`KnownKey`](crate::v3::fuzzing::KnownKey) session;
 /// returns the output and the stored files.
 fn run_known_key(stream: &[u8], cuts: &[prop::sample::Index]) -> (Vec<u8>, MemoryBackend) {
-    use crate::fuzzing::{config, FuzzRng, KnownKey, RNG_SEED};
+    use crate::v3::fuzzing::{config, FuzzRng, KnownKey, RNG_SEED};
     let mut points: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
     points.extend([0, stream.len()]);
     points.sort_unstable();
@@ -880,14 +882,14 @@ proptest! {
         let r = responses(&got);
         prop_assert_eq!(r.len(), 2 + 2 * files.len());
         prop_assert!(r.iter().all(|x| x.code() != ResponseCode::Error), "{:?}", r);
-        let id = crate::fuzzing::Script::registered_id(0);
+        let id = crate::v3::fuzzing::Script::registered_id(0);
         for (i, d) in files.iter().enumerate() {
             prop_assert_eq!(&b.files[&(id, format!("file{i}"))].0, d);
         }
         let mut input = vec![0u8];
         input.extend_from_slice(&(shuffle as u32).to_le_bytes());
         input.extend_from_slice(&mixed);
-        let report = crate::fuzzing::session(&input);
+        let report = crate::v3::fuzzing::session(&input);
         prop_assert_eq!(report.output, want);
         prop_assert_eq!(report.files.len(), files.len());
     }
