@@ -9,10 +9,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use cyberbackup_protocol::v3::session::{Completion, Op};
+use cyberbackup_protocol::v3::session::{Completion, Op, OpError, OpErrorKind};
 
 use crate::registry::{FileRecord, Registry};
-use crate::storage::{CommitItem, Committer, PendingFile, Storage};
+use crate::storage::{CommitItem, Committer, PendingFile, Storage, StorageError};
 
 /// Runs a closure off the reactor thread.
 pub trait Blocking {
@@ -32,6 +32,16 @@ pub struct Services {
     /// Files up to this size are committed in groups by the committer thread; larger
     /// ones are synced one by one, in parallel (0: no grouping).
     pub group_commit_max_size: u64,
+}
+
+/// The session's view of a storage failure: a full budget is [`OpErrorKind::Busy`],
+/// anything else [`OpErrorKind::Storage`]; the message is the error's text.
+fn storage_error(e: StorageError) -> OpError {
+    let kind = match e {
+        StorageError::Busy { .. } => OpErrorKind::Busy,
+        StorageError::Io { .. } => OpErrorKind::Storage,
+    };
+    OpError::new(kind, e.to_string())
 }
 
 /// Runs one op; returns the completion the session waits for, if any.
@@ -85,7 +95,7 @@ pub async fn run_op<B: Blocking>(
         Op::OpenFile { len, .. } => {
             let storage = svc.storage.clone();
             let r = blocking.run(move || storage.create_pending(len)).await;
-            Completion::FileOpened(r.map_err(|e| e.to_string()))
+            Completion::FileOpened(r.map_err(storage_error))
         }
         Op::Commit {
             client_id,
@@ -126,8 +136,8 @@ pub async fn run_op<B: Blocking>(
                         inode: Some(stored.inode),
                     })
                     .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    .map_err(OpError::registry),
+                Err(e) => Err(storage_error(e)),
             };
             if r.is_ok() {
                 tracing::info!(file = %file_name, size, cksum, "file stored");

@@ -47,7 +47,7 @@ use crate::v3::message::{
 };
 use crate::v3::name::{self, NameError, NAME_FIELD_LEN};
 use crate::v3::session::memory::{MemClient, MemoryBackend};
-use crate::v3::session::{Completion, Op, ServerSession, SessionConfig};
+use crate::v3::session::{Completion, Op, OpError, ServerSession, SessionConfig};
 use crate::v3::{MAX_PAYLOAD_SIZE, PUBLIC_KEY_LEN, VERSION};
 
 /// The session key [`KnownKey`] issues to everyone.
@@ -733,7 +733,7 @@ impl<'a> Run<'a> {
                     self.last_1603 = None;
                     self.opens += 1;
                     if self.flags & flags::FAIL_OPEN != 0 && self.opens.is_multiple_of(3) {
-                        Some(Completion::FileOpened(Err("disk full".into())))
+                        Some(Completion::FileOpened(Err(OpError::storage("disk full"))))
                     } else {
                         self.sinks.push(len as usize);
                         Some(Completion::FileOpened(Ok(vec![0u8; len as usize])))
@@ -769,7 +769,7 @@ impl<'a> Run<'a> {
                     }
                     self.commits += 1;
                     if self.flags & flags::FAIL_COMMIT != 0 && self.commits.is_multiple_of(2) {
-                        Some(Completion::Committed(Err("fsync failed".into())))
+                        Some(Completion::Committed(Err(OpError::storage("fsync failed"))))
                     } else {
                         let mut data = sink;
                         data.truncate(size as usize);

@@ -222,9 +222,60 @@ pub enum Completion<S> {
     PublicKeyStored(KeyStored),
     Reconnect(ReconnectLookup),
     /// The sink, or why it could not be made (disk full, I/O error): answered 1607.
-    FileOpened(Result<S, String>),
+    FileOpened(Result<S, OpError>),
     /// Durable and visible, or why not: answered 1607.
-    Committed(Result<(), String>),
+    Committed(Result<(), OpError>),
+}
+
+/// Where an [`Op`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpErrorKind {
+    /// Storage has no room for the file now (a budget of bytes in flight, say).
+    Busy,
+    /// Storage failed: creating, writing, syncing or renaming a file.
+    Storage,
+    /// The registry could not record the result.
+    Registry,
+}
+
+/// Why an [`Op`] failed: a kind and a message for the logs. v3 errors carry no reason,
+/// so every kind is answered with the same 1607; the kind is for the runtime's logs
+/// and metrics. Displays as its message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    kind: OpErrorKind,
+    message: String,
+}
+
+impl OpError {
+    /// An error of `kind` described by `message`.
+    pub fn new(kind: OpErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A storage failure, described by `e`.
+    pub fn storage(e: impl std::fmt::Display) -> Self {
+        Self::new(OpErrorKind::Storage, e.to_string())
+    }
+
+    /// A registry failure, described by `e`.
+    pub fn registry(e: impl std::fmt::Display) -> Self {
+        Self::new(OpErrorKind::Registry, e.to_string())
+    }
+
+    /// Where the op failed.
+    pub fn kind(&self) -> OpErrorKind {
+        self.kind
+    }
+
+    /// What went wrong, for the logs.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::{Completion, KeyStored, Op, ReconnectLookup, ServerSession};
+use super::{Completion, KeyStored, Op, OpError, ReconnectLookup, ServerSession};
 use crate::common::ClientId;
 use crate::v3::crypto::{CryptoRngCore, KeyExchange};
 use crate::v3::PUBLIC_KEY_LEN;
@@ -109,7 +109,7 @@ impl MemoryBackend {
             }),
             Op::OpenFile { len, .. } => {
                 if let Some(e) = &self.fail_open {
-                    Completion::FileOpened(Err(e.clone()))
+                    Completion::FileOpened(Err(OpError::storage(e)))
                 } else {
                     self.open_sinks += 1;
                     let mut v = self.recycle.take().unwrap_or_default();
