@@ -12,6 +12,8 @@
 //! - [`registry`]: the SQLite registry of clients and files, on its own thread.
 //! - [`shutdown`]: the shutdown flag, the connection count, shard start-up and end.
 //! - [`queue`]: draining a channel in batches (group commit).
+//! - [`repo`]: the protocol v4 repository: encrypted chunks and snapshots in a blob
+//!   store, their metadata in a registry, group commit, garbage collection and scrub.
 //!
 //! The protocol itself (codecs, crypto, the per-connection state machine) lives in the
 //! `cyberbackup-protocol` crate.
@@ -23,6 +25,7 @@ pub mod mio_rt;
 pub mod ops;
 pub mod queue;
 pub mod registry;
+pub mod repo;
 pub mod shutdown;
 pub mod storage;
 

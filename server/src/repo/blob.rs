@@ -1,0 +1,76 @@
+//! Blob stores: opaque bytes by key, namespaced by account and kind.
+//!
+//! A store knows nothing of the registry: it keeps whatever it is given under the key
+//! it is given. Isolation between accounts is in the key (every key names its account,
+//! and an implementation must keep namespaces apart whatever the id bytes are), and in
+//! the [`Repo`](super::Repo), which builds keys only from the authenticated account.
+
+use super::{AccountId, ChunkId, RepoError, SnapshotId};
+
+/// What a blob holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlobKind {
+    /// An encrypted chunk, named by its [`ChunkId`].
+    Chunk,
+    /// A snapshot's encrypted body (its manifest), named by its [`SnapshotId`].
+    SnapshotBody,
+}
+
+/// A blob's key: its account, its kind and its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlobKey {
+    Chunk(AccountId, ChunkId),
+    SnapshotBody(AccountId, SnapshotId),
+}
+
+impl BlobKey {
+    pub fn account(&self) -> AccountId {
+        match self {
+            BlobKey::Chunk(a, _) | BlobKey::SnapshotBody(a, _) => *a,
+        }
+    }
+
+    pub fn kind(&self) -> BlobKind {
+        match self {
+            BlobKey::Chunk(..) => BlobKind::Chunk,
+            BlobKey::SnapshotBody(..) => BlobKind::SnapshotBody,
+        }
+    }
+
+    /// The id's bytes (32 for a chunk, 16 for a snapshot body).
+    pub fn id(&self) -> &[u8] {
+        match self {
+            BlobKey::Chunk(_, id) => id,
+            BlobKey::SnapshotBody(_, id) => id,
+        }
+    }
+}
+
+/// Where blobs live. Every method blocks: call them from a blocking thread pool or a
+/// dedicated thread, never from a reactor thread.
+pub trait BlobStore: Send + Sync {
+    /// Stores every item; when it returns `Ok`, every item is durable (survives a crash
+    /// or power loss) under its key. A crash at any moment leaves each key with its old
+    /// state or the complete new blob, never a partial one. Putting a key that exists
+    /// replaces its bytes (so putting the same bytes again is harmless, and a damaged
+    /// blob can be rewritten). On `Err` some items may have been stored.
+    fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError>;
+
+    /// The whole blob, or `None` if there is none under the key.
+    fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError>;
+
+    /// Up to `len` bytes from `offset` (fewer at the end of the blob, none from an
+    /// offset at or past its end), or `None` if there is no blob.
+    fn get_range(&self, key: &BlobKey, offset: u64, len: u64)
+        -> Result<Option<Vec<u8>>, RepoError>;
+
+    /// The blob's length, or `None` if there is none.
+    fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError>;
+
+    /// Removes the blob; `true` if there was one. Not necessarily durable: after a crash
+    /// a deleted blob may be back (an orphan that garbage collection removes again).
+    fn delete(&self, key: &BlobKey) -> Result<bool, RepoError>;
+
+    /// The ids of every blob of `kind` in `account`, in no particular order.
+    fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError>;
+}

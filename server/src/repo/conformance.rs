@@ -1,0 +1,628 @@
+//! The conformance suites: what every [`BlobStore`] and every [`Registry`] must do.
+//!
+//! Each test is a generic function over a harness that opens the implementation on
+//! some backing (a temp dir, a scratch database or bucket) and can open it again on
+//! the same backing (to check what survives). An implementation's tests module defines
+//! its harness and expands [`blob_store_conformance!`](crate::blob_store_conformance)
+//! or [`registry_conformance!`](crate::registry_conformance), which makes one `#[test]`
+//! per function here, so a new implementation runs the same suite by adding one line.
+
+use super::blob::{BlobKey, BlobKind, BlobStore};
+use super::registry::{ChunkRecord, CommitOutcome, Registry, MAX_NAME_LEN};
+use super::{Capabilities, ChunkId, RepoError, SnapshotHeader};
+
+/// Opens a blob store on the harness's backing.
+pub(crate) trait BlobHarness {
+    type Store: BlobStore;
+    /// A fresh, empty backing.
+    fn new() -> Self;
+    /// A store on the backing; every store opened before is dropped first.
+    fn open(&mut self) -> Self::Store;
+}
+
+/// Opens a registry on the harness's backing.
+pub(crate) trait RegistryHarness {
+    type Registry: Registry;
+    fn new() -> Self;
+    fn open(&mut self) -> Self::Registry;
+}
+
+/// One `#[test]` per blob store conformance test, for harness `$h`.
+#[macro_export]
+macro_rules! blob_store_conformance {
+    ($h:ty) => {
+        $crate::blob_store_conformance!(@tests $h;
+            blob_round_trip, blob_put_replaces_and_is_idempotent, blob_namespaces_are_apart,
+            blob_list_and_delete, blob_group_batch, blob_survives_reopen);
+    };
+    (@tests $h:ty; $($t:ident),*) => {
+        mod blob_conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $t() {
+                    $crate::repo::conformance::$t(<$h as $crate::repo::conformance::BlobHarness>::new());
+                }
+            )*
+        }
+    };
+}
+
+/// One `#[test]` per registry conformance test, for harness `$h`.
+#[macro_export]
+macro_rules! registry_conformance {
+    ($h:ty) => {
+        $crate::registry_conformance!(@tests $h;
+            reg_accounts_and_devices, reg_wrapped_key_quota_and_usage,
+            reg_chunks_held_is_per_account_and_touches, reg_insert_chunks_is_all_or_nothing,
+            reg_commit_requires_every_chunk, reg_commit_is_idempotent_and_never_replaces,
+            reg_snapshots_are_per_account, reg_unreferenced_chunks_and_their_deletion,
+            reg_damaged_chunk_is_not_held_until_put_again, reg_chunk_records_page,
+            reg_survives_reopen);
+    };
+    (@tests $h:ty; $($t:ident),*) => {
+        mod registry_conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $t() {
+                    $crate::repo::conformance::$t(<$h as $crate::repo::conformance::RegistryHarness>::new());
+                }
+            )*
+        }
+    };
+}
+
+// ---- blob stores ----
+
+pub(crate) fn blob_round_trip<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let k = BlobKey::Chunk(1, [7; 32]);
+    let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    assert_eq!(s.get(&k).unwrap(), None);
+    assert_eq!(s.len(&k).unwrap(), None);
+    assert_eq!(s.get_range(&k, 0, 10).unwrap(), None);
+    s.put_batch(&[(k, &data)]).unwrap();
+    assert_eq!(s.get(&k).unwrap().as_ref(), Some(&data));
+    assert_eq!(s.len(&k).unwrap(), Some(10_000));
+    assert_eq!(
+        s.get_range(&k, 100, 50).unwrap().as_deref(),
+        Some(&data[100..150])
+    );
+    assert_eq!(
+        s.get_range(&k, 9_990, 50).unwrap().as_deref(),
+        Some(&data[9_990..]),
+        "a range past the end is cut at the end"
+    );
+    assert_eq!(s.get_range(&k, 10_000, 5).unwrap(), Some(vec![]));
+    assert_eq!(s.get_range(&k, u64::MAX, u64::MAX).unwrap(), Some(vec![]));
+    let empty = BlobKey::SnapshotBody(1, [0; 16]);
+    s.put_batch(&[(empty, &[])]).unwrap();
+    assert_eq!(s.get(&empty).unwrap(), Some(vec![]));
+    assert_eq!(s.len(&empty).unwrap(), Some(0));
+}
+
+pub(crate) fn blob_put_replaces_and_is_idempotent<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let k = BlobKey::Chunk(1, [1; 32]);
+    s.put_batch(&[(k, b"same")]).unwrap();
+    s.put_batch(&[(k, b"same")]).unwrap();
+    assert_eq!(s.get(&k).unwrap().as_deref(), Some(&b"same"[..]));
+    s.put_batch(&[(k, b"repaired bytes")]).unwrap();
+    assert_eq!(s.get(&k).unwrap().as_deref(), Some(&b"repaired bytes"[..]));
+    // The same key twice in one batch: the store ends with one of them, whole.
+    s.put_batch(&[(k, b"first"), (k, b"first")]).unwrap();
+    assert_eq!(s.get(&k).unwrap().as_deref(), Some(&b"first"[..]));
+}
+
+pub(crate) fn blob_namespaces_are_apart<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let id = [9u8; 32];
+    let mut short = [0u8; 16];
+    short.copy_from_slice(&id[..16]);
+    let keys = [
+        BlobKey::Chunk(1, id),
+        BlobKey::Chunk(2, id),
+        BlobKey::SnapshotBody(1, short),
+        BlobKey::SnapshotBody(2, short),
+    ];
+    let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 10]).collect();
+    let items: Vec<(BlobKey, &[u8])> = keys
+        .iter()
+        .copied()
+        .zip(data.iter().map(|d| &d[..]))
+        .collect();
+    s.put_batch(&items).unwrap();
+    for (k, d) in keys.iter().zip(&data) {
+        assert_eq!(s.get(k).unwrap().as_ref(), Some(d), "{k:?}");
+    }
+    assert!(s.delete(&keys[0]).unwrap());
+    assert_eq!(s.get(&keys[0]).unwrap(), None);
+    assert_eq!(
+        s.get(&keys[1]).unwrap().as_ref(),
+        Some(&data[1]),
+        "another account's"
+    );
+    assert_eq!(
+        s.get(&keys[2]).unwrap().as_ref(),
+        Some(&data[2]),
+        "another kind's"
+    );
+    assert!(s.list(3, BlobKind::Chunk).unwrap().is_empty());
+}
+
+pub(crate) fn blob_list_and_delete<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    assert!(s.list(1, BlobKind::Chunk).unwrap().is_empty());
+    let ids: Vec<ChunkId> = (0..20u8)
+        .map(|i| {
+            let mut id = [i; 32];
+            id[0] = i.wrapping_mul(37); // spread over prefix directories
+            id
+        })
+        .collect();
+    for id in &ids {
+        s.put_batch(&[(BlobKey::Chunk(1, *id), &id[..])]).unwrap();
+    }
+    s.put_batch(&[(BlobKey::SnapshotBody(1, [5; 16]), b"body")])
+        .unwrap();
+    let mut listed = s.list(1, BlobKind::Chunk).unwrap();
+    listed.sort();
+    let mut want: Vec<Vec<u8>> = ids.iter().map(|i| i.to_vec()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    assert_eq!(
+        s.list(1, BlobKind::SnapshotBody).unwrap(),
+        vec![vec![5u8; 16]]
+    );
+    assert!(s.list(2, BlobKind::Chunk).unwrap().is_empty());
+    assert!(s.delete(&BlobKey::Chunk(1, ids[3])).unwrap());
+    assert!(
+        !s.delete(&BlobKey::Chunk(1, ids[3])).unwrap(),
+        "deleted already"
+    );
+    assert_eq!(s.list(1, BlobKind::Chunk).unwrap().len(), 19);
+}
+
+pub(crate) fn blob_group_batch<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let blobs: Vec<(BlobKey, Vec<u8>)> = (0..64u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            (
+                BlobKey::Chunk(1 + (i % 3) as i64, id),
+                vec![i as u8; i as usize * 100],
+            )
+        })
+        .collect();
+    let items: Vec<(BlobKey, &[u8])> = blobs.iter().map(|(k, d)| (*k, &d[..])).collect();
+    s.put_batch(&items).unwrap();
+    for (k, d) in &blobs {
+        assert_eq!(s.get(k).unwrap().as_ref(), Some(d));
+    }
+}
+
+pub(crate) fn blob_survives_reopen<H: BlobHarness>(mut h: H) {
+    let k = BlobKey::Chunk(4, [4; 32]);
+    let b = BlobKey::SnapshotBody(4, [4; 16]);
+    {
+        let s = h.open();
+        s.put_batch(&[(k, b"chunk bytes"), (b, b"body bytes")])
+            .unwrap();
+    }
+    let s = h.open();
+    assert_eq!(s.get(&k).unwrap().as_deref(), Some(&b"chunk bytes"[..]));
+    assert_eq!(s.get(&b).unwrap().as_deref(), Some(&b"body bytes"[..]));
+    assert_eq!(s.list(4, BlobKind::Chunk).unwrap(), vec![vec![4u8; 32]]);
+}
+
+// ---- registries ----
+
+pub(crate) fn chunk(id: ChunkId, len: u64, now: i64) -> ChunkRecord {
+    ChunkRecord {
+        id,
+        stored_len: len,
+        hash: *blake3::hash(&id).as_bytes(),
+        stored_ms: now,
+        touched_ms: now,
+        damaged_ms: None,
+    }
+}
+
+pub(crate) fn header(id: u8, body_len: u64) -> SnapshotHeader {
+    SnapshotHeader {
+        id: [id; 16],
+        time_unix_ms: 1_700_000_000_000 + id as i64,
+        host: "host".into(),
+        tags: vec!["daily".into(), "with\nnewline".into()],
+        paths: vec!["/home/a".into(), "/etc".into()],
+        files: 10,
+        dirs: 2,
+        size: 12345,
+        device: 1,
+        body_len,
+    }
+}
+
+/// A new account with one device, key derived from `n`.
+fn account<R: Registry>(r: &mut R, n: u8) -> i64 {
+    r.create_account(&format!("user{n}"), &[n; 32], "laptop", 1000)
+        .unwrap()
+        .0
+}
+
+pub(crate) fn reg_accounts_and_devices<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let (a, d) = r.create_account("alice", &[1; 32], "laptop", 1000).unwrap();
+    assert!(matches!(
+        r.create_account("alice", &[2; 32], "other", 1000),
+        Err(RepoError::NameTaken)
+    ));
+    assert!(matches!(
+        r.create_account("bob", &[1; 32], "same key", 1000),
+        Err(RepoError::KeyTaken)
+    ));
+    assert!(matches!(
+        r.create_account(&"x".repeat(MAX_NAME_LEN + 1), &[3; 32], "d", 1000),
+        Err(RepoError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        r.create_account("", &[3; 32], "d", 1000),
+        Err(RepoError::InvalidArgument(_))
+    ));
+    r.create_account(&"x".repeat(MAX_NAME_LEN), &[3; 32], "d", 1000)
+        .unwrap();
+    assert_eq!(r.account_by_name("alice").unwrap(), Some(a));
+    assert_eq!(r.account_by_name("nobody").unwrap(), None);
+    let dev = r.device_by_key(&[1; 32]).unwrap().unwrap();
+    assert_eq!((dev.id, dev.account, dev.caps), (d, a, Capabilities::ALL));
+    assert_eq!(dev.name, "laptop");
+    assert!(!dev.revoked());
+    assert_eq!(r.device_by_key(&[9; 32]).unwrap(), None);
+
+    let (b, _) = r.create_account("bob", &[4; 32], "pc", 1000).unwrap();
+    assert_eq!(r.accounts().unwrap().len(), 3);
+    let phone = r
+        .add_device(a, &[5; 32], "phone", Capabilities::BACKUP, 2000)
+        .unwrap();
+    assert!(matches!(
+        r.add_device(b, &[5; 32], "again", Capabilities::READ, 2000),
+        Err(RepoError::KeyTaken)
+    ));
+    assert!(matches!(
+        r.add_device(999, &[6; 32], "x", Capabilities::READ, 2000),
+        Err(RepoError::NoSuchAccount(999))
+    ));
+    let dev = r.device_by_key(&[5; 32]).unwrap().unwrap();
+    assert_eq!(
+        (dev.id, dev.account, dev.caps),
+        (phone, a, Capabilities::BACKUP)
+    );
+    let list = r.list_devices(a).unwrap();
+    assert_eq!(
+        list.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![d, phone]
+    );
+    assert_eq!(r.list_devices(b).unwrap().len(), 1);
+    // Bob cannot revoke Alice's device.
+    assert!(!r.revoke_device(b, phone, 3000).unwrap());
+    assert!(!r.device_by_key(&[5; 32]).unwrap().unwrap().revoked());
+    assert!(r.revoke_device(a, phone, 3000).unwrap());
+    assert!(r.revoke_device(a, phone, 4000).unwrap());
+    assert_eq!(
+        r.device_by_key(&[5; 32]).unwrap().unwrap().revoked_ms,
+        Some(3000),
+        "the first revocation counts"
+    );
+}
+
+pub(crate) fn reg_wrapped_key_quota_and_usage<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    assert_eq!(r.wrapped_key(a).unwrap(), None);
+    r.set_wrapped_key(a, b"wrapped").unwrap();
+    assert_eq!(r.wrapped_key(a).unwrap().as_deref(), Some(&b"wrapped"[..]));
+    assert_eq!(r.wrapped_key(b).unwrap(), None);
+    assert!(matches!(
+        r.set_wrapped_key(77, b"k"),
+        Err(RepoError::NoSuchAccount(77))
+    ));
+    assert_eq!(r.usage(a).unwrap(), Default::default());
+    r.set_quota(a, Some(1 << 40)).unwrap();
+    r.insert_chunks(&[
+        (a, chunk([1; 32], 100, 0)),
+        (a, chunk([2; 32], 50, 0)),
+        (b, chunk([1; 32], 7, 0)),
+    ])
+    .unwrap();
+    r.commit_snapshot(a, &header(1, 30), &[[1; 32]], &[0; 32], 0)
+        .unwrap();
+    let u = r.usage(a).unwrap();
+    assert_eq!(
+        (u.chunks, u.stored_bytes, u.snapshots, u.quota),
+        (2, 180, 1, Some(1 << 40))
+    );
+    // A chunk put again with another length, and a forgotten snapshot.
+    r.insert_chunks(&[(a, chunk([2; 32], 60, 0))]).unwrap();
+    assert!(r.forget_snapshot(a, &[1; 16]).unwrap());
+    let u = r.usage(a).unwrap();
+    assert_eq!((u.chunks, u.stored_bytes, u.snapshots), (2, 160, 0));
+    assert_eq!(r.usage(b).unwrap().stored_bytes, 7);
+    r.set_quota(a, None).unwrap();
+    assert_eq!(r.usage(a).unwrap().quota, None);
+    assert!(matches!(r.usage(77), Err(RepoError::NoSuchAccount(77))));
+}
+
+pub(crate) fn reg_chunks_held_is_per_account_and_touches<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    let ids = [[1u8; 32], [2; 32], [3; 32]];
+    assert_eq!(r.chunks_held(a, &ids, 10).unwrap(), vec![false; 3]);
+    r.insert_chunks(&[(a, chunk(ids[0], 1, 10)), (a, chunk(ids[2], 1, 10))])
+        .unwrap();
+    assert_eq!(
+        r.chunks_held(a, &ids, 500).unwrap(),
+        vec![true, false, true]
+    );
+    assert_eq!(
+        r.chunks_held(b, &ids, 500).unwrap(),
+        vec![false; 3],
+        "per account"
+    );
+    let recs = r.chunk_records(a, None, 10).unwrap();
+    assert_eq!(recs.len(), 2);
+    assert!(recs
+        .iter()
+        .all(|c| c.touched_ms == 500 && c.stored_ms == 10));
+    // A touch never moves back in time.
+    r.chunks_held(a, &ids, 100).unwrap();
+    assert!(r
+        .chunk_records(a, None, 10)
+        .unwrap()
+        .iter()
+        .all(|c| c.touched_ms == 500));
+}
+
+pub(crate) fn reg_insert_chunks_is_all_or_nothing<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
+        .unwrap();
+    assert_eq!(r.chunks_held(a, &[[1; 32]], 0).unwrap(), vec![true]);
+    assert_eq!(r.chunks_held(b, &[[2; 32]], 0).unwrap(), vec![true]);
+    // One record of an unknown account fails the whole batch.
+    assert!(r
+        .insert_chunks(&[(a, chunk([3; 32], 1, 0)), (999, chunk([4; 32], 1, 0))])
+        .is_err());
+    assert_eq!(r.chunks_held(a, &[[3; 32]], 0).unwrap(), vec![false]);
+    assert_eq!(r.usage(a).unwrap().chunks, 1);
+}
+
+pub(crate) fn reg_commit_requires_every_chunk<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
+        .unwrap();
+    let named = [[1u8; 32], [2; 32], [3; 32], [2; 32]];
+    match r.commit_snapshot(a, &header(1, 0), &named, &[0; 32], 5) {
+        // [2; 32] is Bob's: it does not count for Alice. Each missing id once.
+        Err(RepoError::MissingChunks(m)) => assert_eq!(m, vec![[2; 32], [3; 32]]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.get_snapshot(a, &[1; 16]).unwrap(), None);
+    assert_eq!(r.usage(a).unwrap().snapshots, 0);
+    r.insert_chunks(&[(a, chunk([2; 32], 1, 0)), (a, chunk([3; 32], 1, 0))])
+        .unwrap();
+    assert_eq!(
+        r.commit_snapshot(a, &header(1, 0), &named, &[0; 32], 5)
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    let s = r.get_snapshot(a, &[1; 16]).unwrap().unwrap();
+    assert_eq!(s.header, header(1, 0));
+    assert_eq!(s.chunks, named.to_vec(), "the list as given");
+    assert_eq!(s.created_ms, 5);
+    // An empty snapshot needs no chunk.
+    r.commit_snapshot(a, &header(2, 0), &[], &[0; 32], 5)
+        .unwrap();
+    assert!(matches!(
+        r.commit_snapshot(77, &header(3, 0), &[], &[0; 32], 5),
+        Err(RepoError::NoSuchAccount(77))
+    ));
+}
+
+pub(crate) fn reg_commit_is_idempotent_and_never_replaces<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (a, chunk([2; 32], 1, 0))])
+        .unwrap();
+    let hdr = header(1, 10);
+    assert_eq!(
+        r.commit_snapshot(a, &hdr, &[[1; 32]], &[7; 32], 1).unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        r.commit_snapshot(a, &hdr, &[[1; 32]], &[7; 32], 2).unwrap(),
+        CommitOutcome::AlreadyCommitted
+    );
+    assert!(matches!(
+        r.commit_snapshot(a, &hdr, &[[1; 32]], &[8; 32], 3),
+        Err(RepoError::SnapshotExists)
+    ));
+    assert!(matches!(
+        r.commit_snapshot(a, &hdr, &[[2; 32]], &[7; 32], 3),
+        Err(RepoError::SnapshotExists)
+    ));
+    let s = r.get_snapshot(a, &[1; 16]).unwrap().unwrap();
+    assert_eq!(
+        (s.body_hash, s.chunks, s.created_ms),
+        ([7; 32], vec![[1; 32]], 1)
+    );
+    assert_eq!(r.list_snapshots(a).unwrap().len(), 1);
+}
+
+pub(crate) fn reg_snapshots_are_per_account<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    r.insert_chunks(&[(a, chunk([1; 32], 1, 0))]).unwrap();
+    for id in [3u8, 1, 2] {
+        r.commit_snapshot(a, &header(id, 0), &[[1; 32]], &[0; 32], 0)
+            .unwrap();
+    }
+    let ids: Vec<_> = r
+        .list_snapshots(a)
+        .unwrap()
+        .iter()
+        .map(|h| h.id[0])
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3], "oldest first");
+    assert!(r.list_snapshots(b).unwrap().is_empty());
+    assert_eq!(r.get_snapshot(b, &[1; 16]).unwrap(), None);
+    assert!(!r.forget_snapshot(b, &[1; 16]).unwrap());
+    assert!(r.get_snapshot(a, &[1; 16]).unwrap().is_some());
+    // Bob may use the same snapshot id: his own.
+    r.commit_snapshot(b, &header(1, 0), &[], &[1; 32], 0)
+        .unwrap();
+    assert_eq!(
+        r.get_snapshot(a, &[1; 16]).unwrap().unwrap().body_hash,
+        [0; 32]
+    );
+    assert!(r.forget_snapshot(a, &[1; 16]).unwrap());
+    assert!(!r.forget_snapshot(a, &[1; 16]).unwrap());
+    assert_eq!(r.get_snapshot(a, &[1; 16]).unwrap(), None);
+    assert!(r.get_snapshot(b, &[1; 16]).unwrap().is_some());
+}
+
+pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    // 1: referenced, old; 2: unreferenced, old; 3: unreferenced, recent; 4: old, referenced
+    // by a snapshot that gets forgotten.
+    r.insert_chunks(&[
+        (a, chunk([1; 32], 1, 100)),
+        (a, chunk([2; 32], 1, 100)),
+        (a, chunk([3; 32], 1, 900)),
+        (a, chunk([4; 32], 1, 100)),
+        (b, chunk([2; 32], 1, 100)),
+    ])
+    .unwrap();
+    r.commit_snapshot(a, &header(1, 0), &[[1; 32]], &[0; 32], 100)
+        .unwrap();
+    r.commit_snapshot(a, &header(2, 0), &[[4; 32]], &[0; 32], 100)
+        .unwrap();
+    let ids = |v: Vec<ChunkRecord>| v.into_iter().map(|c| c.id[0]).collect::<Vec<_>>();
+    assert_eq!(ids(r.unreferenced_chunks(a, 500).unwrap()), vec![2]);
+    assert!(r.forget_snapshot(a, &[2; 16]).unwrap());
+    let mut found = ids(r.unreferenced_chunks(a, 500).unwrap());
+    found.sort();
+    assert_eq!(found, vec![2, 4]);
+    // Chunk 4 is asked for (touched) before the delete: it stays.
+    assert_eq!(r.chunks_held(a, &[[4; 32]], 600).unwrap(), vec![true]);
+    assert_eq!(ids(r.delete_unreferenced_chunks(a, 500).unwrap()), vec![2]);
+    assert_eq!(
+        r.chunks_held(a, &[[1; 32], [2; 32], [3; 32], [4; 32]], 600)
+            .unwrap(),
+        vec![true, false, true, true]
+    );
+    assert_eq!(
+        r.chunks_held(b, &[[2; 32]], 600).unwrap(),
+        vec![true],
+        "Bob's own"
+    );
+    assert_eq!(r.usage(a).unwrap().chunks, 3);
+    // Later, everything unreferenced and old goes; the referenced chunk never.
+    let mut gone = ids(r.delete_unreferenced_chunks(a, 10_000).unwrap());
+    gone.sort();
+    assert_eq!(gone, vec![3, 4]);
+    assert_eq!(r.chunks_held(a, &[[1; 32]], 600).unwrap(), vec![true]);
+}
+
+pub(crate) fn reg_damaged_chunk_is_not_held_until_put_again<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let c = chunk([1; 32], 10, 0);
+    r.insert_chunks(&[(a, c.clone())]).unwrap();
+    assert!(
+        !r.mark_damaged(a, &c.id, &[0xee; 32], 5).unwrap(),
+        "another hash"
+    );
+    assert!(r.mark_damaged(a, &c.id, &c.hash, 5).unwrap());
+    assert!(
+        !r.mark_damaged(a, &c.id, &c.hash, 6).unwrap(),
+        "marked already"
+    );
+    assert_eq!(r.chunks_held(a, &[c.id], 7).unwrap(), vec![false]);
+    assert_eq!(
+        r.chunks_recorded(a, &[c.id, [2; 32]]).unwrap(),
+        vec![true, false],
+        "a damaged chunk still has its record"
+    );
+    assert!(matches!(
+        r.commit_snapshot(a, &header(1, 0), &[c.id], &[0; 32], 7),
+        Err(RepoError::MissingChunks(m)) if m == vec![c.id]
+    ));
+    assert_eq!(r.chunk_records(a, None, 5).unwrap()[0].damaged_ms, Some(5));
+    r.insert_chunks(&[(a, chunk([1; 32], 10, 8))]).unwrap();
+    assert_eq!(r.chunks_held(a, &[c.id], 9).unwrap(), vec![true]);
+    assert_eq!(r.chunk_records(a, None, 5).unwrap()[0].damaged_ms, None);
+    assert_eq!(r.usage(a).unwrap().stored_bytes, 10);
+}
+
+pub(crate) fn reg_chunk_records_page<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    let recs: Vec<_> = (0..25u8)
+        .rev()
+        .map(|i| (a, chunk([i; 32], i as u64, 0)))
+        .collect();
+    r.insert_chunks(&recs).unwrap();
+    r.insert_chunks(&[(b, chunk([100; 32], 1, 0))]).unwrap();
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = r.chunk_records(a, after.as_ref(), 10).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 10);
+        after = Some(page.last().unwrap().id);
+        all.extend(page);
+    }
+    assert_eq!(all.len(), 25);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "in id order");
+    assert_eq!(all[7], chunk([7; 32], 7, 0));
+}
+
+pub(crate) fn reg_survives_reopen<H: RegistryHarness>(mut h: H) {
+    let (a, d) = {
+        let mut r = h.open();
+        let (a, d) = r.create_account("alice", &[1; 32], "laptop", 1).unwrap();
+        r.set_wrapped_key(a, b"key").unwrap();
+        r.set_quota(a, Some(1000)).unwrap();
+        r.insert_chunks(&[(a, chunk([1; 32], 5, 1))]).unwrap();
+        r.commit_snapshot(a, &header(1, 3), &[[1; 32]], &[2; 32], 1)
+            .unwrap();
+        (a, d)
+    };
+    let mut r = h.open();
+    assert_eq!(r.device_by_key(&[1; 32]).unwrap().unwrap().id, d);
+    assert_eq!(r.wrapped_key(a).unwrap().as_deref(), Some(&b"key"[..]));
+    assert_eq!(r.chunks_held(a, &[[1; 32]], 2).unwrap(), vec![true]);
+    let s = r.get_snapshot(a, &[1; 16]).unwrap().unwrap();
+    assert_eq!((s.header, s.body_hash), (header(1, 3), [2; 32]));
+    let u = r.usage(a).unwrap();
+    assert_eq!(
+        (u.chunks, u.stored_bytes, u.snapshots, u.quota),
+        (1, 8, 1, Some(1000))
+    );
+}

@@ -1,0 +1,442 @@
+//! The local [`BlobStore`]: one file per blob under a root directory.
+//!
+//! Layout:
+//! - `<root>/<account>/chunks/<first 2 hex digits>/<64 hex digits>`: chunks;
+//! - `<root>/<account>/snapshots/<32 hex digits>`: snapshot bodies;
+//! - `<root>/tmp/`: blobs being written, emptied at open;
+//! - `<root>/LOCK`: held (`flock`) while a store is open, so that two servers never
+//!   share a root (the second would sweep the first one's temp files).
+//!
+//! A batch is made durable the way the v3 storage commits files
+//! ([`crate::storage`]): each blob is written to its own temp file; their data is made
+//! durable (an `fdatasync` each, or from [`GROUP_MIN`] blobs on one `syncfs` for all);
+//! they are renamed into place; and the renames are made durable (an `fsync` of each
+//! directory touched, or again one `syncfs`). A rename is atomic and comes after the
+//! data is on disk, so a crash at any moment leaves a key with its old blob or the
+//! complete new one. A directory is made durable in its parent the first time this
+//! process puts a blob in it, even if it existed (a crashed run may have created it
+//! without syncing its parent, but then it acknowledged nothing in it).
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::blob::{BlobKey, BlobKind, BlobStore};
+use super::{hex, io_err, unhex, AccountId, RepoError};
+
+/// From this many blobs in a batch on, one `syncfs` replaces the per-file syncs.
+pub const GROUP_MIN: usize = 3;
+
+const TMP: &str = "tmp";
+const LOCK: &str = "LOCK";
+
+/// Blobs in files under a root directory.
+#[derive(Debug)]
+pub struct FsBlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    seq: AtomicU64,
+    /// Directories whose entry in their parent is known to be durable.
+    durable_dirs: Mutex<HashSet<PathBuf>>,
+    /// Holds the `flock` on `<root>/LOCK` while open.
+    _lock: File,
+}
+
+impl FsBlobStore {
+    /// Opens (creating if needed) a store at `root` and removes the temp files a crash
+    /// left. Fails with [`RepoError::Locked`] if another store has it open.
+    pub fn open(root: &Path) -> Result<FsBlobStore, RepoError> {
+        fs::create_dir_all(root).map_err(io_err("creating", root))?;
+        let lock_path = root.join(LOCK);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
+        if let Err(e) = nix::fcntl::flock(
+            lock.as_raw_fd(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) {
+            return Err(if e == nix::errno::Errno::EWOULDBLOCK {
+                RepoError::Locked { path: lock_path }
+            } else {
+                io_err("locking", &lock_path)(io::Error::from(e))
+            });
+        }
+        let tmp = root.join(TMP);
+        fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
+        let mut swept = 0;
+        for entry in fs::read_dir(&tmp).map_err(io_err("reading", &tmp))? {
+            let path = entry.map_err(io_err("reading", &tmp))?.path();
+            fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            swept += 1;
+        }
+        if swept > 0 {
+            tracing::warn!(swept, root = %root.display(), "removed blobs a crash left half written");
+        }
+        let root = root.to_owned();
+        // The root's own entry, and tmp's in it.
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        sync_dir(&root)?;
+        let mut durable = HashSet::new();
+        durable.insert(root.clone());
+        Ok(FsBlobStore {
+            seq: AtomicU64::new(rand::random::<u32>() as u64),
+            tmp,
+            durable_dirs: Mutex::new(durable),
+            root,
+            _lock: lock,
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn account_dir(&self, account: AccountId) -> PathBuf {
+        self.root.join(account.to_string())
+    }
+
+    fn kind_dir(&self, account: AccountId, kind: BlobKind) -> PathBuf {
+        self.account_dir(account).join(match kind {
+            BlobKind::Chunk => "chunks",
+            BlobKind::SnapshotBody => "snapshots",
+        })
+    }
+
+    /// Where the blob of `key` lives.
+    pub fn path(&self, key: &BlobKey) -> PathBuf {
+        let dir = self.kind_dir(key.account(), key.kind());
+        let name = hex(key.id());
+        match key {
+            BlobKey::Chunk(..) => dir.join(&name[..2]).join(name),
+            BlobKey::SnapshotBody(..) => dir.join(name),
+        }
+    }
+
+    /// Creates `dir` and its missing ancestors below the root; every directory not yet
+    /// known durable adds its parent to `to_sync`, and itself to `created`.
+    fn ensure_dir(
+        &self,
+        dir: &Path,
+        to_sync: &mut BTreeSet<PathBuf>,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(), RepoError> {
+        let known = self.durable_dirs.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(dir) {
+            return Ok(());
+        }
+        let rel = dir.strip_prefix(&self.root).unwrap_or(dir);
+        let mut cur = self.root.clone();
+        for part in rel.components() {
+            let parent = cur.clone();
+            cur.push(part);
+            if known.contains(&cur) {
+                continue;
+            }
+            match fs::create_dir(&cur) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("creating", &cur)(e)),
+            }
+            to_sync.insert(parent);
+            created.push(cur.clone());
+        }
+        Ok(())
+    }
+
+    fn syncfs(&self) -> Result<(), RepoError> {
+        let root = File::open(&self.root).map_err(io_err("opening", &self.root))?;
+        nix::unistd::syncfs(root.as_raw_fd())
+            .map_err(|e| io_err("syncing the file system of", &self.root)(io::Error::from(e)))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}", std::process::id()))
+    }
+}
+
+/// A temp file removed on drop unless it was renamed.
+struct Temp(Option<PathBuf>);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), RepoError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+impl BlobStore for FsBlobStore {
+    fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let group = items.len() >= GROUP_MIN;
+        // 1. each blob in a temp file (synced one by one for a small batch)
+        let mut temps = Vec::with_capacity(items.len());
+        for (_, data) in items {
+            let path = self.temp_path();
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err("creating", &path))?;
+            let temp = Temp(Some(path));
+            let path = temp.0.as_deref().unwrap_or(Path::new(""));
+            f.write_all(data).map_err(io_err("writing", path))?;
+            if !group {
+                f.sync_data().map_err(io_err("syncing", path))?;
+            }
+            temps.push(temp);
+        }
+        // 2. their directories
+        let mut to_sync = BTreeSet::new();
+        let mut created = Vec::new();
+        let targets: Vec<PathBuf> = items.iter().map(|(k, _)| self.path(k)).collect();
+        for t in &targets {
+            if let Some(dir) = t.parent() {
+                self.ensure_dir(dir, &mut to_sync, &mut created)?;
+                to_sync.insert(dir.to_owned());
+            }
+        }
+        // 3. all the data durable at once
+        if group {
+            self.syncfs()?;
+        }
+        // 4. into place
+        for (temp, target) in temps.iter_mut().zip(&targets) {
+            if let Some(from) = temp.0.take() {
+                if let Err(e) = fs::rename(&from, target) {
+                    temp.0 = Some(from);
+                    return Err(io_err("renaming to", target)(e));
+                }
+            }
+        }
+        // 5. the renames (and new directories) durable
+        if group {
+            self.syncfs()?;
+        } else {
+            for dir in &to_sync {
+                sync_dir(dir)?;
+            }
+        }
+        self.durable_dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(created);
+        Ok(())
+    }
+
+    fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
+        let path = self.path(key);
+        match File::open(&path) {
+            Ok(mut f) => {
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf).map_err(io_err("reading", &path))?;
+                Ok(Some(buf))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("opening", &path)(e)),
+        }
+    }
+
+    fn get_range(
+        &self,
+        key: &BlobKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let path = self.path(key);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        let size = f.metadata().map_err(io_err("reading", &path))?.len();
+        let n = len.min(size.saturating_sub(offset));
+        let mut buf = vec![0u8; usize::try_from(n).map_err(|_| too_long())?];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(io_err("reading", &path))?;
+        Ok(Some(buf))
+    }
+
+    fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    }
+
+    fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("removing", &path)(e)),
+        }
+    }
+
+    fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
+        let dir = self.kind_dir(account, kind);
+        let mut out = Vec::new();
+        let Some(entries) = read_dir_if_exists(&dir)? else {
+            return Ok(out);
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err("reading", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            match kind {
+                BlobKind::SnapshotBody => {
+                    if let Some(id) = unhex::<16>(name) {
+                        out.push(id.to_vec());
+                    }
+                }
+                BlobKind::Chunk => {
+                    if name.len() != 2 {
+                        continue;
+                    }
+                    let sub = entry.path();
+                    let Some(files) = read_dir_if_exists(&sub)? else {
+                        continue;
+                    };
+                    for f in files {
+                        let f = f.map_err(io_err("reading", &sub))?;
+                        if let Some(id) = f.file_name().to_str().and_then(unhex::<32>) {
+                            out.push(id.to_vec());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn read_dir_if_exists(dir: &Path) -> Result<Option<fs::ReadDir>, RepoError> {
+    match fs::read_dir(dir) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("reading", dir)(e)),
+    }
+}
+
+fn too_long() -> RepoError {
+    RepoError::InvalidArgument("a range longer than this machine can hold".into())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::repo::conformance::BlobHarness;
+
+    /// A store on a temp dir; reopening drops the old store first.
+    pub(crate) struct FsHarness {
+        pub dir: tempfile::TempDir,
+    }
+
+    impl BlobHarness for FsHarness {
+        type Store = FsBlobStore;
+        fn new() -> Self {
+            FsHarness {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn open(&mut self) -> FsBlobStore {
+            FsBlobStore::open(self.dir.path()).unwrap()
+        }
+    }
+
+    crate::blob_store_conformance!(FsHarness);
+
+    fn temp_count(root: &Path) -> usize {
+        fs::read_dir(root.join(TMP)).unwrap().count()
+    }
+
+    #[test]
+    fn layout_is_account_kind_and_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsBlobStore::open(dir.path()).unwrap();
+        let c = BlobKey::Chunk(7, [0xab; 32]);
+        let b = BlobKey::SnapshotBody(7, [0x01; 16]);
+        s.put_batch(&[(c, b"chunk"), (b, b"body")]).unwrap();
+        let hex64 = "ab".repeat(32);
+        assert_eq!(
+            fs::read(dir.path().join("7/chunks/ab").join(&hex64)).unwrap(),
+            b"chunk"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("7/snapshots").join("01".repeat(16))).unwrap(),
+            b"body"
+        );
+        assert_eq!(temp_count(dir.path()), 0, "no temp file left after a put");
+    }
+
+    #[test]
+    fn a_group_batch_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsBlobStore::open(dir.path()).unwrap();
+        let ids: Vec<[u8; 32]> = (0..10u8).map(|i| [i; 32]).collect();
+        let data: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000 + i as usize]).collect();
+        let items: Vec<(BlobKey, &[u8])> = ids
+            .iter()
+            .zip(&data)
+            .map(|(id, d)| (BlobKey::Chunk(1, *id), d.as_slice()))
+            .collect();
+        assert!(items.len() >= GROUP_MIN);
+        s.put_batch(&items).unwrap();
+        assert_eq!(temp_count(dir.path()), 0);
+        for (id, d) in ids.iter().zip(&data) {
+            assert_eq!(s.get(&BlobKey::Chunk(1, *id)).unwrap().as_ref(), Some(d));
+        }
+    }
+
+    #[test]
+    fn open_sweeps_temp_files_and_ignores_strays() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(FsBlobStore::open(dir.path()).unwrap());
+        fs::write(dir.path().join(TMP).join("half-written"), b"xx").unwrap();
+        // Files that are not blobs are not listed.
+        fs::create_dir_all(dir.path().join("3/chunks/zz")).unwrap();
+        fs::write(dir.path().join("3/chunks/zz/nothex"), b"").unwrap();
+        fs::create_dir_all(dir.path().join("3/snapshots")).unwrap();
+        fs::write(dir.path().join("3/snapshots/README"), b"").unwrap();
+        let s = FsBlobStore::open(dir.path()).unwrap();
+        assert_eq!(temp_count(dir.path()), 0);
+        assert!(s.list(3, BlobKind::Chunk).unwrap().is_empty());
+        assert!(s.list(3, BlobKind::SnapshotBody).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsBlobStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            FsBlobStore::open(dir.path()),
+            Err(RepoError::Locked { .. })
+        ));
+        drop(s);
+        FsBlobStore::open(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,302 @@
+//! The protocol v4 repository: where the server keeps what end-to-end encrypted,
+//! deduplicating backups send it (the design brief is `V4.md`).
+//!
+//! The client encrypts everything. The server stores opaque *chunk* blobs, named by a
+//! 32-byte [`ChunkId`] (a keyed hash of the plaintext the client computes; the server
+//! cannot check it), and *snapshots*: a plaintext [`SnapshotHeader`] the server reads
+//! (for listing and retention) plus an opaque encrypted body (the manifest), and the
+//! list of chunk ids the snapshot names (for the commit check and garbage collection).
+//!
+//! # Parts
+//! - [`blob`]: the [`BlobStore`] trait, bytes by [`BlobKey`] (account, kind, id), every
+//!   batch durable on return; [`fs`] is the local implementation (one file per blob).
+//! - [`registry`]: the [`Registry`] trait, the metadata (accounts, devices with their
+//!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
+//!   [`sqlite`] is the local implementation.
+//! - [`service`]: [`Repo`], the facade the server calls: group commit of chunk puts,
+//!   snapshot commits, reads, quotas.
+//! - `conformance` (tests only): one suite per trait, a generic function per test, run
+//!   against every implementation (today the local ones; PostgreSQL and S3 ones must
+//!   pass the same suite).
+//!
+//! # Durability
+//! A chunk is acknowledged only when its blob is durable ([`BlobStore::put_batch`]:
+//! data synced, renamed into place, directory synced) *and* its row is committed
+//! (SQLite in WAL mode with `synchronous = FULL`: the commit returns after the WAL is
+//! fsync'd). The blob is written first, so a crash in between leaves a blob without a
+//! row: the client had no acknowledgement and sends the chunk again (the put overwrites
+//! the blob), and garbage collection removes it if it never does. A snapshot becomes
+//! visible only with its row, which is written after its body blob is durable and only
+//! if every chunk it names has a row; so a visible snapshot never names a missing chunk
+//! or lacks its body, and a crash shows either no snapshot or the whole one.
+//!
+//! # Garbage collection against concurrent backups
+//! A backup asks which chunks are held ([`Repo::chunks_held`]) and sends only the others,
+//! then commits a snapshot naming all of them; collection must never delete a chunk in
+//! between. Three rules make that hold:
+//! 1. Asking (`chunks_held`), putting, and committing a snapshot set the chunk's
+//!    `touched_at` to now, in the same registry statement that answers; collection only
+//!    deletes rows untouched for a grace period, and it checks "unreferenced and
+//!    untouched" again in the transaction that deletes. The registry serialises the two:
+//!    either the touch comes first (the row survives) or the delete does (the answer is
+//!    "not held", or the commit is refused naming the chunk, and the client sends it
+//!    again). A snapshot commit itself is atomic with its check that every chunk has a
+//!    row, so it never names a chunk collected before it.
+//! 2. The committer holds a shared lock for a whole round (held check, blob writes, row
+//!    inserts, snapshot body and row), and collection holds it exclusively from deleting
+//!    rows until their blobs are gone. Without it, a put of a chunk whose row was just
+//!    deleted could write its blob and row before collection removed the blob, leaving
+//!    a row without a blob. The same lock keeps the sweep of orphan blobs (blobs without
+//!    a row) from taking a blob whose row is about to be written.
+//! 3. Rows are deleted before blobs: a crash in between leaves orphan blobs, which the
+//!    next collection removes, never a row without its blob.
+//!
+//! The grace period covers a client that learned a chunk was held (rule 1 touched it)
+//! and commits its snapshot later: the snapshot must come within the grace period, or
+//! its commit is refused naming the chunks, which the client sends again.
+
+pub mod blob;
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod fs;
+pub mod registry;
+pub mod service;
+pub mod sqlite;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use blob::{BlobKey, BlobKind, BlobStore};
+pub use fs::FsBlobStore;
+pub use registry::{
+    ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage, MAX_NAME_LEN,
+};
+pub use service::{CommitStats, Repo};
+pub use sqlite::SqliteRegistry;
+
+/// An account (one user's repository).
+pub type AccountId = i64;
+/// A device of an account (one device key).
+pub type DeviceId = i64;
+/// A chunk's id: a keyed hash of its plaintext, computed by the client.
+pub type ChunkId = [u8; 32];
+/// A snapshot's id, chosen by the client at random.
+pub type SnapshotId = [u8; 16];
+/// A BLAKE3 hash of stored bytes, computed by the server.
+pub type Hash = [u8; 32];
+
+/// What a device may do, a bit set. The server enforces it ([`require`]); a device
+/// enrolled without [`Capabilities::FORGET`] can add snapshots but never remove one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Capabilities(pub u32);
+
+impl Capabilities {
+    /// Nothing.
+    pub const NONE: Capabilities = Capabilities(0);
+    /// Ask which chunks are held, put chunks, commit snapshots, read the wrapped key.
+    pub const BACKUP: Capabilities = Capabilities(1);
+    /// List and get snapshots, get chunks.
+    pub const READ: Capabilities = Capabilities(2);
+    /// Forget snapshots, run garbage collection.
+    pub const FORGET: Capabilities = Capabilities(4);
+    /// Manage devices and the quota, store the wrapped key.
+    pub const ADMIN: Capabilities = Capabilities(8);
+    /// Everything (the device that creates an account).
+    pub const ALL: Capabilities = Capabilities(1 | 2 | 4 | 8);
+
+    /// Whether every bit of `needed` is set here.
+    pub fn contains(self, needed: Capabilities) -> bool {
+        self.0 & needed.0 == needed.0
+    }
+
+    /// The known bits of a stored or received value (unknown ones are dropped).
+    pub fn from_bits_truncate(bits: u32) -> Capabilities {
+        Capabilities(bits & Self::ALL.0)
+    }
+}
+
+impl std::ops::BitOr for Capabilities {
+    type Output = Capabilities;
+    fn bitor(self, rhs: Capabilities) -> Capabilities {
+        Capabilities(self.0 | rhs.0)
+    }
+}
+
+/// `Ok` if `caps` holds every capability in `needed`, else [`RepoError::Forbidden`].
+pub fn require(caps: Capabilities, needed: Capabilities) -> Result<(), RepoError> {
+    if caps.contains(needed) {
+        Ok(())
+    } else {
+        Err(RepoError::Forbidden { needed, held: caps })
+    }
+}
+
+/// The part of a snapshot the server can read. The body (the encrypted manifest) is
+/// opaque to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub id: SnapshotId,
+    /// When the backup was taken (the client's clock), milliseconds since the epoch.
+    pub time_unix_ms: i64,
+    pub host: String,
+    pub tags: Vec<String>,
+    pub paths: Vec<String>,
+    pub files: u64,
+    pub dirs: u64,
+    /// Plaintext bytes of the files.
+    pub size: u64,
+    /// The device that committed it (set by the server from the authenticated device).
+    pub device: DeviceId,
+    /// Length of the encrypted body.
+    pub body_len: u64,
+}
+
+/// Repository errors. Cheap to clone, so that one failure can answer every request of
+/// a group commit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RepoError {
+    #[error("the device lacks capabilities {needed:?} (it holds {held:?})")]
+    Forbidden {
+        needed: Capabilities,
+        held: Capabilities,
+    },
+    #[error("an account with this name exists")]
+    NameTaken,
+    #[error("a device with this public key exists")]
+    KeyTaken,
+    #[error("no account {0}")]
+    NoSuchAccount(AccountId),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("account {account} would exceed its quota: {used} bytes used + {requested} > {quota}")]
+    QuotaExceeded {
+        account: AccountId,
+        used: u64,
+        requested: u64,
+        quota: u64,
+    },
+    #[error("the disk is full ({path})")]
+    DiskFull { path: PathBuf },
+    #[error("{} chunks the snapshot names are not stored", .0.len())]
+    MissingChunks(Vec<ChunkId>),
+    #[error("a different snapshot with this id exists (snapshots are never replaced)")]
+    SnapshotExists,
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("database: {0}")]
+    Db(#[source] Arc<rusqlite::Error>),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("the database has schema version {found}; this server knows up to {supported}")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("{path} is in use by another process")]
+    Locked { path: PathBuf },
+    #[error("the repository's committer has stopped")]
+    Stopped,
+}
+
+impl From<rusqlite::Error> for RepoError {
+    fn from(e: rusqlite::Error) -> Self {
+        RepoError::Db(Arc::new(e))
+    }
+}
+
+/// Whether an I/O error means the disk (or the quota of the file system) is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Maps an I/O error on `path` to [`RepoError::DiskFull`] or [`RepoError::Io`].
+pub(crate) fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> RepoError + 'a {
+    move |source| {
+        if is_disk_full(&source) {
+            RepoError::DiskFull {
+                path: path.to_owned(),
+            }
+        } else {
+            RepoError::Io {
+                what,
+                path: path.to_owned(),
+                source: Arc::new(source),
+            }
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The bytes of `N * 2` lowercase hex digits (`None` for anything else).
+pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        let pair = s.get(2 * i..2 * i + 2)?;
+        if pair.bytes().any(|c| c.is_ascii_uppercase()) {
+            return None;
+        }
+        *b = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_checks_every_needed_bit() {
+        let backup = Capabilities::BACKUP;
+        assert!(require(backup, Capabilities::BACKUP).is_ok());
+        assert!(matches!(
+            require(backup, Capabilities::FORGET),
+            Err(RepoError::Forbidden { .. })
+        ));
+        assert!(require(backup, Capabilities::BACKUP | Capabilities::READ).is_err());
+        assert!(require(
+            Capabilities::ALL,
+            Capabilities::ADMIN | Capabilities::FORGET
+        )
+        .is_ok());
+        assert_eq!(Capabilities::from_bits_truncate(0xff), Capabilities::ALL);
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_uppercase() {
+        let id = [0xab; 16];
+        assert_eq!(unhex::<16>(&hex(&id)), Some(id));
+        assert_eq!(unhex::<16>(&hex(&id).to_uppercase()), None);
+        assert_eq!(unhex::<16>("abc"), None);
+        assert!(is_disk_full(&io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(matches!(
+            io_err("writing", Path::new("/x"))(io::Error::from_raw_os_error(libc::ENOSPC)),
+            RepoError::DiskFull { .. }
+        ));
+    }
+}

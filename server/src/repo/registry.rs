@@ -1,0 +1,241 @@
+//! The repository's metadata: accounts, devices, chunk records, snapshots.
+//!
+//! A [`Registry`] answers every question about what is stored without touching a blob,
+//! and makes the decisions that must be atomic: a snapshot commit (every named chunk
+//! present, the id new), the "held" answer that also protects a chunk from collection
+//! (it touches the chunk), and collection's delete (it checks again that a chunk is
+//! unreferenced and untouched). Every method that returns `Ok` after a write has made
+//! it durable.
+//!
+//! Times are milliseconds since the epoch, passed in by the caller (the
+//! [`Repo`](super::Repo)'s clock), so that tests can move time.
+//!
+//! Every method that takes an account acts only on that account's rows, whatever ids
+//! it is given: that is the isolation between accounts.
+
+use super::{
+    AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
+};
+
+/// Longest account or device name, in bytes.
+pub const MAX_NAME_LEN: usize = 100;
+
+/// A device of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub account: AccountId,
+    pub name: String,
+    pub caps: Capabilities,
+    pub created_ms: i64,
+    /// When it was revoked; a revoked device is refused at the handshake.
+    pub revoked_ms: Option<i64>,
+}
+
+impl Device {
+    pub fn revoked(&self) -> bool {
+        self.revoked_ms.is_some()
+    }
+}
+
+/// A stored chunk's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub id: ChunkId,
+    /// Length of the stored (encrypted) bytes.
+    pub stored_len: u64,
+    /// BLAKE3 of the stored bytes, computed by the server at ingest (for scrub).
+    pub hash: Hash,
+    pub stored_ms: i64,
+    /// Last time a client learned the chunk was held, put it or committed a snapshot
+    /// naming it: collection spares chunks touched within its grace period.
+    pub touched_ms: i64,
+    /// Set by scrub when the blob was missing or did not match `hash`: the chunk then
+    /// counts as not held until it is put again.
+    pub damaged_ms: Option<i64>,
+}
+
+/// What a snapshot commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The snapshot is new and now visible.
+    Committed,
+    /// The same snapshot (same body hash and chunk list) was committed before: a retried
+    /// commit whose acknowledgement was lost.
+    AlreadyCommitted,
+}
+
+/// A committed snapshot as the registry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    pub header: SnapshotHeader,
+    /// The chunks it names, in the order the client gave.
+    pub chunks: Vec<ChunkId>,
+    /// BLAKE3 of the body, computed by the server.
+    pub body_hash: Hash,
+    /// When the server committed it.
+    pub created_ms: i64,
+}
+
+/// An account's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub chunks: u64,
+    /// Bytes of stored chunks and snapshot bodies.
+    pub stored_bytes: u64,
+    pub snapshots: u64,
+    pub quota: Option<u64>,
+}
+
+/// The metadata store. `Send` but not `Sync`: one owner at a time (the [`Repo`] keeps
+/// it behind a mutex).
+///
+/// [`Repo`]: super::Repo
+pub trait Registry: Send {
+    /// A new account named `name` (1 to [`MAX_NAME_LEN`] bytes, unique) with its first
+    /// device, which holds [`Capabilities::ALL`].
+    fn create_account(
+        &mut self,
+        name: &str,
+        device_key: &[u8; 32],
+        device_name: &str,
+        now_ms: i64,
+    ) -> Result<(AccountId, DeviceId), RepoError>;
+
+    /// The account of this name.
+    fn account_by_name(&mut self, name: &str) -> Result<Option<AccountId>, RepoError>;
+
+    /// Every account, in id order.
+    fn accounts(&mut self) -> Result<Vec<AccountId>, RepoError>;
+
+    /// The device with this public key (revoked ones too: the caller refuses them).
+    fn device_by_key(&mut self, key: &[u8; 32]) -> Result<Option<Device>, RepoError>;
+
+    /// Enrols a device; [`RepoError::KeyTaken`] if its key is any device's already.
+    fn add_device(
+        &mut self,
+        account: AccountId,
+        key: &[u8; 32],
+        name: &str,
+        caps: Capabilities,
+        now_ms: i64,
+    ) -> Result<DeviceId, RepoError>;
+
+    /// The account's devices, in id order.
+    fn list_devices(&mut self, account: AccountId) -> Result<Vec<Device>, RepoError>;
+
+    /// Revokes a device of the account; `false` if it has no such device (revoking
+    /// twice keeps the first time).
+    fn revoke_device(
+        &mut self,
+        account: AccountId,
+        device: DeviceId,
+        now_ms: i64,
+    ) -> Result<bool, RepoError>;
+
+    /// Stores the master key wrapped under the user's passphrase (opaque here).
+    fn set_wrapped_key(&mut self, account: AccountId, key: &[u8]) -> Result<(), RepoError>;
+
+    fn wrapped_key(&mut self, account: AccountId) -> Result<Option<Vec<u8>>, RepoError>;
+
+    /// Sets (or with `None` removes) the account's quota in stored bytes.
+    fn set_quota(&mut self, account: AccountId, quota: Option<u64>) -> Result<(), RepoError>;
+
+    fn usage(&mut self, account: AccountId) -> Result<Usage, RepoError>;
+
+    /// For each id, whether the account holds that chunk (and it is not damaged). The
+    /// held ones are touched (`touched_ms` = `now_ms`) in the same transaction, which
+    /// protects them from a concurrent collection.
+    fn chunks_held(
+        &mut self,
+        account: AccountId,
+        ids: &[ChunkId],
+        now_ms: i64,
+    ) -> Result<Vec<bool>, RepoError>;
+
+    /// For each id, whether the account has a record of that chunk (damaged or not),
+    /// without touching it (for the sweep of orphan blobs).
+    fn chunks_recorded(
+        &mut self,
+        account: AccountId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, RepoError>;
+
+    /// Records chunks whose blobs are durable, for any accounts, in one transaction (a
+    /// group commit). A record that exists is replaced (a damaged chunk put again
+    /// becomes sound). All or nothing.
+    fn insert_chunks(&mut self, records: &[(AccountId, ChunkRecord)]) -> Result<(), RepoError>;
+
+    /// Commits a snapshot atomically: [`RepoError::MissingChunks`] naming every chunk
+    /// of `chunks` the account does not hold (or holds damaged), unless all are held;
+    /// for an id that exists, [`CommitOutcome::AlreadyCommitted`] if its body hash and
+    /// chunk list are these, else [`RepoError::SnapshotExists`]. The named chunks are
+    /// touched.
+    fn commit_snapshot(
+        &mut self,
+        account: AccountId,
+        header: &SnapshotHeader,
+        chunks: &[ChunkId],
+        body_hash: &Hash,
+        now_ms: i64,
+    ) -> Result<CommitOutcome, RepoError>;
+
+    /// The account's snapshot headers, oldest first.
+    fn list_snapshots(&mut self, account: AccountId) -> Result<Vec<SnapshotHeader>, RepoError>;
+
+    fn get_snapshot(
+        &mut self,
+        account: AccountId,
+        id: &SnapshotId,
+    ) -> Result<Option<StoredSnapshot>, RepoError>;
+
+    /// Removes the snapshot's row; `false` if the account has no such snapshot.
+    fn forget_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<bool, RepoError>;
+
+    /// Chunks of the account that no snapshot names and nobody touched at or after
+    /// `touched_before` (what [`delete_unreferenced_chunks`](Self::delete_unreferenced_chunks)
+    /// would delete now).
+    fn unreferenced_chunks(
+        &mut self,
+        account: AccountId,
+        touched_before: i64,
+    ) -> Result<Vec<ChunkRecord>, RepoError>;
+
+    /// Deletes, in one transaction that decides and deletes, the rows of the chunks
+    /// [`unreferenced_chunks`](Self::unreferenced_chunks) names, and returns them.
+    fn delete_unreferenced_chunks(
+        &mut self,
+        account: AccountId,
+        touched_before: i64,
+    ) -> Result<Vec<ChunkRecord>, RepoError>;
+
+    /// Up to `limit` chunk records of the account in id order, starting after `after`
+    /// (for scrub and the sweep of orphan blobs, a page at a time).
+    fn chunk_records(
+        &mut self,
+        account: AccountId,
+        after: Option<&ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<ChunkRecord>, RepoError>;
+
+    /// Marks a chunk damaged if its record still has hash `hash` and is not marked
+    /// yet; `true` if it marked it.
+    fn mark_damaged(
+        &mut self,
+        account: AccountId,
+        id: &ChunkId,
+        hash: &Hash,
+        now_ms: i64,
+    ) -> Result<bool, RepoError>;
+}
+
+/// Checks a name's length (1 to [`MAX_NAME_LEN`] bytes).
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), RepoError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(RepoError::InvalidArgument(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} bytes, not {}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
