@@ -14,7 +14,7 @@
 //!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
 //!   [`sqlite`] is the local implementation.
 //! - [`service`]: [`Repo`], the facade the server calls: group commit of chunk puts,
-//!   snapshot commits, reads, quotas.
+//!   snapshot commits, reads, quotas; [`gc`] adds garbage collection and scrub to it.
 //! - `conformance` (tests only): one suite per trait, a generic function per test, run
 //!   against every implementation (today the local ones; PostgreSQL and S3 ones must
 //!   pass the same suite).
@@ -32,7 +32,7 @@
 //!
 //! # Garbage collection against concurrent backups
 //! A backup asks which chunks are held ([`Repo::chunks_held`]) and sends only the others,
-//! then commits a snapshot naming all of them; collection must never delete a chunk in
+//! then commits a snapshot naming all of them; [`gc`] must never delete a chunk in
 //! between. Three rules make that hold:
 //! 1. Asking (`chunks_held`), putting, and committing a snapshot set the chunk's
 //!    `touched_at` to now, in the same registry statement that answers; collection only
@@ -59,6 +59,7 @@ pub mod blob;
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod fs;
+pub mod gc;
 pub mod registry;
 pub mod service;
 pub mod sqlite;
@@ -69,6 +70,7 @@ use std::sync::Arc;
 
 pub use blob::{BlobKey, BlobKind, BlobStore};
 pub use fs::FsBlobStore;
+pub use gc::{GcReport, Scope, ScrubReport};
 pub use registry::{
     ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage, MAX_NAME_LEN,
 };

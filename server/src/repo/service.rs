@@ -655,6 +655,10 @@ pub(crate) mod tests {
             .unwrap()
         }
 
+        pub fn set_time(&self, ms: i64) {
+            self.time.store(ms, Ordering::Relaxed);
+        }
+
         pub fn blob_path(&self, key: &BlobKey) -> std::path::PathBuf {
             // The layout of `FsBlobStore` (checked in its own tests).
             let id = crate::repo::hex(key.id());

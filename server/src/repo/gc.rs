@@ -1,0 +1,505 @@
+//! Garbage collection and scrub, run by an operator or a schedule (or a device with
+//! the forget capability, for collection).
+//!
+//! **Collection** ([`Repo::collect_garbage`]) deletes, per account, the chunks no
+//! snapshot names that nobody touched within the grace period: their rows in one
+//! registry transaction that checks both conditions again, then their blobs, while
+//! holding the repository's lock exclusively (the argument for why no chunk a backup
+//! may still commit is ever deleted is in the [module documentation](super)). It then
+//! removes orphan blobs: chunk blobs without a row (a crash between a blob's write and
+//! its row, or a delete that did not survive a crash) and snapshot bodies without a
+//! snapshot (a crash between the body and the row, a failed forget). Orphans are listed
+//! without the lock and checked again under it, so a put that finished in between
+//! keeps its blob.
+//!
+//! **Scrub** ([`Repo::scrub`]) reads every chunk back and compares its BLAKE3 with the
+//! hash recorded at ingest; a missing or damaged chunk is reported and marked damaged,
+//! so the registry answers "not held" for it and the next backup that has it sends it
+//! again (which makes it sound). Snapshot bodies are checked against their hash too;
+//! a damaged body cannot be repaired by the server, only reported.
+
+use std::collections::HashSet;
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use super::blob::{BlobKey, BlobKind};
+use super::service::Repo;
+use super::{AccountId, ChunkId, RepoError, SnapshotId};
+
+/// Which accounts an operation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Account(AccountId),
+    All,
+}
+
+/// What a collection did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub accounts: u64,
+    /// Unreferenced chunks deleted (rows and blobs).
+    pub chunks_deleted: u64,
+    /// Their stored bytes.
+    pub bytes_freed: u64,
+    /// Chunk blobs that had no row, removed.
+    pub orphan_chunk_blobs: u64,
+    /// Snapshot bodies that had no snapshot, removed.
+    pub orphan_bodies: u64,
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub accounts: u64,
+    /// Chunks read back (sound or not).
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Chunks whose bytes do not match their recorded hash (now marked damaged).
+    pub damaged: Vec<(AccountId, ChunkId)>,
+    /// Chunks whose blob is gone (now marked damaged).
+    pub missing: Vec<(AccountId, ChunkId)>,
+    pub bodies_checked: u64,
+    /// Snapshots whose body is missing or does not match its hash.
+    pub damaged_bodies: Vec<(AccountId, SnapshotId)>,
+}
+
+/// Chunk records read per registry call during a scrub or a sweep.
+const PAGE: usize = 1000;
+
+impl Repo {
+    fn accounts_in(&self, scope: Scope) -> Result<Vec<AccountId>, RepoError> {
+        match scope {
+            Scope::Account(a) => {
+                self.shared.registry().usage(a)?; // NoSuchAccount
+                Ok(vec![a])
+            }
+            Scope::All => self.shared.registry().accounts(),
+        }
+    }
+
+    /// Deletes the chunks of the accounts in `scope` that no snapshot names and that
+    /// were not touched (held, put, or named by a commit) in the `grace` before
+    /// `now_ms`, then the orphan blobs.
+    pub fn collect_garbage(
+        &self,
+        scope: Scope,
+        grace: Duration,
+        now_ms: i64,
+    ) -> Result<GcReport, RepoError> {
+        let cutoff = now_ms.saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+        let mut report = GcReport::default();
+        for account in self.accounts_in(scope)? {
+            self.collect_account(account, cutoff, &mut report)?;
+            report.accounts += 1;
+        }
+        tracing::info!(?report, "garbage collection done");
+        Ok(report)
+    }
+
+    fn collect_account(
+        &self,
+        account: AccountId,
+        cutoff: i64,
+        report: &mut GcReport,
+    ) -> Result<(), RepoError> {
+        let store = &self.shared.store;
+        // Orphan candidates, listed without holding up ingest.
+        let chunk_blobs = store.list(account, BlobKind::Chunk)?;
+        let recorded = self.recorded_chunks(account)?;
+        let chunk_candidates: Vec<ChunkId> = chunk_blobs
+            .iter()
+            .filter_map(|id| <ChunkId>::try_from(&id[..]).ok())
+            .filter(|id| !recorded.contains(id))
+            .collect();
+        let snapshots: HashSet<SnapshotId> = self
+            .shared
+            .registry()
+            .list_snapshots(account)?
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        let body_candidates: Vec<SnapshotId> = store
+            .list(account, BlobKind::SnapshotBody)?
+            .iter()
+            .filter_map(|id| <SnapshotId>::try_from(&id[..]).ok())
+            .filter(|id| !snapshots.contains(id))
+            .collect();
+
+        let _gc = self
+            .shared
+            .gc_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Rows first: a crash before the blobs are gone leaves orphans, not rows
+        // without blobs.
+        let doomed = self
+            .shared
+            .registry()
+            .delete_unreferenced_chunks(account, cutoff)?;
+        for rec in &doomed {
+            store.delete(&BlobKey::Chunk(account, rec.id))?;
+            report.chunks_deleted += 1;
+            report.bytes_freed += rec.stored_len;
+        }
+        let still = self
+            .shared
+            .registry()
+            .chunks_recorded(account, &chunk_candidates)?;
+        for (id, recorded) in chunk_candidates.iter().zip(still) {
+            if !recorded && store.delete(&BlobKey::Chunk(account, *id))? {
+                report.orphan_chunk_blobs += 1;
+            }
+        }
+        for id in &body_candidates {
+            let committed = self.shared.registry().get_snapshot(account, id)?.is_some();
+            if !committed && store.delete(&BlobKey::SnapshotBody(account, *id))? {
+                report.orphan_bodies += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every chunk id the account has a row for.
+    fn recorded_chunks(&self, account: AccountId) -> Result<HashSet<ChunkId>, RepoError> {
+        let mut ids = HashSet::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .shared
+                .registry()
+                .chunk_records(account, after.as_ref(), PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            ids.extend(page.into_iter().map(|r| r.id));
+        }
+        Ok(ids)
+    }
+
+    /// Reads back every chunk and snapshot body of the accounts in `scope`, compares
+    /// each with the hash recorded at ingest, and marks missing or damaged chunks
+    /// damaged (not held, so they are sent again).
+    pub fn scrub(&self, scope: Scope) -> Result<ScrubReport, RepoError> {
+        let mut report = ScrubReport::default();
+        for account in self.accounts_in(scope)? {
+            self.scrub_account(account, &mut report)?;
+            report.accounts += 1;
+        }
+        if report.damaged.is_empty()
+            && report.missing.is_empty()
+            && report.damaged_bodies.is_empty()
+        {
+            tracing::info!(
+                chunks = report.chunks_checked,
+                bytes = report.bytes_checked,
+                "scrub found nothing wrong"
+            );
+        } else {
+            tracing::error!(
+                damaged = report.damaged.len(),
+                missing = report.missing.len(),
+                damaged_bodies = report.damaged_bodies.len(),
+                "scrub found damaged data"
+            );
+        }
+        Ok(report)
+    }
+
+    fn scrub_account(&self, account: AccountId, report: &mut ScrubReport) -> Result<(), RepoError> {
+        let store = &self.shared.store;
+        let mut after = None;
+        loop {
+            let page = self
+                .shared
+                .registry()
+                .chunk_records(account, after.as_ref(), PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for rec in page {
+                report.chunks_checked += 1;
+                let sound = match store.get(&BlobKey::Chunk(account, rec.id))? {
+                    None => {
+                        report.missing.push((account, rec.id));
+                        false
+                    }
+                    Some(bytes) => {
+                        report.bytes_checked += bytes.len() as u64;
+                        let ok = bytes.len() as u64 == rec.stored_len
+                            && *blake3::hash(&bytes).as_bytes() == rec.hash;
+                        if !ok {
+                            report.damaged.push((account, rec.id));
+                        }
+                        ok
+                    }
+                };
+                if !sound {
+                    let now = self.shared.now();
+                    // Only if the record is still the one checked: a put that rewrote
+                    // the chunk meanwhile has made it sound.
+                    self.shared
+                        .registry()
+                        .mark_damaged(account, &rec.id, &rec.hash, now)?;
+                    tracing::error!(account, chunk = %super::hex(&rec.id), "a damaged or missing chunk, marked for upload");
+                }
+            }
+        }
+        let headers = self.shared.registry().list_snapshots(account)?;
+        for h in headers {
+            let Some(snap) = self.shared.registry().get_snapshot(account, &h.id)? else {
+                continue; // forgotten meanwhile
+            };
+            report.bodies_checked += 1;
+            let sound = store
+                .get(&BlobKey::SnapshotBody(account, h.id))?
+                .is_some_and(|b| *blake3::hash(&b).as_bytes() == snap.body_hash);
+            if !sound {
+                report.damaged_bodies.push((account, h.id));
+                tracing::error!(account, snapshot = %super::hex(&h.id), "a snapshot body is damaged or missing");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::conformance::header;
+    use crate::repo::service::tests::{account, cid, data, Fixture};
+    use crate::repo::CommitOutcome;
+    use futures_lite::future::block_on;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const HOUR_MS: i64 = 3_600_000;
+
+    #[test]
+    fn collection_deletes_only_unreferenced_chunks_untouched_past_the_grace() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let (a, b) = (account(&repo, 1), account(&repo, 2));
+        let t0 = 1_000_000;
+        fx.set_time(t0);
+        for n in 1..=5 {
+            block_on(repo.put_chunk(a, cid(n), data(n))).unwrap();
+        }
+        block_on(repo.put_chunk(b, cid(2), data(2))).unwrap();
+        // Snapshot 1 names chunk 1; snapshot 2 names chunk 5 and is forgotten.
+        for (s, c) in [(1u8, 1u32), (2, 5)] {
+            let body = vec![s; 10];
+            let hdr = header(s, 10);
+            assert_eq!(
+                block_on(repo.commit_snapshot(a, 1, hdr, vec![cid(c)], body)).unwrap(),
+                CommitOutcome::Committed
+            );
+        }
+        assert!(repo.forget_snapshot(a, &[2; 16]).unwrap());
+        // Two hours on, a backup asks about chunk 3 (held: touched now), and chunk 4
+        // is put again (touched now).
+        fx.set_time(t0 + 2 * HOUR_MS);
+        assert_eq!(repo.chunks_held(a, &[cid(3)]).unwrap(), vec![true]);
+        block_on(repo.put_chunk(a, cid(4), data(4))).unwrap();
+        let r = repo
+            .collect_garbage(Scope::Account(a), HOUR, t0 + 2 * HOUR_MS)
+            .unwrap();
+        // Chunk 2 (never named) and 5 (named only by a forgotten snapshot) go.
+        assert_eq!(
+            (r.chunks_deleted, r.orphan_chunk_blobs, r.orphan_bodies),
+            (2, 0, 0)
+        );
+        assert_eq!(r.bytes_freed, (data(2).len() + data(5).len()) as u64);
+        let ids = [cid(1), cid(2), cid(3), cid(4), cid(5)];
+        assert_eq!(
+            repo.chunks_held(a, &ids).unwrap(),
+            vec![true, false, true, true, false]
+        );
+        assert_eq!(repo.get_chunk(a, &cid(2)).unwrap(), None);
+        assert_eq!(repo.get_chunk(a, &cid(5)).unwrap(), None);
+        assert_eq!(repo.get_chunk(a, &cid(1)).unwrap(), Some(data(1)));
+        // Bob's chunk 2 is his own, and another account's collection leaves it.
+        assert_eq!(repo.get_chunk(b, &cid(2)).unwrap(), Some(data(2)));
+        // Much later everything unreferenced goes, the referenced chunk never.
+        let r = repo
+            .collect_garbage(Scope::All, HOUR, t0 + 100 * HOUR_MS)
+            .unwrap();
+        assert_eq!((r.accounts, r.chunks_deleted), (2, 3)); // a: 3, 4; b: 2
+        assert_eq!(repo.get_chunk(a, &cid(1)).unwrap(), Some(data(1)));
+        assert_eq!(repo.chunks_held(a, &[cid(1)]).unwrap(), vec![true]);
+        assert_eq!(repo.usage(a).unwrap().chunks, 1);
+        // The snapshot is whole: its body and every chunk it names.
+        let s = repo.get_snapshot(a, &[1; 16]).unwrap().unwrap();
+        for c in &s.chunks {
+            assert!(repo.get_chunk(a, c).unwrap().is_some());
+        }
+        assert!(repo.get_snapshot_body(a, &[1; 16]).unwrap().is_some());
+    }
+
+    #[test]
+    fn collection_removes_orphan_blobs_and_keeps_recorded_ones() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        block_on(repo.put_chunk(a, cid(1), data(1))).unwrap();
+        block_on(repo.commit_snapshot(a, 1, header(1, 3), vec![cid(1)], vec![1, 2, 3])).unwrap();
+        // What a crash between blob and row leaves: blobs nobody recorded.
+        repo.shared
+            .store
+            .put_batch(&[
+                (BlobKey::Chunk(a, cid(9)), b"orphan chunk"),
+                (BlobKey::SnapshotBody(a, [9; 16]), b"orphan body"),
+            ])
+            .unwrap();
+        let r = repo
+            .collect_garbage(
+                Scope::All,
+                HOUR,
+                fx.time.load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .unwrap();
+        assert_eq!(
+            (r.chunks_deleted, r.orphan_chunk_blobs, r.orphan_bodies),
+            (0, 1, 1)
+        );
+        assert_eq!(
+            repo.shared.store.get(&BlobKey::Chunk(a, cid(9))).unwrap(),
+            None
+        );
+        assert_eq!(
+            repo.shared
+                .store
+                .get(&BlobKey::SnapshotBody(a, [9; 16]))
+                .unwrap(),
+            None
+        );
+        assert_eq!(repo.get_chunk(a, &cid(1)).unwrap(), Some(data(1)));
+        assert_eq!(
+            repo.get_snapshot_body(a, &[1; 16]).unwrap(),
+            Some(vec![1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn collection_racing_puts_and_commits_never_loses_a_committed_chunk() {
+        // Puts, held-questions and commits of one account run while collections with a
+        // zero grace run on another thread: every committed snapshot must stay whole.
+        let fx = Fixture::new();
+        let repo = fx.open();
+        fx.set_time(crate::repo::now_unix_ms());
+        let time = fx.time.clone();
+        let a = account(&repo, 1);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gc = {
+            let (repo, stop) = (repo.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut runs = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || runs == 0 {
+                    let now = time.load(std::sync::atomic::Ordering::Relaxed);
+                    repo.collect_garbage(Scope::All, Duration::ZERO, now + 1)
+                        .unwrap();
+                    runs += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                runs
+            })
+        };
+        let mut committed = 0;
+        for s in 0..30u8 {
+            let ids: Vec<ChunkId> = (0..6).map(|i| cid((s as u32 % 4) * 3 + i)).collect();
+            for attempt in 0.. {
+                assert!(attempt < 1000, "no commit got through");
+                let held = repo.chunks_held(a, &ids).unwrap();
+                for (id, held) in ids.iter().zip(held) {
+                    if !held {
+                        let n = u32::from_be_bytes(id[..4].try_into().unwrap());
+                        block_on(repo.put_chunk(a, *id, data(n))).unwrap();
+                    }
+                }
+                match block_on(repo.commit_snapshot(a, 1, header(s, 0), ids.clone(), vec![])) {
+                    Ok(_) => break,
+                    Err(RepoError::MissingChunks(_)) => continue, // collected meanwhile
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            committed += 1;
+            if s % 3 == 0 {
+                repo.forget_snapshot(a, &[s.wrapping_sub(3); 16]).unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(gc.join().unwrap() > 0);
+        assert_eq!(committed, 30);
+        for h in repo.list_snapshots(a).unwrap() {
+            let s = repo.get_snapshot(a, &h.id).unwrap().unwrap();
+            for c in &s.chunks {
+                let n = u32::from_be_bytes(c[..4].try_into().unwrap());
+                assert_eq!(
+                    repo.get_chunk(a, c).unwrap(),
+                    Some(data(n)),
+                    "snapshot {:?}",
+                    h.id[0]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scrub_finds_a_flipped_byte_and_a_missing_blob_and_they_are_put_again() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let (a, b) = (account(&repo, 1), account(&repo, 2));
+        for n in 1..=3 {
+            block_on(repo.put_chunk(a, cid(n), data(n))).unwrap();
+        }
+        block_on(repo.put_chunk(b, cid(1), data(1))).unwrap();
+        block_on(repo.commit_snapshot(a, 1, header(1, 4), vec![cid(1), cid(2)], vec![4; 4]))
+            .unwrap();
+        let clean = repo.scrub(Scope::All).unwrap();
+        assert_eq!((clean.chunks_checked, clean.bodies_checked), (4, 1));
+        assert!(clean.damaged.is_empty() && clean.missing.is_empty());
+
+        let flipped = fx.blob_path(&BlobKey::Chunk(a, cid(1)));
+        let mut bytes = std::fs::read(&flipped).unwrap();
+        bytes[17] ^= 0x01;
+        std::fs::write(&flipped, &bytes).unwrap();
+        std::fs::remove_file(fx.blob_path(&BlobKey::Chunk(a, cid(2)))).unwrap();
+        let body = fx.blob_path(&BlobKey::SnapshotBody(a, [1; 16]));
+        std::fs::write(&body, [5; 4]).unwrap();
+
+        let r = repo.scrub(Scope::All).unwrap();
+        assert_eq!(r.damaged, vec![(a, cid(1))]);
+        assert_eq!(r.missing, vec![(a, cid(2))]);
+        assert_eq!(r.damaged_bodies, vec![(a, [1; 16])]);
+        assert_eq!(r.chunks_checked, 4);
+        assert_eq!(
+            repo.chunks_held(a, &[cid(1), cid(2), cid(3)]).unwrap(),
+            vec![false, false, true]
+        );
+        assert_eq!(
+            repo.chunks_held(b, &[cid(1)]).unwrap(),
+            vec![true],
+            "Bob's copy is sound"
+        );
+        // A commit naming them is refused until they are sent again...
+        assert!(matches!(
+            block_on(repo.commit_snapshot(a, 1, header(2, 0), vec![cid(1), cid(3)], vec![])),
+            Err(RepoError::MissingChunks(m)) if m == vec![cid(1)]
+        ));
+        // ...which repairs them.
+        block_on(repo.put_chunk(a, cid(1), data(1))).unwrap();
+        block_on(repo.put_chunk(a, cid(2), data(2))).unwrap();
+        assert_eq!(repo.get_chunk(a, &cid(1)).unwrap(), Some(data(1)));
+        assert_eq!(
+            repo.chunks_held(a, &[cid(1), cid(2)]).unwrap(),
+            vec![true, true]
+        );
+        let r = repo.scrub(Scope::Account(a)).unwrap();
+        assert!(r.damaged.is_empty() && r.missing.is_empty());
+        assert_eq!(
+            r.damaged_bodies,
+            vec![(a, [1; 16])],
+            "a body is only reported"
+        );
+        assert!(matches!(
+            repo.scrub(Scope::Account(99)),
+            Err(RepoError::NoSuchAccount(99))
+        ));
+    }
+}
