@@ -21,7 +21,9 @@
 //!   - `v3::fuzzing` (feature `fuzzing`, and in unit tests; hidden from the docs): the
 //!     harnesses of the cargo-fuzz targets in `fuzz/`, and a key exchange with a known
 //!     session key for them.
-//! - `v4`: the encrypted, deduplicating snapshot protocol, added separately.
+//! - [`v4`]: version 4, the end-to-end encrypted, deduplicating snapshot repository
+//!   (`docs/PROTOCOL-V4.md`): wire codecs, the Noise transport, the server and client
+//!   sessions, and the repository format.
 //!
 //! The v3 wire contract is `PROTOCOL.md` (shared with the CyberBackup 3.0 deployments);
 //! `docs/PROTOCOL-NOTES.md` in this repository records how this implementation reads it
@@ -32,3 +34,4 @@
 
 pub mod common;
 pub mod v3;
+pub mod v4;

@@ -1,0 +1,426 @@
+//! The v4 transport: the `Noise_XX_25519_AESGCM_SHA256` handshake (by the `snow`
+//! crate) and the record layer after it (`docs/PROTOCOL-V4.md` §2-§3).
+//!
+//! snow brings X25519, SHA-256 and the handshake state machine. The AES-256-GCM cipher
+//! is given to snow through a small resolver ([`resolver`]) backed by the `aes-gcm`
+//! crate: snow's own AES-GCM does not build without its `std` feature (which would
+//! also pull in `ring` and BLAKE2 for nothing), and this one keeps the expanded key
+//! for the session instead of expanding it again for every record. Nothing here is
+//! hand-written cryptography: it is glue between two RustCrypto-family crates.
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit};
+use snow::params::NoiseParams;
+use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
+use snow::types::{Cipher, Dh, Hash, Random};
+use zeroize::Zeroizing;
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_XX_25519_AESGCM_SHA256";
+/// Largest Noise message (handshake message or record), without its length prefix.
+pub const MAX_NOISE_MESSAGE: usize = 65_535;
+/// AEAD tag bytes.
+pub const TAG_LEN: usize = 16;
+/// Most plaintext bytes in one record.
+pub const MAX_RECORD_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum NoiseError {
+    #[error("noise: {0}")]
+    Snow(#[from] snow::Error),
+    #[error("a record of {0} bytes is shorter than its tag")]
+    ShortRecord(usize),
+}
+
+fn params() -> NoiseParams {
+    // The constant parses: a unit test below holds it.
+    NOISE_PARAMS.parse().unwrap_or_else(|_| unreachable!())
+}
+
+/// The resolver: our AES-256-GCM, snow's X25519, SHA-256 and RNG.
+fn resolver() -> Box<dyn CryptoResolver + Send> {
+    Box::new(FallbackResolver::new(
+        Box::new(GcmResolver),
+        Box::new(DefaultResolver),
+    ))
+}
+
+fn builder<'a>() -> snow::Builder<'a> {
+    snow::Builder::with_resolver(params(), resolver())
+}
+
+struct GcmResolver;
+
+impl CryptoResolver for GcmResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn Random>> {
+        None
+    }
+    fn resolve_dh(&self, _: &snow::params::DHChoice) -> Option<Box<dyn Dh>> {
+        None
+    }
+    fn resolve_hash(&self, _: &snow::params::HashChoice) -> Option<Box<dyn Hash>> {
+        None
+    }
+    fn resolve_cipher(&self, c: &snow::params::CipherChoice) -> Option<Box<dyn Cipher>> {
+        matches!(c, snow::params::CipherChoice::AESGCM)
+            .then(|| Box::new(Gcm(None)) as Box<dyn Cipher>)
+    }
+}
+
+/// AES-256-GCM with the key expanded once; the nonce is 32 zero bits and the 64-bit
+/// big-endian counter, as the Noise spec fixes for AESGCM.
+struct Gcm(Option<Aes256Gcm>);
+
+fn gcm_nonce(n: u64) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
+    let mut b = [0u8; 12];
+    b[4..].copy_from_slice(&n.to_be_bytes());
+    b.into()
+}
+
+impl Cipher for Gcm {
+    fn name(&self) -> &'static str {
+        "AESGCM"
+    }
+
+    fn set(&mut self, key: &[u8; 32]) {
+        self.0 = Some(Aes256Gcm::new(key.into()));
+    }
+
+    fn encrypt(&self, nonce: u64, ad: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+        let n = plaintext.len();
+        // snow calls this only after `set`, with `out` of at least n + 16 bytes.
+        let (Some(c), true) = (self.0.as_ref(), out.len() >= n + TAG_LEN) else {
+            return 0;
+        };
+        out[..n].copy_from_slice(plaintext);
+        match c.encrypt_in_place_detached(&gcm_nonce(nonce), ad, &mut out[..n]) {
+            Ok(tag) => {
+                out[n..n + TAG_LEN].copy_from_slice(&tag);
+                n + TAG_LEN
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn decrypt(
+        &self,
+        nonce: u64,
+        ad: &[u8],
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, snow::Error> {
+        let Some(c) = self.0.as_ref() else {
+            return Err(snow::Error::Decrypt);
+        };
+        if ciphertext.len() < TAG_LEN {
+            return Err(snow::Error::Decrypt);
+        }
+        let m = ciphertext.len() - TAG_LEN;
+        if out.len() < m {
+            return Err(snow::Error::Decrypt);
+        }
+        out[..m].copy_from_slice(&ciphertext[..m]);
+        c.decrypt_in_place_detached(&gcm_nonce(nonce), ad, &mut out[..m], ciphertext[m..].into())
+            .map(|()| m)
+            .map_err(|_| snow::Error::Decrypt)
+    }
+}
+
+/// An X25519 static key pair (the server's, or a device's).
+#[derive(Clone)]
+pub struct StaticKey {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+}
+
+impl std::fmt::Debug for StaticKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKey")
+            .field("public", &fingerprint(&self.public))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StaticKey {
+    /// A fresh key pair from the operating system's random source.
+    pub fn generate() -> Result<StaticKey, NoiseError> {
+        let kp = builder().generate_keypair()?;
+        let mut private = Zeroizing::new([0u8; 32]);
+        private.copy_from_slice(&kp.private);
+        let mut public = [0u8; 32];
+        public.copy_from_slice(&kp.public);
+        Ok(StaticKey { private, public })
+    }
+
+    /// The key pair of a stored private key.
+    pub fn from_private(private: [u8; 32]) -> StaticKey {
+        let private = Zeroizing::new(private);
+        // X25519 public key: the scalar times the base point (clamping is X25519's).
+        let public = x25519_public(&private);
+        StaticKey { private, public }
+    }
+
+    pub fn public(&self) -> &[u8; 32] {
+        &self.public
+    }
+
+    pub fn private(&self) -> &[u8; 32] {
+        &self.private
+    }
+}
+
+fn x25519_public(private: &[u8; 32]) -> [u8; 32] {
+    // snow's Dh computes the public key from a private one.
+    let mut dh = match DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519) {
+        Some(dh) => dh,
+        None => unreachable!("snow is built with curve25519"),
+    };
+    dh.set(private);
+    let mut p = [0u8; 32];
+    p.copy_from_slice(dh.pubkey());
+    p
+}
+
+/// A key's fingerprint: `SHA256:` and the lowercase hex of the SHA-256 of the key.
+pub fn fingerprint(public: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(public);
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("SHA256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// One side of a handshake in progress.
+pub struct Handshake {
+    state: snow::HandshakeState,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake").finish_non_exhaustive()
+    }
+}
+
+impl Handshake {
+    /// The client's side (the initiator).
+    pub fn initiator(key: &StaticKey) -> Result<Handshake, NoiseError> {
+        Ok(Handshake {
+            state: builder()
+                .local_private_key(&key.private[..])?
+                .build_initiator()?,
+        })
+    }
+
+    /// The server's side (the responder).
+    pub fn responder(key: &StaticKey) -> Result<Handshake, NoiseError> {
+        Ok(Handshake {
+            state: builder()
+                .local_private_key(&key.private[..])?
+                .build_responder()?,
+        })
+    }
+
+    /// Writes the next handshake message with `payload`, length-prefixed, to `out`.
+    pub fn write(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        let n = self.state.write_message(payload, &mut buf)?;
+        out.extend_from_slice(&(n as u16).to_le_bytes());
+        out.extend_from_slice(&buf[..n]);
+        Ok(())
+    }
+
+    /// Reads a handshake message (without its length prefix); returns its payload.
+    pub fn read(&mut self, message: &[u8]) -> Result<Vec<u8>, NoiseError> {
+        let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+        let n = self.state.read_message(message, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// The peer's static key, once a message carrying it was read.
+    pub fn remote_static(&self) -> Option<[u8; 32]> {
+        self.state.get_remote_static()?.try_into().ok()
+    }
+
+    /// The handshake is over: the record layer.
+    pub fn into_transport(self) -> Result<Transport, NoiseError> {
+        Ok(Transport {
+            state: self.state.into_transport_mode()?,
+            scratch: vec![0u8; MAX_NOISE_MESSAGE],
+        })
+    }
+}
+
+/// The record layer after the handshake.
+pub struct Transport {
+    state: snow::TransportState,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Encrypts `plaintext` into records (at most 65,519 plaintext bytes each),
+    /// appending them length-prefixed to `out`.
+    pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        for part in plaintext.chunks(MAX_RECORD_PLAINTEXT) {
+            let start = out.len();
+            out.resize(start + 2 + part.len() + TAG_LEN, 0);
+            let n = self.state.write_message(part, &mut out[start + 2..])?;
+            out.truncate(start + 2 + n);
+            out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Decrypts one record (without its length prefix), appending its plaintext.
+    pub fn open(&mut self, record: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        if record.len() < TAG_LEN {
+            return Err(NoiseError::ShortRecord(record.len()));
+        }
+        let n = self.state.read_message(record, &mut self.scratch)?;
+        out.extend_from_slice(&self.scratch[..n]);
+        Ok(())
+    }
+
+    /// The peer's static key.
+    pub fn remote_static(&self) -> Option<[u8; 32]> {
+        self.state.get_remote_static()?.try_into().ok()
+    }
+}
+
+/// Splits a byte stream into length-prefixed Noise messages.
+#[derive(Debug, Default)]
+pub struct MessageReader {
+    buf: Vec<u8>,
+    head: usize,
+}
+
+impl MessageReader {
+    /// Appends bytes from the socket.
+    pub fn push(&mut self, b: &[u8]) {
+        if self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        } else if self.head > 256 * 1024 {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Bytes waiting.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// The length (with its 2-byte prefix) of the message being read, once its prefix
+    /// is here.
+    pub fn current_len(&self) -> Option<usize> {
+        let b = self.buf.get(self.head..self.head + 2)?;
+        Some(2 + u16::from_le_bytes([b[0], b[1]]) as usize)
+    }
+
+    /// The next whole message, if one is here.
+    pub fn next_message(&mut self) -> Option<&[u8]> {
+        let b = &self.buf[self.head..];
+        if b.len() < 2 {
+            return None;
+        }
+        let n = u16::from_le_bytes([b[0], b[1]]) as usize;
+        if b.len() < 2 + n {
+            return None;
+        }
+        let start = self.head + 2;
+        self.head = start + n;
+        Some(&self.buf[start..start + n])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_parse() {
+        let _ = params();
+    }
+
+    fn pair() -> (Transport, Transport, [u8; 32], [u8; 32]) {
+        let (ck, sk) = (
+            StaticKey::generate().unwrap(),
+            StaticKey::generate().unwrap(),
+        );
+        let mut c = Handshake::initiator(&ck).unwrap();
+        let mut s = Handshake::responder(&sk).unwrap();
+        let mut wire = Vec::new();
+        c.write(&[], &mut wire).unwrap();
+        s.read(&wire[2..]).unwrap();
+        wire.clear();
+        s.write(b"hello", &mut wire).unwrap();
+        assert_eq!(c.read(&wire[2..]).unwrap(), b"hello");
+        assert_eq!(c.remote_static(), Some(*sk.public()));
+        wire.clear();
+        c.write(b"login", &mut wire).unwrap();
+        assert_eq!(s.read(&wire[2..]).unwrap(), b"login");
+        assert_eq!(s.remote_static(), Some(*ck.public()));
+        (
+            c.into_transport().unwrap(),
+            s.into_transport().unwrap(),
+            *ck.public(),
+            *sk.public(),
+        )
+    }
+
+    #[test]
+    fn records_round_trip_and_split_at_the_limit() {
+        let (mut c, mut s, _, _) = pair();
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut wire = Vec::new();
+        c.seal(&data, &mut wire).unwrap();
+        let mut r = MessageReader::default();
+        r.push(&wire);
+        let mut out = Vec::new();
+        let mut records = 0;
+        while let Some(m) = r.next_message() {
+            assert!(m.len() <= MAX_NOISE_MESSAGE);
+            s.open(m, &mut out).unwrap();
+            records += 1;
+        }
+        assert_eq!(records, 4);
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn a_flipped_bit_or_a_replay_fails() {
+        let (mut c, mut s, _, _) = pair();
+        let mut wire = Vec::new();
+        c.seal(b"first", &mut wire).unwrap();
+        let mut bad = wire.clone();
+        bad[5] ^= 1;
+        assert!(s.open(&bad[2..], &mut Vec::new()).is_err());
+        // A failed record leaves the counter where it was: the good one still opens.
+        let mut out = Vec::new();
+        s.open(&wire[2..], &mut out).unwrap();
+        assert_eq!(out, b"first");
+        // Replayed: the counter moved on.
+        assert!(s.open(&wire[2..], &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn public_key_from_private_matches_generated() {
+        let k = StaticKey::generate().unwrap();
+        let again = StaticKey::from_private(*k.private());
+        assert_eq!(again.public(), k.public());
+        assert!(fingerprint(k.public()).starts_with("SHA256:"));
+        assert_eq!(fingerprint(k.public()).len(), 7 + 64);
+    }
+}
