@@ -77,6 +77,19 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_DATABASE")]
     pub database: Option<PathBuf>,
 
+    /// Directory of the protocol v4 repository: encrypted chunk and snapshot blobs,
+    /// their SQLite registry, and the server's key (server.key) [default: repository].
+    #[arg(long, env = "CYBERBACKUP_REPOSITORY")]
+    pub repository: Option<PathBuf>,
+
+    /// Whether v4 clients may create accounts (`cyberbackup init`) [default: true].
+    #[arg(long, env = "CYBERBACKUP_REGISTRATION")]
+    pub registration: Option<bool>,
+
+    /// v4: bytes of requests a client may have unanswered [default: 16777216].
+    #[arg(long, env = "CYBERBACKUP_V4_WINDOW")]
+    pub v4_window: Option<u32>,
+
     /// Most connections served at once; more are closed on accept [default: 1024].
     #[arg(long, env = "CYBERBACKUP_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -143,6 +156,9 @@ pub struct Config {
     pub shards: usize,
     pub storage: PathBuf,
     pub database: PathBuf,
+    pub repository: PathBuf,
+    pub registration: bool,
+    pub v4_window: u32,
     pub max_connections: usize,
     pub max_pending_bytes: u64,
     pub group_commit_max_size: u64,
@@ -235,6 +251,12 @@ impl Args {
             shards,
             storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
+            repository: pick!(repository).unwrap_or_else(|| "repository".into()),
+            registration: pick!(registration).unwrap_or(true),
+            v4_window: match pick!(v4_window).unwrap_or(16 << 20) {
+                w @ (65_536..=1_073_741_824) => w,
+                w => bail!("--v4-window must be between 65536 and 1073741824 bytes, not {w}"),
+            },
             max_connections,
             max_pending_bytes: pick!(max_pending_bytes).unwrap_or(32 << 30),
             group_commit_max_size: pick!(group_commit_max_size).unwrap_or(256 * 1024),

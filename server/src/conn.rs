@@ -13,12 +13,22 @@
 //! cache replaces 64 buffers of half a megabyte that did not. Only the bytes a
 //! session cannot take yet (it waits for an op, or closes) are copied to the
 //! connection's own buffer, which is empty otherwise.
+//!
+//! Both protocol versions share the port: a connection starts in a detecting state
+//! that holds its first 17 bytes, then becomes a v3 session (fed every byte) or, after
+//! the v4 preamble, a v4 session ([`cyberbackup_protocol::v4::wire::detect`]). A v3 op
+//! is run before the next step ([`AnyOp::is_concurrent`] is false); v4 ops run
+//! concurrently, their completions delivered whenever they come, and [`Step::Wait`]
+//! says the session takes no input until one does.
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use cyberbackup_protocol::v3::session::{Completion, Op, ServerSession, SessionConfig};
+use cyberbackup_protocol::v4;
+use cyberbackup_protocol::v4::wire::{detect, Detected, PREAMBLE_LEN};
 
 use crate::storage::PendingFile;
 
@@ -42,12 +52,57 @@ pub fn with_read_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
+/// An op of either protocol version.
+#[derive(Debug)]
+pub enum AnyOp {
+    V3(Op<PendingFile>),
+    V4(v4::server::Op),
+}
+
+impl AnyOp {
+    /// v4 ops run while the connection goes on; a v3 op is awaited before the next
+    /// step (when it [`needs_completion`](Op::needs_completion)).
+    pub fn is_concurrent(&self) -> bool {
+        matches!(self, AnyOp::V4(_))
+    }
+
+    /// Whether a completion must be delivered.
+    pub fn needs_completion(&self) -> bool {
+        match self {
+            AnyOp::V3(op) => op.needs_completion(),
+            AnyOp::V4(_) => true,
+        }
+    }
+}
+
+/// The result of an [`AnyOp`].
+#[derive(Debug)]
+pub enum AnyCompletion {
+    V3(Completion<PendingFile>),
+    V4(v4::server::Completion),
+}
+
+/// Counters for the disconnect log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnStats {
+    /// 3, 4, or 0 before the version was known.
+    pub version: u8,
+    pub requests: u64,
+    /// v3: files committed; v4: chunks received.
+    pub files_committed: u64,
+    /// v3: packet content bytes; v4: chunk bytes received.
+    pub content_bytes: u64,
+}
+
 /// What the runtime must do next.
 #[derive(Debug)]
 pub enum Step {
-    /// Run this op; if it [`needs_completion`](Op::needs_completion), pass the result to
-    /// [`Driver::complete`] before stepping again.
-    Op(Op<PendingFile>),
+    /// Run this op. A concurrent one ([`AnyOp::is_concurrent`]) is started and its
+    /// completion given to [`Driver::complete`] whenever it comes; any other that
+    /// [`needs_completion`](AnyOp::needs_completion) is completed before stepping again.
+    Op(AnyOp),
+    /// Wait for a concurrent op's completion (the session takes no input until then).
+    Wait,
     /// Write [`Driver::output`], then [`Driver::consume_output`] what was written.
     Write,
     /// Read with [`Driver::read_from`]; wait no longer than [`Driver::deadline`].
@@ -56,9 +111,97 @@ pub enum Step {
     Close(&'static str),
 }
 
+/// The session of a connection, once its version is known.
+enum Session {
+    /// Fewer than [`PREAMBLE_LEN`] bytes so far.
+    Detect {
+        v3: SessionConfig,
+        v4: Arc<v4::server::ServerConfig>,
+        deadline: Instant,
+        closing: bool,
+    },
+    V3(Box<ServerSession<PendingFile, rand::rngs::ThreadRng>>),
+    V4(Box<v4::server::ServerSession>),
+}
+
+impl Session {
+    fn output(&self) -> &[u8] {
+        match self {
+            Session::Detect { .. } => &[],
+            Session::V3(s) => s.output(),
+            Session::V4(s) => s.output(),
+        }
+    }
+
+    fn consume_output(&mut self, n: usize) {
+        match self {
+            Session::Detect { .. } => {}
+            Session::V3(s) => s.consume_output(n),
+            Session::V4(s) => s.consume_output(n),
+        }
+    }
+
+    fn poll_op(&mut self) -> Option<AnyOp> {
+        match self {
+            Session::Detect { .. } => None,
+            Session::V3(s) => s.poll_op().map(AnyOp::V3),
+            Session::V4(s) => s.poll_op().map(AnyOp::V4),
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        match self {
+            Session::Detect { closing, .. } => *closing,
+            Session::V3(s) => s.is_closing(),
+            Session::V4(s) => s.is_closing(),
+        }
+    }
+
+    fn is_waiting(&self) -> bool {
+        match self {
+            Session::Detect { .. } => false,
+            Session::V3(s) => s.is_waiting(),
+            Session::V4(s) => s.is_waiting(),
+        }
+    }
+
+    fn handle_input(&mut self, now: Instant, input: &[u8]) -> usize {
+        if let Session::Detect { v3, v4, .. } = self {
+            match detect(input) {
+                Detected::NeedMore => return 0,
+                Detected::V3 => {
+                    *self = Session::V3(Box::new(ServerSession::new(
+                        v3.clone(),
+                        rand::thread_rng(),
+                        now,
+                    )));
+                }
+                Detected::V4 => {
+                    match v4::server::ServerSession::new((**v4).clone(), now) {
+                        Ok(s) => *self = Session::V4(Box::new(s)),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a v4 session");
+                            if let Session::Detect { closing, .. } = self {
+                                *closing = true;
+                            }
+                            return 0;
+                        }
+                    }
+                    return PREAMBLE_LEN + self.handle_input(now, &input[PREAMBLE_LEN..]);
+                }
+            }
+        }
+        match self {
+            Session::Detect { .. } => 0,
+            Session::V3(s) => s.handle_input(now, input),
+            Session::V4(s) => s.handle_input(now, input),
+        }
+    }
+}
+
 /// One connection's protocol state, and the input its session could not take yet.
 pub struct Driver {
-    session: ServerSession<PendingFile, rand::rngs::ThreadRng>,
+    session: Session,
     /// Input read but not consumed (`buf[head..]`): empty unless the session stopped
     /// to wait for an op, or to close, in the middle of a read.
     buf: Vec<u8>,
@@ -66,9 +209,14 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(cfg: &SessionConfig, now: Instant) -> Self {
+    pub fn new(cfg: &SessionConfig, v4: &Arc<v4::server::ServerConfig>, now: Instant) -> Self {
         Self {
-            session: ServerSession::new(cfg.clone(), rand::thread_rng(), now),
+            session: Session::Detect {
+                deadline: now + cfg.idle_timeout,
+                v3: cfg.clone(),
+                v4: v4.clone(),
+                closing: false,
+            },
             buf: Vec::new(),
             head: 0,
         }
@@ -87,7 +235,10 @@ impl Driver {
                 return Step::Close("closed by the protocol");
             }
             if self.session.is_waiting() {
-                // Only reachable if a runtime steps before completing an op.
+                if let Session::V4(_) = self.session {
+                    return Step::Wait;
+                }
+                // Only reachable if a runtime steps before completing a v3 op.
                 return Step::Close("stepped while an op was outstanding");
             }
             if self.head == self.buf.len() {
@@ -107,8 +258,12 @@ impl Driver {
     }
 
     /// Delivers an op's result.
-    pub fn complete(&mut self, now: Instant, c: Completion<PendingFile>) {
-        self.session.complete(now, c);
+    pub fn complete(&mut self, now: Instant, c: AnyCompletion) {
+        match (&mut self.session, c) {
+            (Session::V3(s), AnyCompletion::V3(c)) => s.complete(now, c),
+            (Session::V4(s), AnyCompletion::V4(c)) => s.complete(now, c),
+            (_, c) => tracing::error!(completion = ?c, "a completion for another protocol version"),
+        }
     }
 
     /// Bytes to write.
@@ -162,28 +317,82 @@ impl Driver {
 
     /// When the peer must have sent more by (None while the server itself is busy).
     pub fn deadline(&self) -> Option<Instant> {
-        self.session.poll_timeout()
+        match &self.session {
+            Session::Detect { deadline, .. } => Some(*deadline),
+            Session::V3(s) => s.poll_timeout(),
+            Session::V4(s) => s.poll_timeout(),
+        }
     }
 
     /// The deadline passed: true if the connection must close.
     pub fn timed_out(&mut self, now: Instant) -> bool {
-        self.session.handle_timeout(now);
+        match &mut self.session {
+            Session::Detect {
+                deadline, closing, ..
+            } => {
+                if now >= *deadline {
+                    *closing = true;
+                }
+            }
+            Session::V3(s) => s.handle_timeout(now),
+            Session::V4(s) => s.handle_timeout(now),
+        }
         self.session.is_closing()
     }
 
     /// Between requests with nothing in flight and nothing buffered: safe to close at
     /// shutdown.
     pub fn is_idle(&self) -> bool {
-        self.session.is_idle() && self.head == self.buf.len()
+        let idle = match &self.session {
+            Session::Detect { .. } => true,
+            Session::V3(s) => s.is_idle(),
+            Session::V4(s) => s.is_idle(),
+        };
+        idle && self.head == self.buf.len()
+    }
+
+    /// Concurrent ops started and not completed.
+    pub fn ops_in_flight(&self) -> usize {
+        match &self.session {
+            Session::V4(s) => s.ops_in_flight(),
+            _ => 0,
+        }
     }
 
     /// The connection is over: the temp files to remove.
     pub fn abort(&mut self) -> Vec<PendingFile> {
-        self.session.abort()
+        match &mut self.session {
+            Session::V3(s) => s.abort(),
+            Session::V4(s) => {
+                s.abort();
+                Vec::new()
+            }
+            Session::Detect { .. } => Vec::new(),
+        }
     }
 
     /// Counters for the disconnect log line.
-    pub fn stats(&self) -> cyberbackup_protocol::v3::session::SessionStats {
-        self.session.stats()
+    pub fn stats(&self) -> ConnStats {
+        match &self.session {
+            Session::Detect { .. } => ConnStats::default(),
+            Session::V3(s) => {
+                let st = s.stats();
+                ConnStats {
+                    version: 3,
+                    requests: st.requests,
+                    files_committed: st.files_committed,
+                    content_bytes: st.content_bytes,
+                }
+            }
+            Session::V4(s) => {
+                let st = s.stats();
+                ConnStats {
+                    version: 4,
+                    requests: st.requests,
+                    files_committed: st.chunks_put,
+                    content_bytes: st.chunk_bytes,
+                }
+            }
+        }
     }
 }

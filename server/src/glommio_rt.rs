@@ -28,8 +28,8 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::conn::{Driver, Step};
-use crate::ops::{run_op, Blocking, Services};
+use crate::conn::{AnyCompletion, Driver, Step};
+use crate::ops::{run_any_op, Blocking, Services};
 use crate::shutdown::Shutdown;
 
 /// Threads per shard for blocking work (file creation, fsync, rename).
@@ -286,14 +286,29 @@ async fn serve(
     // A peer that stops reading its answers cannot hold the connection forever.
     let _ = stream.set_write_timeout(Some(cfg.session.header_timeout));
     tracing::debug!("connected");
-    let mut driver = Driver::new(&cfg.session, Instant::now());
+    let mut driver = Driver::new(&cfg.session, &svc.v4_session, Instant::now());
+    // Completions of concurrent (v4) ops, which run as their own tasks.
+    let (done_tx, mut done_rx) = futures_channel::mpsc::unbounded::<AnyCompletion>();
     let reason = loop {
         match driver.step(Instant::now()) {
+            Step::Op(op) if op.is_concurrent() => {
+                let (svc, tx) = (svc.clone(), done_tx.clone());
+                glommio::spawn_local(async move {
+                    if let Some(c) = run_any_op(&svc, &GlommioBlocking, op).await {
+                        let _ = tx.unbounded_send(c);
+                    }
+                })
+                .detach();
+            }
             Step::Op(op) => {
-                if let Some(c) = run_op(&svc, &GlommioBlocking, op).await {
+                if let Some(c) = run_any_op(&svc, &GlommioBlocking, op).await {
                     driver.complete(Instant::now(), c);
                 }
             }
+            Step::Wait => match futures_lite::StreamExt::next(&mut done_rx).await {
+                Some(c) => driver.complete(Instant::now(), c),
+                None => break "op channel closed",
+            },
             Step::Write => match stream.write(driver.output()).await {
                 Ok(0) => break "write error",
                 Ok(n) => driver.consume_output(n),
@@ -319,6 +334,16 @@ async fn serve(
                 // reads with a non-blocking recv there, and keeps no buffer while the
                 // socket is not ready.
                 let r = std::future::poll_fn(|cx| {
+                    // A concurrent op's completion first: it may let the session
+                    // answer, or take input it held back.
+                    if driver.ops_in_flight() > 0 {
+                        if let Poll::Ready(Some(c)) =
+                            futures_lite::Stream::poll_next(Pin::new(&mut done_rx), cx)
+                        {
+                            driver.complete(Instant::now(), c);
+                            return Poll::Ready(Ok(usize::MAX));
+                        }
+                    }
                     match driver.read_from(Instant::now(), |b| {
                         match Pin::new(&mut stream).poll_read(cx, b) {
                             Poll::Ready(r) => r,
@@ -332,6 +357,7 @@ async fn serve(
                 .await;
                 idle.set(false);
                 match r {
+                    Ok(usize::MAX) => {}
                     Ok(0) => break "peer closed",
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::TimedOut => {

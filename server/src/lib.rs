@@ -14,6 +14,8 @@
 //! - [`queue`]: draining a channel in batches (group commit).
 //! - [`repo`]: the protocol v4 repository: encrypted chunks and snapshots in a blob
 //!   store, their metadata in a registry, group commit, garbage collection and scrub.
+//! - [`v4ops`]: runs the v4 session's ops against the repository; reason codes.
+//! - [`server_key`]: the server's static X25519 key, made on first start.
 //!
 //! The protocol itself (codecs, crypto, the per-connection state machine) lives in the
 //! `cyberbackup-protocol` crate.
@@ -26,8 +28,10 @@ pub mod ops;
 pub mod queue;
 pub mod registry;
 pub mod repo;
+pub mod server_key;
 pub mod shutdown;
 pub mod storage;
+pub mod v4ops;
 
 use std::sync::Arc;
 
@@ -59,6 +63,16 @@ pub fn run(cfg: config::Config) -> Result<()> {
         max_connections = cfg.max_connections,
         "starting"
     );
+    let repo = repo::Repo::open_local(&cfg.repository)
+        .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
+    let key = server_key::load_or_create(&cfg.repository.join("server.key"))?;
+    tracing::info!(
+        repository = %cfg.repository.display(),
+        key = %cyberbackup_protocol::v4::noise::fingerprint(key.public()),
+        "v4 server key (clients pin it on first use)"
+    );
+    let mut v4_session = cyberbackup_protocol::v4::server::ServerConfig::new(key);
+    v4_session.window = cfg.v4_window;
     let storage = Arc::new(storage);
     let svc_storage = storage.clone();
     let svc = ops::Services {
@@ -66,6 +80,11 @@ pub fn run(cfg: config::Config) -> Result<()> {
         storage,
         registry,
         group_commit_max_size: cfg.group_commit_max_size,
+        v4: v4ops::V4Services {
+            repo: Arc::new(repo),
+            registration: cfg.registration,
+        },
+        v4_session: Arc::new(v4_session),
     };
     let runtime = match cfg.runtime {
         RuntimeKind::Mio => RuntimeKind::Mio,

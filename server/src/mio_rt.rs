@@ -4,7 +4,7 @@
 //! The same shape as the glommio runtime: one event-loop thread per shard, each with
 //! its own SO_REUSEPORT listener, non-blocking sockets, connections that never leave
 //! their shard. Each connection is a [`Driver`] (the same one glommio uses); ops run on
-//! a small pool of worker threads per shard through the same [`run_op`], and their
+//! a small pool of worker threads per shard through the same [`run_any_op`], and their
 //! completions come back through a `mio::Waker`. Timeouts are a heap of deadlines per
 //! shard.
 
@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cyberbackup_protocol::v3::session::{Completion, Op};
+use cyberbackup_protocol::v4::server::ServerConfig as V4Config;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Config;
-use crate::conn::{Driver, Step};
-use crate::ops::{run_op, Blocking, Services};
+use crate::conn::{AnyCompletion, AnyOp, Driver, Step};
+use crate::ops::{run_any_op, Blocking, Services};
 use crate::shutdown::Shutdown;
-use crate::storage::PendingFile;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -54,8 +54,8 @@ impl Blocking for Inline {
     }
 }
 
-type Job = (usize, Op<PendingFile>);
-type Done = (usize, Completion<PendingFile>);
+type Job = (usize, AnyOp);
+type Done = (usize, AnyCompletion);
 
 /// A shard's op workers. Dropping the pool lets the workers finish what is queued
 /// (temp files to remove, say) and joins them.
@@ -93,7 +93,7 @@ impl Pool {
                         Err(_) => return,
                     };
                     let Ok((token, op)) = job else { return };
-                    if let Some(c) = futures_lite::future::block_on(run_op(&svc, &Inline, op)) {
+                    if let Some(c) = futures_lite::future::block_on(run_any_op(&svc, &Inline, op)) {
                         if done.send((token, c)).is_err() {
                             return;
                         }
@@ -109,7 +109,7 @@ impl Pool {
         })
     }
 
-    fn submit(&self, token: usize, op: Op<PendingFile>) {
+    fn submit(&self, token: usize, op: AnyOp) {
         let Some(jobs) = &self.jobs else { return };
         if let Err(mpsc::SendError((_, op))) = jobs.send((token, op)) {
             // Workers gone: dropping the op drops (removes) any temp file it holds.
@@ -139,6 +139,7 @@ struct Shard {
     pool: Pool,
     done: mpsc::Receiver<Done>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    v4: Arc<V4Config>,
     /// Connections that stopped before their socket was drained (fairness).
     again: VecDeque<usize>,
     draining: Option<Instant>,
@@ -201,6 +202,7 @@ impl Shard {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done_tx, done) = mpsc::channel();
+        let v4 = svc.v4_session.clone();
         let pool = Pool::start(id, svc, done_tx, waker)?;
         Ok(Shard {
             id,
@@ -213,6 +215,7 @@ impl Shard {
             pool,
             done,
             timers: BinaryHeap::new(),
+            v4,
             again: VecDeque::new(),
             draining: None,
         })
@@ -333,7 +336,7 @@ impl Shard {
                 token,
                 Conn {
                     stream,
-                    driver: Driver::new(&self.cfg.session, Instant::now()),
+                    driver: Driver::new(&self.cfg.session, &self.v4, Instant::now()),
                     waiting: false,
                     write_blocked: None,
                     span,
@@ -347,14 +350,16 @@ impl Shard {
         while let Ok((token, c)) = self.done.try_recv() {
             match self.conns.get_mut(&token) {
                 Some(conn) => {
-                    conn.waiting = false;
+                    if let AnyCompletion::V3(_) = c {
+                        conn.waiting = false;
+                    }
                     conn.driver.complete(Instant::now(), c);
                     self.drive(token);
                 }
                 None => {
                     // The connection is gone: a sink it was given must still go.
-                    if let Completion::FileOpened(Ok(sink)) = c {
-                        self.pool.submit(token, Op::Discard { sink });
+                    if let AnyCompletion::V3(Completion::FileOpened(Ok(sink))) = c {
+                        self.pool.submit(token, AnyOp::V3(Op::Discard { sink }));
                     }
                 }
             }
@@ -404,13 +409,15 @@ impl Shard {
             }
             match conn.driver.step(now) {
                 Step::Op(op) => {
-                    let needs = op.needs_completion();
+                    let wait = op.needs_completion() && !op.is_concurrent();
                     self.pool.submit(token, op);
-                    if needs {
+                    if wait {
                         conn.waiting = true;
                         break None;
                     }
                 }
+                // A concurrent op's completion drives the connection again.
+                Step::Wait => break None,
                 Step::Write => match conn.stream.write(conn.driver.output()) {
                     Ok(0) => break Some("write error"),
                     Ok(n) => {
@@ -473,7 +480,7 @@ impl Shard {
         let _e = conn.span.clone().entered();
         let _ = self.poll.registry().deregister(&mut conn.stream);
         for sink in conn.driver.abort() {
-            self.pool.submit(token, Op::Discard { sink });
+            self.pool.submit(token, AnyOp::V3(Op::Discard { sink }));
         }
         let stats = conn.driver.stats();
         tracing::debug!(

@@ -3,16 +3,18 @@
 //! Registry work goes to the registry thread; storage work (create, allocate and map a
 //! temp file; sync, rename and sync a finished one; remove a dropped one) goes to the
 //! runtime's blocking pool through [`Blocking`]. A runtime only moves bytes between its
-//! sockets and the session and calls [`run_op`]; nothing about the protocol lives in a
-//! runtime module.
+//! sockets and the session and calls [`run_any_op`]; nothing about the protocol lives
+//! in a runtime module. v4 ops are run by [`crate::v4ops`].
 
 use std::future::Future;
 use std::sync::Arc;
 
 use cyberbackup_protocol::v3::session::{Completion, Op, OpError, OpErrorKind};
 
+use crate::conn::{AnyCompletion, AnyOp};
 use crate::registry::{FileRecord, Registry};
 use crate::storage::{CommitItem, Committer, PendingFile, Storage, StorageError};
+use crate::v4ops::V4Services;
 
 /// Runs a closure off the reactor thread.
 pub trait Blocking {
@@ -32,6 +34,24 @@ pub struct Services {
     /// Files up to this size are committed in groups by the committer thread; larger
     /// ones are synced one by one, in parallel (0: no grouping).
     pub group_commit_max_size: u64,
+    /// The v4 repository.
+    pub v4: V4Services,
+    /// The settings of every v4 session (the server's key among them).
+    pub v4_session: Arc<cyberbackup_protocol::v4::server::ServerConfig>,
+}
+
+/// Runs an op of either version; returns the completion the session waits for, if any.
+pub async fn run_any_op<B: Blocking>(
+    svc: &Services,
+    blocking: &B,
+    op: AnyOp,
+) -> Option<AnyCompletion> {
+    match op {
+        AnyOp::V3(op) => run_op(svc, blocking, op).await.map(AnyCompletion::V3),
+        AnyOp::V4(op) => Some(AnyCompletion::V4(
+            crate::v4ops::run_v4_op(&svc.v4, blocking, op).await,
+        )),
+    }
 }
 
 /// The session's view of a storage failure: a full budget is [`OpErrorKind::Busy`],

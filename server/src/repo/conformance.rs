@@ -244,6 +244,8 @@ pub(crate) fn header(id: u8, body_len: u64) -> SnapshotHeader {
         size: 12345,
         device: 1,
         body_len,
+        stored: 99,
+        committed_ms: 0,
     }
 }
 
@@ -426,7 +428,9 @@ pub(crate) fn reg_commit_requires_every_chunk<H: RegistryHarness>(mut h: H) {
         CommitOutcome::Committed
     );
     let s = r.get_snapshot(a, &[1; 16]).unwrap().unwrap();
-    assert_eq!(s.header, header(1, 0));
+    let mut want = header(1, 0);
+    want.committed_ms = 5;
+    assert_eq!(s.header, want);
     assert_eq!(s.chunks, named.to_vec(), "the list as given");
     assert_eq!(s.created_ms, 5);
     // An empty snapshot needs no chunk.
@@ -619,7 +623,9 @@ pub(crate) fn reg_survives_reopen<H: RegistryHarness>(mut h: H) {
     assert_eq!(r.wrapped_key(a).unwrap().as_deref(), Some(&b"key"[..]));
     assert_eq!(r.chunks_held(a, &[[1; 32]], 2).unwrap(), vec![true]);
     let s = r.get_snapshot(a, &[1; 16]).unwrap().unwrap();
-    assert_eq!((s.header, s.body_hash), (header(1, 3), [2; 32]));
+    let mut want = header(1, 3);
+    want.committed_ms = s.created_ms;
+    assert_eq!((s.header, s.body_hash), (want, [2; 32]));
     let u = r.usage(a).unwrap();
     assert_eq!(
         (u.chunks, u.stored_bytes, u.snapshots, u.quota),

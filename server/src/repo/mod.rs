@@ -152,6 +152,10 @@ pub struct SnapshotHeader {
     pub device: DeviceId,
     /// Length of the encrypted body.
     pub body_len: u64,
+    /// Bytes of chunk blobs the backup added, as the client counted them.
+    pub stored: u64,
+    /// When the server committed it (set by the registry; ignored on commit).
+    pub committed_ms: i64,
 }
 
 /// Repository errors. Cheap to clone, so that one failure can answer every request of

@@ -106,6 +106,9 @@ pub trait Registry: Send {
     fn account_by_name(&mut self, name: &str) -> Result<Option<AccountId>, RepoError>;
 
     /// Every account, in id order.
+    /// The name of an account.
+    fn account_name(&mut self, id: AccountId) -> Result<Option<String>, RepoError>;
+
     fn accounts(&mut self) -> Result<Vec<AccountId>, RepoError>;
 
     /// The device with this public key (revoked ones too: the caller refuses them).

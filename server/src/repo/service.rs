@@ -270,6 +270,11 @@ impl Repo {
             .create_account(name, device_key, device_name, now)
     }
 
+    /// The name of an account.
+    pub fn account_name(&self, id: AccountId) -> Result<Option<String>, RepoError> {
+        self.shared.registry().account_name(id)
+    }
+
     pub fn account_by_name(&self, name: &str) -> Result<Option<AccountId>, RepoError> {
         self.shared.registry().account_by_name(name)
     }

@@ -74,6 +74,7 @@ CREATE TABLE snapshots (
     body_hash BLOB NOT NULL CHECK (length(body_hash) = 32),
     chunk_ids BLOB NOT NULL CHECK (length(chunk_ids) % 32 = 0),
     created_ms INTEGER NOT NULL,
+    stored INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account, id)
 ) WITHOUT ROWID;
 CREATE TRIGGER chunk_added AFTER INSERT ON chunks BEGIN
@@ -233,7 +234,10 @@ fn chunk_record(raw: RawChunk) -> Result<ChunkRecord, RepoError> {
 }
 
 const SNAPSHOT_COLS: &str =
-    "id, time_ms, host, tags, paths, files, dirs, size, device, body_len, body_hash, chunk_ids, created_ms";
+    "id, time_ms, host, tags, paths, files, dirs, size, device, body_len, body_hash, chunk_ids, created_ms, stored";
+/// The same columns without the chunk list, which a listing does not need.
+const SNAPSHOT_LIST_COLS: &str =
+    "id, time_ms, host, tags, paths, files, dirs, size, device, body_len, body_hash, x'' AS chunk_ids, created_ms, stored";
 
 struct RawSnapshot {
     id: Vec<u8>,
@@ -249,6 +253,7 @@ struct RawSnapshot {
     body_hash: Vec<u8>,
     chunk_ids: Vec<u8>,
     created_ms: i64,
+    stored: i64,
 }
 
 fn raw_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSnapshot> {
@@ -266,6 +271,7 @@ fn raw_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSnapshot> {
         body_hash: r.get(10)?,
         chunk_ids: r.get(11)?,
         created_ms: r.get(12)?,
+        stored: r.get(13)?,
     })
 }
 
@@ -282,6 +288,8 @@ impl RawSnapshot {
             size: to_u64(self.size),
             device: self.device,
             body_len: to_u64(self.body_len),
+            stored: to_u64(self.stored),
+            committed_ms: self.created_ms,
         })
     }
 }
@@ -382,6 +390,14 @@ impl Registry for SqliteRegistry {
             .conn
             .prepare_cached("SELECT id FROM accounts WHERE name = ?1")?
             .query_row([name], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn account_name(&mut self, id: AccountId) -> Result<Option<String>, RepoError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM accounts WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
             .optional()?)
     }
 
@@ -625,7 +641,7 @@ impl Registry for SqliteRegistry {
         tx.execute(
             &format!(
                 "INSERT INTO snapshots (account, {SNAPSHOT_COLS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ),
             params![
                 account,
@@ -641,7 +657,8 @@ impl Registry for SqliteRegistry {
                 to_i64("a body length", header.body_len)?,
                 &body_hash[..],
                 packed,
-                now_ms
+                now_ms,
+                to_i64("a stored size", header.stored)?
             ],
         )?;
         tx.commit()?;
@@ -650,7 +667,7 @@ impl Registry for SqliteRegistry {
 
     fn list_snapshots(&mut self, account: AccountId) -> Result<Vec<SnapshotHeader>, RepoError> {
         let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {SNAPSHOT_COLS} FROM snapshots WHERE account = ?1 ORDER BY time_ms, id"
+            "SELECT {SNAPSHOT_LIST_COLS} FROM snapshots WHERE account = ?1 ORDER BY time_ms, id"
         ))?;
         let raws = st
             .query_map([account], raw_snapshot)?

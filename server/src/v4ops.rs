@@ -1,0 +1,284 @@
+//! Runs the v4 session's ops against the repository ([`crate::repo::Repo`]), the same
+//! way under every runtime: chunk puts and snapshot commits go to the repository's
+//! group committer (awaited, so they hold no thread), everything else is a short
+//! registry or blob read on the runtime's blocking pool. Repository errors become the
+//! reason codes of `docs/PROTOCOL-V4.md` §6 here, and only here.
+
+use std::sync::Arc;
+
+use cyberbackup_protocol::v4::server::{Completion, Op, Principal};
+use cyberbackup_protocol::v4::wire::{
+    Answer, ErrorAnswer, ErrorCode, LoginMode, Request, SnapshotHeader, SnapshotInfo, Usage,
+    Welcome,
+};
+use cyberbackup_protocol::v4::Capabilities;
+
+use crate::ops::Blocking;
+use crate::repo::{self, CommitOutcome, Repo, RepoError};
+
+/// What v4 ops need.
+#[derive(Clone)]
+pub struct V4Services {
+    pub repo: Arc<Repo>,
+    /// Whether a client may create an account (login mode 2).
+    pub registration: bool,
+}
+
+impl std::fmt::Debug for V4Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V4Services")
+            .field("registration", &self.registration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer for a repository error.
+pub fn answer_for(e: &RepoError) -> ErrorAnswer {
+    match e {
+        RepoError::Forbidden { .. } => ErrorAnswer::new(ErrorCode::FORBIDDEN, e.to_string()),
+        RepoError::NameTaken => {
+            ErrorAnswer::new(ErrorCode::NAME_TAKEN, "an account with this name exists")
+        }
+        RepoError::KeyTaken => ErrorAnswer::new(
+            ErrorCode::NAME_TAKEN,
+            "this device key already belongs to an account: log in instead",
+        ),
+        RepoError::InvalidArgument(m) => ErrorAnswer::new(ErrorCode::BAD_REQUEST, m.clone()),
+        RepoError::QuotaExceeded { .. } => {
+            ErrorAnswer::new(ErrorCode::QUOTA_EXCEEDED, e.to_string())
+        }
+        RepoError::DiskFull { .. } => ErrorAnswer::new(
+            ErrorCode::STORAGE_FULL,
+            "the server's disk is full; nothing stored was harmed",
+        ),
+        RepoError::MissingChunks(ids) => ErrorAnswer::missing_chunks(ids),
+        RepoError::SnapshotExists => ErrorAnswer::new(
+            ErrorCode::SNAPSHOT_EXISTS,
+            "a different snapshot with this id exists; snapshots are never replaced",
+        ),
+        RepoError::Stopped => ErrorAnswer::new(ErrorCode::SHUTTING_DOWN, "the server is stopping"),
+        other => {
+            tracing::error!(error = %other, "repository operation failed");
+            ErrorAnswer::new(
+                ErrorCode::INTERNAL,
+                "the server failed; nothing was acknowledged; try again later",
+            )
+        }
+    }
+}
+
+fn header_to_repo(h: &SnapshotHeader, body_len: u64) -> repo::SnapshotHeader {
+    repo::SnapshotHeader {
+        id: h.id,
+        time_unix_ms: h.time_ms,
+        host: h.host.clone(),
+        tags: h.tags.clone(),
+        paths: Vec::new(),
+        files: h.files,
+        dirs: h.dirs,
+        size: h.size,
+        device: 0,
+        body_len,
+        stored: h.stored,
+        committed_ms: 0,
+    }
+}
+
+fn info_from_repo(h: &repo::SnapshotHeader) -> SnapshotInfo {
+    SnapshotInfo {
+        header: SnapshotHeader {
+            id: h.id,
+            time_ms: h.time_unix_ms,
+            files: h.files,
+            dirs: h.dirs,
+            size: h.size,
+            stored: h.stored,
+            host: h.host.clone(),
+            tags: h.tags.clone(),
+        },
+        device: h.device as u64,
+        committed_ms: h.committed_ms.max(0) as u64,
+    }
+}
+
+/// Runs one v4 op.
+pub async fn run_v4_op<B: Blocking>(svc: &V4Services, blocking: &B, op: Op) -> Completion {
+    match op {
+        Op::Login { device_key, login } => {
+            let repo = svc.repo.clone();
+            let registration = svc.registration;
+            let r = blocking
+                .run(move || login_blocking(&repo, registration, device_key, login))
+                .await;
+            Completion::LoggedIn(r)
+        }
+        Op::Request {
+            request_id,
+            principal,
+            request,
+        } => {
+            let answer = match request_answer(svc, blocking, principal, request).await {
+                Ok(a) => a,
+                Err(e) => Answer::Error(answer_for(&e)),
+            };
+            Completion::Answered { request_id, answer }
+        }
+    }
+}
+
+fn login_blocking(
+    repo: &Repo,
+    registration: bool,
+    key: [u8; 32],
+    login: cyberbackup_protocol::v4::wire::Login,
+) -> Result<Welcome, ErrorAnswer> {
+    match login.mode {
+        LoginMode::Create => {
+            if !registration {
+                return Err(ErrorAnswer::new(
+                    ErrorCode::REGISTRATION_CLOSED,
+                    "this server does not create accounts",
+                ));
+            }
+            let (account, device) = repo
+                .create_account(&login.account, &key, &login.device)
+                .map_err(|e| answer_for(&e))?;
+            tracing::info!(account = %login.account, account_id = account, device, "account created");
+            Ok(Welcome {
+                account_id: account as u64,
+                device_id: device as u64,
+                capabilities: Capabilities::ALL.0,
+                account: login.account,
+            })
+        }
+        LoginMode::Device => {
+            let d = repo
+                .device_by_key(&key)
+                .map_err(|e| answer_for(&e))?
+                .ok_or_else(|| {
+                    ErrorAnswer::new(
+                        ErrorCode::UNKNOWN_DEVICE,
+                        "no account knows this device key: run init, or enrol this device",
+                    )
+                })?;
+            if d.revoked() {
+                return Err(ErrorAnswer::new(
+                    ErrorCode::DEVICE_REVOKED,
+                    "this device was revoked",
+                ));
+            }
+            let name = repo
+                .account_name(d.account)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            Ok(Welcome {
+                account_id: d.account as u64,
+                device_id: d.id as u64,
+                capabilities: d.caps.0,
+                account: name,
+            })
+        }
+    }
+}
+
+async fn request_answer<B: Blocking>(
+    svc: &V4Services,
+    blocking: &B,
+    p: Principal,
+    request: Request,
+) -> Result<Answer, RepoError> {
+    let account = p.account_id as i64;
+    let repo = svc.repo.clone();
+    Ok(match request {
+        Request::PutChunk { id, blob } => {
+            repo.put_chunk(account, id, blob).await?;
+            Answer::ChunkStored { already: false }
+        }
+        Request::CommitSnapshot { header, refs, root } => {
+            let h = header_to_repo(&header, root.len() as u64);
+            match repo
+                .commit_snapshot(account, p.device_id as i64, h, refs, root)
+                .await?
+            {
+                CommitOutcome::Committed => {
+                    tracing::info!(
+                        account,
+                        files = header.files,
+                        size = header.size,
+                        "snapshot committed"
+                    );
+                    Answer::SnapshotCommitted { already: false }
+                }
+                CommitOutcome::AlreadyCommitted => Answer::SnapshotCommitted { already: true },
+            }
+        }
+        other => {
+            blocking
+                .run(move || blocking_answer(&repo, account, other))
+                .await?
+        }
+    })
+}
+
+fn not_found(what: &str) -> Answer {
+    Answer::Error(ErrorAnswer::new(
+        ErrorCode::NOT_FOUND,
+        format!("no such {what} in this account"),
+    ))
+}
+
+fn blocking_answer(repo: &Repo, account: i64, request: Request) -> Result<Answer, RepoError> {
+    Ok(match request {
+        Request::HasChunks(ids) => Answer::ChunksHeld(repo.chunks_held(account, &ids)?),
+        Request::GetChunk(id) => match repo.get_chunk(account, &id)? {
+            Some(b) => Answer::Chunk(b),
+            None => not_found("chunk"),
+        },
+        Request::ListSnapshots => {
+            let list = repo.list_snapshots(account)?;
+            Answer::SnapshotList(list.iter().map(info_from_repo).collect())
+        }
+        Request::GetSnapshot(id) => {
+            let Some(s) = repo.get_snapshot(account, &id)? else {
+                return Ok(not_found("snapshot"));
+            };
+            let Some(root) = repo.get_snapshot_body(account, &id)? else {
+                return Ok(not_found("snapshot"));
+            };
+            Answer::Snapshot {
+                info: info_from_repo(&s.header),
+                root,
+            }
+        }
+        Request::ForgetSnapshot(id) => {
+            if repo.forget_snapshot(account, &id)? {
+                tracing::info!(account, "snapshot forgotten");
+                Answer::Forgotten
+            } else {
+                not_found("snapshot")
+            }
+        }
+        Request::Usage => {
+            let u = repo.usage(account)?;
+            Answer::UsageInfo(Usage {
+                chunks: u.chunks,
+                stored_bytes: u.stored_bytes,
+                snapshots: u.snapshots,
+                quota: u.quota.unwrap_or(0),
+            })
+        }
+        Request::PutKey(k) => {
+            repo.set_wrapped_key(account, &k)?;
+            Answer::KeyStored
+        }
+        Request::GetKey => match repo.wrapped_key(account)? {
+            Some(k) => Answer::Key(k),
+            None => not_found("repository key"),
+        },
+        // Handled by the committer above.
+        Request::PutChunk { .. } | Request::CommitSnapshot { .. } => {
+            Answer::Error(ErrorAnswer::new(ErrorCode::INTERNAL, "misrouted request"))
+        }
+    })
+}
