@@ -7,6 +7,7 @@
 //! - [`session`]: a connection with an agreed session key ([`Session::open`]).
 //! - [`upload`]: streaming uploads in constant memory, checksum retries, reconnects.
 //! - [`progress`]: the events an upload reports, and cancellation.
+//! - [`v4`]: the v4 client: encrypted, deduplicated snapshots, backup and restore.
 //!
 //! Everything here is blocking (std sockets with timeouts on every read and write), so
 //! it fits a CLI thread, a blocking pool in an async server, or a load generator's
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod progress;
 pub mod session;
 pub mod upload;
+pub mod v4;
 
 pub use error::ClientError;
 pub use identity::Identity;

@@ -1,10 +1,12 @@
 //! `cyberbackup`: back files up to a CyberBackup server. See `--help` and README.md.
 //!
-//! Exit codes: 0 all files stored; 2 usage; 3 bad input (missing, unreadable or
-//! special file, a name the protocol cannot carry, too large); 4 bad identity file;
-//! 5 server unreachable, connection lost or timed out; 6 the server refused (name
-//! taken, error answer, not a v3 server); 7 checksum mismatch four times (aborted);
-//! 130 cancelled.
+//! Protocol 4 (the default): encrypted, deduplicated snapshots; the commands are in
+//! `cli_v4.rs` with their exit codes. `--protocol 3` (and `--batch`) keep the v3
+//! uploader, whose exit codes are: 0 all files stored; 2 usage; 3 bad input (missing,
+//! unreadable or special file, a name the protocol cannot carry, too large); 4 bad
+//! identity file; 5 server unreachable, connection lost or timed out; 6 the server
+//! refused (name taken, error answer, not a v3 server); 7 checksum mismatch four times
+//! (aborted); 130 cancelled.
 //!
 //! Diagnostics (reconnects, resends) go to standard error as log lines: warnings by
 //! default, errors only with `--quiet`, anything `RUST_LOG` asks for (e.g.
@@ -23,9 +25,15 @@ use cyberbackup_client::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod cli_v4;
+
 #[derive(Parser, Debug)]
-#[command(name = "cyberbackup", version, about = "Back files up to a CyberBackup server", long_about = None)]
+#[command(name = "cyberbackup", version, about = "Back files and directories up to a CyberBackup server, and restore them", long_about = None)]
 struct Cli {
+    /// Protocol version: 4 (encrypted, deduplicated snapshots) or 3 (the CyberBackup
+    /// 3.0 file uploader).
+    #[arg(long, global = true, env = "CYBERBACKUP_PROTOCOL", default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
+    protocol: u8,
     /// Compatibility mode of the CyberBackup 3.0 client: read transfer.info from the
     /// working directory (line 1 host:port, line 2 user name, line 3 file path).
     #[arg(long)]
@@ -38,22 +46,81 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Back up one or more files in one session.
+    /// v4: create an account on a server with this device and a new repository key.
+    Init {
+        /// Server address (host:port).
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: String,
+        /// Account name (1 to 100 bytes).
+        #[arg(short, long, env = "CYBERBACKUP_ACCOUNT")]
+        account: String,
+        /// This device's name [default: the host name].
+        #[arg(long)]
+        device: Option<String>,
+        /// The server's key fingerprint (SHA256:...), to check instead of trusting
+        /// the first connection.
+        #[arg(long)]
+        server_key: Option<String>,
+    },
+    /// Back up files and directories (v4: one snapshot; v3: each file by its name).
     Backup {
-        /// Files to back up (stored under their file names).
+        /// Files and directories (v4: recursive; v3: files only).
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Server address.
-        #[arg(
-            short,
-            long,
-            env = "CYBERBACKUP_SERVER",
-            default_value = "127.0.0.1:1256"
-        )]
-        server: String,
-        /// User name to register (needed when there is no identity file yet).
+        /// Server address [v3 default: 127.0.0.1:1256; v4: the one given to init].
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+        /// v3: user name to register (needed when there is no identity file yet).
         #[arg(short, long, env = "CYBERBACKUP_USER")]
         user: Option<String>,
+        /// v4: a tag for the snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// v4: the host name recorded [default: this machine's].
+        #[arg(long)]
+        host: Option<String>,
+        /// v4: read every file, even those unchanged since the last snapshot.
+        #[arg(long)]
+        force: bool,
+    },
+    /// v4: list the snapshots.
+    Snapshots {
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: list what a snapshot holds ("latest" or an id prefix).
+    Ls {
+        snapshot: String,
+        /// Only this path and what is under it.
+        path: Option<String>,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: restore a snapshot ("latest" or an id prefix), or a path in it.
+    Restore {
+        snapshot: String,
+        /// Only this path and what is under it.
+        path: Option<String>,
+        /// Directory to restore into (made if missing).
+        #[arg(short, long)]
+        target: PathBuf,
+        /// Replace files that exist in the target.
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: forget snapshots (their data is freed by the server's collection).
+    Forget {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: the space the account holds on the server.
+    Usage {
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
     },
 }
 
@@ -79,6 +146,14 @@ struct Common {
     /// No progress output, only the summary lines and errors.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// v4: the config directory (device key, pinned server keys, repository)
+    /// [default: $XDG_CONFIG_HOME/cyberbackup or ~/.config/cyberbackup].
+    #[arg(long, global = true, env = "CYBERBACKUP_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// v4: read the repository passphrase from this file (else CYBERBACKUP_PASSWORD,
+    /// else a prompt).
+    #[arg(long, global = true, env = "CYBERBACKUP_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
 }
 
 fn exit_code(e: &ClientError) -> i32 {
@@ -111,11 +186,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let code = match run(cli) {
+    let v4 = cli.protocol == 4 && !cli.batch;
+    let code = match if v4 { run_v4(cli) } else { run(cli) } {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cyberbackup: {e:#}");
-            e.downcast_ref::<ClientError>().map(exit_code).unwrap_or(2)
+            if v4 {
+                cli_v4::exit_code(&e)
+            } else {
+                e.downcast_ref::<ClientError>().map(exit_code).unwrap_or(2)
+            }
         }
     };
     std::process::exit(code);
@@ -154,6 +234,76 @@ impl Output {
     }
 }
 
+fn run_v4(cli: Cli) -> anyhow::Result<i32> {
+    let c = cli.common;
+    let mut common = cli_v4::V4Common {
+        config_dir: c.config_dir,
+        server: None,
+        password_file: c.password_file,
+        json: c.json,
+        quiet: c.quiet,
+    };
+    let Some(cmd) = cli.command else {
+        return Err(anyhow!(
+            "nothing to do: `cyberbackup init`, then `cyberbackup backup PATH...` (see --help)"
+        ));
+    };
+    match cmd {
+        Command::Init {
+            server,
+            account,
+            device,
+            server_key,
+        } => cli_v4::init(&common, &server, &account, device, server_key.as_deref()),
+        Command::Backup {
+            files,
+            server,
+            user,
+            tags,
+            host,
+            force,
+        } => {
+            if user.is_some() {
+                return Err(anyhow!(
+                    "--user is for protocol 3 (add --protocol 3); v4 uses the account given to init"
+                ));
+            }
+            common.server = server;
+            cli_v4::backup(&common, &files, tags, host, force)
+        }
+        Command::Snapshots { server } => {
+            common.server = server;
+            cli_v4::list(&common)
+        }
+        Command::Ls {
+            snapshot,
+            path,
+            server,
+        } => {
+            common.server = server;
+            cli_v4::ls(&common, &snapshot, path.as_deref())
+        }
+        Command::Restore {
+            snapshot,
+            path,
+            target,
+            overwrite,
+            server,
+        } => {
+            common.server = server;
+            cli_v4::restore(&common, &snapshot, path, &target, overwrite)
+        }
+        Command::Forget { snapshots, server } => {
+            common.server = server;
+            cli_v4::forget(&common, &snapshots)
+        }
+        Command::Usage { server } => {
+            common.server = server;
+            cli_v4::usage(&common)
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let (files, server, user) = match (cli.batch, cli.command) {
         (true, Some(_)) => return Err(anyhow!("--batch reads transfer.info; it takes no command")),
@@ -167,8 +317,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 files,
                 server,
                 user,
+                ..
             }),
-        ) => (files, server, user),
+        ) => (
+            files,
+            server.unwrap_or_else(|| "127.0.0.1:1256".into()),
+            user,
+        ),
+        (false, Some(_)) => {
+            return Err(anyhow!(
+                "protocol 3 only backs files up: use `cyberbackup --protocol 3 backup FILE...`"
+            ));
+        }
         (false, None) => {
             return Err(anyhow!(
                 "nothing to do: use `cyberbackup backup FILE...` or `--batch` (see --help)"

@@ -13,7 +13,9 @@ use cyberbackup_e2e::*;
 
 fn cli(dir: &Path) -> Command {
     let mut c = Command::new(client_binary());
+    // These tests are of the v3 uploader.
     c.current_dir(dir)
+        .env("CYBERBACKUP_PROTOCOL", "3")
         .env_remove("CYBERBACKUP_SERVER")
         .env_remove("CYBERBACKUP_USER");
     c

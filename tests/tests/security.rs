@@ -601,6 +601,7 @@ fn no_key_material_or_file_content_in_any_log(rt: Runtime) {
         let out = Command::new(client_binary())
             .current_dir(work.path())
             .env("RUST_LOG", "trace")
+            .env("CYBERBACKUP_PROTOCOL", "3")
             .args(["backup", "--server", &server, "--user", &cli_user])
             .args(extra)
             .arg("three.txt")

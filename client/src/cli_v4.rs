@@ -1,0 +1,514 @@
+//! The v4 commands of `cyberbackup`: init, backup, snapshots, ls, restore, forget,
+//! usage. See README.md ("The backup CLI") for the exit codes.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use cyberbackup_client::v4::backup::{self, BackupError, BackupOptions, BackupProgress};
+use cyberbackup_client::v4::conn::ConnError;
+use cyberbackup_client::v4::profile::{default_dir, hex, Profile, ProfileError};
+use cyberbackup_client::v4::restore::{self, RestoreError, RestoreOptions, RestoreProgress};
+use cyberbackup_client::v4::snapshots::{self, SnapshotError};
+use cyberbackup_client::v4::{self, RepoError};
+use cyberbackup_protocol::v4::format::{EntryKind, FormatError};
+use cyberbackup_protocol::v4::noise::fingerprint;
+use cyberbackup_protocol::v4::wire::{Answer, ErrorCode, Request, SnapshotInfo};
+
+/// Exit codes of the v4 commands.
+pub mod code {
+    pub const OK: i32 = 0;
+    pub const USAGE: i32 = 2;
+    /// A backup finished but some files could not be read (they are not in it).
+    pub const PARTIAL: i32 = 3;
+    /// The device is not set up, or its files are unreadable.
+    pub const CONFIG: i32 = 4;
+    /// The server cannot be reached, or the connection was lost.
+    pub const NETWORK: i32 = 5;
+    /// The server refused (a reason code is printed).
+    pub const REFUSED: i32 = 6;
+    /// Wrong passphrase, or the server's key is not the pinned one.
+    pub const KEY: i32 = 7;
+    /// Data failed verification (a chunk or a snapshot was altered or is missing).
+    pub const INTEGRITY: i32 = 8;
+    /// A restore would replace an existing file.
+    pub const EXISTS: i32 = 9;
+    pub const CANCELLED: i32 = 130;
+}
+
+/// Options every v4 command shares.
+#[derive(Debug, Clone)]
+pub struct V4Common {
+    pub config_dir: Option<PathBuf>,
+    pub server: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl V4Common {
+    fn profile(&self) -> anyhow::Result<Profile> {
+        Ok(Profile::new(match &self.config_dir {
+            Some(d) => d.clone(),
+            None => default_dir()?,
+        }))
+    }
+
+    /// The passphrase: CYBERBACKUP_PASSWORD, --password-file, or a prompt.
+    fn passphrase(&self, confirm: bool) -> anyhow::Result<Vec<u8>> {
+        if let Ok(p) = std::env::var("CYBERBACKUP_PASSWORD") {
+            if !p.is_empty() {
+                return Ok(p.into_bytes());
+            }
+        }
+        if let Some(f) = &self.password_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the password file {}", f.display()))?;
+            let p = text.strip_suffix('\n').unwrap_or(&text);
+            let p = p.strip_suffix('\r').unwrap_or(p);
+            if p.is_empty() {
+                bail!("the password file {} is empty", f.display());
+            }
+            return Ok(p.as_bytes().to_vec());
+        }
+        if !std::io::stdin().is_terminal() {
+            bail!("no passphrase: set CYBERBACKUP_PASSWORD or --password-file (standard input is not a terminal)");
+        }
+        let p = rpassword::prompt_password("repository passphrase: ")?;
+        if p.is_empty() {
+            bail!("an empty passphrase is not allowed");
+        }
+        if confirm && rpassword::prompt_password("again: ")? != p {
+            bail!("the passphrases differ");
+        }
+        Ok(p.into_bytes())
+    }
+}
+
+/// The exit code for an error of a v4 command.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<ConnError>() {
+            return conn_code(c);
+        }
+        if let Some(r) = cause.downcast_ref::<RepoError>() {
+            return match r {
+                RepoError::Profile(_) | RepoError::AlreadyInitialised { .. } => code::CONFIG,
+                RepoError::Conn(c) => conn_code(c),
+                RepoError::Key(FormatError::Passphrase) => code::KEY,
+                RepoError::Key(_) => code::INTEGRITY,
+                RepoError::NoKey => code::REFUSED,
+            };
+        }
+        if cause.downcast_ref::<ProfileError>().is_some() {
+            return code::CONFIG;
+        }
+        if let Some(b) = cause.downcast_ref::<BackupError>() {
+            return match b {
+                BackupError::Conn(c) => conn_code(c),
+                BackupError::Cancelled => code::CANCELLED,
+                BackupError::Snapshot(s) => snapshot_code(s),
+                _ => code::PARTIAL,
+            };
+        }
+        if let Some(r) = cause.downcast_ref::<RestoreError>() {
+            return match r {
+                RestoreError::Conn(c) => conn_code(c),
+                RestoreError::Chunk { .. }
+                | RestoreError::MissingChunk { .. }
+                | RestoreError::Size { .. } => code::INTEGRITY,
+                RestoreError::Exists(_) => code::EXISTS,
+                RestoreError::Cancelled => code::CANCELLED,
+                RestoreError::NoMatch(_) => code::USAGE,
+                RestoreError::Io { .. } => code::PARTIAL,
+            };
+        }
+        if let Some(s) = cause.downcast_ref::<SnapshotError>() {
+            return snapshot_code(s);
+        }
+    }
+    code::USAGE
+}
+
+fn snapshot_code(s: &SnapshotError) -> i32 {
+    match s {
+        SnapshotError::Conn(c) => conn_code(c),
+        SnapshotError::NotFound(_) | SnapshotError::Ambiguous(_) => code::USAGE,
+        SnapshotError::Format { .. } | SnapshotError::ManifestLength(_) => code::INTEGRITY,
+    }
+}
+
+fn conn_code(c: &ConnError) -> i32 {
+    match c {
+        ConnError::KeyMismatch { .. } => code::KEY,
+        ConnError::Server(_) => code::REFUSED,
+        c if c.code().is_some() => code::REFUSED,
+        _ => code::NETWORK,
+    }
+}
+
+fn out_json(v: serde_json::Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+}
+
+fn iec(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn when(ms: i64) -> String {
+    // UTC, without a date crate: days since the epoch to a civil date.
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// `init`: creates the account, the device key and the repository key.
+pub fn init(
+    c: &V4Common,
+    server: &str,
+    account: &str,
+    device: Option<String>,
+    server_key: Option<&str>,
+) -> anyhow::Result<i32> {
+    let profile = c.profile()?;
+    let pass = c.passphrase(true)?;
+    let device = device.unwrap_or_else(backup::hostname);
+    let quiet = c.quiet || c.json;
+    let w = v4::init(
+        &profile,
+        server,
+        account,
+        &device,
+        &pass,
+        server_key,
+        &mut |fp| {
+            if !quiet {
+                eprintln!("server {server}: key {fp} (pinned on first use)");
+            }
+        },
+    )?;
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "initialised", "account": w.account, "account_id": w.account_id, "device_id": w.device_id, "config_dir": profile.dir()}),
+        );
+    } else {
+        println!(
+            "created account {} on {server}; this device ({device}) may do everything; settings in {}",
+            w.account,
+            profile.dir().display()
+        );
+    }
+    Ok(code::OK)
+}
+
+fn open(
+    c: &V4Common,
+) -> anyhow::Result<(
+    v4::conn::Connection,
+    cyberbackup_protocol::v4::format::RepoKey,
+)> {
+    let profile = c.profile()?;
+    let pass = c.passphrase(false)?;
+    Ok(v4::open(&profile, &pass, c.server.as_deref())?)
+}
+
+fn cancel_on_sigint(flag: Arc<std::sync::atomic::AtomicBool>) {
+    let _ = signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        flag.clone(),
+    );
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, flag);
+}
+
+/// `backup PATH...`: one snapshot of the paths.
+pub fn backup(
+    c: &V4Common,
+    paths: &[PathBuf],
+    tags: Vec<String>,
+    host: Option<String>,
+    force: bool,
+) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let opts = BackupOptions {
+        host: host.unwrap_or_else(backup::hostname),
+        tags,
+        force,
+        ..Default::default()
+    };
+    let progress = Arc::new(BackupProgress::default());
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    cancel_on_sigint(cancel.clone());
+    let show = !c.quiet && !c.json && std::io::stderr().is_terminal();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let (p, done, cancel) = (progress.clone(), done.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if cancel.load(Ordering::Relaxed) {
+                    p.cancel.store(true, Ordering::Relaxed);
+                }
+                if show {
+                    eprint!(
+                        "\r{} of {} files, {} of {} read, {} sent   ",
+                        p.files_done.load(Ordering::Relaxed),
+                        p.files_total.load(Ordering::Relaxed),
+                        iec(p.bytes_done.load(Ordering::Relaxed)),
+                        iec(p.bytes_total.load(Ordering::Relaxed)),
+                        iec(p.bytes_sent.load(Ordering::Relaxed)),
+                    );
+                }
+            }
+            if show {
+                eprint!("\r\x1b[K");
+            }
+        })
+    };
+    let r = backup::backup(&conn, &key, paths, &opts, &progress);
+    done.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    let s = r?;
+    for (p, why) in &s.skipped {
+        eprintln!("cyberbackup: skipped {}: {why}", p.display());
+    }
+    if c.json {
+        out_json(serde_json::json!({
+            "event": "snapshot", "id": hex(&s.snapshot), "parent": s.parent.map(|p| hex(&p)),
+            "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "size": s.size,
+            "files_unchanged": s.files_unchanged, "chunks_sent": s.chunks_sent,
+            "chunks_held": s.chunks_held, "bytes_sent": s.bytes_sent,
+            "skipped": s.skipped.iter().map(|(p, w)| serde_json::json!({"path": p, "error": w})).collect::<Vec<_>>(),
+            "seconds": s.seconds,
+        }));
+    } else if !c.quiet {
+        println!(
+            "snapshot {} saved: {} files, {} dirs, {} symlinks, {} ({} files unchanged); sent {} in {} new chunks ({} already on the server) in {:.2} s",
+            &hex(&s.snapshot)[..8],
+            s.files,
+            s.dirs,
+            s.symlinks,
+            iec(s.size),
+            s.files_unchanged,
+            iec(s.bytes_sent),
+            s.chunks_sent,
+            s.chunks_held,
+            s.seconds
+        );
+    }
+    Ok(if s.skipped.is_empty() {
+        code::OK
+    } else {
+        code::PARTIAL
+    })
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": hex(&s.header.id), "time_ms": s.header.time_ms, "time": when(s.header.time_ms),
+        "host": s.header.host, "tags": s.header.tags, "files": s.header.files,
+        "dirs": s.header.dirs, "size": s.header.size, "stored": s.header.stored,
+        "device": s.device, "committed_ms": s.committed_ms,
+    })
+}
+
+/// `snapshots`: the list, oldest first.
+pub fn list(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let all = snapshots::list(&conn)?;
+    if c.json {
+        out_json(serde_json::Value::Array(
+            all.iter().map(snapshot_json).collect(),
+        ));
+        return Ok(code::OK);
+    }
+    println!(
+        "{:<10} {:<23} {:<16} {:>8} {:>10}  tags",
+        "id", "time", "host", "files", "size"
+    );
+    for s in &all {
+        println!(
+            "{:<10} {:<23} {:<16} {:>8} {:>10}  {}",
+            &hex(&s.header.id)[..8],
+            when(s.header.time_ms),
+            s.header.host,
+            s.header.files,
+            iec(s.header.size),
+            s.header.tags.join(",")
+        );
+    }
+    println!("{} snapshots", all.len());
+    Ok(code::OK)
+}
+
+/// `ls SNAPSHOT [PATH]`: the tree of a snapshot.
+pub fn ls(c: &V4Common, snap: &str, path: Option<&str>) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let info = snapshots::find(&conn, snap)?;
+    let tree = snapshots::load(&conn, &key, &info.header.id)?;
+    let prefix = path.map(|p| p.trim_matches('/').to_string());
+    for e in &tree.entries {
+        let p = String::from_utf8_lossy(&e.path);
+        if let Some(pre) = &prefix {
+            if !pre.is_empty() && p != *pre && !p.starts_with(&format!("{pre}/")) {
+                continue;
+            }
+        }
+        let (t, extra) = match &e.kind {
+            EntryKind::Dir => ("dir", String::new()),
+            EntryKind::File { .. } => ("file", String::new()),
+            EntryKind::Symlink { target } => (
+                "symlink",
+                format!(" -> {}", String::from_utf8_lossy(target)),
+            ),
+        };
+        if c.json {
+            out_json(
+                serde_json::json!({"path": p, "type": t, "mode": format!("{:o}", e.mode), "size": e.size, "mtime_ns": e.mtime_ns, "target": if let EntryKind::Symlink { target } = &e.kind { Some(String::from_utf8_lossy(target).into_owned()) } else { None }}),
+            );
+        } else {
+            println!(
+                "{:<7} {:>5o} {:>10} {}  {p}{extra}",
+                t,
+                e.mode,
+                e.size,
+                when(e.mtime_ns.div_euclid(1_000_000))
+            );
+        }
+    }
+    Ok(code::OK)
+}
+
+/// `restore SNAPSHOT [PATH] --target DIR`.
+pub fn restore(
+    c: &V4Common,
+    snap: &str,
+    path: Option<String>,
+    target: &Path,
+    overwrite: bool,
+) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let info = snapshots::find(&conn, snap)?;
+    let tree = snapshots::load(&conn, &key, &info.header.id)?;
+    let progress = RestoreProgress::default();
+    let s = restore::restore(
+        &conn,
+        &key,
+        &tree,
+        target,
+        &RestoreOptions {
+            overwrite,
+            include: path,
+        },
+        &progress,
+    )?;
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "restored", "snapshot": hex(&info.header.id), "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes, "target": target}),
+        );
+    } else if !c.quiet {
+        println!(
+            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}",
+            &hex(&info.header.id)[..8],
+            target.display(),
+            s.files,
+            s.dirs,
+            s.symlinks,
+            iec(s.bytes)
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `forget SNAPSHOT...`.
+pub fn forget(c: &V4Common, snaps: &[String]) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    for spec in snaps {
+        let info = snapshots::find(&conn, spec)?;
+        match conn.call(&Request::ForgetSnapshot(info.header.id)) {
+            Ok(Answer::Forgotten) => {
+                if !c.quiet {
+                    println!("forgot snapshot {}", &hex(&info.header.id)[..8]);
+                }
+            }
+            Ok(_) => return Err(ConnError::UnexpectedAnswer("FORGET_SNAPSHOT").into()),
+            Err(e) if e.code() == Some(ErrorCode::FORBIDDEN) => {
+                return Err(anyhow::Error::new(e).context("this device may not forget snapshots"))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(code::OK)
+}
+
+/// `usage`: what the account holds on the server.
+pub fn usage(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let Answer::UsageInfo(u) = conn.call(&Request::Usage)? else {
+        return Err(anyhow!("the server answered USAGE with something else"));
+    };
+    if c.json {
+        out_json(
+            serde_json::json!({"account": conn.welcome().account, "chunks": u.chunks, "stored_bytes": u.stored_bytes, "snapshots": u.snapshots, "quota": u.quota, "server_key": fingerprint(conn.server_key())}),
+        );
+    } else {
+        println!(
+            "account {}: {} snapshots, {} chunks, {} stored{}; server key {}",
+            conn.welcome().account,
+            u.snapshots,
+            u.chunks,
+            iec(u.stored_bytes),
+            if u.quota > 0 {
+                format!(" of a {} quota", iec(u.quota))
+            } else {
+                String::new()
+            },
+            fingerprint(conn.server_key())
+        );
+    }
+    Ok(code::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_and_sizes() {
+        assert_eq!(super::when(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::when(1_764_806_400_000), "2025-12-04 00:00:00 UTC");
+        assert_eq!(super::when(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::iec(1023), "1023 B");
+        assert_eq!(super::iec(1536), "1.5 KiB");
+        assert_eq!(super::iec(5 << 30), "5.0 GiB");
+    }
+}

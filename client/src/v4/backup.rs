@@ -1,0 +1,640 @@
+//! A v4 backup: walk the paths, cut files into chunks, send what the server does not
+//! hold, and commit one snapshot.
+//!
+//! The pipeline: worker threads take files from a shared queue, read and cut them with
+//! FastCDC, name each chunk by its keyed hash, and gather chunks (of one or many
+//! files) into batches. For a batch they ask the server which chunks it holds
+//! (HAS_CHUNKS; chunks named by the parent snapshot or already sent in this run are
+//! not asked about), then compress, encrypt and send the others (PUT_CHUNK) without
+//! waiting: answers come back while the next batch is read. The window of the
+//! connection bounds what is in flight. The snapshot is committed only after every
+//! chunk was acknowledged as durable.
+//!
+//! A file whose size and modification time match the parent snapshot's entry (the
+//! last snapshot of this host with the same paths) is not read again: its chunks are
+//! taken from the parent. So an unchanged tree costs a walk and one small commit.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cyberbackup_protocol::v4::format::{Entry, EntryKind, RepoKey, Root};
+use cyberbackup_protocol::v4::wire::{
+    Answer, ChunkId, ErrorCode, Request, SnapshotHeader, SnapshotId, MAX_HAS_CHUNKS,
+};
+use cyberbackup_protocol::v4::MAX_CHUNK;
+use rand::RngCore;
+
+use super::conn::{ConnError, Connection, Pending};
+use super::snapshots::{self, SnapshotError};
+
+/// FastCDC sizes (`docs/PROTOCOL-V4.md` §7).
+pub const CHUNK_MIN: u32 = 256 * 1024;
+pub const CHUNK_AVG: u32 = 1024 * 1024;
+pub const CHUNK_MAX: u32 = MAX_CHUNK;
+
+/// Plaintext bytes a worker gathers before it asks the server about them.
+const BATCH_BYTES: usize = 8 << 20;
+/// Chunks a worker gathers before it asks.
+const BATCH_CHUNKS: usize = 512;
+
+/// Backup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{0}: not a file, directory or symbolic link that can be backed up")]
+    Unsupported(PathBuf),
+    #[error("nothing to back up: every path was skipped")]
+    Empty,
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Backup settings.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub host: String,
+    pub tags: Vec<String>,
+    /// Worker threads (0: one per CPU).
+    pub workers: usize,
+    /// Read every file even when the parent snapshot has it unchanged.
+    pub force: bool,
+    /// Try zstd on each chunk.
+    pub compress: bool,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            host: hostname(),
+            tags: Vec::new(),
+            workers: 0,
+            force: false,
+            compress: true,
+        }
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Default)]
+pub struct BackupSummary {
+    pub snapshot: SnapshotId,
+    pub parent: Option<SnapshotId>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Plaintext bytes of the files.
+    pub size: u64,
+    /// Files taken from the parent without reading.
+    pub files_unchanged: u64,
+    /// Chunks sent (new to the server).
+    pub chunks_sent: u64,
+    /// Chunks the server already held.
+    pub chunks_held: u64,
+    /// Chunk blob bytes sent.
+    pub bytes_sent: u64,
+    /// Paths that could not be read, and why.
+    pub skipped: Vec<(PathBuf, String)>,
+    pub seconds: f64,
+}
+
+/// Progress, updated as the backup goes.
+#[derive(Debug, Default)]
+pub struct BackupProgress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+struct Walked {
+    /// Manifest entries in path order; files' chunk lists filled later.
+    entries: Vec<Entry>,
+    /// For each file entry: its index in `entries` and where it is on disk.
+    files: Vec<(usize, PathBuf)>,
+    skipped: Vec<(PathBuf, String)>,
+    /// The paths as the user named them, for the snapshot root.
+    named: Vec<Vec<u8>>,
+}
+
+/// The manifest path of a path the user named: relative paths stay as given (without
+/// `.`), absolute ones lose their leading `/`; a path with `..` is made absolute first.
+fn manifest_base(p: &Path) -> Result<Vec<u8>, std::io::Error> {
+    let p = if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        std::fs::canonicalize(p)?
+    } else {
+        p.to_path_buf()
+    };
+    let parts: Vec<&[u8]> = p
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.as_bytes()),
+            _ => None,
+        })
+        .collect();
+    Ok(parts.join(&b'/'))
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime().saturating_mul(1_000_000_000) + md.mtime_nsec()
+}
+
+fn walk(paths: &[PathBuf]) -> Result<Walked, BackupError> {
+    let mut w = Walked {
+        entries: Vec::new(),
+        files: Vec::new(),
+        skipped: Vec::new(),
+        named: Vec::new(),
+    };
+    // (manifest path, disk path)
+    let mut todo: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+    for p in paths {
+        let base = manifest_base(p).map_err(|source| BackupError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        w.named.push(p.as_os_str().as_bytes().to_vec());
+        if base.is_empty() {
+            // "." or "/": its contents go at the top.
+            let rd = std::fs::read_dir(p).map_err(|source| BackupError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.file_name()).collect();
+            names.sort();
+            for n in names {
+                todo.push((n.as_bytes().to_vec(), p.join(&n)));
+            }
+        } else {
+            todo.push((base, p.clone()));
+        }
+    }
+    todo.sort();
+    todo.dedup_by(|a, b| a.0 == b.0);
+    // Depth-first in path order: a directory, then its contents.
+    let mut stack: Vec<(Vec<u8>, PathBuf)> = todo.into_iter().rev().collect();
+    while let Some((mpath, disk)) = stack.pop() {
+        let md = match std::fs::symlink_metadata(&disk) {
+            Ok(m) => m,
+            Err(e) => {
+                w.skipped.push((disk, e.to_string()));
+                continue;
+            }
+        };
+        let ft = md.file_type();
+        let mode = md.permissions().mode() & 0o7777;
+        let mtime = mtime_ns(&md);
+        if ft.is_file() {
+            w.files.push((w.entries.len(), disk));
+            w.entries.push(Entry {
+                path: mpath,
+                kind: EntryKind::File { chunks: Vec::new() },
+                mode,
+                mtime_ns: mtime,
+                size: md.len(),
+            });
+        } else if ft.is_symlink() {
+            match std::fs::read_link(&disk) {
+                Ok(t) => w.entries.push(Entry {
+                    path: mpath,
+                    kind: EntryKind::Symlink {
+                        target: t.as_os_str().as_bytes().to_vec(),
+                    },
+                    mode,
+                    mtime_ns: mtime,
+                    size: 0,
+                }),
+                Err(e) => w.skipped.push((disk, e.to_string())),
+            }
+        } else if ft.is_dir() {
+            w.entries.push(Entry {
+                path: mpath.clone(),
+                kind: EntryKind::Dir,
+                mode,
+                mtime_ns: mtime,
+                size: 0,
+            });
+            match std::fs::read_dir(&disk) {
+                Ok(rd) => {
+                    let mut kids: Vec<_> =
+                        rd.filter_map(Result::ok).map(|e| e.file_name()).collect();
+                    kids.sort();
+                    for k in kids.into_iter().rev() {
+                        let mut mp = mpath.clone();
+                        mp.push(b'/');
+                        mp.extend_from_slice(k.as_bytes());
+                        stack.push((mp, disk.join(&k)));
+                    }
+                }
+                Err(e) => w.skipped.push((disk, e.to_string())),
+            }
+        } else {
+            w.skipped
+                .push((disk, "not a regular file, directory or symlink".into()));
+        }
+    }
+    Ok(w)
+}
+
+/// A file's chunks and size as read, or why it could not be read.
+type FileResult = Result<(Vec<ChunkId>, u64), String>;
+
+/// State the workers share.
+struct Shared<'a> {
+    conn: &'a Connection,
+    key: &'a RepoKey,
+    compress: bool,
+    /// Chunks known to be on the server or on their way (this run's puts).
+    known: Mutex<HashSet<ChunkId>>,
+    queue: Mutex<VecDeque<(usize, PathBuf)>>,
+    /// Results: entry index -> chunks (or an error text for a skipped file).
+    results: Mutex<Vec<(usize, FileResult)>>,
+    failed: Mutex<Option<BackupError>>,
+    sent: AtomicU64,
+    held: AtomicU64,
+    bytes_sent: AtomicU64,
+    progress: &'a BackupProgress,
+}
+
+/// Chunks gathered and not yet asked about.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    bytes: usize,
+}
+
+struct Worker<'s, 'a> {
+    sh: &'s Shared<'a>,
+    batch: Batch,
+    puts: VecDeque<Pending>,
+    rng: rand::rngs::ThreadRng,
+}
+
+impl Worker<'_, '_> {
+    fn run(&mut self) -> Result<(), BackupError> {
+        loop {
+            if self.sh.progress.cancel.load(Ordering::Relaxed) {
+                return Err(BackupError::Cancelled);
+            }
+            if lock(&self.sh.failed).is_some() {
+                return Ok(());
+            }
+            let job = lock(&self.sh.queue).pop_front();
+            let Some((idx, path)) = job else { break };
+            let r = self.file(&path);
+            let r = match r {
+                Ok(ids) => Ok(ids),
+                Err(BackupError::Io { source, .. }) => Err(source.to_string()),
+                Err(e) => return Err(e),
+            };
+            self.sh.progress.files_done.fetch_add(1, Ordering::Relaxed);
+            lock(&self.sh.results).push((idx, r));
+            self.reap(false)?;
+        }
+        self.flush()?;
+        self.reap(true)
+    }
+
+    fn file(&mut self, path: &Path) -> Result<(Vec<ChunkId>, u64), BackupError> {
+        let io = |source| BackupError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let f = File::open(path).map_err(io)?;
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        let cdc = fastcdc::v2020::StreamCDC::new(
+            BufReader::with_capacity(1 << 20, f),
+            CHUNK_MIN,
+            CHUNK_AVG,
+            CHUNK_MAX,
+        );
+        for c in cdc {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => io(e),
+                other => io(std::io::Error::other(other.to_string())),
+            })?;
+            self.sh
+                .progress
+                .bytes_done
+                .fetch_add(c.length as u64, Ordering::Relaxed);
+            total += c.length as u64;
+            let id = self.sh.key.chunk_id(&c.data);
+            ids.push(id);
+            self.add(id, c.data)?;
+        }
+        Ok((ids, total))
+    }
+
+    fn add(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), BackupError> {
+        if !lock(&self.sh.known).insert(id) {
+            self.sh.held.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.batch.bytes += data.len();
+        self.batch.chunks.push((id, data));
+        if self.batch.bytes >= BATCH_BYTES || self.batch.chunks.len() >= BATCH_CHUNKS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Asks which of the batch's chunks are held, and sends the rest.
+    fn flush(&mut self) -> Result<(), BackupError> {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.chunks.is_empty() {
+            return Ok(());
+        }
+        let mut held = Vec::with_capacity(batch.chunks.len());
+        for part in batch.chunks.chunks(MAX_HAS_CHUNKS as usize) {
+            let ids = part.iter().map(|(id, _)| *id).collect();
+            match self.sh.conn.call(&Request::HasChunks(ids))? {
+                Answer::ChunksHeld(h) if h.len() == part.len() => held.extend(h),
+                _ => return Err(ConnError::UnexpectedAnswer("HAS_CHUNKS").into()),
+            }
+        }
+        for ((id, data), h) in batch.chunks.into_iter().zip(held) {
+            if h {
+                self.sh.held.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let blob = self
+                .sh
+                .key
+                .seal_chunk_with_id(&id, &data, self.sh.compress, &mut self.rng);
+            drop(data);
+            let len = blob.len() as u64;
+            let p = self.sh.conn.submit(&Request::PutChunk { id, blob })?;
+            self.puts.push_back(p);
+            self.sh.sent.fetch_add(1, Ordering::Relaxed);
+            self.sh.bytes_sent.fetch_add(len, Ordering::Relaxed);
+            self.sh
+                .progress
+                .bytes_sent
+                .fetch_add(len, Ordering::Relaxed);
+            self.reap(false)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the answers that are here (all of them with `all`).
+    fn reap(&mut self, all: bool) -> Result<(), BackupError> {
+        while let Some(p) = self.puts.front() {
+            let r = if all {
+                match self.puts.pop_front() {
+                    Some(p) => p.wait(),
+                    None => break,
+                }
+            } else {
+                match p.try_wait() {
+                    Some(r) => {
+                        self.puts.pop_front();
+                        r
+                    }
+                    None => break,
+                }
+            };
+            match r? {
+                Answer::ChunkStored { .. } => {}
+                _ => return Err(ConnError::UnexpectedAnswer("PUT_CHUNK").into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Backs `paths` up as one snapshot.
+pub fn backup(
+    conn: &Connection,
+    key: &RepoKey,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupSummary, BackupError> {
+    let started = Instant::now();
+    let mut walked = walk(paths)?;
+    if walked.entries.is_empty() {
+        return Err(BackupError::Empty);
+    }
+    let mut summary = BackupSummary {
+        skipped: std::mem::take(&mut walked.skipped),
+        ..Default::default()
+    };
+    // The parent: the newest snapshot of this host with the same paths.
+    let parent = if opts.force {
+        None
+    } else {
+        snapshots::find_parent(conn, key, &opts.host, &walked.named)?
+    };
+    let mut known = HashSet::new();
+    let mut reuse: HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)> = HashMap::new();
+    if let Some((id, entries)) = parent {
+        summary.parent = Some(id);
+        for e in entries {
+            if let EntryKind::File { chunks } = e.kind {
+                known.extend(chunks.iter().copied());
+                reuse.insert(e.path, (e.size, e.mtime_ns, chunks));
+            }
+        }
+    }
+    let mut queue = VecDeque::new();
+    for (idx, disk) in &walked.files {
+        let e = &mut walked.entries[*idx];
+        progress.files_total.fetch_add(1, Ordering::Relaxed);
+        progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
+        match reuse.get(&e.path) {
+            Some((size, mtime, chunks)) if *size == e.size && *mtime == e.mtime_ns => {
+                e.kind = EntryKind::File {
+                    chunks: chunks.clone(),
+                };
+                summary.files_unchanged += 1;
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                progress.bytes_done.fetch_add(e.size, Ordering::Relaxed);
+            }
+            _ => queue.push_back((*idx, disk.clone())),
+        }
+    }
+    let shared = Shared {
+        conn,
+        key,
+        compress: opts.compress,
+        known: Mutex::new(known),
+        queue: Mutex::new(queue),
+        results: Mutex::new(Vec::new()),
+        failed: Mutex::new(None),
+        sent: AtomicU64::new(0),
+        held: AtomicU64::new(0),
+        bytes_sent: AtomicU64::new(0),
+        progress,
+    };
+    let workers = if opts.workers == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.workers
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut w = Worker {
+                    sh: &shared,
+                    batch: Batch::default(),
+                    puts: VecDeque::new(),
+                    rng: rand::thread_rng(),
+                };
+                if let Err(e) = w.run() {
+                    let mut f = lock(&shared.failed);
+                    if f.is_none() {
+                        *f = Some(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = lock(&shared.failed).take() {
+        return Err(e);
+    }
+    // Files that could not be read are left out of the snapshot (and reported).
+    let mut drop_idx = HashSet::new();
+    for (idx, r) in std::mem::take(&mut *lock(&shared.results)) {
+        match r {
+            Ok((chunks, size)) => {
+                let e = &mut walked.entries[idx];
+                // A file that grew or shrank while it was read is stored as read.
+                e.kind = EntryKind::File { chunks };
+                e.size = size;
+            }
+            Err(msg) => {
+                let disk = walked
+                    .files
+                    .iter()
+                    .find(|(i, _)| *i == idx)
+                    .map(|(_, d)| d.clone())
+                    .unwrap_or_default();
+                summary.skipped.push((disk, msg));
+                drop_idx.insert(idx);
+            }
+        }
+    }
+    let entries: Vec<Entry> = walked
+        .entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !drop_idx.contains(i))
+        .map(|(_, e)| e)
+        .collect();
+    let mut refs: HashSet<ChunkId> = HashSet::new();
+    for e in &entries {
+        match &e.kind {
+            EntryKind::File { chunks } => {
+                summary.files += 1;
+                summary.size += e.size;
+                refs.extend(chunks.iter().copied());
+            }
+            EntryKind::Dir => summary.dirs += 1,
+            EntryKind::Symlink { .. } => summary.symlinks += 1,
+        }
+    }
+    // The manifest: chunked and sent like a file.
+    let mut manifest = Vec::new();
+    for e in &entries {
+        e.encode(&mut manifest);
+    }
+    let mut manifest_chunks = Vec::new();
+    {
+        let mut w = Worker {
+            sh: &shared,
+            batch: Batch::default(),
+            puts: VecDeque::new(),
+            rng: rand::thread_rng(),
+        };
+        for c in fastcdc::v2020::FastCDC::new(&manifest, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+            let data = manifest[c.offset..c.offset + c.length].to_vec();
+            let id = key.chunk_id(&data);
+            manifest_chunks.push(id);
+            w.add(id, data)?;
+        }
+        w.flush()?;
+        w.reap(true)?;
+    }
+    refs.extend(manifest_chunks.iter().copied());
+    summary.chunks_sent = shared.sent.load(Ordering::Relaxed);
+    summary.chunks_held = shared.held.load(Ordering::Relaxed);
+    summary.bytes_sent = shared.bytes_sent.load(Ordering::Relaxed);
+    let mut id: SnapshotId = [0; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    let root = Root {
+        manifest_len: manifest.len() as u64,
+        manifest_chunks,
+        paths: walked.named,
+    };
+    let sealed = key.seal_root(&id, &root, &mut rand::thread_rng());
+    let time_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let header = SnapshotHeader {
+        id,
+        time_ms,
+        files: summary.files,
+        dirs: summary.dirs,
+        size: summary.size,
+        stored: summary.bytes_sent,
+        host: opts.host.clone(),
+        tags: opts.tags.clone(),
+    };
+    let mut refs: Vec<ChunkId> = refs.into_iter().collect();
+    refs.sort_unstable();
+    match conn.call(&Request::CommitSnapshot {
+        header,
+        refs,
+        root: sealed,
+    }) {
+        Ok(Answer::SnapshotCommitted { .. }) => {}
+        Ok(_) => return Err(ConnError::UnexpectedAnswer("COMMIT_SNAPSHOT").into()),
+        Err(ConnError::Server(e))
+            if e.code == ErrorCode::MISSING_CHUNKS && summary.parent.is_some() =>
+        {
+            // The parent's chunks were collected meanwhile: read everything again.
+            tracing::warn!(
+                missing = e.missing_ids().len(),
+                "chunks of the parent snapshot are gone from the server; reading every file again"
+            );
+            let mut o = opts.clone();
+            o.force = true;
+            return backup(conn, key, paths, &o, progress);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    summary.snapshot = id;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,303 @@
+//! Restoring a snapshot (or a part of it) into a directory: every chunk is decrypted
+//! and checked against its id before a byte of it is written, files are written under
+//! a temporary name and renamed into place only when complete, runs of zeros become
+//! holes, and modes, modification times and symlinks are put back. An existing file is
+//! never replaced unless the caller asks.
+
+use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cyberbackup_protocol::v4::format::{Entry, EntryKind, FormatError, RepoKey};
+use cyberbackup_protocol::v4::wire::{Answer, ChunkId, Request};
+
+use super::conn::{ConnError, Connection, Pending};
+use super::snapshots::Tree;
+
+/// Restore errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("{path}: chunk {index} failed verification: {source}")]
+    Chunk {
+        path: String,
+        index: usize,
+        #[source]
+        source: FormatError,
+    },
+    #[error("{path}: the server has no chunk {index} of this file ({detail})")]
+    MissingChunk {
+        path: String,
+        index: usize,
+        detail: String,
+    },
+    #[error("{path}: the chunks hold {got} bytes, the snapshot says {want}")]
+    Size { path: String, got: u64, want: u64 },
+    #[error("{0} already exists (use --overwrite to replace what is there)")]
+    Exists(PathBuf),
+    #[error("nothing in the snapshot matches {0:?}")]
+    NoMatch(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Restore settings.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Replace files that exist in the target.
+    pub overwrite: bool,
+    /// Only this path of the snapshot (and what is under it).
+    pub include: Option<String>,
+}
+
+/// Progress, updated as the restore goes.
+#[derive(Debug, Default)]
+pub struct RestoreProgress {
+    pub files_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreSummary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+}
+
+/// Chunks fetched ahead of the one being written.
+const AHEAD: usize = 32;
+
+fn in_scope(e: &Entry, include: &Option<String>) -> bool {
+    match include {
+        None => true,
+        Some(p) => {
+            let p = p.trim_matches('/').as_bytes();
+            p.is_empty()
+                || e.path == p
+                || (e.path.starts_with(p) && e.path.get(p.len()) == Some(&b'/'))
+        }
+    }
+}
+
+/// Restores `tree` into `target`.
+pub fn restore(
+    conn: &Connection,
+    key: &RepoKey,
+    tree: &Tree,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &RestoreProgress,
+) -> Result<RestoreSummary, RestoreError> {
+    let entries: Vec<&Entry> = tree
+        .entries
+        .iter()
+        .filter(|e| in_scope(e, &opts.include))
+        .collect();
+    if entries.is_empty() {
+        return Err(RestoreError::NoMatch(
+            opts.include.clone().unwrap_or_default(),
+        ));
+    }
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RestoreError::Io { path, source }
+    };
+    fs::create_dir_all(target).map_err(io(target))?;
+    // Refuse before writing anything if a file or link would be replaced.
+    if !opts.overwrite {
+        for e in &entries {
+            let dest = target.join(OsStr::from_bytes(&e.path));
+            if !matches!(e.kind, EntryKind::Dir) && fs::symlink_metadata(&dest).is_ok() {
+                return Err(RestoreError::Exists(dest));
+            }
+        }
+    }
+    for e in &entries {
+        if let EntryKind::File { .. } = e.kind {
+            progress.files_total.fetch_add(1, Ordering::Relaxed);
+            progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
+        }
+    }
+    let mut summary = RestoreSummary::default();
+    let mut dirs: Vec<(&Entry, PathBuf)> = Vec::new();
+    for e in &entries {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(RestoreError::Cancelled);
+        }
+        let dest = target.join(OsStr::from_bytes(&e.path));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        match &e.kind {
+            EntryKind::Dir => {
+                match fs::create_dir(&dest) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(io(&dest)(err)),
+                }
+                // Writable while its contents are restored; its mode is set at the end.
+                let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(0o700));
+                dirs.push((e, dest));
+                summary.dirs += 1;
+            }
+            EntryKind::Symlink { target: t } => {
+                if opts.overwrite {
+                    let _ = fs::remove_file(&dest);
+                }
+                std::os::unix::fs::symlink(OsStr::from_bytes(t), &dest).map_err(io(&dest))?;
+                set_mtime(&dest, e.mtime_ns, false).map_err(io(&dest))?;
+                summary.symlinks += 1;
+            }
+            EntryKind::File { chunks } => {
+                restore_file(conn, key, e, chunks, &dest, progress)?;
+                summary.files += 1;
+                summary.bytes += e.size;
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    // Directories last, deepest first, so setting a mode or time is not undone by
+    // writing inside.
+    for (e, dest) in dirs.into_iter().rev() {
+        fs::set_permissions(&dest, fs::Permissions::from_mode(e.mode)).map_err(io(&dest))?;
+        set_mtime(&dest, e.mtime_ns, true).map_err(io(&dest))?;
+    }
+    Ok(summary)
+}
+
+fn restore_file(
+    conn: &Connection,
+    key: &RepoKey,
+    e: &Entry,
+    chunks: &[ChunkId],
+    dest: &Path,
+    progress: &RestoreProgress,
+) -> Result<(), RestoreError> {
+    let name = String::from_utf8_lossy(&e.path).into_owned();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RestoreError::Io { path, source }
+    };
+    let tmp = tmp_name(dest);
+    let mut f: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    let result = (|| {
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut next = 0;
+        let mut written = 0u64;
+        let mut hole = false;
+        for (index, id) in chunks.iter().enumerate() {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err(RestoreError::Cancelled);
+            }
+            while next < chunks.len() && pending.len() < AHEAD {
+                pending.push_back(conn.submit(&Request::GetChunk(chunks[next]))?);
+                next += 1;
+            }
+            let blob = match pending.pop_front().map(Pending::wait) {
+                Some(Ok(Answer::Chunk(b))) => b,
+                Some(Ok(_)) => return Err(ConnError::UnexpectedAnswer("GET_CHUNK").into()),
+                Some(Err(ConnError::Server(a))) => {
+                    return Err(RestoreError::MissingChunk {
+                        path: name.clone(),
+                        index,
+                        detail: a.to_string(),
+                    })
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(ConnError::Closed.into()),
+            };
+            let plain = key
+                .open_chunk(id, &blob)
+                .map_err(|source| RestoreError::Chunk {
+                    path: name.clone(),
+                    index,
+                    source,
+                })?;
+            if plain.iter().all(|b| *b == 0) {
+                f.seek(SeekFrom::Current(plain.len() as i64))
+                    .map_err(io(&tmp))?;
+                hole = true;
+            } else {
+                f.write_all(&plain).map_err(io(&tmp))?;
+                hole = false;
+            }
+            written += plain.len() as u64;
+            progress
+                .bytes_done
+                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+        }
+        if written != e.size {
+            return Err(RestoreError::Size {
+                path: name.clone(),
+                got: written,
+                want: e.size,
+            });
+        }
+        if hole || written == 0 {
+            f.set_len(written).map_err(io(&tmp))?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(e.mode))
+            .map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        Ok(())
+    })();
+    drop(f);
+    if let Err(err) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(err);
+    }
+    set_mtime(&tmp, e.mtime_ns, true).map_err(io(&tmp))?;
+    fs::rename(&tmp, dest).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        RestoreError::Io {
+            path: dest.to_owned(),
+            source,
+        }
+    })?;
+    Ok(())
+}
+
+fn tmp_name(dest: &Path) -> PathBuf {
+    let mut n = std::ffi::OsString::from(".");
+    n.push(dest.file_name().unwrap_or_default());
+    n.push(format!(".cyberbackup-{}.tmp", std::process::id()));
+    dest.with_file_name(n)
+}
+
+/// Sets a path's modification time (access time too), following a symlink or not.
+fn set_mtime(path: &Path, mtime_ns: i64, follow: bool) -> std::io::Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let ts = TimeSpec::new(
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000),
+    );
+    let flag = if follow {
+        UtimensatFlags::FollowSymlink
+    } else {
+        UtimensatFlags::NoFollowSymlink
+    };
+    utimensat(None, path, &ts, &ts, flag).map_err(std::io::Error::from)
+}
