@@ -299,11 +299,55 @@ enum Waiting<P> {
     Commit,
 }
 
-struct ClientState {
-    id: ClientId,
-    name: String,
-    registered_here: bool,
-    key: Option<crypto::DecryptionKey>,
+/// Who the peer is on this connection. A session key exists only once a client is
+/// known, and a client without one can only be one that registered here.
+// Inline, as the key schedules were in the `Option<ClientState>` this replaces.
+#[allow(clippy::large_enum_variant)]
+enum Peer {
+    /// No client yet (nothing registered or keyed on this connection).
+    Anonymous,
+    /// REGISTER succeeded on this connection; no session key yet.
+    Registered { id: ClientId, name: String },
+    /// A session key went out (SEND_PUBLIC_KEY or RECONNECT): files may follow.
+    Keyed {
+        id: ClientId,
+        name: String,
+        /// The client registered on this connection.
+        registered_here: bool,
+        key: crypto::DecryptionKey,
+    },
+}
+
+impl Peer {
+    /// The client's id and name, if there is a client.
+    fn client(&self) -> Option<(ClientId, &str)> {
+        match self {
+            Peer::Anonymous => None,
+            Peer::Registered { id, name } | Peer::Keyed { id, name, .. } => Some((*id, name)),
+        }
+    }
+    fn id(&self) -> Option<ClientId> {
+        self.client().map(|(id, _)| id)
+    }
+    /// Whether `id` registered on this connection.
+    fn registered_here(&self, id: &ClientId) -> bool {
+        match self {
+            Peer::Anonymous => false,
+            Peer::Registered { id: i, .. } => i == id,
+            Peer::Keyed {
+                id: i,
+                registered_here,
+                ..
+            } => *registered_here && i == id,
+        }
+    }
+    /// The session key, once one was issued.
+    fn key(&self) -> Option<&crypto::DecryptionKey> {
+        match self {
+            Peer::Keyed { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// A validated packet about to stream in.
@@ -406,6 +450,69 @@ struct Verdict<S> {
     cksum: u32,
 }
 
+/// Where the connection's file stands: a file is streaming in or waiting for its
+/// verdict, never both, and the session holds at most one sink.
+// Inline like the `Option<Transfer>` it replaces: the session lives as long as its
+// connection, and a box would cost an allocation per file for no saving.
+#[allow(clippy::large_enum_variant)]
+enum FilePhase<S> {
+    /// No file (also while OpenFile or Commit is outstanding: the sink is not ours then).
+    None,
+    /// Packets are arriving.
+    Receiving(Transfer<S>),
+    /// All packets are in and checked, 1603 went out: the client's CRC_* decides.
+    Received(Verdict<S>),
+}
+
+impl<S> FilePhase<S> {
+    fn transfer(&self) -> Option<&Transfer<S>> {
+        match self {
+            FilePhase::Receiving(t) => Some(t),
+            _ => None,
+        }
+    }
+    fn transfer_mut(&mut self) -> Option<&mut Transfer<S>> {
+        match self {
+            FilePhase::Receiving(t) => Some(t),
+            _ => None,
+        }
+    }
+    fn verdict(&self) -> Option<&Verdict<S>> {
+        match self {
+            FilePhase::Received(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// The transfer, if a file is streaming in; a verdict stays where it is.
+    fn take_transfer(&mut self) -> Option<Transfer<S>> {
+        match std::mem::replace(self, FilePhase::None) {
+            FilePhase::Receiving(t) => Some(t),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+    /// The verdict, if a file waits for one; a transfer stays where it is.
+    fn take_verdict(&mut self) -> Option<Verdict<S>> {
+        match std::mem::replace(self, FilePhase::None) {
+            FilePhase::Received(v) => Some(v),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+    /// The sink of whatever file there is, leaving none.
+    fn take_sink(&mut self) -> Option<S> {
+        match std::mem::replace(self, FilePhase::None) {
+            FilePhase::None => None,
+            FilePhase::Receiving(t) => Some(t.sink),
+            FilePhase::Received(v) => Some(v.sink),
+        }
+    }
+}
+
 /// Why a request was refused; logged, never sent (v3 errors carry no reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -443,9 +550,8 @@ pub struct ServerSession<S, R, K: KeyExchange = RsaOaep> {
     inbuf: [u8; REQUEST_HEADER_LEN + SEND_PUBLIC_KEY_LEN],
     inlen: usize,
     read: Read,
-    client: Option<ClientState>,
-    transfer: Option<Transfer<S>>,
-    verdict: Option<Verdict<S>>,
+    peer: Peer,
+    file: FilePhase<S>,
     waiting: Option<Waiting<K::PublicKey>>,
     ops: Vec<Op<S>>,
     out: Vec<u8>,
@@ -486,9 +592,8 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             inbuf: [0; REQUEST_HEADER_LEN + SEND_PUBLIC_KEY_LEN],
             inlen: 0,
             read: Read::Header,
-            client: None,
-            transfer: None,
-            verdict: None,
+            peer: Peer::Anonymous,
+            file: FilePhase::None,
             waiting: None,
             ops: Vec::new(),
             out: Vec::with_capacity(512),
@@ -539,8 +644,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     pub fn is_idle(&self) -> bool {
         matches!(self.read, Read::Header)
             && self.inlen == 0
-            && self.transfer.is_none()
-            && self.verdict.is_none()
+            && matches!(self.file, FilePhase::None)
             && self.waiting.is_none()
             && self.ops.is_empty()
     }
@@ -561,7 +665,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
 
     /// The id the client authenticated as on this connection, if any.
     pub fn client_id(&self) -> Option<ClientId> {
-        self.client.as_ref().map(|c| c.id)
+        self.peer.id()
     }
 
     /// Why the last request was refused (for logs).
@@ -580,14 +684,14 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     /// the fuzz targets check that no input makes it grow further.
     pub fn held_bytes(&self) -> usize {
         let names = |t: &str| t.len();
-        let transfer = self.transfer.as_ref().map_or(0, |t| {
+        let transfer = self.file.transfer().map_or(0, |t| {
             names(&t.file_name)
                 + t.received.capacity() * std::mem::size_of::<u64>()
                 + t.boundary.capacity() * BLOCK
                 + t.scratch.capacity()
         });
-        let verdict = self.verdict.as_ref().map_or(0, |v| names(&v.file_name));
-        let client = self.client.as_ref().map_or(0, |c| names(&c.name));
+        let verdict = self.file.verdict().map_or(0, |v| names(&v.file_name));
+        let client = self.peer.client().map_or(0, |(_, name)| names(name));
         self.out.capacity()
             + self.ops.capacity() * std::mem::size_of::<Op<S>>()
             + transfer
@@ -608,11 +712,8 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     pub fn abort(&mut self) -> Vec<S> {
         self.closing = true;
         let mut v = Vec::new();
-        if let Some(t) = self.transfer.take() {
-            v.push(t.sink);
-        }
-        if let Some(vd) = self.verdict.take() {
-            v.push(vd.sink);
+        if let Some(sink) = self.file.take_sink() {
+            v.push(sink);
         }
         for op in self.ops.drain(..) {
             match op {
@@ -696,12 +797,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                     // A file in flight belongs to the identity it was sent under.
                     self.drop_transfer();
                     self.drop_verdict();
-                    self.client = Some(ClientState {
-                        id,
-                        name,
-                        registered_here: true,
-                        key: None,
-                    });
+                    self.peer = Peer::Registered { id, name };
                     self.respond(Response::RegisterOk { client_id: id });
                 } else {
                     tracing::info!(name = %name, "register refused: name taken");
@@ -747,7 +843,11 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                         return;
                     }
                     let words = (plan.total as usize).div_ceil(64);
-                    self.transfer = Some(Transfer {
+                    debug_assert!(
+                        matches!(self.file, FilePhase::None),
+                        "packet 1 dropped any earlier file"
+                    );
+                    self.file = FilePhase::Receiving(Transfer {
                         file_name,
                         orig: plan.orig,
                         cipher_total: plan.cipher_total,
@@ -779,11 +879,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                 match r {
                     Ok(()) => {
                         self.stats.files_committed += 1;
-                        let (id, name) = self
-                            .client
-                            .as_ref()
-                            .map(|c| (c.id, c.name.as_str()))
-                            .unwrap_or_default();
+                        let (id, name) = self.peer.client().unwrap_or_default();
                         tracing::debug!(client = name, "file committed");
                         self.respond(Response::Ack { client_id: id });
                     }
@@ -859,9 +955,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn authenticated(&self, id: &ClientId) -> bool {
-        self.client
-            .as_ref()
-            .is_some_and(|c| c.key.is_some() && c.id == *id)
+        matches!(&self.peer, Peer::Keyed { id: i, .. } if i == id)
     }
 
     fn on_header(&mut self, now: Instant) {
@@ -955,10 +1049,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                         return self.refuse_close(Refusal::BadPublicKey);
                     }
                 };
-                let registered_here = self
-                    .client
-                    .as_ref()
-                    .is_some_and(|c| c.registered_here && c.id == hdr.client_id);
+                let registered_here = self.peer.registered_here(&hdr.client_id);
                 self.ops.push(Op::StorePublicKey {
                     client_id: hdr.client_id,
                     name: name.clone(),
@@ -1042,23 +1133,20 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
         let aes_key = zeroize::Zeroizing::new(self.keys.session_key(&mut self.rng));
         match self.keys.encrypt_session_key(key, &mut self.rng, &aes_key) {
             Ok(encrypted_key) => {
-                let registered_here = self
-                    .client
-                    .as_ref()
-                    .is_some_and(|c| c.registered_here && c.id == id);
+                let registered_here = self.peer.registered_here(&id);
                 tracing::info!(client = %crate::common::client_id_hex(&id), name = %name, reconnect, "session key issued");
-                if self.client.as_ref().is_some_and(|c| c.id != id) {
+                if self.peer.id().is_some_and(|i| i != id) {
                     // A file in flight belongs to the identity it was sent under: it
                     // must never be committed into another client's directory.
                     self.drop_transfer();
                     self.drop_verdict();
                 }
-                self.client = Some(ClientState {
+                self.peer = Peer::Keyed {
                     id,
                     name,
                     registered_here,
-                    key: Some(crypto::decryption_key(&aes_key)),
-                });
+                    key: crypto::decryption_key(&aes_key),
+                };
                 self.respond(if reconnect {
                     Response::ReconnectOk {
                         client_id: id,
@@ -1079,26 +1167,28 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn drop_transfer(&mut self) {
-        if let Some(t) = self.transfer.take() {
+        if let Some(t) = self.file.take_transfer() {
             self.ops.push(Op::Discard { sink: t.sink });
         }
     }
 
     fn drop_verdict(&mut self) {
-        if let Some(v) = self.verdict.take() {
+        if let Some(v) = self.file.take_verdict() {
             self.ops.push(Op::Discard { sink: v.sink });
         }
     }
 
     fn on_crc(&mut self, now: Instant, code: RequestCode, name: Option<String>) {
-        let id = self.client.as_ref().map(|c| c.id).unwrap_or_default();
+        let id = self.peer.id().unwrap_or_default();
         let matches_verdict =
-            name.is_some() && self.verdict.as_ref().map(|v| &v.file_name) == name.as_ref();
+            name.is_some() && self.file.verdict().map(|v| &v.file_name) == name.as_ref();
         let matches_transfer =
-            name.is_some() && self.transfer.as_ref().map(|t| &t.file_name) == name.as_ref();
+            name.is_some() && self.file.transfer().map(|t| &t.file_name) == name.as_ref();
         match code {
             RequestCode::CrcOk if matches_verdict => {
-                let Some(v) = self.verdict.take() else { return };
+                let Some(v) = self.file.take_verdict() else {
+                    return;
+                };
                 self.ops.push(Op::Commit {
                     client_id: id,
                     file_name: v.file_name,
@@ -1162,7 +1252,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
                 self.refuse(Refusal::BadPacket);
                 return self.skip(now, len);
             }
-            let id = self.client.as_ref().map(|c| c.id).unwrap_or_default();
+            let id = self.peer.id().unwrap_or_default();
             self.ops.push(Op::OpenFile {
                 client_id: id,
                 file_name: file_name.to_owned(),
@@ -1179,7 +1269,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             self.waiting = Some(Waiting::Open(plan, file_name.to_owned()));
             return;
         }
-        let plan = self.transfer.as_ref().and_then(|t| {
+        let plan = self.file.transfer().and_then(|t| {
             if t.file_name != file_name
                 || t.orig != orig
                 || t.total != total
@@ -1226,10 +1316,10 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn start_packet(&mut self, now: Instant, plan: &PacketPlan) {
-        let Some(t) = self.transfer.as_mut() else {
+        let Some(t) = self.file.transfer_mut() else {
             return self.skip(now, plan.len);
         };
-        let Some(key) = self.client.as_ref().and_then(|c| c.key.as_ref()) else {
+        let Some(key) = self.peer.key() else {
             return self.refuse_close(Refusal::UnknownClient);
         };
         let k = plan.number;
@@ -1265,7 +1355,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     /// checksums it when it extends the in-order prefix, and writes it to the sink.
     fn on_content(&mut self, mut data: &[u8]) {
         self.stats.content_bytes += data.len() as u64;
-        let Some(t) = self.transfer.as_mut() else {
+        let Some(t) = self.file.transfer_mut() else {
             return;
         };
         let Some(c) = t.cursor.as_mut() else { return };
@@ -1335,7 +1425,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn on_packet_end(&mut self, now: Instant) {
-        let Some(t) = self.transfer.as_mut() else {
+        let Some(t) = self.file.transfer_mut() else {
             return self.next_request(now);
         };
         let Some(c) = t.cursor.take() else {
@@ -1401,7 +1491,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
     }
 
     fn finish_file(&mut self, now: Instant) {
-        let Some(mut t) = self.transfer.take() else {
+        let Some(mut t) = self.file.take_transfer() else {
             return;
         };
         let mut last = [0u8; BLOCK];
@@ -1425,7 +1515,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             return self.next_request(now);
         }
         let cksum = t.crc.finalize();
-        let id = self.client.as_ref().map(|c| c.id).unwrap_or_default();
+        let id = self.peer.id().unwrap_or_default();
         self.stats.files_received += 1;
         tracing::debug!(file = %t.file_name, size = t.orig, cksum, "file received");
         self.respond(Response::FileReceived(FileReceived {
@@ -1434,7 +1524,7 @@ impl<S: FileSink, R: CryptoRngCore, K: KeyExchange> ServerSession<S, R, K> {
             file_name: t.file_name.clone(),
             cksum,
         }));
-        self.verdict = Some(Verdict {
+        self.file = FilePhase::Received(Verdict {
             file_name: t.file_name,
             sink: t.sink,
             orig: t.orig,
