@@ -28,6 +28,22 @@ pub enum RuntimeKind {
     Mio,
 }
 
+/// Administrative commands on the v4 repository.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Admin {
+    /// Re-read every stored chunk and snapshot body and compare it with the hash
+    /// recorded at ingest; damaged chunks are reported and dropped from the index, so
+    /// the next backup that has them sends them again. Exit code 3 when damage is found.
+    Scrub,
+    /// Delete the chunks no snapshot references (and not asked about or stored within
+    /// the grace period), and blobs that no record names.
+    Gc {
+        /// Hours a chunk must be untouched before it may go.
+        #[arg(long, default_value_t = 24)]
+        grace_hours: u64,
+    },
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +63,12 @@ pub enum LogFormat {
 #[command(name = "cyberbackup-server", version, about, long_about)]
 #[serde(deny_unknown_fields, default)]
 pub struct Args {
+    /// An administrative command instead of serving (run it while the server is
+    /// stopped: it opens the same repository).
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub admin: Option<Admin>,
+
     /// TOML configuration file.
     #[arg(long, env = "CYBERBACKUP_CONFIG")]
     #[serde(skip)]

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags, environment, TOML file and port.info, checked into a `Config`.
+//! - [`admin`]: the administrative commands (scrub, gc) on the v4 repository.
 //! - [`conn`]: the connection driver both runtimes share (buffer, session, next step).
 //! - [`glommio_rt`]: the io_uring runtime, one executor and SO_REUSEPORT listener per
 //!   shard; it only moves bytes between sockets and the protocol session.
@@ -20,6 +21,7 @@
 //! The protocol itself (codecs, crypto, the per-connection state machine) lives in the
 //! `cyberbackup-protocol` crate.
 
+pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod glommio_rt;

@@ -8,14 +8,18 @@ use cyberbackup_server::config::{Args, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("cyberbackup-server: error: {e:#}");
-        std::process::exit(1);
+    match real_main() {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("cyberbackup-server: error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn real_main() -> Result<()> {
-    let args = Args::parse();
+fn real_main() -> Result<i32> {
+    let mut args = Args::parse();
+    let admin = args.admin.take();
     let cwd = std::env::current_dir()?;
     let cfg = args.resolve(&cwd)?;
     let filter = EnvFilter::try_new(&cfg.log)
@@ -37,5 +41,8 @@ fn real_main() -> Result<()> {
             .with_current_span(true)
             .init(),
     }
-    cyberbackup_server::run(cfg)
+    match admin {
+        Some(a) => cyberbackup_server::admin::run(a, &cfg),
+        None => cyberbackup_server::run(cfg).map(|()| 0),
+    }
 }

@@ -1,0 +1,68 @@
+//! Administrative commands on the v4 repository (`cyberbackup-server scrub`, `gc`),
+//! run while the server is stopped: the repository's lock file keeps a running server
+//! and a command from opening it at once.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::config::{Admin, Config};
+use crate::repo::gc::Scope;
+use crate::repo::{Repo, RepoError};
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs `cmd`; returns the process exit code.
+pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
+    let repo = match Repo::open_local(&cfg.repository) {
+        Ok(r) => r,
+        Err(RepoError::Locked { path }) => anyhow::bail!(
+            "{} is in use: stop the server first (scrub and gc run on a stopped server)",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))
+        }
+    };
+    match cmd {
+        Admin::Scrub => {
+            let r = repo.scrub(Scope::All).context("scrubbing")?;
+            for (a, id) in &r.damaged {
+                println!("damaged chunk: account {a} chunk {}", hex(id));
+            }
+            for (a, id) in &r.missing {
+                println!("missing chunk: account {a} chunk {}", hex(id));
+            }
+            for (a, id) in &r.damaged_bodies {
+                println!("damaged snapshot: account {a} snapshot {}", hex(id));
+            }
+            println!(
+                "scrub: {} accounts, {} chunks ({} bytes) and {} snapshot bodies checked; {} damaged, {} missing, {} bad snapshot bodies",
+                r.accounts,
+                r.chunks_checked,
+                r.bytes_checked,
+                r.bodies_checked,
+                r.damaged.len(),
+                r.missing.len(),
+                r.damaged_bodies.len()
+            );
+            let bad =
+                !r.damaged.is_empty() || !r.missing.is_empty() || !r.damaged_bodies.is_empty();
+            Ok(if bad { 3 } else { 0 })
+        }
+        Admin::Gc { grace_hours } => {
+            let now = crate::repo::now_unix_ms();
+            let r = repo
+                .collect_garbage(Scope::All, Duration::from_secs(grace_hours * 3600), now)
+                .context("collecting garbage")?;
+            println!(
+                "gc: {} accounts; {} unreferenced chunks deleted ({} bytes freed); {} orphan chunk blobs and {} orphan snapshot bodies removed",
+                r.accounts, r.chunks_deleted, r.bytes_freed, r.orphan_chunk_blobs, r.orphan_bodies
+            );
+            Ok(0)
+        }
+    }
+}
