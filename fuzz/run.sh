@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 secs=${1:-60}
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(request_header request_payload session)
+[ ${#targets[@]} -gt 0 ] || targets=(request_header request_payload session v4_frames v4_session)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked

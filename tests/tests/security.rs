@@ -54,7 +54,20 @@ fn assert_only_expected_files(srv: &Server, allowed: &[(ClientId, Vec<String>)])
             .map(|p| p.to_str().expect("UTF-8 path").to_owned())
             .collect();
         let ok = match parts.as_slice() {
-            [f] => f == "server.log" || f.starts_with("defensive.db") || f == "received_files",
+            [f] => {
+                f == "server.log"
+                    || f.starts_with("defensive.db")
+                    || f == "received_files"
+                    || f == "repository"
+            }
+            // The v4 repository is made at start (key, registry, empty blob store);
+            // v3 traffic must put nothing in its blob store.
+            [r, ..] if r == "repository" => {
+                !(parts.len() >= 3
+                    && parts[1] == "blobs"
+                    && parts[2] != "tmp"
+                    && parts[2] != "LOCK")
+            }
             [r, inc] if r == "received_files" && inc == ".incoming" => true,
             [r, inc, run] if r == "received_files" && inc == ".incoming" && run == "RUNNING" => {
                 srv.dir.join(&rel).is_file()

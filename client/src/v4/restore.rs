@@ -235,7 +235,7 @@ fn restore_file(
                     index,
                     source,
                 })?;
-            if plain.iter().all(|b| *b == 0) {
+            if is_zero(&plain) {
                 f.seek(SeekFrom::Current(plain.len() as i64))
                     .map_err(io(&tmp))?;
                 hole = true;
@@ -277,6 +277,12 @@ fn restore_file(
         }
     })?;
     Ok(())
+}
+
+/// Whether a chunk is all zeros (then it becomes a hole).
+fn is_zero(b: &[u8]) -> bool {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {

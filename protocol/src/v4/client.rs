@@ -208,6 +208,18 @@ impl ClientSession {
         Ok(id)
     }
 
+    /// Seals arbitrary plaintext into records (fuzzing only: a stream that need not
+    /// be frames).
+    #[doc(hidden)]
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn send_plain(&mut self, plain: &[u8]) -> Result<(), ClientError> {
+        let Phase::Ready(transport) = &mut self.phase else {
+            return Err(ClientError::State("not logged in"));
+        };
+        transport.seal(plain, &mut self.out)?;
+        Ok(())
+    }
+
     /// Takes bytes from the socket (all of them).
     pub fn handle_input(&mut self, input: &[u8]) -> Result<(), ClientError> {
         self.messages.push(input);

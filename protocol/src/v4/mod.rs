@@ -13,6 +13,9 @@
 
 pub mod client;
 pub mod format;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod noise;
 pub mod server;
 pub mod wire;

@@ -1,0 +1,591 @@
+//! Protocol v4 end to end: the real server (both runtimes) and the real `cyberbackup`
+//! CLI over 127.0.0.1, with real files: a tree backed up and restored byte for byte
+//! with modes, times and links; versions; no plaintext on the server; accounts kept
+//! apart whatever ids a client sends; a server killed mid-backup; a tampered chunk.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+use cyberbackup_client::v4::conn::{ConnError, ConnectOptions, Connection};
+use cyberbackup_client::v4::profile::Profile;
+use cyberbackup_client::v4::{self, snapshots};
+use cyberbackup_e2e::*;
+use cyberbackup_protocol::v4::format::EntryKind;
+use cyberbackup_protocol::v4::wire::{Answer, ErrorCode, Request, SnapshotHeader};
+
+const MARKER: &str = "CYBERBACKUP-PLAINTEXT-MARKER-5f1d0c";
+const PASS: &str = "correct horse battery staple";
+
+/// A v4 user: a config directory and the CLI.
+struct User {
+    cfg: tempfile::TempDir,
+}
+
+impl User {
+    fn new() -> User {
+        User {
+            cfg: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(client_binary())
+            .env("CYBERBACKUP_CONFIG_DIR", self.cfg.path())
+            .env("CYBERBACKUP_PASSWORD", PASS)
+            .env("CYBERBACKUP_KDF", "test")
+            .env_remove("CYBERBACKUP_SERVER")
+            .env_remove("CYBERBACKUP_PROTOCOL")
+            .args(args)
+            .output()
+            .expect("run cyberbackup")
+    }
+
+    /// Runs the CLI and requires success; returns standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "cyberbackup {args:?} failed ({:?}):\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn init(&self, srv: &Server, account: &str) {
+        self.ok(&["init", "-s", &srv.addr.to_string(), "-a", account]);
+    }
+
+    /// `backup --json`: the snapshot summary.
+    fn backup(&self, paths: &[&Path], extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--json", "backup"];
+        let ps: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        args.extend(ps.iter().map(String::as_str));
+        args.extend(extra);
+        let out = self.ok(&args);
+        serde_json::from_str(out.lines().last().unwrap_or("")).expect("backup --json")
+    }
+
+    fn profile(&self) -> Profile {
+        Profile::new(self.cfg.path())
+    }
+}
+
+/// What a tree holds, by relative path: type, mode, mtime (ns), content hash or
+/// link target, size.
+fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_owned();
+            let mode = md.mode() & 0o7777;
+            let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+            let what = if md.file_type().is_symlink() {
+                format!("link -> {}", fs::read_link(&p).unwrap().display())
+            } else if md.is_dir() {
+                stack.push(p.clone());
+                format!("dir {mode:o} {mtime}")
+            } else {
+                format!("file {mode:o} {mtime} {} {}", md.len(), digest(&p))
+            };
+            out.insert(rel, what);
+        }
+    }
+    out
+}
+
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// A cheap content digest that reads the file in 1 MiB blocks (FNV over words; a
+/// block of zeros counts once, compared with memcmp so that a debug build is quick).
+fn digest(p: &Path) -> String {
+    let mut f = fs::File::open(p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut zero_blocks = 0u64;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if buf[..n] == ZEROS[..n] {
+            zero_blocks += 1;
+            h = (h ^ n as u64).wrapping_mul(0x100000001b3);
+            continue;
+        }
+        for chunk in buf[..n].chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}/{zero_blocks}")
+}
+
+fn set_mtime(p: &Path, secs: u64, nanos: u32) {
+    let t = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+    let f = fs::File::options()
+        .write(true)
+        .open(p)
+        .or_else(|_| fs::File::open(p))
+        .unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+/// The test tree under `root/tree`.
+fn make_tree(root: &Path, big_sparse: bool) -> PathBuf {
+    let t = root.join("tree");
+    fs::create_dir_all(t.join("a/b/c")).unwrap();
+    fs::create_dir_all(t.join("x")).unwrap();
+    fs::create_dir_all(t.join("y")).unwrap();
+    fs::create_dir_all(t.join("empty dir")).unwrap();
+    fs::write(t.join("x/notes.txt"), format!("x notes {MARKER}")).unwrap();
+    fs::write(t.join("y/notes.txt"), format!("y notes, other {MARKER}")).unwrap();
+    fs::write(t.join("a/b/c/deep.bin"), data(3 << 20, 1)).unwrap();
+    fs::write(t.join("a/empty"), b"").unwrap();
+    fs::write(t.join("a/b/ünïcode näme.txt"), MARKER.repeat(1000)).unwrap();
+    fs::write(t.join("setuid"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(t.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::write(t.join("x/private"), b"secret").unwrap();
+    fs::set_permissions(t.join("x/private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(t.join("x/none"), b"nobody may read").unwrap();
+    fs::set_permissions(t.join("x/none"), fs::Permissions::from_mode(0o000)).unwrap();
+    std::os::unix::fs::symlink("../x/notes.txt", t.join("a/link")).unwrap();
+    std::os::unix::fs::symlink("/nowhere/at/all", t.join("dangling")).unwrap();
+    if big_sparse {
+        // Over 4 GiB, almost all a hole, with data past the 4 GiB mark.
+        let mut f = fs::File::create(t.join("sparse.img")).unwrap();
+        f.set_len((4 << 30) + (512 << 20)).unwrap();
+        f.seek(SeekFrom::Start((4 << 30) + 12345)).unwrap();
+        f.write_all(format!("past 4 GiB {MARKER}").as_bytes())
+            .unwrap();
+    }
+    for (i, p) in ["x/notes.txt", "a/b/c/deep.bin", "a/empty", "setuid"]
+        .iter()
+        .enumerate()
+    {
+        set_mtime(&t.join(p), 1_600_000_000 + i as u64, 123_456_789);
+    }
+    fs::set_permissions(t.join("a/b"), fs::Permissions::from_mode(0o751)).unwrap();
+    t
+}
+
+/// Every file under `dir` holds no `needle`.
+fn assert_nowhere(dir: &Path, needle: &[u8]) {
+    let mut stack = vec![dir.to_owned()];
+    let mut files = 0;
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() {
+                files += 1;
+                let b = fs::read(&p).unwrap();
+                assert!(
+                    !b.windows(needle.len()).any(|w| w == needle),
+                    "plaintext found in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(files > 3, "the server stored files");
+}
+
+fn tree_round_trip(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path(), true);
+    let u = User::new();
+    u.init(&srv, &unique_name("tree"));
+    let s = u.backup(&[&tree], &["--tag", "first"]);
+    assert_eq!(s["files"], 9, "{s}");
+    assert!(s["size"].as_u64().unwrap() > 4 << 30);
+    // The zeros of the sparse file are one chunk, sent once.
+    assert!(s["bytes_sent"].as_u64().unwrap() < 64 << 20, "{s}");
+    let out = work.path().join("restored");
+    u.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    let rel = tree.strip_prefix("/").unwrap();
+    let restored = out.join(rel);
+    assert_eq!(describe(&tree), describe(&restored));
+    // The hole stays a hole.
+    let md = fs::metadata(restored.join("sparse.img")).unwrap();
+    assert!(md.blocks() * 512 < 64 << 20, "{} blocks", md.blocks());
+    // Restoring again over the same target is refused, naming a file.
+    let again = u.cli(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(9));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // A sub-path alone.
+    let part = work.path().join("part");
+    let sub = format!("{}/x", rel.display());
+    u.ok(&[
+        "restore",
+        "latest",
+        &sub,
+        "--target",
+        part.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        describe(&tree.join("x")),
+        describe(&part.join(rel).join("x"))
+    );
+    assert!(!part.join(rel).join("a").exists());
+    // No plaintext anywhere in the server's directory.
+    assert_nowhere(&srv.dir, MARKER.as_bytes());
+    // `ls` shows the tree with the symlink's target.
+    let ls = u.ok(&["ls", "latest"]);
+    assert!(ls.contains("a/link -> ../x/notes.txt"), "{ls}");
+}
+
+fn versions_and_an_unchanged_backup(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path(), false);
+    let u = User::new();
+    u.init(&srv, &unique_name("ver"));
+    let first = u.backup(&[&tree], &[]);
+    fs::write(tree.join("x/notes.txt"), b"changed on tuesday").unwrap();
+    let second = u.backup(&[&tree], &[]);
+    assert_eq!(second["files"], 8, "{second}");
+    assert_eq!(second["files_unchanged"], 7, "{second}");
+    let third = u.backup(&[&tree], &[]);
+    // Unchanged: nothing read, one small manifest at most.
+    assert_eq!(third["files_unchanged"], 8, "{third}");
+    assert_eq!(third["chunks_sent"], 0, "{third}");
+    assert_eq!(third["bytes_sent"], 0, "{third}");
+    let list = u.ok(&["--json", "snapshots"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let rel = tree.strip_prefix("/").unwrap();
+    let old = work.path().join("old");
+    let id = first["id"].as_str().unwrap();
+    u.ok(&["restore", &id[..12], "--target", old.to_str().unwrap()]);
+    assert_eq!(
+        fs::read_to_string(old.join(rel).join("x/notes.txt")).unwrap(),
+        format!("x notes {MARKER}")
+    );
+    let new = work.path().join("new");
+    u.ok(&["restore", "latest", "--target", new.to_str().unwrap()]);
+    assert_eq!(
+        fs::read(new.join(rel).join("x/notes.txt")).unwrap(),
+        b"changed on tuesday"
+    );
+    // Forget the first: it is gone from the list, the others restore.
+    u.ok(&["forget", &id[..12]]);
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let gone = u.cli(&[
+        "restore",
+        &id[..12],
+        "--target",
+        old.join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        gone.status.code(),
+        Some(2),
+        "an unknown snapshot is a usage error"
+    );
+}
+
+fn connect_raw(u: &User) -> Connection {
+    v4::connect(&u.profile(), None).unwrap()
+}
+
+fn accounts_are_isolated(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path(), false);
+    let (alice, mallory) = (User::new(), User::new());
+    alice.init(&srv, &unique_name("alice"));
+    mallory.init(&srv, &unique_name("mallory"));
+    let snap = alice.backup(&[&tree], &[]);
+    // What alice's data is called, read through her own key.
+    let (aconn, akey) = v4::open(&alice.profile(), PASS.as_bytes(), None).unwrap();
+    let info = snapshots::find(&aconn, "latest").unwrap();
+    let t = snapshots::load(&aconn, &akey, &info.header.id).unwrap();
+    let ids: Vec<[u8; 32]> = t
+        .entries
+        .iter()
+        .flat_map(|e| match &e.kind {
+            EntryKind::File { chunks } => chunks.clone(),
+            _ => vec![],
+        })
+        .collect();
+    assert!(!ids.is_empty());
+    drop(aconn);
+
+    let m = connect_raw(&mallory);
+    let code = |r: Result<Answer, ConnError>| r.err().and_then(|e| e.code());
+    assert!(matches!(m.call(&Request::ListSnapshots), Ok(Answer::SnapshotList(l)) if l.is_empty()));
+    assert_eq!(
+        code(m.call(&Request::GetSnapshot(info.header.id))),
+        Some(ErrorCode::NOT_FOUND)
+    );
+    assert_eq!(
+        code(m.call(&Request::GetChunk(ids[0]))),
+        Some(ErrorCode::NOT_FOUND)
+    );
+    assert_eq!(
+        code(m.call(&Request::ForgetSnapshot(info.header.id))),
+        Some(ErrorCode::NOT_FOUND)
+    );
+    match m.call(&Request::HasChunks(ids.clone())) {
+        Ok(Answer::ChunksHeld(h)) => assert!(h.iter().all(|h| !h), "{h:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A commit naming alice's chunks is refused: mallory does not hold them.
+    let header = SnapshotHeader {
+        id: [7; 16],
+        ..Default::default()
+    };
+    let r = m.call(&Request::CommitSnapshot {
+        header: header.clone(),
+        refs: ids.clone(),
+        root: vec![1; 64],
+    });
+    match r {
+        Err(ConnError::Server(e)) => {
+            assert_eq!(e.code, ErrorCode::MISSING_CHUNKS);
+            assert_eq!(e.missing_ids().len(), ids.len().min(1024));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Mallory "overwrites" alice's chunk ids and snapshot id with garbage: it lands in
+    // mallory's own namespace.
+    for id in &ids {
+        let r = m.call(&Request::PutChunk {
+            id: *id,
+            blob: b"garbage".to_vec(),
+        });
+        assert!(matches!(r, Ok(Answer::ChunkStored { .. })), "{r:?}");
+    }
+    let mut h2 = header;
+    h2.id = info.header.id;
+    let r = m.call(&Request::CommitSnapshot {
+        header: h2,
+        refs: ids.clone(),
+        root: vec![2; 64],
+    });
+    assert!(matches!(r, Ok(Answer::SnapshotCommitted { .. })), "{r:?}");
+    drop(m);
+    // Alice's backup is untouched.
+    let out = work.path().join("out");
+    alice.ok(&[
+        "restore",
+        snap["id"].as_str().unwrap(),
+        "--target",
+        out.to_str().unwrap(),
+    ]);
+    let rel = tree.strip_prefix("/").unwrap();
+    assert_eq!(describe(&tree), describe(&out.join(rel)));
+    // Mallory's "snapshot" does not open with mallory's key either.
+    let bad = mallory.cli(&[
+        "restore",
+        "latest",
+        "--target",
+        work.path().join("m").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+fn blobs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("repository/blobs")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n != "tmp") {
+                    stack.push(p);
+                }
+            } else if p.parent().is_some_and(|d| {
+                d.parent()
+                    .and_then(|c| c.file_name())
+                    .is_some_and(|n| n == "chunks")
+            }) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn kill_during_backup_then_resume(rt: Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Server::start_in(rt, dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        fs::write(src.join(format!("f{i}.bin")), data(48 << 20, 100 + i)).unwrap();
+    }
+    let u = User::new();
+    u.init(&srv, &unique_name("kill"));
+    let mut child = Command::new(client_binary())
+        .env("CYBERBACKUP_CONFIG_DIR", u.cfg.path())
+        .env("CYBERBACKUP_PASSWORD", PASS)
+        .env("CYBERBACKUP_KDF", "test")
+        .args(["--json", "backup", src.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the server once some chunks are stored, well before the end.
+    let t0 = Instant::now();
+    while blobs(dir.path()).len() < 20 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no chunks stored");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    srv.kill();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "a lost server is exit code 5");
+    let stored_before = blobs(dir.path()).len();
+    // The restarted server listens on another port: the same key, pinned, is accepted.
+    let srv = Server::start_in(rt, dir.path(), &[]);
+    let addr = srv.addr.to_string();
+    let s = u.backup(&[&src], &["-s", &addr]);
+    assert_eq!(s["files"], 6);
+    // What was acknowledged before the kill was not sent again.
+    assert!(
+        s["chunks_held"].as_u64().unwrap() >= 20,
+        "held {} of {stored_before} stored: {s}",
+        s["chunks_held"]
+    );
+    assert!(
+        s["bytes_sent"].as_u64().unwrap() < 6 * (48 << 20) - (16 << 20),
+        "{s}"
+    );
+    let out = work.path().join("out");
+    u.ok(&[
+        "restore",
+        "latest",
+        "-s",
+        &addr,
+        "--target",
+        out.to_str().unwrap(),
+    ]);
+    let rel = src.strip_prefix("/").unwrap();
+    assert_eq!(describe(&src), describe(&out.join(rel)));
+    drop(srv);
+}
+
+fn tampering_is_found_by_restore_and_scrub(rt: Runtime) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Server::start_in(rt, dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("only.bin"), data(2 << 20, 9)).unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("tamper"));
+    u.backup(&[&src], &[]);
+    srv.stop();
+    // The largest chunk blob is the file's (the manifest's is small).
+    let victim = blobs(dir.path())
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut b = fs::read(&victim).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    fs::write(&victim, &b).unwrap();
+    let srv = Server::start_in(rt, dir.path(), &[]);
+    let addr = srv.addr.to_string();
+    let out = work.path().join("out");
+    let r = u.cli(&[
+        "restore",
+        "latest",
+        "-s",
+        &addr,
+        "--target",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(8), "{err}");
+    assert!(err.contains("only.bin"), "the error names the file: {err}");
+    let rel = src.strip_prefix("/").unwrap();
+    assert!(
+        !out.join(rel).join("only.bin").exists(),
+        "no half-written file"
+    );
+    drop(srv);
+    // The scrub (on the stopped server) finds it too.
+    let scrub = Command::new(server_binary())
+        .current_dir(dir.path())
+        .arg("scrub")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&scrub.stdout);
+    assert_eq!(scrub.status.code(), Some(3), "{text}");
+    assert!(text.contains("damaged chunk"), "{text}");
+    assert!(text.contains("1 damaged"), "{text}");
+}
+
+/// A second connection while the scrub holds the repository is refused clearly, and
+/// a wrong passphrase is exit code 7.
+fn wrong_passphrase_and_server_key(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let u = User::new();
+    u.init(&srv, &unique_name("pw"));
+    let out = Command::new(client_binary())
+        .env("CYBERBACKUP_CONFIG_DIR", u.cfg.path())
+        .env("CYBERBACKUP_PASSWORD", "wrong")
+        .args(["ls", "latest"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A server with another key at the pinned address is refused before login.
+    let other = Server::start(rt, &[]);
+    let pins = u.cfg.path().join("known_servers");
+    let text = fs::read_to_string(&pins).unwrap();
+    fs::write(
+        &pins,
+        text.replace(&srv.addr.to_string(), &other.addr.to_string()),
+    )
+    .unwrap();
+    let out = u.cli(&["snapshots", "--server", &other.addr.to_string()]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the one pinned"));
+    let _ = ConnectOptions::default();
+}
+
+both_runtimes!(
+    tree_round_trip,
+    versions_and_an_unchanged_backup,
+    accounts_are_isolated,
+    kill_during_backup_then_resume,
+    tampering_is_found_by_restore_and_scrub,
+    wrong_passphrase_and_server_key,
+);
