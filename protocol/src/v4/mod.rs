@@ -30,6 +30,8 @@ pub const MAX_CHUNK_BLOB: u32 = MAX_CHUNK + 64;
 pub struct Capabilities(pub u32);
 
 impl Capabilities {
+    /// Nothing.
+    pub const NONE: Self = Self(0);
     /// Ask which chunks are held, put chunks, commit snapshots, fetch the key.
     pub const BACKUP: Self = Self(1);
     /// List and get snapshots and chunks.
@@ -40,6 +42,11 @@ impl Capabilities {
     pub const ADMIN: Self = Self(8);
     /// All four.
     pub const ALL: Self = Self(15);
+
+    /// The known bits of a stored or received value (unknown ones are dropped).
+    pub fn from_bits_truncate(bits: u32) -> Capabilities {
+        Capabilities(bits & Self::ALL.0)
+    }
 
     /// Whether every capability of `other` is in `self`.
     pub fn contains(self, other: Capabilities) -> bool {
@@ -79,6 +86,13 @@ impl Capabilities {
             };
         }
         Some(Capabilities(c))
+    }
+}
+
+impl std::ops::BitOr for Capabilities {
+    type Output = Capabilities;
+    fn bitor(self, rhs: Capabilities) -> Capabilities {
+        Capabilities(self.0 | rhs.0)
     }
 }
 

@@ -81,49 +81,14 @@ pub use sqlite::SqliteRegistry;
 pub type AccountId = i64;
 /// A device of an account (one device key).
 pub type DeviceId = i64;
-/// A chunk's id: a keyed hash of its plaintext, computed by the client.
-pub type ChunkId = [u8; 32];
-/// A snapshot's id, chosen by the client at random.
-pub type SnapshotId = [u8; 16];
-/// A BLAKE3 hash of stored bytes, computed by the server.
-pub type Hash = [u8; 32];
-
+/// A chunk's id: a keyed hash of its plaintext, computed by the client. The id types,
+/// the capabilities and the name limit are the protocol's, defined once there.
+pub use cyberbackup_protocol::v4::wire::{ChunkId, SnapshotId};
 /// What a device may do, a bit set. The server enforces it ([`require`]); a device
 /// enrolled without [`Capabilities::FORGET`] can add snapshots but never remove one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Capabilities(pub u32);
-
-impl Capabilities {
-    /// Nothing.
-    pub const NONE: Capabilities = Capabilities(0);
-    /// Ask which chunks are held, put chunks, commit snapshots, read the wrapped key.
-    pub const BACKUP: Capabilities = Capabilities(1);
-    /// List and get snapshots, get chunks.
-    pub const READ: Capabilities = Capabilities(2);
-    /// Forget snapshots, run garbage collection.
-    pub const FORGET: Capabilities = Capabilities(4);
-    /// Manage devices and the quota, store the wrapped key.
-    pub const ADMIN: Capabilities = Capabilities(8);
-    /// Everything (the device that creates an account).
-    pub const ALL: Capabilities = Capabilities(1 | 2 | 4 | 8);
-
-    /// Whether every bit of `needed` is set here.
-    pub fn contains(self, needed: Capabilities) -> bool {
-        self.0 & needed.0 == needed.0
-    }
-
-    /// The known bits of a stored or received value (unknown ones are dropped).
-    pub fn from_bits_truncate(bits: u32) -> Capabilities {
-        Capabilities(bits & Self::ALL.0)
-    }
-}
-
-impl std::ops::BitOr for Capabilities {
-    type Output = Capabilities;
-    fn bitor(self, rhs: Capabilities) -> Capabilities {
-        Capabilities(self.0 | rhs.0)
-    }
-}
+pub use cyberbackup_protocol::v4::Capabilities;
+/// A BLAKE3 hash of stored bytes, computed by the server.
+pub type Hash = [u8; 32];
 
 /// `Ok` if `caps` holds every capability in `needed`, else [`RepoError::Forbidden`].
 pub fn require(caps: Capabilities, needed: Capabilities) -> Result<(), RepoError> {

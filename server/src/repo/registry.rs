@@ -18,7 +18,7 @@ use super::{
 };
 
 /// Longest account or device name, in bytes.
-pub const MAX_NAME_LEN: usize = 100;
+pub use cyberbackup_protocol::v4::wire::MAX_NAME_LEN;
 
 /// A device of an account.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,11 @@ fn run(target: &str, data: &[u8]) -> Option<SessionReport> {
         "request_header" => request_header(data),
         "request_payload" => payload(data),
         "session" => return Some(session(data)),
+        // The v4 targets replay in `v4::fuzzing`.
+        "v4_frames" => crate::v4::fuzzing::frames(data),
+        "v4_session" => {
+            let _ = crate::v4::fuzzing::session(data);
+        }
         other => panic!("unknown target {other}"),
     }
     None
