@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Starts CyberBackup on its embedded defaults — the backup server (port 1256, SQLite
-# registry, files under ./data) and the bridge with the browser UI (port 9090) — and
+# Starts CyberBackup on its embedded defaults — the backup server (port 1256, the v4
+# repository and the v3 files and SQLite registries under ./data) and the bridge with the browser UI (port 9090) — and
 # prints the URL to open. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release --quiet -p cyberbackup-server -p cyberbackup-bridge
 mkdir -p data
 ./target/release/cyberbackup-server --bind 127.0.0.1 --port "${CYBERBACKUP_PORT:-1256}" \
-  --storage data/received_files --database data/defensive.db &
+  --storage data/received_files --database data/defensive.db --repository data/repository &
 server=$!
 trap 'kill $server $bridge 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
 ./target/release/cyberbackup-bridge --listen "127.0.0.1:${CYBERBACKUP_BRIDGE_PORT:-9090}" \

@@ -421,8 +421,36 @@ pub fn restore(
     let (conn, key) = open(c)?;
     let info = snapshots::find(&conn, snap)?;
     let tree = snapshots::load(&conn, &key, &info.header.id)?;
-    let progress = RestoreProgress::default();
-    let s = restore::restore(
+    let progress = Arc::new(RestoreProgress::default());
+    // Ctrl-C stops after the file being written is removed (a second one exits).
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    cancel_on_sigint(cancel.clone());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let show = !c.quiet && !c.json && std::io::stderr().is_terminal();
+    let watcher = {
+        let (p, done, cancel) = (progress.clone(), done.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if cancel.load(Ordering::Relaxed) {
+                    p.cancel.store(true, Ordering::Relaxed);
+                }
+                if show {
+                    eprint!(
+                        "\r{} of {} files, {} of {}   ",
+                        p.files_done.load(Ordering::Relaxed),
+                        p.files_total.load(Ordering::Relaxed),
+                        iec(p.bytes_done.load(Ordering::Relaxed)),
+                        iec(p.bytes_total.load(Ordering::Relaxed)),
+                    );
+                }
+            }
+            if show {
+                eprint!("\r\x1b[K");
+            }
+        })
+    };
+    let r = restore::restore(
         &conn,
         &key,
         &tree,
@@ -432,7 +460,10 @@ pub fn restore(
             include: path,
         },
         &progress,
-    )?;
+    );
+    done.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let s = r?;
     if c.json {
         out_json(
             serde_json::json!({"event": "restored", "snapshot": hex(&info.header.id), "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes, "target": target}),
