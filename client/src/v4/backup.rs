@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -38,6 +38,9 @@ use super::snapshots::{self, SnapshotError};
 pub const CHUNK_MIN: u32 = 256 * 1024;
 pub const CHUNK_AVG: u32 = 1024 * 1024;
 pub const CHUNK_MAX: u32 = MAX_CHUNK;
+
+/// Bytes a worker reads from a file at once (a multiple of the largest chunk).
+const READ_BUF: usize = 16 << 20;
 
 /// Plaintext bytes a worker gathers before it asks the server about them.
 const BATCH_BYTES: usize = 8 << 20;
@@ -291,6 +294,8 @@ struct Batch {
 
 struct Worker<'s, 'a> {
     sh: &'s Shared<'a>,
+    /// The read buffer, kept across files.
+    buf: Vec<u8>,
     batch: Batch,
     puts: VecDeque<Pending>,
     rng: rand::rngs::ThreadRng,
@@ -321,35 +326,64 @@ impl Worker<'_, '_> {
         self.reap(true)
     }
 
+    /// Reads and cuts one file. The file is read into the worker's buffer in large
+    /// pieces and cut there (FastCDC over a slice finds the same cut points as over the
+    /// stream, since a cut depends only on the bytes since the chunk's start); the last
+    /// chunk of a piece that is not the end of the file moves to the front of the
+    /// buffer and is cut again with the next piece.
     fn file(&mut self, path: &Path) -> Result<(Vec<ChunkId>, u64), BackupError> {
         let io = |source| BackupError::Io {
             path: path.to_owned(),
             source,
         };
-        let f = File::open(path).map_err(io)?;
+        let mut f = File::open(path).map_err(io)?;
         let mut ids = Vec::new();
         let mut total = 0u64;
-        let cdc = fastcdc::v2020::StreamCDC::new(
-            BufReader::with_capacity(1 << 20, f),
-            CHUNK_MIN,
-            CHUNK_AVG,
-            CHUNK_MAX,
-        );
-        for c in cdc {
-            let c = c.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(e) => io(e),
-                other => io(std::io::Error::other(other.to_string())),
-            })?;
-            self.sh
-                .progress
-                .bytes_done
-                .fetch_add(c.length as u64, Ordering::Relaxed);
-            total += c.length as u64;
-            let id = self.sh.key.chunk_id(&c.data);
-            ids.push(id);
-            self.add(id, c.data)?;
-        }
-        Ok((ids, total))
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(READ_BUF, 0);
+        let mut len = 0;
+        let mut eof = false;
+        let r = 'file: loop {
+            while len < buf.len() && !eof {
+                match f.read(&mut buf[len..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => len += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break 'file Err(io(e)),
+                }
+            }
+            let mut consumed = 0;
+            let mut failed = None;
+            for c in fastcdc::v2020::FastCDC::new(&buf[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                let end = c.offset + c.length;
+                if end == len && !eof {
+                    break;
+                }
+                let data = &buf[c.offset..end];
+                let id = self.sh.key.chunk_id(data);
+                ids.push(id);
+                total += data.len() as u64;
+                self.sh
+                    .progress
+                    .bytes_done
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Err(e) = self.add(id, data.to_vec()) {
+                    failed = Some(e);
+                    break;
+                }
+                consumed = end;
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            buf.copy_within(consumed..len, 0);
+            len -= consumed;
+            if eof && len == 0 {
+                break Ok((ids, total));
+            }
+        };
+        self.buf = buf;
+        r
     }
 
     fn add(&mut self, id: ChunkId, data: Vec<u8>) -> Result<(), BackupError> {
@@ -507,6 +541,7 @@ pub fn backup(
             s.spawn(|| {
                 let mut w = Worker {
                     sh: &shared,
+                    buf: Vec::new(),
                     batch: Batch::default(),
                     puts: VecDeque::new(),
                     rng: rand::thread_rng(),
@@ -573,6 +608,7 @@ pub fn backup(
     {
         let mut w = Worker {
             sh: &shared,
+            buf: Vec::new(),
             batch: Batch::default(),
             puts: VecDeque::new(),
             rng: rand::thread_rng(),

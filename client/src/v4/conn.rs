@@ -275,10 +275,7 @@ impl Connection {
     /// returned [`Pending`].
     pub fn submit(&self, req: &Request) -> Result<Pending, ConnError> {
         let (tx, rx) = mpsc::channel();
-        let mut body = Vec::new();
-        req.encode_body(&mut body);
-        let body_len = body.len() as u64;
-        drop(body);
+        let body_len = req.body_len();
         let mut w = lock(&self.writer);
         let out = {
             let mut st = lock(&self.shared.session);
@@ -297,9 +294,7 @@ impl Connection {
             }
             let id = st.session.send(req)?;
             st.replies.insert(id, tx);
-            let out = st.session.output().to_vec();
-            st.session.consume_output(out.len());
-            out
+            st.session.take_output()
         };
         if let Err(e) = w.write_all(&out) {
             let e = Arc::new(ConnError::Io(e));

@@ -110,6 +110,11 @@ impl ClientSession {
         &self.out
     }
 
+    /// Takes all the output (to write it elsewhere).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
     /// `n` bytes of the output were written.
     pub fn consume_output(&mut self, n: usize) {
         self.out.drain(..n.min(self.out.len()));

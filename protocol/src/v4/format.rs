@@ -4,10 +4,10 @@
 //!
 //! Everything is pure: randomness comes in as an argument, nothing touches a file.
 //! The primitives are crates' (BLAKE3 for ids and key derivation, AES-256-GCM from
-//! `aes-gcm`, Argon2id from `argon2`, zstd); this module only fixes the byte layouts.
+//! `ring` through [`super::aead`], Argon2id from `argon2`, zstd); this module only
+//! fixes the byte layouts.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit};
+use super::aead::Gcm;
 use rand::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
@@ -48,8 +48,8 @@ const CTX_SNAPSHOT: &str = "CyberBackup v4 2026-12-04 snapshot root";
 pub struct RepoKey {
     master: Zeroizing<[u8; 32]>,
     id_key: Zeroizing<[u8; 32]>,
-    data: Aes256Gcm,
-    snapshot: Aes256Gcm,
+    data: Gcm,
+    snapshot: Gcm,
 }
 
 impl std::fmt::Debug for RepoKey {
@@ -82,8 +82,8 @@ impl RepoKey {
         RepoKey {
             master: Zeroizing::new(master),
             id_key,
-            data: Aes256Gcm::new((&*data).into()),
-            snapshot: Aes256Gcm::new((&*snap).into()),
+            data: Gcm::new(&data),
+            snapshot: Gcm::new(&snap),
         }
     }
 
@@ -111,7 +111,7 @@ impl RepoKey {
         compress: bool,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Vec<u8> {
-        let compressed = if compress && plaintext.len() >= 64 {
+        let compressed = if compress && plaintext.len() >= 64 && looks_compressible(plaintext) {
             zstd::bulk::compress(plaintext, ZSTD_LEVEL)
                 .ok()
                 .filter(|c| c.len() + plaintext.len() / 16 <= plaintext.len())
@@ -133,10 +133,7 @@ impl RepoKey {
         ad[..32].copy_from_slice(id);
         ad[32] = FORMAT;
         ad[33] = method;
-        let tag = self
-            .data
-            .encrypt_in_place_detached((&nonce).into(), &ad, &mut blob[BLOB_HEADER..])
-            .unwrap_or_default();
+        let tag = self.data.seal(nonce, &ad, &mut blob[BLOB_HEADER..]);
         blob.extend_from_slice(&tag);
         blob
     }
@@ -162,7 +159,7 @@ impl RepoKey {
         ad[32] = FORMAT;
         ad[33] = method;
         self.data
-            .decrypt_in_place_detached((&nonce).into(), &ad, &mut body, tag.into())
+            .open(nonce, &ad, &mut body, tag)
             .map_err(|_| FormatError::Auth("a chunk"))?;
         let plain = if method == 1 {
             zstd::bulk::decompress(&body, MAX_CHUNK as usize)
@@ -189,10 +186,7 @@ impl RepoKey {
         out.extend_from_slice(&nonce);
         let start = out.len();
         root.encode(&mut out);
-        let tag = self
-            .snapshot
-            .encrypt_in_place_detached((&nonce).into(), id, &mut out[start..])
-            .unwrap_or_default();
+        let tag = self.snapshot.seal(nonce, id, &mut out[start..]);
         out.extend_from_slice(&tag);
         out
     }
@@ -209,7 +203,7 @@ impl RepoKey {
         let (ct, tag) = sealed[13..].split_at(sealed.len() - 13 - 16);
         let mut body = ct.to_vec();
         self.snapshot
-            .decrypt_in_place_detached((&nonce).into(), id, &mut body, tag.into())
+            .open(nonce, id, &mut body, tag)
             .map_err(|_| FormatError::Auth("a snapshot root"))?;
         Root::decode(&body)
     }
@@ -233,11 +227,9 @@ impl RepoKey {
         rng.fill_bytes(&mut nonce);
         out.extend_from_slice(&nonce);
         let kek = kdf(passphrase, &salt, cost)?;
-        let cipher = Aes256Gcm::new((&*kek).into());
+        let cipher = Gcm::new(&kek);
         let mut body = self.master.to_vec();
-        let tag = cipher
-            .encrypt_in_place_detached((&nonce).into(), &out[..41], &mut body)
-            .map_err(|_| FormatError::Kdf("sealing failed".into()))?;
+        let tag = cipher.seal(nonce, &out[..41], &mut body);
         out.extend_from_slice(&body);
         out.extend_from_slice(&tag);
         zeroize::Zeroize::zeroize(&mut body);
@@ -265,15 +257,10 @@ impl RepoKey {
         let salt: [u8; 16] = wrapped[13..29].try_into().unwrap_or_default();
         let nonce: [u8; 12] = wrapped[29..41].try_into().unwrap_or_default();
         let kek = kdf(passphrase, &salt, cost)?;
-        let cipher = Aes256Gcm::new((&*kek).into());
+        let cipher = Gcm::new(&kek);
         let mut body = Zeroizing::new(wrapped[41..73].to_vec());
         cipher
-            .decrypt_in_place_detached(
-                (&nonce).into(),
-                &wrapped[..41],
-                &mut body,
-                wrapped[73..].into(),
-            )
+            .open(nonce, &wrapped[..41], &mut body, &wrapped[73..])
             .map_err(|_| FormatError::Passphrase)?;
         let mut m = [0u8; 32];
         m.copy_from_slice(&body);
@@ -281,6 +268,21 @@ impl RepoKey {
         zeroize::Zeroize::zeroize(&mut m);
         Ok(k)
     }
+}
+
+/// Bytes of a chunk's sample tried before the whole chunk is compressed.
+const SAMPLE: usize = 32 * 1024;
+
+/// Whether compressing a chunk may pay: chunks over twice the sample size are tried
+/// on their first [`SAMPLE`] bytes at zstd's fastest level first (the way borg's
+/// "auto" mode tries lz4), so random data (media, archives, encrypted files) costs a
+/// sample, not a whole compression.
+fn looks_compressible(plaintext: &[u8]) -> bool {
+    if plaintext.len() <= 2 * SAMPLE {
+        return true;
+    }
+    let sample = &plaintext[..SAMPLE];
+    zstd::bulk::compress(sample, 1).is_ok_and(|c| c.len() + SAMPLE / 16 <= SAMPLE)
 }
 
 /// Argon2id cost.
@@ -560,6 +562,23 @@ mod tests {
         assert_eq!(blob2[1], 0, "random bytes are not");
         assert_eq!(blob2.len(), noise.len() + BLOB_HEADER + 16);
         assert_eq!(k.open_chunk(&id2, &blob2).unwrap(), noise);
+    }
+
+    #[test]
+    fn large_random_chunks_skip_compression_and_large_text_keeps_it() {
+        let k = RepoKey::generate(&mut rng());
+        let mut noise = vec![0u8; 1 << 20];
+        rng().fill_bytes(&mut noise);
+        assert!(!looks_compressible(&noise));
+        let (id, blob) = k.seal_chunk(&noise, &mut rng());
+        assert_eq!(blob[1], 0);
+        assert_eq!(k.open_chunk(&id, &blob).unwrap(), noise);
+        let text = b"the quick brown fox jumps over the lazy dog ".repeat(30_000);
+        assert!(looks_compressible(&text));
+        let (id, blob) = k.seal_chunk(&text, &mut rng());
+        assert_eq!(blob[1], 1);
+        assert!(blob.len() < text.len() / 10);
+        assert_eq!(k.open_chunk(&id, &blob).unwrap(), text);
     }
 
     #[test]

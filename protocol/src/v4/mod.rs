@@ -2,6 +2,7 @@
 //! (`docs/PROTOCOL-V4.md` is the contract; `docs/V4-DESIGN.md` the brief).
 //!
 //! # Layout
+//! - [`aead`]: AES-256-GCM (ring), for the transport and the repository format.
 //! - [`wire`]: the preamble, frame headers, every request and answer body, reason codes.
 //! - [`noise`]: the `Noise_XX_25519_AESGCM_SHA256` handshake (snow) and the record layer.
 //! - [`server`]: the server's per-connection state machine: handshake, login, window,
@@ -11,6 +12,7 @@
 //! - [`format`]: the repository format the server never reads: key derivation, the
 //!   wrapped key, chunk blobs, the manifest and the snapshot root.
 
+pub mod aead;
 pub mod client;
 pub mod format;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -2,14 +2,13 @@
 //! crate) and the record layer after it (`docs/PROTOCOL-V4.md` §2-§3).
 //!
 //! snow brings X25519, SHA-256 and the handshake state machine. The AES-256-GCM cipher
-//! is given to snow through a small resolver ([`resolver`]) backed by the `aes-gcm`
-//! crate: snow's own AES-GCM does not build without its `std` feature (which would
-//! also pull in `ring` and BLAKE2 for nothing), and this one keeps the expanded key
+//! is given to snow through a small resolver ([`resolver`]) backed by `ring`
+//! ([`super::aead`]): snow's own AES-GCM (RustCrypto's) does not build without its
+//! `std` feature and is five times slower here, and this one keeps the expanded key
 //! for the session instead of expanding it again for every record. Nothing here is
-//! hand-written cryptography: it is glue between two RustCrypto-family crates.
+//! hand-written cryptography: it is glue between snow and ring.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit};
+use super::aead::Gcm as RingGcm;
 use snow::params::NoiseParams;
 use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
@@ -70,12 +69,12 @@ impl CryptoResolver for GcmResolver {
 
 /// AES-256-GCM with the key expanded once; the nonce is 32 zero bits and the 64-bit
 /// big-endian counter, as the Noise spec fixes for AESGCM.
-struct Gcm(Option<Aes256Gcm>);
+struct Gcm(Option<RingGcm>);
 
-fn gcm_nonce(n: u64) -> aes_gcm::Nonce<aes_gcm::aead::consts::U12> {
+fn gcm_nonce(n: u64) -> [u8; 12] {
     let mut b = [0u8; 12];
     b[4..].copy_from_slice(&n.to_be_bytes());
-    b.into()
+    b
 }
 
 impl Cipher for Gcm {
@@ -84,7 +83,7 @@ impl Cipher for Gcm {
     }
 
     fn set(&mut self, key: &[u8; 32]) {
-        self.0 = Some(Aes256Gcm::new(key.into()));
+        self.0 = Some(RingGcm::new(key));
     }
 
     fn encrypt(&self, nonce: u64, ad: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
@@ -94,13 +93,9 @@ impl Cipher for Gcm {
             return 0;
         };
         out[..n].copy_from_slice(plaintext);
-        match c.encrypt_in_place_detached(&gcm_nonce(nonce), ad, &mut out[..n]) {
-            Ok(tag) => {
-                out[n..n + TAG_LEN].copy_from_slice(&tag);
-                n + TAG_LEN
-            }
-            Err(_) => 0,
-        }
+        let tag = c.seal(gcm_nonce(nonce), ad, &mut out[..n]);
+        out[n..n + TAG_LEN].copy_from_slice(&tag);
+        n + TAG_LEN
     }
 
     fn decrypt(
@@ -121,7 +116,7 @@ impl Cipher for Gcm {
             return Err(snow::Error::Decrypt);
         }
         out[..m].copy_from_slice(&ciphertext[..m]);
-        c.decrypt_in_place_detached(&gcm_nonce(nonce), ad, &mut out[..m], ciphertext[m..].into())
+        c.open(gcm_nonce(nonce), ad, &mut out[..m], &ciphertext[m..])
             .map(|()| m)
             .map_err(|_| snow::Error::Decrypt)
     }

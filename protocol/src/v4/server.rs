@@ -419,8 +419,10 @@ impl ServerSession {
             let next = self
                 .frames
                 .next_frame(|k| max_request_len(k, max_chunk), MAX_UNKNOWN_BODY);
-            let (h, body) = match next {
-                Ok(Some((h, body))) => (h, body.to_vec()),
+            // Decoded while the body is borrowed from the reader: a chunk's bytes are
+            // copied once, into the request.
+            let (h, decoded) = match next {
+                Ok(Some((h, body))) => (h, Request::decode(h.kind, body)),
                 Ok(None) => return,
                 Err(e) => {
                     let id = self.frames.peek_header().map_or(0, |h| h.request_id);
@@ -446,7 +448,7 @@ impl ServerSession {
                 );
                 return;
             }
-            let request = match Request::decode(h.kind, &body) {
+            let request = match decoded {
                 Ok(r) => r,
                 Err(e) => {
                     let code = e.code();

@@ -715,6 +715,22 @@ impl Request {
         }
     }
 
+    /// Bytes of the body's encoding (without encoding it).
+    pub fn body_len(&self) -> u64 {
+        (match self {
+            Request::HasChunks(ids) => 4 + 32 * ids.len(),
+            Request::PutChunk { blob, .. } => 32 + blob.len(),
+            Request::CommitSnapshot { header, refs, root } => {
+                let tags: usize = header.tags.iter().map(|t| 2 + t.len()).sum();
+                16 + 8 * 5 + 2 + header.host.len() + 2 + tags + 4 + 32 * refs.len() + root.len()
+            }
+            Request::ListSnapshots | Request::Usage | Request::GetKey => 0,
+            Request::GetSnapshot(_) | Request::ForgetSnapshot(_) => 16,
+            Request::GetChunk(_) => 32,
+            Request::PutKey(k) => k.len(),
+        }) as u64
+    }
+
     /// Appends the body's encoding.
     pub fn encode_body(&self, out: &mut Vec<u8>) {
         match self {

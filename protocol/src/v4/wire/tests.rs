@@ -126,6 +126,7 @@ fn every_request_round_trips() {
         assert_eq!(h.kind, r.kind());
         assert_eq!(h.request_id, 42);
         assert_eq!(h.len as usize, f.len() - 16);
+        assert_eq!(h.len, r.body_len(), "{r:?}");
         assert!(h.len <= max_request_len(h.kind, 4 << 20).unwrap());
         assert_eq!(Request::decode(h.kind, &f[16..]).unwrap(), r);
         // Every truncation is an error, never a panic.
