@@ -112,6 +112,18 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_V4_WINDOW")]
     pub v4_window: Option<u32>,
 
+    /// v4: seconds between collections of unreferenced chunks while serving; 0 turns
+    /// collection off (then run `cyberbackup-server gc` on a stopped server)
+    /// [default: 86400].
+    #[arg(long, env = "CYBERBACKUP_GC_INTERVAL")]
+    pub gc_interval: Option<u64>,
+
+    /// v4: seconds a chunk must have been neither stored nor asked about before a
+    /// collection may delete it, so that a backup in flight keeps what it was told is
+    /// held [default: 86400].
+    #[arg(long, env = "CYBERBACKUP_GC_GRACE")]
+    pub gc_grace: Option<u64>,
+
     /// Most connections served at once; more are closed on accept [default: 1024].
     #[arg(long, env = "CYBERBACKUP_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -181,6 +193,9 @@ pub struct Config {
     pub repository: PathBuf,
     pub registration: bool,
     pub v4_window: u32,
+    /// Collection interval (None: off).
+    pub gc_interval: Option<Duration>,
+    pub gc_grace: Duration,
     pub max_connections: usize,
     pub max_pending_bytes: u64,
     pub group_commit_max_size: u64,
@@ -275,6 +290,14 @@ impl Args {
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
             repository: pick!(repository).unwrap_or_else(|| "repository".into()),
             registration: pick!(registration).unwrap_or(true),
+            gc_interval: match pick!(gc_interval).unwrap_or(86_400) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            gc_grace: match pick!(gc_grace).unwrap_or(86_400) {
+                g @ 0..=2_592_000 => Duration::from_secs(g),
+                g => bail!("--gc-grace is at most 2592000 seconds (30 days), not {g}"),
+            },
             v4_window: match pick!(v4_window).unwrap_or(16 << 20) {
                 w @ (65_536..=1_073_741_824) => w,
                 w => bail!("--v4-window must be between 65536 and 1073741824 bytes, not {w}"),

@@ -88,6 +88,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
         },
         v4_session: Arc::new(v4_session),
     };
+    let gc = cfg.gc_interval.map(|every| {
+        let (repo, sd, grace) = (svc.v4.repo.clone(), shutdown.clone(), cfg.gc_grace);
+        std::thread::Builder::new()
+            .name("v4-gc".into())
+            .spawn(move || collect_every(&repo, every, grace, &sd))
+    });
     let runtime = match cfg.runtime {
         RuntimeKind::Mio => RuntimeKind::Mio,
         RuntimeKind::Glommio => {
@@ -115,6 +121,9 @@ pub fn run(cfg: config::Config) -> Result<()> {
     // After a shard panicked, its tasks may still hold the registry's channel: the
     // registry thread would wait for them forever. Everything acknowledged is already
     // in the database (a client's ACK waits for its row).
+    if let Some(Ok(t)) = gc {
+        let _ = t.join();
+    }
     if result.is_ok() {
         registry_thread.join();
     }
@@ -123,4 +132,40 @@ pub fn run(cfg: config::Config) -> Result<()> {
         tracing::info!("stopped");
     }
     result
+}
+
+/// Collects the v4 repository's unreferenced chunks every `every` while the server
+/// runs (until shutdown). Collection is safe against backups in flight: it keeps every
+/// chunk stored or asked about within `grace`, takes the repository's collection lock
+/// only while it deletes, and a commit naming a chunk it removed is refused, never
+/// accepted incomplete (see [`repo`]).
+fn collect_every(
+    repo: &repo::Repo,
+    every: std::time::Duration,
+    grace: std::time::Duration,
+    shutdown: &shutdown::Shutdown,
+) {
+    let tick = std::time::Duration::from_millis(100).min(every);
+    let mut next = std::time::Instant::now() + every;
+    while !shutdown.is_triggered() {
+        std::thread::sleep(tick);
+        if std::time::Instant::now() < next {
+            continue;
+        }
+        next = std::time::Instant::now() + every;
+        match repo.collect_garbage(repo::Scope::All, grace, repo::now_unix_ms()) {
+            Ok(r) => {
+                if r.chunks_deleted + r.orphan_chunk_blobs + r.orphan_bodies > 0 {
+                    tracing::info!(
+                        chunks = r.chunks_deleted,
+                        bytes = r.bytes_freed,
+                        orphan_blobs = r.orphan_chunk_blobs,
+                        orphan_bodies = r.orphan_bodies,
+                        "v4 collection freed space"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "v4 collection failed"),
+        }
+    }
 }

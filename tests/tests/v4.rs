@@ -581,7 +581,62 @@ fn wrong_passphrase_and_server_key(rt: Runtime) {
     let _ = ConnectOptions::default();
 }
 
+/// The server's own collection: chunks of a forgotten snapshot go once the grace
+/// period has passed, while backups made during collections restore whole.
+fn collection_while_serving(rt: Runtime) {
+    let srv = Server::start(rt, &["--gc-interval", "1", "--gc-grace", "4"]);
+    let work = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path(), false);
+    let u = User::new();
+    u.init(&srv, &unique_name("gc"));
+    let first = u.backup(&[&tree], &[]);
+    let usage = |u: &User| -> serde_json::Value {
+        serde_json::from_str(&u.ok(&["--json", "usage"])).unwrap()
+    };
+    let held = usage(&u)["chunks"].as_u64().unwrap();
+    assert!(held > 0);
+    u.ok(&["forget", first["id"].as_str().unwrap()]);
+    // Backups go on while collections run every second.
+    let other = work.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("kept.bin"), data(1 << 20, 42)).unwrap();
+    for _ in 0..3 {
+        u.backup(&[&other], &[]);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let t0 = Instant::now();
+    loop {
+        let now = usage(&u)["chunks"].as_u64().unwrap();
+        if now < held {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the forgotten snapshot's chunks were never collected ({now} held)"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        srv.log().contains("v4 collection freed space"),
+        "{}",
+        srv.log()
+    );
+    let out = work.path().join("out");
+    u.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    let rel = other.strip_prefix("/").unwrap();
+    assert_eq!(describe(&other), describe(&out.join(rel)));
+    // The forgotten tree backed up again is whole again.
+    u.backup(&[&tree], &[]);
+    let out2 = work.path().join("out2");
+    u.ok(&["restore", "latest", "--target", out2.to_str().unwrap()]);
+    assert_eq!(
+        describe(&tree),
+        describe(&out2.join(tree.strip_prefix("/").unwrap()))
+    );
+}
+
 both_runtimes!(
+    collection_while_serving,
     tree_round_trip,
     versions_and_an_unchanged_backup,
     accounts_are_isolated,
