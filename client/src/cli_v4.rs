@@ -8,8 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use std::collections::BTreeMap;
+
 use cyberbackup_client::v4::backup::{self, BackupError, BackupOptions, BackupProgress};
 use cyberbackup_client::v4::conn::ConnError;
+use cyberbackup_client::v4::inspect;
+use cyberbackup_client::v4::policy::{apply, Decision, Item, Policy};
 use cyberbackup_client::v4::profile::{default_dir, hex, Profile, ProfileError};
 use cyberbackup_client::v4::restore::{self, RestoreError, RestoreOptions, RestoreProgress};
 use cyberbackup_client::v4::snapshots::{self, SnapshotError};
@@ -259,12 +263,14 @@ pub fn backup(
     tags: Vec<String>,
     host: Option<String>,
     force: bool,
+    time_ms: Option<i64>,
 ) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
     let opts = BackupOptions {
         host: host.unwrap_or_else(backup::hostname),
         tags,
         force,
+        time_ms,
         ..Default::default()
     };
     let progress = Arc::new(BackupProgress::default());
@@ -501,6 +507,204 @@ pub fn forget(c: &V4Common, snaps: &[String]) -> anyhow::Result<i32> {
         }
     }
     Ok(code::OK)
+}
+
+/// `forget --keep-...`: applies a retention policy per group of host and paths.
+pub fn forget_policy(c: &V4Common, policy: &Policy, dry_run: bool) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let all = snapshots::list(&conn)?;
+    // Group by host and the paths named to the backup (in the encrypted root).
+    let mut groups: BTreeMap<(String, Vec<Vec<u8>>), Vec<&SnapshotInfo>> = BTreeMap::new();
+    for s in &all {
+        let sealed = match conn.call(&Request::GetSnapshot(s.header.id))? {
+            Answer::Snapshot { root, .. } => root,
+            _ => bail!("the server answered GET_SNAPSHOT with something else"),
+        };
+        let root =
+            key.open_root(&s.header.id, &sealed)
+                .map_err(|source| SnapshotError::Format {
+                    id: hex(&s.header.id),
+                    source,
+                })?;
+        groups
+            .entry((s.header.host.clone(), root.paths))
+            .or_default()
+            .push(s);
+    }
+    let mut forget = Vec::new();
+    let mut report = Vec::new();
+    for ((host, paths), snaps) in &groups {
+        let items: Vec<Item> = snaps
+            .iter()
+            .map(|s| Item {
+                time_ms: s.header.time_ms,
+                tags: s.header.tags.clone(),
+            })
+            .collect();
+        let decisions = apply(&items, policy);
+        let paths: Vec<String> = paths
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        if !c.json && !c.quiet {
+            println!("host {host}, paths {}:", paths.join(", "));
+        }
+        let mut order: Vec<&Decision> = decisions.iter().collect();
+        order.sort_by_key(|d| std::cmp::Reverse(snaps[d.index].header.time_ms));
+        for d in order {
+            let s = snaps[d.index];
+            if !d.keep {
+                forget.push(s.header.id);
+            }
+            report.push(serde_json::json!({"id": hex(&s.header.id), "time": when(s.header.time_ms), "host": host, "paths": paths, "keep": d.keep, "reasons": d.reasons}));
+            if !c.json && !c.quiet {
+                println!(
+                    "  {} {}  {}  {}",
+                    if d.keep { "keep  " } else { "forget" },
+                    &hex(&s.header.id)[..8],
+                    when(s.header.time_ms),
+                    if d.keep {
+                        d.reasons.join(", ")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+    }
+    if !dry_run {
+        for id in &forget {
+            match conn.call(&Request::ForgetSnapshot(*id)) {
+                Ok(Answer::Forgotten) => {}
+                Ok(_) => bail!("the server answered FORGET_SNAPSHOT with something else"),
+                Err(e) if e.code() == Some(ErrorCode::FORBIDDEN) => {
+                    return Err(
+                        anyhow::Error::new(e).context("this device may not forget snapshots")
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if c.json {
+        out_json(
+            serde_json::json!({"event": if dry_run { "forget_dry_run" } else { "forgot" }, "snapshots": report, "forgotten": forget.len()}),
+        );
+    } else if !c.quiet {
+        println!(
+            "{} {} of {} snapshots",
+            if dry_run { "would forget" } else { "forgot" },
+            forget.len(),
+            all.len()
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `diff A B`.
+pub fn diff(c: &V4Common, a: &str, b: &str) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let sa = snapshots::find(&conn, a)?;
+    let sb = snapshots::find(&conn, b)?;
+    let ta = snapshots::load(&conn, &key, &sa.header.id)?;
+    let tb = snapshots::load(&conn, &key, &sb.header.id)?;
+    let changes = inspect::diff(&ta, &tb);
+    let (mut added, mut removed, mut modified) = (0u64, 0u64, 0u64);
+    for ch in &changes {
+        match ch.kind {
+            inspect::ChangeKind::Added => added += ch.after,
+            inspect::ChangeKind::Removed => removed += ch.before,
+            _ => modified += 1,
+        }
+        if c.json {
+            out_json(
+                serde_json::json!({"change": ch.kind.mark().to_string(), "path": ch.path, "before": ch.before, "after": ch.after}),
+            );
+        } else {
+            let size = match ch.kind {
+                inspect::ChangeKind::Added => iec(ch.after),
+                inspect::ChangeKind::Removed => iec(ch.before),
+                _ if ch.before != ch.after => format!("{} -> {}", iec(ch.before), iec(ch.after)),
+                _ => iec(ch.after),
+            };
+            println!("{}  {}  ({size})", ch.kind.mark(), ch.path);
+        }
+    }
+    if !c.json && !c.quiet {
+        println!(
+            "{} changes: {} added, {} removed, {} modified entries",
+            changes.len(),
+            iec(added),
+            iec(removed),
+            modified
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `find PATTERN`.
+pub fn find(c: &V4Common, pattern: &str) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let found = inspect::find(&conn, &key, pattern)?;
+    for f in &found {
+        if c.json {
+            out_json(
+                serde_json::json!({"snapshot": hex(&f.snapshot.header.id), "time": when(f.snapshot.header.time_ms), "path": f.path, "type": f.kind, "size": f.size, "mtime_ns": f.mtime_ns}),
+            );
+        } else {
+            println!(
+                "{}  {}  {:<7} {:>10}  {}",
+                &hex(&f.snapshot.header.id)[..8],
+                when(f.snapshot.header.time_ms),
+                f.kind,
+                iec(f.size),
+                f.path
+            );
+        }
+    }
+    if !c.json && !c.quiet {
+        println!("{} matches", found.len());
+    }
+    Ok(code::OK)
+}
+
+/// `check [--read-data[-subset N%]]`: exit code 8 when anything is wrong.
+pub fn check(c: &V4Common, read_percent: Option<u8>) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let r = inspect::check(&conn, &key, read_percent)?;
+    for e in &r.errors {
+        eprintln!("cyberbackup: {e}");
+    }
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "check", "snapshots": r.snapshots, "chunks": r.chunks, "chunks_read": r.chunks_read, "bytes_read": r.bytes_read, "errors": r.errors}),
+        );
+    } else if !c.quiet {
+        println!(
+            "checked {} snapshots and {} chunks{}: {}",
+            r.snapshots,
+            r.chunks,
+            if read_percent.is_some() {
+                format!(
+                    " ({} chunks, {} read and verified)",
+                    r.chunks_read,
+                    iec(r.bytes_read)
+                )
+            } else {
+                String::new()
+            },
+            if r.errors.is_empty() {
+                "no errors".to_string()
+            } else {
+                format!("{} errors", r.errors.len())
+            }
+        );
+    }
+    Ok(if r.errors.is_empty() {
+        code::OK
+    } else {
+        code::INTEGRITY
+    })
 }
 
 /// `usage`: what the account holds on the server.

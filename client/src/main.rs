@@ -82,6 +82,9 @@ enum Command {
         /// v4: read every file, even those unchanged since the last snapshot.
         #[arg(long)]
         force: bool,
+        /// v4: the snapshot's time, UTC ("2026-12-04 10:30:00") [default: now].
+        #[arg(long)]
+        time: Option<String>,
     },
     /// v4: list the snapshots.
     Snapshots {
@@ -110,10 +113,64 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
-    /// v4: forget snapshots (their data is freed by the server's collection).
+    /// v4: forget snapshots, named or by a retention policy (their data is freed by
+    /// the server's collection).
     Forget {
-        #[arg(required = true)]
+        /// Snapshots to forget ("latest" or id prefixes); or none, with --keep-* rules.
         snapshots: Vec<String>,
+        /// Keep the N newest snapshots (per host and paths).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest snapshot of each of the N newest hours that have one.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: u32,
+        /// ... days.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: u32,
+        /// ... ISO weeks.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_weekly: u32,
+        /// ... months.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_monthly: u32,
+        /// ... years.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: u32,
+        /// Keep snapshots newer than this before the newest (e.g. 30d, 1y6m, 36h).
+        #[arg(long, value_name = "DURATION")]
+        keep_within: Option<String>,
+        /// Keep snapshots with this tag (repeatable).
+        #[arg(long, value_name = "TAG")]
+        keep_tag: Vec<String>,
+        /// Show what would be kept and forgotten, and why; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: what changed between two snapshots (+ added, - removed, M modified,
+    /// U metadata only).
+    Diff {
+        first: String,
+        second: String,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: which snapshots hold a path matching a pattern (`*`, `?`, `**`; a pattern
+    /// without `/` matches file names).
+    Find {
+        pattern: String,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: check that every snapshot opens and every chunk it names is on the server.
+    Check {
+        /// Also download and verify chunks (all of them, or --read-data-subset).
+        #[arg(long)]
+        read_data: bool,
+        /// Verify this share of the chunks, e.g. 10% (implies --read-data).
+        #[arg(long, value_name = "PERCENT")]
+        read_data_subset: Option<String>,
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
@@ -262,6 +319,7 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
             tags,
             host,
             force,
+            time,
         } => {
             if user.is_some() {
                 return Err(anyhow!(
@@ -269,7 +327,14 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                 ));
             }
             common.server = server;
-            cli_v4::backup(&common, &files, tags, host, force)
+            let time_ms =
+                match time {
+                    None => None,
+                    Some(t) => Some(cyberbackup_client::v4::policy::parse_time(&t).ok_or_else(
+                        || anyhow!("--time {t:?}: expected YYYY-MM-DD HH:MM:SS (UTC)"),
+                    )?),
+                };
+            cli_v4::backup(&common, &files, tags, host, force, time_ms)
         }
         Command::Snapshots { server } => {
             common.server = server;
@@ -293,9 +358,79 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
             common.server = server;
             cli_v4::restore(&common, &snapshot, path, &target, overwrite)
         }
-        Command::Forget { snapshots, server } => {
+        Command::Forget {
+            snapshots,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            keep_tag,
+            dry_run,
+            server,
+        } => {
             common.server = server;
-            cli_v4::forget(&common, &snapshots)
+            let within = match keep_within {
+                None => None,
+                Some(d) => Some(
+                    cyberbackup_client::v4::policy::parse_duration(&d).ok_or_else(|| {
+                        anyhow!("--keep-within {d:?}: expected e.g. 30d, 1y6m, 36h")
+                    })?,
+                ),
+            };
+            let policy = cyberbackup_client::v4::policy::Policy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within,
+                tags: keep_tag,
+            };
+            match (snapshots.is_empty(), policy.is_empty()) {
+                (false, true) if !dry_run => cli_v4::forget(&common, &snapshots),
+                (true, false) => cli_v4::forget_policy(&common, &policy, dry_run),
+                (true, true) => Err(anyhow!(
+                    "forget what? name snapshots, or give --keep-* rules (see --help)"
+                )),
+                _ => Err(anyhow!(
+                    "give either snapshots or --keep-* rules, not both (--dry-run goes with rules)"
+                )),
+            }
+        }
+        Command::Diff {
+            first,
+            second,
+            server,
+        } => {
+            common.server = server;
+            cli_v4::diff(&common, &first, &second)
+        }
+        Command::Find { pattern, server } => {
+            common.server = server;
+            cli_v4::find(&common, &pattern)
+        }
+        Command::Check {
+            read_data,
+            read_data_subset,
+            server,
+        } => {
+            common.server = server;
+            let pct = match (read_data, read_data_subset) {
+                (_, Some(s)) => Some(
+                    s.trim_end_matches('%')
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|p| (1..=100).contains(p))
+                        .ok_or_else(|| anyhow!("--read-data-subset {s:?}: expected 1% to 100%"))?,
+                ),
+                (true, None) => Some(100),
+                (false, None) => None,
+            };
+            cli_v4::check(&common, pct)
         }
         Command::Usage { server } => {
             common.server = server;

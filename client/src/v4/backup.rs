@@ -79,6 +79,8 @@ pub struct BackupOptions {
     pub force: bool,
     /// Try zstd on each chunk.
     pub compress: bool,
+    /// The snapshot's time, milliseconds since the epoch (None: now).
+    pub time_ms: Option<i64>,
 }
 
 impl Default for BackupOptions {
@@ -89,6 +91,7 @@ impl Default for BackupOptions {
             workers: 0,
             force: false,
             compress: true,
+            time_ms: None,
         }
     }
 }
@@ -634,9 +637,11 @@ pub fn backup(
         paths: walked.named,
     };
     let sealed = key.seal_root(&id, &root, &mut rand::thread_rng());
-    let time_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let time_ms = opts.time_ms.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    });
     let header = SnapshotHeader {
         id,
         time_ms,

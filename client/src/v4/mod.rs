@@ -7,6 +7,8 @@
 //! - [`backup`]: the parallel read, chunk, hash, ask, compress, encrypt, send pipeline.
 //! - [`snapshots`]: listing, finding and loading snapshots.
 //! - [`restore`]: verified, atomic, sparse-aware restore with modes, times and links.
+//! - [`policy`]: retention policies (`forget --keep-...`), restic's rules.
+//! - [`inspect`]: `diff`, `find` and `check`.
 //!
 //! ```no_run
 //! use cyberbackup_client::v4::{self, profile::Profile};
@@ -21,6 +23,8 @@
 
 pub mod backup;
 pub mod conn;
+pub mod inspect;
+pub mod policy;
 pub mod profile;
 pub mod restore;
 pub mod snapshots;
