@@ -126,7 +126,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 | RestoreError::Size { .. } => code::INTEGRITY,
                 RestoreError::Exists(_) => code::EXISTS,
                 RestoreError::Cancelled => code::CANCELLED,
-                RestoreError::NoMatch(_) => code::USAGE,
+                RestoreError::NoMatch(_) | RestoreError::NotAFile(_) => code::USAGE,
                 RestoreError::Io { .. } => code::PARTIAL,
             };
         }
@@ -257,22 +257,8 @@ fn cancel_on_sigint(flag: Arc<std::sync::atomic::AtomicBool>) {
 }
 
 /// `backup PATH...`: one snapshot of the paths.
-pub fn backup(
-    c: &V4Common,
-    paths: &[PathBuf],
-    tags: Vec<String>,
-    host: Option<String>,
-    force: bool,
-    time_ms: Option<i64>,
-) -> anyhow::Result<i32> {
+pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
-    let opts = BackupOptions {
-        host: host.unwrap_or_else(backup::hostname),
-        tags,
-        force,
-        time_ms,
-        ..Default::default()
-    };
     let progress = Arc::new(BackupProgress::default());
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     cancel_on_sigint(cancel.clone());
@@ -420,9 +406,8 @@ pub fn ls(c: &V4Common, snap: &str, path: Option<&str>) -> anyhow::Result<i32> {
 pub fn restore(
     c: &V4Common,
     snap: &str,
-    path: Option<String>,
     target: &Path,
-    overwrite: bool,
+    ropts: RestoreOptions,
 ) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
     let info = snapshots::find(&conn, snap)?;
@@ -456,35 +441,36 @@ pub fn restore(
             }
         })
     };
-    let r = restore::restore(
-        &conn,
-        &key,
-        &tree,
-        target,
-        &RestoreOptions {
-            overwrite,
-            include: path,
-        },
-        &progress,
-    );
+    let r = restore::restore(&conn, &key, &tree, target, &ropts, &progress);
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     let s = r?;
     if c.json {
         out_json(
-            serde_json::json!({"event": "restored", "snapshot": hex(&info.header.id), "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes, "target": target}),
+            serde_json::json!({"event": "restored", "snapshot": hex(&info.header.id), "files": s.files, "already_restored": s.skipped, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes, "target": target}),
         );
     } else if !c.quiet {
         println!(
-            "restored snapshot {} to {}: {} files, {} dirs, {} symlinks, {}",
+            "restored snapshot {} to {}: {} files ({} already in place), {} dirs, {} symlinks, {}",
             &hex(&info.header.id)[..8],
             target.display(),
             s.files,
+            s.skipped,
             s.dirs,
             s.symlinks,
             iec(s.bytes)
         );
     }
+    Ok(code::OK)
+}
+
+/// `dump SNAPSHOT PATH`: one file to standard output.
+pub fn dump(c: &V4Common, snap: &str, path: &str) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let info = snapshots::find(&conn, snap)?;
+    let tree = snapshots::load(&conn, &key, &info.header.id)?;
+    let mut out = std::io::stdout().lock();
+    restore::dump(&conn, &key, &tree, path, &mut out)?;
     Ok(code::OK)
 }
 

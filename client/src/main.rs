@@ -65,7 +65,7 @@ enum Command {
     /// Back up files and directories (v4: one snapshot; v3: each file by its name).
     Backup {
         /// Files and directories (v4: recursive; v3: files only).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "files_from")]
         files: Vec<PathBuf>,
         /// Server address [v3 default: 127.0.0.1:1256; v4: the one given to init].
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
@@ -85,6 +85,22 @@ enum Command {
         /// v4: the snapshot's time, UTC ("2026-12-04 10:30:00") [default: now].
         #[arg(long)]
         time: Option<String>,
+        /// v4: leave out paths matching this glob (a pattern without / matches
+        /// names; repeatable).
+        #[arg(long = "exclude", value_name = "PATTERN")]
+        excludes: Vec<String>,
+        /// v4: read exclude patterns from a file (one a line, # comments).
+        #[arg(long = "exclude-file", value_name = "FILE")]
+        exclude_files: Vec<PathBuf>,
+        /// v4: leave out the contents of directories tagged with CACHEDIR.TAG.
+        #[arg(long)]
+        exclude_caches: bool,
+        /// v4: do not cross into other file systems.
+        #[arg(long, short = 'x')]
+        one_file_system: bool,
+        /// v4: read more paths to back up from a file (one a line).
+        #[arg(long, value_name = "FILE")]
+        files_from: Option<PathBuf>,
     },
     /// v4: list the snapshots.
     Snapshots {
@@ -107,9 +123,23 @@ enum Command {
         /// Directory to restore into (made if missing).
         #[arg(short, long)]
         target: PathBuf,
-        /// Replace files that exist in the target.
+        /// Replace files that exist in the target (files already holding the
+        /// snapshot's content are kept either way: running a restore again resumes it).
         #[arg(long)]
         overwrite: bool,
+        /// Only entries matching this glob, and what is under them (repeatable).
+        #[arg(long = "include", value_name = "PATTERN")]
+        includes: Vec<String>,
+        /// Leave out entries matching this glob, and what is under them (repeatable).
+        #[arg(long = "exclude", value_name = "PATTERN")]
+        excludes: Vec<String>,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: write one file of a snapshot to standard output (verified).
+    Dump {
+        snapshot: String,
+        path: String,
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
@@ -320,6 +350,11 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
             host,
             force,
             time,
+            excludes,
+            exclude_files,
+            exclude_caches,
+            one_file_system,
+            files_from,
         } => {
             if user.is_some() {
                 return Err(anyhow!(
@@ -334,7 +369,37 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                         || anyhow!("--time {t:?}: expected YYYY-MM-DD HH:MM:SS (UTC)"),
                     )?),
                 };
-            cli_v4::backup(&common, &files, tags, host, force, time_ms)
+            let mut excludes = excludes;
+            for f in &exclude_files {
+                excludes.extend(
+                    cyberbackup_client::v4::backup::read_patterns(f)
+                        .with_context(|| format!("reading the exclude file {}", f.display()))?,
+                );
+            }
+            let mut files = files;
+            if let Some(f) = &files_from {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                files.extend(
+                    text.lines()
+                        .map(str::trim_end)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(PathBuf::from),
+                );
+            }
+            let opts = cyberbackup_client::v4::backup::BackupOptions {
+                host: host.unwrap_or_else(cyberbackup_client::v4::backup::hostname),
+                tags,
+                force,
+                time_ms,
+                filter: cyberbackup_client::v4::backup::Filter {
+                    excludes,
+                    exclude_caches,
+                    one_file_system,
+                },
+                ..Default::default()
+            };
+            cli_v4::backup(&common, &files, opts)
         }
         Command::Snapshots { server } => {
             common.server = server;
@@ -353,10 +418,26 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
             path,
             target,
             overwrite,
+            includes,
+            excludes,
             server,
         } => {
             common.server = server;
-            cli_v4::restore(&common, &snapshot, path, &target, overwrite)
+            let ropts = cyberbackup_client::v4::restore::RestoreOptions {
+                overwrite,
+                include: path,
+                includes,
+                excludes,
+            };
+            cli_v4::restore(&common, &snapshot, &target, ropts)
+        }
+        Command::Dump {
+            snapshot,
+            path,
+            server,
+        } => {
+            common.server = server;
+            cli_v4::dump(&common, &snapshot, &path)
         }
         Command::Forget {
             snapshots,

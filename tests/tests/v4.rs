@@ -849,7 +849,117 @@ fn check_finds_removed_and_corrupted_chunks(rt: Runtime) {
     );
 }
 
+/// Backup excludes (patterns, an exclude file, cache directories), `dump`, restore
+/// includes and excludes, and a restore run again that keeps what is already in place.
+fn excludes_dump_and_resumed_restore(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path(), false);
+    fs::create_dir_all(tree.join("cache/sub")).unwrap();
+    fs::write(
+        tree.join("cache/CACHEDIR.TAG"),
+        "Signature: 8a477f597d28d172789f06886806bc55\n# a cache\n",
+    )
+    .unwrap();
+    fs::write(tree.join("cache/sub/blob"), data(1 << 20, 5)).unwrap();
+    fs::write(tree.join("scratch.tmp"), b"temporary").unwrap();
+    let xf = work.path().join("excludes");
+    fs::write(&xf, "# temporary files\n*.tmp\n").unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("excl"));
+    let xf_s = xf.display().to_string();
+    u.backup(
+        &[&tree],
+        &[
+            "--exclude-caches",
+            "--exclude-file",
+            &xf_s,
+            "--exclude",
+            "y",
+        ],
+    );
+    let rel = tree.strip_prefix("/").unwrap().display().to_string();
+    let ls = u.ok(&["--json", "ls", "latest"]);
+    let paths: Vec<String> = ls
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let has = |p: &str| paths.iter().any(|x| *x == format!("{rel}/{p}"));
+    assert!(
+        has("x/notes.txt") && has("cache") && has("cache/CACHEDIR.TAG"),
+        "{paths:?}"
+    );
+    assert!(
+        !has("scratch.tmp") && !has("y") && !has("y/notes.txt") && !has("cache/sub"),
+        "{paths:?}"
+    );
+    // dump: one file to standard output.
+    let out = u.cli(&["dump", "latest", &format!("{rel}/x/notes.txt")]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, fs::read(tree.join("x/notes.txt")).unwrap());
+    assert_eq!(
+        u.cli(&["dump", "latest", &format!("{rel}/x")])
+            .status
+            .code(),
+        Some(2)
+    );
+    // Restore only the .txt files, then everything but a/.
+    let only = work.path().join("only");
+    u.ok(&[
+        "restore",
+        "latest",
+        "--include",
+        "*.txt",
+        "--target",
+        only.to_str().unwrap(),
+    ]);
+    assert!(only.join(&rel).join("x/notes.txt").exists());
+    assert!(!only.join(&rel).join("a/b/c/deep.bin").exists());
+    let some = work.path().join("some");
+    u.ok(&[
+        "restore",
+        "latest",
+        "--exclude",
+        "a",
+        "--target",
+        some.to_str().unwrap(),
+    ]);
+    assert!(some.join(&rel).join("x/notes.txt").exists());
+    assert!(!some.join(&rel).join("a").exists());
+    // A full restore, interrupted (a file is missing), run again: the rest is kept.
+    let full = work.path().join("full");
+    u.ok(&["restore", "latest", "--target", full.to_str().unwrap()]);
+    fs::remove_file(full.join(&rel).join("a/b/c/deep.bin")).unwrap();
+    let again = u.ok(&[
+        "--json",
+        "restore",
+        "latest",
+        "--target",
+        full.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(again.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        v["already_restored"].as_u64().unwrap() + 1,
+        v["files"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(
+        fs::read(full.join(&rel).join("a/b/c/deep.bin")).unwrap(),
+        fs::read(tree.join("a/b/c/deep.bin")).unwrap()
+    );
+    // A file that differs is still refused without --overwrite.
+    fs::write(full.join(&rel).join("x/notes.txt"), b"local edit").unwrap();
+    let r = u.cli(&["restore", "latest", "--target", full.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(9));
+}
+
 both_runtimes!(
+    excludes_dump_and_resumed_restore,
     forget_policy,
     diff_and_find,
     check_finds_removed_and_corrupted_chunks,

@@ -81,6 +81,8 @@ pub struct BackupOptions {
     pub compress: bool,
     /// The snapshot's time, milliseconds since the epoch (None: now).
     pub time_ms: Option<i64>,
+    /// What the walk leaves out.
+    pub filter: Filter,
 }
 
 impl Default for BackupOptions {
@@ -92,6 +94,7 @@ impl Default for BackupOptions {
             force: false,
             compress: true,
             time_ms: None,
+            filter: Filter::default(),
         }
     }
 }
@@ -171,21 +174,100 @@ fn mtime_ns(md: &std::fs::Metadata) -> i64 {
     md.mtime().saturating_mul(1_000_000_000) + md.mtime_nsec()
 }
 
-fn walk(paths: &[PathBuf]) -> Result<Walked, BackupError> {
+/// The chunk ids a file on disk has now under `key` (the same cuts and ids a backup
+/// would make): a restore compares them to tell a file already restored.
+pub fn file_chunk_ids(key: &RepoKey, path: &Path) -> std::io::Result<Vec<ChunkId>> {
+    let f = File::open(path)?;
+    let mut ids = Vec::new();
+    let cdc = fastcdc::v2020::StreamCDC::new(
+        std::io::BufReader::with_capacity(1 << 20, f),
+        CHUNK_MIN,
+        CHUNK_AVG,
+        CHUNK_MAX,
+    );
+    for c in cdc {
+        let c = c.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        ids.push(key.chunk_id(&c.data));
+    }
+    Ok(ids)
+}
+
+/// What the walk leaves out.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Globs (`*`, `?`, `**`): one without `/` is matched against each name, one with
+    /// `/` against the whole path as found on disk.
+    pub excludes: Vec<String>,
+    /// Leave out the contents of directories tagged with a CACHEDIR.TAG file (the tag
+    /// file and the directory itself are kept, as the tag's spec asks).
+    pub exclude_caches: bool,
+    /// Do not descend into directories on another file system than the path named.
+    pub one_file_system: bool,
+}
+
+/// The signature a CACHEDIR.TAG file starts with (bford.info/cachedir).
+const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
+
+impl Filter {
+    fn excluded(&self, disk: &Path) -> bool {
+        if self.excludes.is_empty() {
+            return false;
+        }
+        let full = disk.to_string_lossy();
+        let name = disk
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        self.excludes.iter().any(|p| {
+            if p.contains('/') {
+                super::inspect::glob(p, &full)
+            } else {
+                super::inspect::glob(p, &name)
+            }
+        })
+    }
+
+    fn is_cache(&self, dir: &Path) -> bool {
+        use std::io::Read as _;
+        if !self.exclude_caches {
+            return false;
+        }
+        let mut head = [0u8; CACHEDIR_SIGNATURE.len()];
+        File::open(dir.join("CACHEDIR.TAG"))
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok_and(|()| head == CACHEDIR_SIGNATURE)
+    }
+}
+
+/// Reads an exclude file: one pattern a line; blank lines and `#` comments skipped.
+pub fn read_patterns(path: &Path) -> std::io::Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+fn walk(paths: &[PathBuf], filter: &Filter) -> Result<Walked, BackupError> {
     let mut w = Walked {
         entries: Vec::new(),
         files: Vec::new(),
         skipped: Vec::new(),
         named: Vec::new(),
     };
-    // (manifest path, disk path)
-    let mut todo: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+    // (manifest path, disk path, device of the path named)
+    let mut todo: Vec<(Vec<u8>, PathBuf, u64)> = Vec::new();
     for p in paths {
         let base = manifest_base(p).map_err(|source| BackupError::Io {
             path: p.clone(),
             source,
         })?;
         w.named.push(p.as_os_str().as_bytes().to_vec());
+        let dev = std::fs::metadata(p).map_or(0, |m| m.dev());
         if base.is_empty() {
             // "." or "/": its contents go at the top.
             let rd = std::fs::read_dir(p).map_err(|source| BackupError::Io {
@@ -195,17 +277,20 @@ fn walk(paths: &[PathBuf]) -> Result<Walked, BackupError> {
             let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.file_name()).collect();
             names.sort();
             for n in names {
-                todo.push((n.as_bytes().to_vec(), p.join(&n)));
+                todo.push((n.as_bytes().to_vec(), p.join(&n), dev));
             }
         } else {
-            todo.push((base, p.clone()));
+            todo.push((base, p.clone(), dev));
         }
     }
     todo.sort();
     todo.dedup_by(|a, b| a.0 == b.0);
     // Depth-first in path order: a directory, then its contents.
-    let mut stack: Vec<(Vec<u8>, PathBuf)> = todo.into_iter().rev().collect();
-    while let Some((mpath, disk)) = stack.pop() {
+    let mut stack: Vec<(Vec<u8>, PathBuf, u64)> = todo.into_iter().rev().collect();
+    while let Some((mpath, disk, dev)) = stack.pop() {
+        if filter.excluded(&disk) {
+            continue;
+        }
         let md = match std::fs::symlink_metadata(&disk) {
             Ok(m) => m,
             Err(e) => {
@@ -246,16 +331,24 @@ fn walk(paths: &[PathBuf]) -> Result<Walked, BackupError> {
                 mtime_ns: mtime,
                 size: 0,
             });
+            if filter.one_file_system && md.dev() != dev {
+                // A mount point: recorded, not entered.
+                continue;
+            }
+            let cache = filter.is_cache(&disk);
             match std::fs::read_dir(&disk) {
                 Ok(rd) => {
-                    let mut kids: Vec<_> =
-                        rd.filter_map(Result::ok).map(|e| e.file_name()).collect();
+                    let mut kids: Vec<_> = rd
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name())
+                        .filter(|k| !cache || k == "CACHEDIR.TAG")
+                        .collect();
                     kids.sort();
                     for k in kids.into_iter().rev() {
                         let mut mp = mpath.clone();
                         mp.push(b'/');
                         mp.extend_from_slice(k.as_bytes());
-                        stack.push((mp, disk.join(&k)));
+                        stack.push((mp, disk.join(&k), dev));
                     }
                 }
                 Err(e) => w.skipped.push((disk, e.to_string())),
@@ -479,7 +572,7 @@ pub fn backup(
     progress: &BackupProgress,
 ) -> Result<BackupSummary, BackupError> {
     let started = Instant::now();
-    let mut walked = walk(paths)?;
+    let mut walked = walk(paths, &opts.filter)?;
     if walked.entries.is_empty() {
         return Err(BackupError::Empty);
     }

@@ -49,6 +49,8 @@ pub enum RestoreError {
     Exists(PathBuf),
     #[error("nothing in the snapshot matches {0:?}")]
     NoMatch(String),
+    #[error("{0} is not a regular file in the snapshot")]
+    NotAFile(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -56,10 +58,42 @@ pub enum RestoreError {
 /// Restore settings.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Replace files that exist in the target.
+    /// Replace files that exist in the target. (A file already holding exactly the
+    /// snapshot's content is never rewritten: a restore run again resumes.)
     pub overwrite: bool,
     /// Only this path of the snapshot (and what is under it).
     pub include: Option<String>,
+    /// Only entries matching one of these globs (a pattern without `/` against the
+    /// name, one with `/` against the snapshot path); none: everything.
+    pub includes: Vec<String>,
+    /// Leave out entries matching one of these globs (same matching), and what is
+    /// under an excluded directory.
+    pub excludes: Vec<String>,
+}
+
+fn matches_any(patterns: &[String], path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    patterns.iter().any(|p| {
+        if p.contains('/') {
+            super::inspect::glob(p.trim_start_matches('/'), path)
+        } else {
+            super::inspect::glob(p, name)
+        }
+    })
+}
+
+/// Whether `path` or one of its parent directories matches.
+fn matches_self_or_parent(patterns: &[String], path: &str) -> bool {
+    let mut p = path;
+    loop {
+        if matches_any(patterns, p) {
+            return true;
+        }
+        match p.rfind('/') {
+            Some(i) => p = &p[..i],
+            None => return false,
+        }
+    }
 }
 
 /// Progress, updated as the restore goes.
@@ -76,6 +110,8 @@ pub struct RestoreProgress {
 #[derive(Debug, Clone, Default)]
 pub struct RestoreSummary {
     pub files: u64,
+    /// Files that were already in place with the snapshot's content (not rewritten).
+    pub skipped: u64,
     pub dirs: u64,
     pub symlinks: u64,
     pub bytes: u64,
@@ -109,6 +145,13 @@ pub fn restore(
         .entries
         .iter()
         .filter(|e| in_scope(e, &opts.include))
+        .filter(|e| {
+            let p = String::from_utf8_lossy(&e.path);
+            (opts.includes.is_empty()
+                || matches_self_or_parent(&opts.includes, &p)
+                || matches!(e.kind, EntryKind::Dir))
+                && !matches_self_or_parent(&opts.excludes, &p)
+        })
         .collect();
     if entries.is_empty() {
         return Err(RestoreError::NoMatch(
@@ -120,13 +163,31 @@ pub fn restore(
         move |source| RestoreError::Io { path, source }
     };
     fs::create_dir_all(target).map_err(io(target))?;
-    // Refuse before writing anything if a file or link would be replaced.
-    if !opts.overwrite {
-        for e in &entries {
-            let dest = target.join(OsStr::from_bytes(&e.path));
-            if !matches!(e.kind, EntryKind::Dir) && fs::symlink_metadata(&dest).is_ok() {
-                return Err(RestoreError::Exists(dest));
+    // Files already restored (same content as in the snapshot: a restore run again
+    // after an interruption) are kept; anything else that exists is refused before
+    // anything is written, unless asked to overwrite.
+    let mut done: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    for e in &entries {
+        let dest = target.join(OsStr::from_bytes(&e.path));
+        let Ok(md) = fs::symlink_metadata(&dest) else {
+            continue;
+        };
+        let same = match &e.kind {
+            EntryKind::Dir => continue,
+            EntryKind::Symlink { target: t } => {
+                md.file_type().is_symlink()
+                    && fs::read_link(&dest).is_ok_and(|l| l.as_os_str().as_bytes() == &t[..])
             }
+            EntryKind::File { chunks } => {
+                md.is_file()
+                    && md.len() == e.size
+                    && super::backup::file_chunk_ids(key, &dest).is_ok_and(|ids| ids == *chunks)
+            }
+        };
+        if same {
+            done.insert(&e.path);
+        } else if !opts.overwrite {
+            return Err(RestoreError::Exists(dest));
         }
     }
     for e in &entries {
@@ -156,6 +217,25 @@ pub fn restore(
                 let _ = fs::set_permissions(&dest, fs::Permissions::from_mode(0o700));
                 dirs.push((e, dest));
                 summary.dirs += 1;
+            }
+            EntryKind::Symlink { .. } | EntryKind::File { .. } if done.contains(&e.path[..]) => {
+                // Already there: only the metadata is put back.
+                if let EntryKind::File { .. } = e.kind {
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(e.mode))
+                        .map_err(io(&dest))?;
+                    summary.files += 1;
+                    summary.skipped += 1;
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes_done.fetch_add(e.size, Ordering::Relaxed);
+                } else {
+                    summary.symlinks += 1;
+                }
+                set_mtime(
+                    &dest,
+                    e.mtime_ns,
+                    !matches!(e.kind, EntryKind::Symlink { .. }),
+                )
+                .map_err(io(&dest))?;
             }
             EntryKind::Symlink { target: t } => {
                 if opts.overwrite {
@@ -283,6 +363,63 @@ fn restore_file(
 fn is_zero(b: &[u8]) -> bool {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
+/// Writes one file of the snapshot to `out`, every chunk verified first.
+pub fn dump(
+    conn: &Connection,
+    key: &RepoKey,
+    tree: &Tree,
+    path: &str,
+    out: &mut dyn Write,
+) -> Result<u64, RestoreError> {
+    let want = path.trim_matches('/').as_bytes();
+    let e = tree
+        .entries
+        .iter()
+        .find(|e| e.path == want)
+        .ok_or_else(|| RestoreError::NoMatch(path.into()))?;
+    let EntryKind::File { chunks } = &e.kind else {
+        return Err(RestoreError::NotAFile(path.into()));
+    };
+    let name = path.to_string();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut next = 0;
+    let mut written = 0u64;
+    let stdout = |source| RestoreError::Io {
+        path: "standard output".into(),
+        source,
+    };
+    for (index, id) in chunks.iter().enumerate() {
+        while next < chunks.len() && pending.len() < AHEAD {
+            pending.push_back(conn.submit(&Request::GetChunk(chunks[next]))?);
+            next += 1;
+        }
+        let blob = match pending.pop_front().map(Pending::wait) {
+            Some(Ok(Answer::Chunk(b))) => b,
+            Some(Ok(_)) => return Err(ConnError::UnexpectedAnswer("GET_CHUNK").into()),
+            Some(Err(ConnError::Server(a))) => {
+                return Err(RestoreError::MissingChunk {
+                    path: name,
+                    index,
+                    detail: a.to_string(),
+                })
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ConnError::Closed.into()),
+        };
+        let plain = key
+            .open_chunk(id, &blob)
+            .map_err(|source| RestoreError::Chunk {
+                path: name.clone(),
+                index,
+                source,
+            })?;
+        out.write_all(&plain).map_err(stdout)?;
+        written += plain.len() as u64;
+    }
+    out.flush().map_err(stdout)?;
+    Ok(written)
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {
