@@ -63,7 +63,11 @@ impl V4Common {
 
     /// The passphrase: CYBERBACKUP_PASSWORD, --password-file, or a prompt.
     fn passphrase(&self, confirm: bool) -> anyhow::Result<Vec<u8>> {
-        if let Ok(p) = std::env::var("CYBERBACKUP_PASSWORD") {
+        self.passphrase_from(confirm, false)
+    }
+
+    fn passphrase_from(&self, confirm: bool, skip_env: bool) -> anyhow::Result<Vec<u8>> {
+        if let (false, Ok(p)) = (skip_env, std::env::var("CYBERBACKUP_PASSWORD")) {
             if !p.is_empty() {
                 return Ok(p.into_bytes());
             }
@@ -691,6 +695,152 @@ pub fn check(c: &V4Common, read_percent: Option<u8>) -> anyhow::Result<i32> {
     } else {
         code::INTEGRITY
     })
+}
+
+/// `enrol CODE`: joins this machine to an account.
+pub fn enrol(
+    c: &V4Common,
+    server: &str,
+    code: &str,
+    device: Option<String>,
+    server_key: Option<&str>,
+) -> anyhow::Result<i32> {
+    let profile = c.profile()?;
+    let device = device.unwrap_or_else(backup::hostname);
+    let quiet = c.quiet || c.json;
+    let w = v4::enrol(&profile, server, code, &device, server_key, &mut |fp| {
+        if !quiet {
+            eprintln!("server {server}: key {fp} (pinned on first use)");
+        }
+    })?;
+    let caps = cyberbackup_protocol::v4::Capabilities(w.capabilities);
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "enrolled", "account": w.account, "device_id": w.device_id, "capabilities": caps.names()}),
+        );
+    } else {
+        println!(
+            "this device ({device}) joined account {} with capabilities {}; settings in {}",
+            w.account,
+            caps.names(),
+            profile.dir().display()
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `device list`.
+pub fn device_list(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let Answer::DeviceList(list) = conn.call(&Request::ListDevices)? else {
+        bail!("the server answered LIST_DEVICES with something else");
+    };
+    if c.json {
+        out_json(serde_json::Value::Array(list.iter().map(|d| serde_json::json!({"id": d.id, "name": d.name, "capabilities": cyberbackup_protocol::v4::Capabilities(d.capabilities).names(), "created_ms": d.created_ms, "revoked_ms": if d.revoked_ms == 0 { None } else { Some(d.revoked_ms) }, "this": d.this})).collect()));
+        return Ok(code::OK);
+    }
+    println!(
+        "{:>4}  {:<20} {:<26} {:<23} state",
+        "id", "name", "capabilities", "added"
+    );
+    for d in &list {
+        println!(
+            "{:>4}  {:<20} {:<26} {:<23} {}{}",
+            d.id,
+            d.name,
+            cyberbackup_protocol::v4::Capabilities(d.capabilities).names(),
+            when(d.created_ms as i64),
+            if d.revoked_ms > 0 {
+                format!("revoked {}", when(d.revoked_ms as i64))
+            } else {
+                "active".into()
+            },
+            if d.this { " (this device)" } else { "" }
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `device add`: prints a one-time enrolment code.
+pub fn device_add(c: &V4Common, caps: &str, name: &str, ttl_hours: u32) -> anyhow::Result<i32> {
+    let caps = cyberbackup_protocol::v4::Capabilities::parse(caps)
+        .filter(|c| c.0 != 0)
+        .ok_or_else(|| {
+            anyhow!("--capabilities {caps:?}: expected all, or backup,read,forget,admin")
+        })?;
+    if !(1..=168).contains(&ttl_hours) {
+        bail!("--ttl-hours must be between 1 and 168");
+    }
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let Answer::Enrolment { code, expires_ms } = conn.call(&Request::DeviceAdd {
+        capabilities: caps.0,
+        name: name.into(),
+        ttl_s: ttl_hours * 3600,
+    })?
+    else {
+        bail!("the server answered DEVICE_ADD with something else");
+    };
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "enrolment", "code": code, "expires_ms": expires_ms, "capabilities": caps.names()}),
+        );
+    } else {
+        println!("{code}");
+        eprintln!(
+            "one-time code for a new device ({}), valid until {}: on the new machine run\n  cyberbackup enrol --server {} {code}",
+            caps.names(),
+            when(expires_ms as i64),
+            conn_server(c)?
+        );
+    }
+    Ok(code::OK)
+}
+
+fn conn_server(c: &V4Common) -> anyhow::Result<String> {
+    Ok(match &c.server {
+        Some(s) => s.clone(),
+        None => c.profile()?.repository()?.server,
+    })
+}
+
+/// `device revoke ID`.
+pub fn device_revoke(c: &V4Common, id: u64) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    match conn.call(&Request::RevokeDevice(id))? {
+        Answer::DeviceRevoked => {
+            if !c.quiet {
+                println!("device {id} revoked");
+            }
+            Ok(code::OK)
+        }
+        _ => bail!("the server answered REVOKE_DEVICE with something else"),
+    }
+}
+
+/// `key passwd`.
+pub fn key_passwd(c: &V4Common, new_file: Option<&Path>) -> anyhow::Result<i32> {
+    let (conn, key) = open(c)?;
+    let new = if let Ok(p) = std::env::var("CYBERBACKUP_NEW_PASSWORD").map(String::into_bytes) {
+        p
+    } else {
+        let c2 = V4Common {
+            password_file: new_file.map(Path::to_path_buf),
+            ..c.clone()
+        };
+        // Not the old passphrase's environment variable.
+        if new_file.is_none() && !std::io::stdin().is_terminal() {
+            bail!("no new passphrase: set CYBERBACKUP_NEW_PASSWORD or --new-password-file");
+        }
+        c2.passphrase_from(true, true)?
+    };
+    if new.is_empty() {
+        bail!("an empty passphrase is not allowed");
+    }
+    v4::change_passphrase(&conn, &key, &new)?;
+    if !c.quiet {
+        println!("the repository key is now wrapped under the new passphrase");
+    }
+    Ok(code::OK)
 }
 
 /// `usage`: what the account holds on the server.

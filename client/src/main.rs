@@ -204,10 +204,70 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
+    /// v4: join this machine to an account with an enrolment code (from `device add`
+    /// on another device, or from the server's `enrol-code` when every device is lost).
+    Enrol {
+        /// The enrolment code.
+        code: String,
+        /// Server address (host:port).
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: String,
+        /// This device's name [default: the host name].
+        #[arg(long)]
+        device: Option<String>,
+        /// The server's key fingerprint (SHA256:...), to check instead of trusting
+        /// the first connection.
+        #[arg(long)]
+        server_key: Option<String>,
+    },
+    /// v4: the account's devices: list, add (prints an enrolment code), revoke.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER", global = true)]
+        server: Option<String>,
+    },
+    /// v4: the repository key: change its passphrase.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER", global = true)]
+        server: Option<String>,
+    },
     /// v4: the space the account holds on the server.
     Usage {
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCmd {
+    /// The account's devices, their capabilities, and which are revoked.
+    List,
+    /// Make a one-time enrolment code for a new device.
+    Add {
+        /// What the new device may do: all, or some of backup,read,forget,admin.
+        #[arg(long, default_value = "all")]
+        capabilities: String,
+        /// A name to remember the device by.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Hours the code stays valid (at most 168).
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u32,
+    },
+    /// Revoke a device (by its id from `device list`): its logins are refused.
+    Revoke { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Wrap the repository key under a new passphrase (CYBERBACKUP_NEW_PASSWORD,
+    /// --new-password-file, or a prompt); the old one stops working.
+    Passwd {
+        #[arg(long, env = "CYBERBACKUP_NEW_PASSWORD_FILE")]
+        new_password_file: Option<PathBuf>,
     },
 }
 
@@ -516,6 +576,32 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage { server } => {
             common.server = server;
             cli_v4::usage(&common)
+        }
+        Command::Enrol {
+            code,
+            server,
+            device,
+            server_key,
+        } => cli_v4::enrol(&common, &server, &code, device, server_key.as_deref()),
+        Command::Device { cmd, server } => {
+            common.server = server;
+            match cmd {
+                DeviceCmd::List => cli_v4::device_list(&common),
+                DeviceCmd::Add {
+                    capabilities,
+                    name,
+                    ttl_hours,
+                } => cli_v4::device_add(&common, &capabilities, &name, ttl_hours),
+                DeviceCmd::Revoke { id } => cli_v4::device_revoke(&common, id),
+            }
+        }
+        Command::Key { cmd, server } => {
+            common.server = server;
+            match cmd {
+                KeyCmd::Passwd { new_password_file } => {
+                    cli_v4::key_passwd(&common, new_password_file.as_deref())
+                }
+            }
         }
     }
 }

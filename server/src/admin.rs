@@ -16,6 +16,14 @@ fn hex(b: &[u8]) -> String {
 
 /// Runs `cmd`; returns the process exit code.
 pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
+    if let Admin::EnrolCode {
+        account,
+        capabilities,
+        ttl_hours,
+    } = &cmd
+    {
+        return enrol_code(cfg, account, capabilities, *ttl_hours);
+    }
     let repo = match Repo::open_local(&cfg.repository) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => anyhow::bail!(
@@ -53,6 +61,7 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
                 !r.damaged.is_empty() || !r.missing.is_empty() || !r.damaged_bodies.is_empty();
             Ok(if bad { 3 } else { 0 })
         }
+        Admin::EnrolCode { .. } => unreachable!("handled above"),
         Admin::Gc { grace_hours } => {
             let now = crate::repo::now_unix_ms();
             let r = repo
@@ -65,4 +74,39 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Issues an enrolment code through the registry alone (SQLite allows it beside a
+/// running server, which holds the blob store's lock, not the database's).
+fn enrol_code(cfg: &Config, account: &str, caps: &str, ttl_hours: u64) -> Result<i32> {
+    use crate::repo::{Capabilities, Registry, SqliteRegistry};
+    let caps = Capabilities::parse(caps)
+        .filter(|c| *c != Capabilities::NONE)
+        .with_context(|| {
+            format!("--capabilities {caps:?}: expected all, or backup,read,forget,admin")
+        })?;
+    if ttl_hours == 0 || ttl_hours > 24 * 30 {
+        anyhow::bail!("--ttl-hours must be between 1 and 720");
+    }
+    let db = cfg.repository.join("repo.db");
+    if !db.exists() {
+        anyhow::bail!(
+            "{}: no v4 repository here (check --repository)",
+            db.display()
+        );
+    }
+    let mut reg = SqliteRegistry::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let id = reg
+        .account_by_name(account)?
+        .with_context(|| format!("no account named {account:?}"))?;
+    let (code, hash) = crate::repo::service::enrolment_code();
+    let now = crate::repo::now_unix_ms();
+    let expires = now + (ttl_hours as i64) * 3_600_000;
+    reg.add_enrolment(id, &hash, caps, now, expires)?;
+    println!("{code}");
+    eprintln!(
+        "enrolment code for account {account:?} ({}), valid {ttl_hours} h: on the new machine run\n  cyberbackup enrol --server HOST:PORT {code}",
+        caps.names()
+    );
+    Ok(0)
 }

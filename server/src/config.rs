@@ -42,6 +42,20 @@ pub enum Admin {
         #[arg(long, default_value_t = 24)]
         grace_hours: u64,
     },
+    /// Print a one-time enrolment code for a new device of an account: the recovery
+    /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
+    /// the passphrase still decides who can read the data). Works while the server runs.
+    EnrolCode {
+        /// The account's name.
+        #[arg(long)]
+        account: String,
+        /// The new device's capabilities: all, or backup,read,forget,admin.
+        #[arg(long, default_value = "all")]
+        capabilities: String,
+        /// Hours the code stays valid.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
 }
 
 /// Log output format.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use cyberbackup_protocol::v4::server::{Completion, Op, Principal};
 use cyberbackup_protocol::v4::wire::{
-    Answer, ErrorAnswer, ErrorCode, LoginMode, Request, SnapshotHeader, SnapshotInfo, Usage,
-    Welcome,
+    Answer, DeviceInfo, ErrorAnswer, ErrorCode, LoginMode, Request, SnapshotHeader, SnapshotInfo,
+    Usage, Welcome,
 };
 use cyberbackup_protocol::v4::Capabilities;
 
@@ -151,6 +151,29 @@ fn login_blocking(
                 account: login.account,
             })
         }
+        LoginMode::Enrol => {
+            let d = repo
+                .redeem_enrolment(&login.code, &key, &login.device)
+                .map_err(|e| answer_for(&e))?
+                .ok_or_else(|| {
+                    ErrorAnswer::new(
+                        ErrorCode::BAD_CODE,
+                        "the enrolment code is unknown, used or expired: ask for a new one",
+                    )
+                })?;
+            let name = repo
+                .account_name(d.account)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            tracing::info!(account_id = d.account, device = d.id, "device enrolled");
+            Ok(Welcome {
+                account_id: d.account as u64,
+                device_id: d.id as u64,
+                capabilities: d.caps.0,
+                account: name,
+            })
+        }
         LoginMode::Device => {
             let d = repo
                 .device_by_key(&key)
@@ -214,8 +237,9 @@ async fn request_answer<B: Blocking>(
             }
         }
         other => {
+            let device = p.device_id as i64;
             blocking
-                .run(move || blocking_answer(&repo, account, other))
+                .run(move || blocking_answer(&repo, account, device, other))
                 .await?
         }
     })
@@ -228,7 +252,12 @@ fn not_found(what: &str) -> Answer {
     ))
 }
 
-fn blocking_answer(repo: &Repo, account: i64, request: Request) -> Result<Answer, RepoError> {
+fn blocking_answer(
+    repo: &Repo,
+    account: i64,
+    device: i64,
+    request: Request,
+) -> Result<Answer, RepoError> {
     Ok(match request {
         Request::HasChunks(ids) => Answer::ChunksHeld(repo.chunks_held(account, &ids)?),
         Request::GetChunk(id) => match repo.get_chunk(account, &id)? {
@@ -276,6 +305,53 @@ fn blocking_answer(repo: &Repo, account: i64, request: Request) -> Result<Answer
             Some(k) => Answer::Key(k),
             None => not_found("repository key"),
         },
+        Request::DeviceAdd {
+            capabilities,
+            name,
+            ttl_s,
+        } => {
+            let caps = Capabilities::from_bits_truncate(capabilities);
+            if caps == Capabilities::NONE {
+                return Ok(Answer::Error(ErrorAnswer::new(
+                    ErrorCode::BAD_REQUEST,
+                    "a device needs at least one capability",
+                )));
+            }
+            let (code, expires) =
+                repo.new_enrolment(account, caps, std::time::Duration::from_secs(ttl_s as u64))?;
+            tracing::info!(account, caps = %caps.names(), device_name = %name, "enrolment code issued");
+            Answer::Enrolment {
+                code,
+                expires_ms: expires.max(0) as u64,
+            }
+        }
+        Request::ListDevices => Answer::DeviceList(
+            repo.list_devices(account)?
+                .into_iter()
+                .map(|d| DeviceInfo {
+                    id: d.id as u64,
+                    capabilities: d.caps.0,
+                    created_ms: d.created_ms.max(0) as u64,
+                    revoked_ms: d.revoked_ms.unwrap_or(0).max(0) as u64,
+                    this: d.id == device,
+                    name: d.name,
+                })
+                .collect(),
+        ),
+        Request::RevokeDevice(id) => {
+            if id as i64 == device {
+                return Ok(Answer::Error(ErrorAnswer::new(
+                    ErrorCode::BAD_REQUEST,
+                    "a device cannot revoke itself: revoke it from another device",
+                )));
+            }
+            if repo.revoke_device(account, id as i64)? {
+                tracing::info!(account, device = id, "device revoked");
+                Answer::DeviceRevoked
+            } else {
+                not_found("device")
+            }
+        }
         // Handled by the committer above.
         Request::PutChunk { .. } | Request::CommitSnapshot { .. } => {
             Answer::Error(ErrorAnswer::new(ErrorCode::INTERNAL, "misrouted request"))

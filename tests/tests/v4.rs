@@ -34,12 +34,17 @@ impl User {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(client_binary())
             .env("CYBERBACKUP_CONFIG_DIR", self.cfg.path())
             .env("CYBERBACKUP_PASSWORD", PASS)
             .env("CYBERBACKUP_KDF", "test")
             .env_remove("CYBERBACKUP_SERVER")
             .env_remove("CYBERBACKUP_PROTOCOL")
+            .envs(env.iter().copied())
             .args(args)
             .output()
             .expect("run cyberbackup")
@@ -958,7 +963,98 @@ fn excludes_dump_and_resumed_restore(rt: Runtime) {
     assert_eq!(r.status.code(), Some(9));
 }
 
+/// Devices: a backup-only device enrolled with a code can back up but not forget or
+/// read; a code works once; a revoked device is refused; when every device is lost,
+/// the server's admin code and the passphrase bring the data back; `key passwd`.
+fn devices_enrolment_revocation_and_recovery(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("thesis.txt"), format!("chapter one {MARKER}")).unwrap();
+    let account = unique_name("dev");
+    let alice = User::new();
+    alice.init(&srv, &account);
+    alice.backup(&[&src], &[]);
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // A backup-only device.
+    let code = alice.ok(&["device", "add", "--capabilities", "backup"]);
+    let code = code.trim();
+    let nas = User::new();
+    nas.ok(&["enrol", "-s", &addr, code, "--device", "nas"]);
+    nas.backup(&[&src], &["--tag", "from-nas"]);
+    let f = nas.cli(&["forget", "latest"]);
+    assert_eq!(f.status.code(), Some(6), "{}", stderr(&f));
+    assert!(stderr(&f).contains("FORBIDDEN"), "{}", stderr(&f));
+    let r = nas.cli(&[
+        "restore",
+        "latest",
+        "--target",
+        work.path().join("n").to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(6), "{}", stderr(&r));
+    // The code is used up.
+    let again = User::new().cli(&["enrol", "-s", &addr, code]);
+    assert_eq!(again.status.code(), Some(6));
+    assert!(stderr(&again).contains("BAD_CODE"), "{}", stderr(&again));
+    // Listed, then revoked.
+    let list: serde_json::Value =
+        serde_json::from_str(&alice.ok(&["--json", "device", "list"])).unwrap();
+    let devs = list.as_array().unwrap();
+    assert_eq!(devs.len(), 2, "{list}");
+    let nas_id = devs.iter().find(|d| d["name"] == "nas").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        devs.iter().find(|d| d["this"] == true).unwrap()["capabilities"],
+        "backup+read+forget+admin"
+    );
+    alice.ok(&["device", "revoke", &nas_id.to_string()]);
+    let refused = nas.cli(&["snapshots"]);
+    assert_eq!(refused.status.code(), Some(6));
+    assert!(
+        stderr(&refused).contains("DEVICE_REVOKED"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // Every device lost: the operator's code, then the passphrase alone.
+    let admin = Command::new(server_binary())
+        .current_dir(&srv.dir)
+        .args(["enrol-code", "--account", &account])
+        .output()
+        .unwrap();
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    let rescue_code = String::from_utf8_lossy(&admin.stdout).trim().to_string();
+    let rescued = User::new();
+    rescued.ok(&["enrol", "-s", &addr, &rescue_code]);
+    let out = work.path().join("rescued");
+    rescued.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    let rel = src.strip_prefix("/").unwrap();
+    assert_eq!(describe(&src), describe(&out.join(rel)));
+
+    // A new passphrase: the old one stops working.
+    rescued.cli_env(
+        &["key", "passwd"],
+        &[("CYBERBACKUP_NEW_PASSWORD", "a new passphrase")],
+    );
+    let old = alice.cli(&["ls", "latest"]);
+    assert_eq!(old.status.code(), Some(7), "{}", stderr(&old));
+    let new = alice.cli_env(
+        &["ls", "latest"],
+        &[("CYBERBACKUP_PASSWORD", "a new passphrase")],
+    );
+    assert!(new.status.success(), "{}", stderr(&new));
+}
+
 both_runtimes!(
+    devices_enrolment_revocation_and_recovery,
     excludes_dump_and_resumed_restore,
     forget_policy,
     diff_and_find,

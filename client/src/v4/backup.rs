@@ -581,7 +581,11 @@ pub fn backup(
         ..Default::default()
     };
     // The parent: the newest snapshot of this host with the same paths.
-    let parent = if opts.force {
+    // A device without the read capability (backup-only) cannot read the parent: it
+    // reads every file, and the server's HAS_CHUNKS still spares what it holds.
+    let can_read =
+        conn.welcome().capabilities & cyberbackup_protocol::v4::Capabilities::READ.0 != 0;
+    let parent = if opts.force || !can_read {
         None
     } else {
         snapshots::find_parent(conn, key, &opts.host, &walked.named)?

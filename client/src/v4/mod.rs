@@ -88,6 +88,7 @@ pub fn init(
             mode: LoginMode::Create,
             account: account.into(),
             device: device_name.into(),
+            code: String::new(),
         },
         &mut check,
         &ConnectOptions::default(),
@@ -104,6 +105,60 @@ pub fn init(
         device: device_name.into(),
     })?;
     Ok(conn.welcome().clone())
+}
+
+/// Joins this device to the account of an enrolment `code` (made by `device add` on
+/// another device, or by the server's `enrol-code` admin command) and saves the
+/// settings in `profile`. The repository key is then opened with the passphrase.
+pub fn enrol(
+    profile: &Profile,
+    server: &str,
+    code: &str,
+    device_name: &str,
+    server_key: Option<&str>,
+    on_new_key: &mut dyn FnMut(&str),
+) -> Result<Welcome, RepoError> {
+    if let Ok(r) = profile.repository() {
+        return Err(RepoError::AlreadyInitialised {
+            account: r.account,
+            server: r.server,
+        });
+    }
+    let device = profile.device_key_or_create()?;
+    let mut check = profile.key_check(server, server_key, |fp| on_new_key(fp));
+    let conn = Connection::connect(
+        server,
+        &device,
+        Login {
+            mode: LoginMode::Enrol,
+            account: String::new(),
+            device: device_name.into(),
+            code: code.trim().to_string(),
+        },
+        &mut check,
+        &ConnectOptions::default(),
+    )?;
+    let w = conn.welcome().clone();
+    profile.save_repository(&Repository {
+        server: server.into(),
+        account: w.account.clone(),
+        device: device_name.into(),
+    })?;
+    Ok(w)
+}
+
+/// Wraps the repository key under a new passphrase and stores it on the server
+/// (needs the admin capability). The old passphrase stops working.
+pub fn change_passphrase(
+    conn: &Connection,
+    key: &RepoKey,
+    new_passphrase: &[u8],
+) -> Result<(), RepoError> {
+    let wrapped = key.wrap(new_passphrase, kdf_cost(), &mut rand::thread_rng())?;
+    match conn.call(&Request::PutKey(wrapped))? {
+        Answer::KeyStored => Ok(()),
+        _ => Err(ConnError::UnexpectedAnswer("PUT_KEY").into()),
+    }
 }
 
 /// Connects with this device and opens the repository key with `passphrase`.
@@ -137,6 +192,7 @@ pub fn connect(profile: &Profile, server: Option<&str>) -> Result<Connection, Re
             mode: LoginMode::Device,
             account: String::new(),
             device: String::new(),
+            code: String::new(),
         },
         &mut check,
         &ConnectOptions::default(),

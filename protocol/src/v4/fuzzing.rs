@@ -91,6 +91,7 @@ pub fn session(data: &[u8]) -> SessionReport {
         mode: LoginMode::Device,
         account: String::new(),
         device: String::new(),
+        code: String::new(),
     };
     let Ok(mut client) = ClientSession::new(dk, login) else {
         return rep;

@@ -373,6 +373,7 @@ impl ServerSession {
                         LoginMode::Create => check_name(&login.account, false)
                             .err()
                             .or_else(|| check_name(&login.device, true).err()),
+                        LoginMode::Enrol => check_name(&login.device, true).err(),
                         LoginMode::Device => None,
                     };
                     if let Some(why) = bad {
@@ -594,7 +595,10 @@ fn check_request(r: &Request, caps: Capabilities) -> Result<(), ErrorAnswer> {
             Capabilities(Capabilities::BACKUP.0 | Capabilities::READ.0)
         }
         Request::ForgetSnapshot(_) => Capabilities::FORGET,
-        Request::PutKey(_) => Capabilities::ADMIN,
+        Request::PutKey(_)
+        | Request::DeviceAdd { .. }
+        | Request::ListDevices
+        | Request::RevokeDevice(_) => Capabilities::ADMIN,
     };
     if caps.0 & need.0 == 0 {
         return Err(ErrorAnswer::new(

@@ -30,6 +30,7 @@ impl Repo {
                     self.devices.insert(device_key, w.clone());
                     Ok(welcome(&w))
                 }
+                LoginMode::Enrol => Err(ErrorAnswer::new(ErrorCode::BAD_CODE, "no codes here")),
                 LoginMode::Device => match self.devices.get(&device_key) {
                     Some(w) => Ok(welcome(w)),
                     None => Err(ErrorAnswer::new(
@@ -175,6 +176,7 @@ fn create(name: &str) -> Login {
         mode: LoginMode::Create,
         account: name.into(),
         device: "laptop".into(),
+        code: String::new(),
     }
 }
 
@@ -183,6 +185,7 @@ fn device() -> Login {
         mode: LoginMode::Device,
         account: String::new(),
         device: String::new(),
+        code: String::new(),
     }
 }
 

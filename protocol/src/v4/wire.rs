@@ -90,6 +90,9 @@ pub mod kind {
     pub const USAGE: u16 = 0x0008;
     pub const PUT_KEY: u16 = 0x0009;
     pub const GET_KEY: u16 = 0x000A;
+    pub const DEVICE_ADD: u16 = 0x000B;
+    pub const LIST_DEVICES: u16 = 0x000C;
+    pub const REVOKE_DEVICE: u16 = 0x000D;
 
     pub const ERROR: u16 = 0x8000;
     pub const CHUNKS_HELD: u16 = 0x8001;
@@ -102,6 +105,9 @@ pub mod kind {
     pub const USAGE_INFO: u16 = 0x8008;
     pub const KEY_STORED: u16 = 0x8009;
     pub const KEY: u16 = 0x800A;
+    pub const ENROLMENT: u16 = 0x800B;
+    pub const DEVICE_LIST: u16 = 0x800C;
+    pub const DEVICE_REVOKED: u16 = 0x800D;
     pub const WELCOME: u16 = 0x8010;
 }
 
@@ -120,6 +126,7 @@ impl ErrorCode {
     pub const NAME_TAKEN: Self = Self(202);
     pub const BAD_NAME: Self = Self(203);
     pub const REGISTRATION_CLOSED: Self = Self(204);
+    pub const BAD_CODE: Self = Self(205);
     pub const FORBIDDEN: Self = Self(300);
     pub const NOT_FOUND: Self = Self(400);
     pub const MISSING_CHUNKS: Self = Self(401);
@@ -143,6 +150,7 @@ impl ErrorCode {
             202 => "NAME_TAKEN",
             203 => "BAD_NAME",
             204 => "REGISTRATION_CLOSED",
+            205 => "BAD_CODE",
             300 => "FORBIDDEN",
             400 => "NOT_FOUND",
             401 => "MISSING_CHUNKS",
@@ -245,9 +253,17 @@ pub fn max_request_len(kind: u16, max_chunk: u32) -> Option<u64> {
         kind::GET_SNAPSHOT | kind::FORGET_SNAPSHOT => 16,
         kind::GET_CHUNK => 32,
         kind::PUT_KEY => MAX_KEY_LEN,
+        kind::DEVICE_ADD => 4 + 2 + MAX_NAME_LEN as u64 + 4,
+        kind::LIST_DEVICES => 0,
+        kind::REVOKE_DEVICE => 8,
         _ => return None,
     })
 }
+
+/// Longest enrolment code.
+pub const MAX_CODE_LEN: usize = 64;
+/// Most devices one DEVICE_LIST carries.
+pub const MAX_DEVICES: u32 = 65_536;
 
 /// Largest body an answer of `kind` may have, given the server's `max_chunk`.
 pub fn max_answer_len(kind: u16, max_chunk: u32) -> Option<u64> {
@@ -262,6 +278,9 @@ pub fn max_answer_len(kind: u16, max_chunk: u32) -> Option<u64> {
         kind::USAGE_INFO => 32,
         kind::KEY => MAX_KEY_LEN,
         kind::WELCOME => 8 + 8 + 4 + 2 + MAX_NAME_LEN as u64,
+        kind::ENROLMENT => 2 + MAX_CODE_LEN as u64 + 8,
+        kind::DEVICE_LIST => 4 + MAX_DEVICES as u64 * (8 + 4 + 8 + 8 + 1 + 2 + MAX_NAME_LEN as u64),
+        kind::DEVICE_REVOKED => 0,
         _ => return None,
     })
 }
@@ -313,6 +332,8 @@ pub enum LoginMode {
     Device = 1,
     /// Create an account with this device as its first.
     Create = 2,
+    /// Join the account of a one-time enrolment code.
+    Enrol = 3,
 }
 
 /// Handshake message 3's payload.
@@ -321,6 +342,8 @@ pub struct Login {
     pub mode: LoginMode,
     pub account: String,
     pub device: String,
+    /// Mode 3 only: the enrolment code.
+    pub code: String,
 }
 
 /// The answer to a login.
@@ -419,6 +442,27 @@ pub enum Request {
     Usage,
     PutKey(Vec<u8>),
     GetKey,
+    /// Make an enrolment code for a new device of this account.
+    DeviceAdd {
+        capabilities: u32,
+        name: String,
+        ttl_s: u32,
+    },
+    ListDevices,
+    RevokeDevice(u64),
+}
+
+/// A device as DEVICE_LIST tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub id: u64,
+    pub capabilities: u32,
+    pub created_ms: u64,
+    /// 0: not revoked.
+    pub revoked_ms: u64,
+    /// The device that asked.
+    pub this: bool,
+    pub name: String,
 }
 
 /// A server's answer.
@@ -436,6 +480,9 @@ pub enum Answer {
     KeyStored,
     Key(Vec<u8>),
     Welcome(Welcome),
+    Enrolment { code: String, expires_ms: u64 },
+    DeviceList(Vec<DeviceInfo>),
+    DeviceRevoked,
 }
 
 impl From<ErrorAnswer> for Answer {
@@ -647,6 +694,9 @@ impl Login {
         out.push(self.mode as u8);
         put_str(&mut out, &self.account);
         put_str(&mut out, &self.device);
+        if self.mode == LoginMode::Enrol {
+            put_str(&mut out, &self.code);
+        }
         out
     }
 
@@ -655,12 +705,21 @@ impl Login {
         let mode = match r.u8()? {
             1 => LoginMode::Device,
             2 => LoginMode::Create,
+            3 => LoginMode::Enrol,
             _ => return Err(r.invalid("unknown login mode")),
+        };
+        let account = r.str(MAX_NAME_LEN)?;
+        let device = r.str(MAX_NAME_LEN)?;
+        let code = if mode == LoginMode::Enrol {
+            r.str(MAX_CODE_LEN)?
+        } else {
+            String::new()
         };
         let l = Login {
             mode,
-            account: r.str(MAX_NAME_LEN)?,
-            device: r.str(MAX_NAME_LEN)?,
+            account,
+            device,
+            code,
         };
         r.end()?;
         Ok(l)
@@ -696,6 +755,9 @@ impl Request {
             Request::Usage => kind::USAGE,
             Request::PutKey(_) => kind::PUT_KEY,
             Request::GetKey => kind::GET_KEY,
+            Request::DeviceAdd { .. } => kind::DEVICE_ADD,
+            Request::ListDevices => kind::LIST_DEVICES,
+            Request::RevokeDevice(_) => kind::REVOKE_DEVICE,
         }
     }
 
@@ -712,6 +774,9 @@ impl Request {
             Request::Usage => "USAGE",
             Request::PutKey(_) => "PUT_KEY",
             Request::GetKey => "GET_KEY",
+            Request::DeviceAdd { .. } => "DEVICE_ADD",
+            Request::ListDevices => "LIST_DEVICES",
+            Request::RevokeDevice(_) => "REVOKE_DEVICE",
         }
     }
 
@@ -728,6 +793,9 @@ impl Request {
             Request::GetSnapshot(_) | Request::ForgetSnapshot(_) => 16,
             Request::GetChunk(_) => 32,
             Request::PutKey(k) => k.len(),
+            Request::DeviceAdd { name, .. } => 4 + 2 + name.len() + 4,
+            Request::ListDevices => 0,
+            Request::RevokeDevice(_) => 8,
         }) as u64
     }
 
@@ -756,6 +824,17 @@ impl Request {
             Request::GetSnapshot(id) | Request::ForgetSnapshot(id) => out.extend_from_slice(id),
             Request::GetChunk(id) => out.extend_from_slice(id),
             Request::PutKey(k) => out.extend_from_slice(k),
+            Request::DeviceAdd {
+                capabilities,
+                name,
+                ttl_s,
+            } => {
+                out.extend_from_slice(&capabilities.to_le_bytes());
+                put_str(out, name);
+                out.extend_from_slice(&ttl_s.to_le_bytes());
+            }
+            Request::ListDevices => {}
+            Request::RevokeDevice(id) => out.extend_from_slice(&id.to_le_bytes()),
         }
     }
 
@@ -818,6 +897,25 @@ impl Request {
                 }
                 Request::PutKey(k)
             }
+            kind::DEVICE_ADD => {
+                r.what = "DEVICE_ADD";
+                let capabilities = r.u32()?;
+                let name = r.str(MAX_NAME_LEN)?;
+                let ttl_s = r.u32()?;
+                if !(60..=604_800).contains(&ttl_s) {
+                    return Err(r.invalid("a code's lifetime is 60 s to 7 days"));
+                }
+                Request::DeviceAdd {
+                    capabilities,
+                    name,
+                    ttl_s,
+                }
+            }
+            kind::LIST_DEVICES => Request::ListDevices,
+            kind::REVOKE_DEVICE => {
+                r.what = "REVOKE_DEVICE";
+                Request::RevokeDevice(r.u64()?)
+            }
             other => return Err(WireError::UnknownKind(other)),
         };
         r.end()?;
@@ -841,6 +939,9 @@ impl Answer {
             Answer::KeyStored => kind::KEY_STORED,
             Answer::Key(_) => kind::KEY,
             Answer::Welcome(_) => kind::WELCOME,
+            Answer::Enrolment { .. } => kind::ENROLMENT,
+            Answer::DeviceList(_) => kind::DEVICE_LIST,
+            Answer::DeviceRevoked => kind::DEVICE_REVOKED,
         }
     }
 
@@ -878,7 +979,22 @@ impl Answer {
                 out.extend_from_slice(root);
             }
             Answer::Chunk(b) | Answer::Key(b) => out.extend_from_slice(b),
-            Answer::Forgotten | Answer::KeyStored => {}
+            Answer::Forgotten | Answer::KeyStored | Answer::DeviceRevoked => {}
+            Answer::Enrolment { code, expires_ms } => {
+                put_str(out, code);
+                out.extend_from_slice(&expires_ms.to_le_bytes());
+            }
+            Answer::DeviceList(list) => {
+                out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                for d in list {
+                    out.extend_from_slice(&d.id.to_le_bytes());
+                    out.extend_from_slice(&d.capabilities.to_le_bytes());
+                    out.extend_from_slice(&d.created_ms.to_le_bytes());
+                    out.extend_from_slice(&d.revoked_ms.to_le_bytes());
+                    out.push(d.this as u8);
+                    put_str(out, &d.name);
+                }
+            }
             Answer::UsageInfo(u) => {
                 for v in [u.chunks, u.stored_bytes, u.snapshots, u.quota] {
                     out.extend_from_slice(&v.to_le_bytes());
@@ -958,6 +1074,33 @@ impl Answer {
             kind::KEY => Answer::Key(r.rest().to_vec()),
             kind::FORGOTTEN => Answer::Forgotten,
             kind::KEY_STORED => Answer::KeyStored,
+            kind::DEVICE_REVOKED => Answer::DeviceRevoked,
+            kind::ENROLMENT => {
+                r.what = "ENROLMENT";
+                Answer::Enrolment {
+                    code: r.str(MAX_CODE_LEN)?,
+                    expires_ms: r.u64()?,
+                }
+            }
+            kind::DEVICE_LIST => {
+                r.what = "DEVICE_LIST";
+                let n = r.u32()?;
+                if n > MAX_DEVICES {
+                    return Err(r.invalid("too many devices"));
+                }
+                let mut list = Vec::with_capacity((n as usize).min(body.len() / 31));
+                for _ in 0..n {
+                    list.push(DeviceInfo {
+                        id: r.u64()?,
+                        capabilities: r.u32()?,
+                        created_ms: r.u64()?,
+                        revoked_ms: r.u64()?,
+                        this: r.flag()?,
+                        name: r.str(MAX_NAME_LEN)?,
+                    });
+                }
+                Answer::DeviceList(list)
+            }
             kind::USAGE_INFO => {
                 r.what = "USAGE_INFO";
                 Answer::UsageInfo(Usage {

@@ -109,6 +109,26 @@ pub trait Registry: Send {
     /// The name of an account.
     fn account_name(&mut self, id: AccountId) -> Result<Option<String>, RepoError>;
 
+    /// Records a one-time enrolment code (its hash) for a new device of `account`.
+    fn add_enrolment(
+        &mut self,
+        account: AccountId,
+        code_hash: &[u8; 32],
+        caps: Capabilities,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), RepoError>;
+
+    /// Uses up an unexpired, unused code: adds the device with the code's capabilities,
+    /// in one transaction. `None` for an unknown, used or expired code.
+    fn redeem_enrolment(
+        &mut self,
+        code_hash: &[u8; 32],
+        key: &[u8; 32],
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<Device>, RepoError>;
+
     fn accounts(&mut self) -> Result<Vec<AccountId>, RepoError>;
 
     /// The device with this public key (revoked ones too: the caller refuses them).

@@ -270,6 +270,36 @@ impl Repo {
             .create_account(name, device_key, device_name, now)
     }
 
+    /// Makes a one-time enrolment code for a new device of `account` with `caps`,
+    /// valid for `ttl`; only its SHA-256 is kept. Returns the code and its expiry.
+    pub fn new_enrolment(
+        &self,
+        account: AccountId,
+        caps: Capabilities,
+        ttl: std::time::Duration,
+    ) -> Result<(String, i64), RepoError> {
+        let (code, hash) = enrolment_code();
+        let now = self.shared.now();
+        let expires = now.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
+        self.shared
+            .registry()
+            .add_enrolment(account, &hash, caps, now, expires)?;
+        Ok((code, expires))
+    }
+
+    /// Redeems an enrolment code for the device `key` named `name`.
+    pub fn redeem_enrolment(
+        &self,
+        code: &str,
+        key: &[u8; 32],
+        name: &str,
+    ) -> Result<Option<Device>, RepoError> {
+        let now = self.shared.now();
+        self.shared
+            .registry()
+            .redeem_enrolment(&code_hash(code), key, name, now)
+    }
+
     /// The name of an account.
     pub fn account_name(&self, id: AccountId) -> Result<Option<String>, RepoError> {
         self.shared.registry().account_name(id)
@@ -954,5 +984,103 @@ pub(crate) mod tests {
         std::fs::remove_file(&acct_dir).unwrap();
         block_on(repo.put_chunk(a, cid(1), data(1))).unwrap();
         assert_eq!(repo.chunks_held(a, &[cid(1)]).unwrap(), vec![true]);
+    }
+}
+
+const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// A fresh enrolment code (128 random bits as 26 base32 characters, in groups of
+/// five) and its hash.
+pub fn enrolment_code() -> (String, [u8; 32]) {
+    use rand::RngCore;
+    let mut raw = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let mut bits: u128 = u128::from_be_bytes(raw);
+    let mut chars = Vec::with_capacity(26);
+    for _ in 0..26 {
+        chars.push(BASE32[(bits & 31) as usize]);
+        bits >>= 5;
+    }
+    let plain: String = chars.iter().map(|c| *c as char).collect();
+    let code = plain
+        .as_bytes()
+        .chunks(5)
+        .map(|c| std::str::from_utf8(c).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("-");
+    let hash = code_hash(&code);
+    (code, hash)
+}
+
+/// The hash a code is kept under: SHA-256 of its characters without dashes or spaces,
+/// upper-cased (so a code typed in lower case or without dashes works).
+pub fn code_hash(code: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let norm: String = code
+        .chars()
+        .filter(|c| !matches!(c, '-' | ' '))
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    sha2::Sha256::digest(norm.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod enrol_tests {
+    use super::tests::Fixture;
+    use super::*;
+
+    #[test]
+    fn an_enrolment_code_adds_one_device_once_before_it_expires() {
+        let f = Fixture::new();
+        let repo = f.open();
+        let (a, _) = repo.create_account("alice", &[1; 32], "laptop").unwrap();
+        let (code, expires) = repo
+            .new_enrolment(a, Capabilities::BACKUP, std::time::Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(expires, 1_000_000 + 60_000);
+        assert_eq!(
+            code.len(),
+            26 + 5,
+            "26 characters in groups of five: {code}"
+        );
+        // Typed in lower case and without dashes, it still works; only once.
+        let typed = code.replace('-', "").to_lowercase();
+        let d = repo
+            .redeem_enrolment(&typed, &[2; 32], "phone")
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.account, d.caps), (a, Capabilities::BACKUP));
+        assert_eq!(repo.device_by_key(&[2; 32]).unwrap().unwrap().id, d.id);
+        assert!(repo
+            .redeem_enrolment(&code, &[3; 32], "x")
+            .unwrap()
+            .is_none());
+        // Expired.
+        let (late, _) = repo
+            .new_enrolment(a, Capabilities::ALL, std::time::Duration::from_secs(60))
+            .unwrap();
+        f.set_time(1_000_000 + 61_000);
+        assert!(repo
+            .redeem_enrolment(&late, &[4; 32], "x")
+            .unwrap()
+            .is_none());
+        // A key that already belongs to a device cannot enrol again (and the code
+        // stays unused: the transaction rolls back).
+        f.set_time(1_000_000);
+        let (again, _) = repo
+            .new_enrolment(a, Capabilities::ALL, std::time::Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(
+            repo.redeem_enrolment(&again, &[1; 32], "dup"),
+            Err(RepoError::KeyTaken)
+        ));
+        assert!(repo
+            .redeem_enrolment(&again, &[5; 32], "ok")
+            .unwrap()
+            .is_some());
+        // The database holds the hash, never the code.
+        drop(repo);
+        let db = std::fs::read(f.dir.path().join("repo.db")).unwrap();
+        assert!(!db.windows(10).any(|w| w == &code.as_bytes()[..10]));
     }
 }

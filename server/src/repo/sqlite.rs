@@ -77,6 +77,14 @@ CREATE TABLE snapshots (
     stored INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (account, id)
 ) WITHOUT ROWID;
+CREATE TABLE enrolments (
+    code_hash BLOB PRIMARY KEY CHECK (length(code_hash) = 32),
+    account INTEGER NOT NULL REFERENCES accounts(id),
+    capabilities INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms INTEGER
+) WITHOUT ROWID;
 CREATE TRIGGER chunk_added AFTER INSERT ON chunks BEGIN
     UPDATE accounts SET stored_bytes = stored_bytes + NEW.stored_len,
         chunk_count = chunk_count + 1 WHERE id = NEW.account;
@@ -452,6 +460,85 @@ impl Registry for SqliteRegistry {
         let id = tx.last_insert_rowid();
         tx.commit()?;
         Ok(id)
+    }
+
+    fn add_enrolment(
+        &mut self,
+        account: AccountId,
+        code_hash: &[u8; 32],
+        caps: Capabilities,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> Result<(), RepoError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        account_exists(&tx, account)?;
+        tx.execute(
+            "INSERT INTO enrolments (code_hash, account, capabilities, created_ms, expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &code_hash[..],
+                account,
+                Capabilities::from_bits_truncate(caps.0).0,
+                now_ms,
+                expires_ms
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn redeem_enrolment(
+        &mut self,
+        code_hash: &[u8; 32],
+        key: &[u8; 32],
+        name: &str,
+        now_ms: i64,
+    ) -> Result<Option<Device>, RepoError> {
+        check_name("a device name", name)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(AccountId, u32)> = tx
+            .query_row(
+                "SELECT account, capabilities FROM enrolments
+                 WHERE code_hash = ?1 AND used_ms IS NULL AND expires_ms > ?2",
+                params![&code_hash[..], now_ms],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u32)),
+            )
+            .optional()?;
+        let Some((account, caps)) = row else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE enrolments SET used_ms = ?2 WHERE code_hash = ?1",
+            params![&code_hash[..], now_ms],
+        )?;
+        let inserted = tx.execute(
+            "INSERT INTO devices (account, public_key, name, capabilities, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![account, &key[..], name, caps as i64, now_ms],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(RepoError::KeyTaken);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Some(Device {
+            id,
+            account,
+            name: name.to_string(),
+            caps: Capabilities::from_bits_truncate(caps),
+            created_ms: now_ms,
+            revoked_ms: None,
+        }))
     }
 
     fn list_devices(&mut self, account: AccountId) -> Result<Vec<Device>, RepoError> {

@@ -119,6 +119,13 @@ fn every_request_round_trips() {
         Request::Usage,
         Request::PutKey(vec![1; 89]),
         Request::GetKey,
+        Request::DeviceAdd {
+            capabilities: 3,
+            name: "phone".into(),
+            ttl_s: 3600,
+        },
+        Request::ListDevices,
+        Request::RevokeDevice(7),
     ];
     for r in reqs {
         let f = frame_req(42, &r);
@@ -164,6 +171,19 @@ fn every_answer_round_trips() {
             capabilities: 15,
             account: "alice".into(),
         }),
+        Answer::Enrolment {
+            code: "ABCDE-FGHIJ".into(),
+            expires_ms: 99,
+        },
+        Answer::DeviceList(vec![DeviceInfo {
+            id: 1,
+            capabilities: 15,
+            created_ms: 5,
+            revoked_ms: 0,
+            this: true,
+            name: "laptop".into(),
+        }]),
+        Answer::DeviceRevoked,
     ];
     for a in answers {
         let f = frame_ans(1, &a);
@@ -247,6 +267,34 @@ fn frame_reader_enforces_limits_and_flags() {
         .unwrap();
     assert_eq!(h.request_id, 9);
     assert_eq!(body, &[1; 32]);
+}
+
+#[test]
+fn login_carries_a_code_only_to_enrol() {
+    let enrol = Login {
+        mode: LoginMode::Enrol,
+        account: String::new(),
+        device: "new laptop".into(),
+        code: "ABCDE-FGHIJ-KLMNO".into(),
+    };
+    assert_eq!(Login::decode(&enrol.encode()).unwrap(), enrol);
+    let plain = Login {
+        mode: LoginMode::Device,
+        account: String::new(),
+        device: String::new(),
+        code: String::new(),
+    };
+    assert_eq!(plain.encode().len(), 5);
+    assert_eq!(Login::decode(&plain.encode()).unwrap(), plain);
+    // A code's lifetime is bounded.
+    let mut body = Vec::new();
+    Request::DeviceAdd {
+        capabilities: 1,
+        name: String::new(),
+        ttl_s: 10,
+    }
+    .encode_body(&mut body);
+    assert!(Request::decode(kind::DEVICE_ADD, &body).is_err());
 }
 
 #[test]
