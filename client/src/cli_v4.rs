@@ -263,6 +263,20 @@ fn cancel_on_sigint(flag: Arc<std::sync::atomic::AtomicBool>) {
 /// `backup PATH...`: one snapshot of the paths.
 pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
+    // An account at its quota is told so before any data is sent.
+    if let Ok(Answer::UsageInfo(u)) = conn.call(&Request::Usage) {
+        if u.quota > 0 && u.stored_bytes >= u.quota {
+            return Err(ConnError::Server(cyberbackup_protocol::v4::wire::ErrorAnswer::new(
+                ErrorCode::QUOTA_EXCEEDED,
+                format!(
+                    "the account is at its quota ({} of {} stored): forget snapshots (and wait for the server's collection) or ask for more space",
+                    iec(u.stored_bytes),
+                    iec(u.quota)
+                ),
+            ))
+            .into());
+        }
+    }
     let progress = Arc::new(BackupProgress::default());
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     cancel_on_sigint(cancel.clone());
@@ -839,6 +853,48 @@ pub fn key_passwd(c: &V4Common, new_file: Option<&Path>) -> anyhow::Result<i32> 
     v4::change_passphrase(&conn, &key, &new)?;
     if !c.quiet {
         println!("the repository key is now wrapped under the new passphrase");
+    }
+    Ok(code::OK)
+}
+
+/// `stats`: the snapshots' logical size against what the server stores.
+pub fn stats(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let all = snapshots::list(&conn)?;
+    let Answer::UsageInfo(u) = conn.call(&Request::Usage)? else {
+        bail!("the server answered USAGE with something else");
+    };
+    let logical: u64 = all.iter().map(|s| s.header.size).sum();
+    let ratio = if u.stored_bytes > 0 {
+        logical as f64 / u.stored_bytes as f64
+    } else {
+        0.0
+    };
+    if c.json {
+        out_json(
+            serde_json::json!({"snapshots": all.len(), "logical_bytes": logical, "stored_bytes": u.stored_bytes, "chunks": u.chunks, "dedup_ratio": ratio, "quota": u.quota}),
+        );
+    } else {
+        println!("snapshots:          {}", all.len());
+        println!(
+            "size of snapshots:  {} (the files as backed up, every snapshot counted)",
+            iec(logical)
+        );
+        println!(
+            "stored on server:   {} in {} chunks (deduplicated, compressed, encrypted)",
+            iec(u.stored_bytes),
+            u.chunks
+        );
+        println!("ratio:              {ratio:.2}x");
+        if u.quota > 0 {
+            println!(
+                "quota:              {} ({:.0}% used)",
+                iec(u.quota),
+                100.0 * u.stored_bytes as f64 / u.quota as f64
+            );
+        } else {
+            println!("quota:              none");
+        }
     }
     Ok(code::OK)
 }

@@ -65,7 +65,7 @@ enum Command {
     /// Back up files and directories (v4: one snapshot; v3: each file by its name).
     Backup {
         /// Files and directories (v4: recursive; v3: files only).
-        #[arg(required_unless_present = "files_from")]
+        #[arg(required_unless_present_any = ["files_from", "stdin"])]
         files: Vec<PathBuf>,
         /// Server address [v3 default: 127.0.0.1:1256; v4: the one given to init].
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
@@ -101,6 +101,12 @@ enum Command {
         /// v4: read more paths to back up from a file (one a line).
         #[arg(long, value_name = "FILE")]
         files_from: Option<PathBuf>,
+        /// v4: back up standard input as one file named --stdin-filename.
+        #[arg(long)]
+        stdin: bool,
+        /// v4: the name standard input is stored under.
+        #[arg(long, default_value = "stdin")]
+        stdin_filename: String,
     },
     /// v4: list the snapshots.
     Snapshots {
@@ -232,6 +238,11 @@ enum Command {
         #[command(subcommand)]
         cmd: KeyCmd,
         #[arg(short, long, env = "CYBERBACKUP_SERVER", global = true)]
+        server: Option<String>,
+    },
+    /// v4: what the snapshots hold and what that costs on the server (deduplicated).
+    Stats {
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
     /// v4: the space the account holds on the server.
@@ -415,6 +426,8 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
             exclude_caches,
             one_file_system,
             files_from,
+            stdin,
+            stdin_filename,
         } => {
             if user.is_some() {
                 return Err(anyhow!(
@@ -457,8 +470,14 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                     exclude_caches,
                     one_file_system,
                 },
+                stdin_name: stdin.then_some(stdin_filename),
                 ..Default::default()
             };
+            if stdin && !files.is_empty() {
+                return Err(anyhow!(
+                    "--stdin backs up standard input alone: give no paths"
+                ));
+            }
             cli_v4::backup(&common, &files, opts)
         }
         Command::Snapshots { server } => {
@@ -576,6 +595,10 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage { server } => {
             common.server = server;
             cli_v4::usage(&common)
+        }
+        Command::Stats { server } => {
+            common.server = server;
+            cli_v4::stats(&common)
         }
         Command::Enrol {
             code,

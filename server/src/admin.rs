@@ -24,6 +24,9 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
     {
         return enrol_code(cfg, account, capabilities, *ttl_hours);
     }
+    if let Admin::Quota { account, bytes } = &cmd {
+        return quota(cfg, account, bytes);
+    }
     let repo = match Repo::open_local(&cfg.repository) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => anyhow::bail!(
@@ -61,7 +64,7 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
                 !r.damaged.is_empty() || !r.missing.is_empty() || !r.damaged_bodies.is_empty();
             Ok(if bad { 3 } else { 0 })
         }
-        Admin::EnrolCode { .. } => unreachable!("handled above"),
+        Admin::EnrolCode { .. } | Admin::Quota { .. } => unreachable!("handled above"),
         Admin::Gc { grace_hours } => {
             let now = crate::repo::now_unix_ms();
             let r = repo
@@ -76,10 +79,53 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
     }
 }
 
+fn open_registry(cfg: &Config) -> Result<crate::repo::SqliteRegistry> {
+    let db = cfg.repository.join("repo.db");
+    if !db.exists() {
+        anyhow::bail!(
+            "{}: no v4 repository here (check --repository)",
+            db.display()
+        );
+    }
+    crate::repo::SqliteRegistry::open(&db).with_context(|| format!("opening {}", db.display()))
+}
+
+/// Parses "10G", "512M", "1048576", or "none".
+fn parse_bytes(s: &str) -> Option<Option<u64>> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Some(None);
+    }
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        (i, 'T' | 't') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult).map(Some)
+}
+
+fn quota(cfg: &Config, account: &str, bytes: &str) -> Result<i32> {
+    use crate::repo::Registry;
+    let q = parse_bytes(bytes)
+        .with_context(|| format!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none"))?;
+    let mut reg = open_registry(cfg)?;
+    let id = reg
+        .account_by_name(account)?
+        .with_context(|| format!("no account named {account:?}"))?;
+    reg.set_quota(id, q)?;
+    match q {
+        Some(b) => println!("quota of {account:?}: {b} bytes"),
+        None => println!("quota of {account:?}: none"),
+    }
+    Ok(0)
+}
+
 /// Issues an enrolment code through the registry alone (SQLite allows it beside a
 /// running server, which holds the blob store's lock, not the database's).
 fn enrol_code(cfg: &Config, account: &str, caps: &str, ttl_hours: u64) -> Result<i32> {
-    use crate::repo::{Capabilities, Registry, SqliteRegistry};
+    use crate::repo::{Capabilities, Registry};
     let caps = Capabilities::parse(caps)
         .filter(|c| *c != Capabilities::NONE)
         .with_context(|| {
@@ -88,14 +134,7 @@ fn enrol_code(cfg: &Config, account: &str, caps: &str, ttl_hours: u64) -> Result
     if ttl_hours == 0 || ttl_hours > 24 * 30 {
         anyhow::bail!("--ttl-hours must be between 1 and 720");
     }
-    let db = cfg.repository.join("repo.db");
-    if !db.exists() {
-        anyhow::bail!(
-            "{}: no v4 repository here (check --repository)",
-            db.display()
-        );
-    }
-    let mut reg = SqliteRegistry::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let mut reg = open_registry(cfg)?;
     let id = reg
         .account_by_name(account)?
         .with_context(|| format!("no account named {account:?}"))?;
@@ -109,4 +148,17 @@ fn enrol_code(cfg: &Config, account: &str, caps: &str, ttl_hours: u64) -> Result
         caps.names()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(super::parse_bytes("none"), Some(None));
+        assert_eq!(super::parse_bytes("10G"), Some(Some(10 << 30)));
+        assert_eq!(super::parse_bytes("512m"), Some(Some(512 << 20)));
+        assert_eq!(super::parse_bytes("4096"), Some(Some(4096)));
+        assert_eq!(super::parse_bytes("ten"), None);
+        assert_eq!(super::parse_bytes("99999999999T"), None);
+    }
 }

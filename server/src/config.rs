@@ -45,6 +45,16 @@ pub enum Admin {
     /// Print a one-time enrolment code for a new device of an account: the recovery
     /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
     /// the passphrase still decides who can read the data). Works while the server runs.
+    /// Set an account's quota (bytes of stored chunks; "none" removes it). Works
+    /// while the server runs; backups over it are refused before data is sent.
+    Quota {
+        /// The account's name.
+        #[arg(long)]
+        account: String,
+        /// Bytes (suffixes K, M, G, T in powers of 1024), or "none".
+        #[arg(long)]
+        bytes: String,
+    },
     EnrolCode {
         /// The account's name.
         #[arg(long)]

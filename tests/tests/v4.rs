@@ -1053,7 +1053,73 @@ fn devices_enrolment_revocation_and_recovery(rt: Runtime) {
     assert!(new.status.success(), "{}", stderr(&new));
 }
 
+/// A file that cannot be backed up makes a partial snapshot (tagged, exit code 3);
+/// standard input as a file; `stats`; a quota refuses a backup before data is sent.
+fn partial_stdin_stats_and_quota(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("ok.txt"), b"fine").unwrap();
+    let fifo = std::ffi::CString::new(src.join("pipe").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let account = unique_name("part");
+    let u = User::new();
+    u.init(&srv, &account);
+    let out = u.cli(&["--json", "backup", src.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pipe"));
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(list[0]["tags"], serde_json::json!(["partial"]), "{list}");
+    // Standard input.
+    let mut child = Command::new(client_binary())
+        .env("CYBERBACKUP_CONFIG_DIR", u.cfg.path())
+        .env("CYBERBACKUP_PASSWORD", PASS)
+        .args(["backup", "--stdin", "--stdin-filename", "db/dump.sql"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dump = data(3 << 20, 77);
+    child.stdin.take().unwrap().write_all(&dump).unwrap();
+    assert!(child.wait().unwrap().success());
+    let got = u.cli(&["dump", "latest", "db/dump.sql"]);
+    assert!(got.status.success());
+    assert_eq!(got.stdout, dump);
+    // stats: two snapshots; every byte of the 3 MiB stored once.
+    let st: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "stats"])).unwrap();
+    assert_eq!(st["snapshots"], 2, "{st}");
+    assert!(st["stored_bytes"].as_u64().unwrap() >= 3 << 20, "{st}");
+    // A quota already reached: refused before anything is sent.
+    let q = Command::new(server_binary())
+        .current_dir(&srv.dir)
+        .args(["quota", "--account", &account, "--bytes", "1M"])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let before = st["stored_bytes"].as_u64().unwrap();
+    fs::remove_file(src.join("pipe")).unwrap();
+    fs::write(src.join("more.bin"), data(1 << 20, 3)).unwrap();
+    let refused = u.cli(&["backup", src.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("QUOTA_EXCEEDED"));
+    let st: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "stats"])).unwrap();
+    assert_eq!(
+        st["stored_bytes"].as_u64().unwrap(),
+        before,
+        "nothing was stored"
+    );
+    assert_eq!(st["quota"], 1 << 20);
+}
+
 both_runtimes!(
+    partial_stdin_stats_and_quota,
     devices_enrolment_revocation_and_recovery,
     excludes_dump_and_resumed_restore,
     forget_policy,

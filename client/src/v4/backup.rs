@@ -83,6 +83,8 @@ pub struct BackupOptions {
     pub time_ms: Option<i64>,
     /// What the walk leaves out.
     pub filter: Filter,
+    /// Back up standard input as one file of this name instead of paths.
+    pub stdin_name: Option<String>,
 }
 
 impl Default for BackupOptions {
@@ -95,6 +97,7 @@ impl Default for BackupOptions {
             compress: true,
             time_ms: None,
             filter: Filter::default(),
+            stdin_name: None,
         }
     }
 }
@@ -433,6 +436,19 @@ impl Worker<'_, '_> {
             source,
         };
         let mut f = File::open(path).map_err(io)?;
+        self.chunks_of(&mut f, path)
+    }
+
+    /// Reads `src` to its end, cutting, naming and queueing its chunks.
+    fn chunks_of(
+        &mut self,
+        f: &mut dyn Read,
+        path: &Path,
+    ) -> Result<(Vec<ChunkId>, u64), BackupError> {
+        let io = |source| BackupError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut ids = Vec::new();
         let mut total = 0u64;
         let mut buf = std::mem::take(&mut self.buf);
@@ -572,7 +588,33 @@ pub fn backup(
     progress: &BackupProgress,
 ) -> Result<BackupSummary, BackupError> {
     let started = Instant::now();
-    let mut walked = walk(paths, &opts.filter)?;
+    let mut walked = match &opts.stdin_name {
+        None => walk(paths, &opts.filter)?,
+        Some(name) => {
+            let path = name.trim_matches('/').as_bytes().to_vec();
+            if !cyberbackup_protocol::v4::format::safe_path(&path) {
+                return Err(BackupError::Io {
+                    path: name.into(),
+                    source: std::io::Error::other("not a usable file name for standard input"),
+                });
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+            Walked {
+                entries: vec![Entry {
+                    path,
+                    kind: EntryKind::File { chunks: Vec::new() },
+                    mode: 0o644,
+                    mtime_ns: now,
+                    size: 0,
+                }],
+                files: Vec::new(),
+                skipped: Vec::new(),
+                named: vec![format!("(stdin) {name}").into_bytes()],
+            }
+        }
+    };
     if walked.entries.is_empty() {
         return Err(BackupError::Empty);
     }
@@ -680,6 +722,21 @@ pub fn backup(
             }
         }
     }
+    if opts.stdin_name.is_some() {
+        let mut w = Worker {
+            sh: &shared,
+            buf: Vec::new(),
+            batch: Batch::default(),
+            puts: VecDeque::new(),
+            rng: rand::thread_rng(),
+        };
+        let (chunks, size) =
+            w.chunks_of(&mut std::io::stdin().lock(), Path::new("standard input"))?;
+        w.flush()?;
+        w.reap(true)?;
+        walked.entries[0].kind = EntryKind::File { chunks };
+        walked.entries[0].size = size;
+    }
     let entries: Vec<Entry> = walked
         .entries
         .into_iter()
@@ -732,6 +789,11 @@ pub fn backup(
         manifest_len: manifest.len() as u64,
         manifest_chunks,
         paths: walked.named,
+        skipped: summary
+            .skipped
+            .iter()
+            .map(|(p, why)| (p.as_os_str().as_bytes().to_vec(), why.clone()))
+            .collect(),
     };
     let sealed = key.seal_root(&id, &root, &mut rand::thread_rng());
     let time_ms = opts.time_ms.unwrap_or_else(|| {
@@ -747,7 +809,13 @@ pub fn backup(
         size: summary.size,
         stored: summary.bytes_sent,
         host: opts.host.clone(),
-        tags: opts.tags.clone(),
+        tags: {
+            let mut t = opts.tags.clone();
+            if !summary.skipped.is_empty() && !t.iter().any(|x| x == "partial") {
+                t.push("partial".into());
+            }
+            t
+        },
     };
     let mut refs: Vec<ChunkId> = refs.into_iter().collect();
     refs.sort_unstable();

@@ -339,6 +339,8 @@ pub struct Root {
     pub manifest_chunks: Vec<ChunkId>,
     /// The paths given to the backup (raw bytes).
     pub paths: Vec<Vec<u8>>,
+    /// Paths the backup could not read (the snapshot is partial), and why.
+    pub skipped: Vec<(Vec<u8>, String)>,
 }
 
 impl Root {
@@ -352,6 +354,15 @@ impl Root {
         for p in &self.paths {
             out.extend_from_slice(&(p.len() as u32).to_le_bytes());
             out.extend_from_slice(p);
+        }
+        if !self.skipped.is_empty() {
+            out.extend_from_slice(&(self.skipped.len() as u32).to_le_bytes());
+            for (p, why) in &self.skipped {
+                out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+                out.extend_from_slice(p);
+                out.extend_from_slice(&(why.len() as u32).to_le_bytes());
+                out.extend_from_slice(why.as_bytes());
+            }
         }
     }
 
@@ -371,11 +382,22 @@ impl Root {
         for _ in 0..n {
             paths.push(r.bytes(MAX_PATH)?.to_vec());
         }
+        let mut skipped = Vec::new();
+        if !r.b.is_empty() {
+            let n = r.u32()? as usize;
+            skipped.reserve(n.min(b.len() / 8));
+            for _ in 0..n {
+                let p = r.bytes(MAX_PATH)?.to_vec();
+                let why = String::from_utf8_lossy(r.bytes(4096)?).into_owned();
+                skipped.push((p, why));
+            }
+        }
         r.end()?;
         Ok(Root {
             manifest_len,
             manifest_chunks,
             paths,
+            skipped,
         })
     }
 }
@@ -628,6 +650,7 @@ mod tests {
             manifest_len: 1234,
             manifest_chunks: vec![[1; 32], [2; 32]],
             paths: vec![b"/home/a".to_vec()],
+            skipped: vec![],
         };
         let id = [5u8; 16];
         let sealed = k.seal_root(&id, &root, &mut rng());
