@@ -228,10 +228,15 @@ fn tree_round_trip(rt: Runtime) {
     // The hole stays a hole.
     let md = fs::metadata(restored.join("sparse.img")).unwrap();
     assert!(md.blocks() * 512 < 64 << 20, "{} blocks", md.blocks());
-    // Restoring again over the same target is refused, naming a file.
+    // Restoring again over a target where a file differs is refused, naming it.
+    fs::write(restored.join("a/empty"), b"changed here").unwrap();
     let again = u.cli(&["restore", "latest", "--target", out.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(9));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("a/empty"),
+        "{err}"
+    );
     // A sub-path alone.
     let part = work.path().join("part");
     let sub = format!("{}/x", rel.display());
