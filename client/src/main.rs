@@ -65,7 +65,7 @@ enum Command {
     /// Back up files and directories (v4: one snapshot; v3: each file by its name).
     Backup {
         /// Files and directories (v4: recursive; v3: files only).
-        #[arg(required_unless_present_any = ["files_from", "stdin"])]
+        #[arg(required_unless_present_any = ["files_from", "stdin", "profile"])]
         files: Vec<PathBuf>,
         /// Server address [v3 default: 127.0.0.1:1256; v4: the one given to init].
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
@@ -312,6 +312,10 @@ struct Common {
     /// else a prompt).
     #[arg(long, global = true, env = "CYBERBACKUP_PASSWORD_FILE")]
     password_file: Option<PathBuf>,
+    /// v4: a profile of config.toml in the config directory (paths, excludes, tags,
+    /// retention) for backup and forget; flags add to it.
+    #[arg(long, global = true, env = "CYBERBACKUP_PROFILE")]
+    profile: Option<String>,
 }
 
 fn exit_code(e: &ClientError) -> i32 {
@@ -394,6 +398,16 @@ impl Output {
 
 fn run_v4(cli: Cli) -> anyhow::Result<i32> {
     let c = cli.common;
+    let profile = match &c.profile {
+        None => None,
+        Some(name) => {
+            let dir = match &c.config_dir {
+                Some(d) => d.clone(),
+                None => cyberbackup_client::v4::profile::default_dir()?,
+            };
+            Some(cyberbackup_client::v4::config::profile(&dir, name)?)
+        }
+    };
     let mut common = cli_v4::V4Common {
         config_dir: c.config_dir,
         server: None,
@@ -434,6 +448,31 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                     "--user is for protocol 3 (add --protocol 3); v4 uses the account given to init"
                 ));
             }
+            let mut files = files;
+            let mut tags = tags;
+            let mut excludes = excludes;
+            let mut exclude_files = exclude_files;
+            let (mut exclude_caches, mut one_file_system, mut host, mut server) =
+                (exclude_caches, one_file_system, host, server);
+            if let Some(p) = &profile {
+                if files.is_empty() && files_from.is_none() && !stdin {
+                    files = p.paths.clone();
+                }
+                if tags.is_empty() {
+                    tags = p.tags.clone();
+                }
+                excludes.extend(p.excludes.iter().cloned());
+                exclude_files.extend(p.exclude_files.iter().cloned());
+                exclude_caches |= p.exclude_caches;
+                one_file_system |= p.one_file_system;
+                host = host.or_else(|| p.host.clone());
+                server = server.or_else(|| p.server.clone());
+            }
+            if files.is_empty() && files_from.is_none() && !stdin {
+                return Err(anyhow!(
+                    "nothing to back up: give paths, or a profile with paths"
+                ));
+            }
             common.server = server;
             let time_ms =
                 match time {
@@ -442,14 +481,12 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                         || anyhow!("--time {t:?}: expected YYYY-MM-DD HH:MM:SS (UTC)"),
                     )?),
                 };
-            let mut excludes = excludes;
             for f in &exclude_files {
                 excludes.extend(
                     cyberbackup_client::v4::backup::read_patterns(f)
                         .with_context(|| format!("reading the exclude file {}", f.display()))?,
                 );
             }
-            let mut files = files;
             if let Some(f) = &files_from {
                 let text = std::fs::read_to_string(f)
                     .with_context(|| format!("reading {}", f.display()))?;
@@ -540,7 +577,7 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                     })?,
                 ),
             };
-            let policy = cyberbackup_client::v4::policy::Policy {
+            let mut policy = cyberbackup_client::v4::policy::Policy {
                 last: keep_last,
                 hourly: keep_hourly,
                 daily: keep_daily,
@@ -550,6 +587,12 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                 within,
                 tags: keep_tag,
             };
+            if let (Some(p), true, true) = (&profile, policy.is_empty(), snapshots.is_empty()) {
+                policy = p.policy().map_err(|e| anyhow!("profile: {e}"))?;
+                if common.server.is_none() {
+                    common.server = p.server.clone();
+                }
+            }
             match (snapshots.is_empty(), policy.is_empty()) {
                 (false, true) if !dry_run => cli_v4::forget(&common, &snapshots),
                 (true, false) => cli_v4::forget_policy(&common, &policy, dry_run),

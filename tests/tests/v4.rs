@@ -1123,7 +1123,47 @@ fn partial_stdin_stats_and_quota(rt: Runtime) {
     assert_eq!(st["quota"], 1 << 20);
 }
 
+/// A profile of config.toml drives backup and forget without flags (as the systemd
+/// units in contrib/ run them).
+fn profiles_drive_backup_and_forget(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("keep.txt"), b"kept").unwrap();
+    fs::write(src.join("junk.tmp"), b"not kept").unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("prof"));
+    fs::write(
+        u.cfg.path().join("config.toml"),
+        format!(
+            "[profiles.home]\npaths = [{:?}]\nexcludes = [\"*.tmp\"]\ntags = [\"scheduled\"]\nkeep_last = 1\n",
+            src.display().to_string()
+        ),
+    )
+    .unwrap();
+    u.ok(&["backup", "--profile", "home"]);
+    let second = u.cli_env(&["backup"], &[("CYBERBACKUP_PROFILE", "home")]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["tags"], serde_json::json!(["scheduled"]));
+    let ls = u.ok(&["ls", "latest"]);
+    assert!(ls.contains("keep.txt") && !ls.contains("junk.tmp"), "{ls}");
+    u.ok(&["forget", "--profile", "home"]);
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "keep_last = 1");
+    let bad = u.cli(&["backup", "--profile", "nope"]);
+    assert_eq!(bad.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("it has: home"));
+}
+
 both_runtimes!(
+    profiles_drive_backup_and_forget,
     partial_stdin_stats_and_quota,
     devices_enrolment_revocation_and_recovery,
     excludes_dump_and_resumed_restore,

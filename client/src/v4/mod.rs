@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`conn`]: a logged-in connection, pipelined, safe to share between threads.
+//! - [`config`]: `config.toml`, named profiles of paths, excludes and retention.
 //! - [`profile`]: the config directory: device key, pinned server keys, repository.
 //! - [`backup`]: the parallel read, chunk, hash, ask, compress, encrypt, send pipeline.
 //! - [`snapshots`]: listing, finding and loading snapshots.
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod backup;
+pub mod config;
 pub mod conn;
 pub mod inspect;
 pub mod policy;
