@@ -281,23 +281,54 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     cancel_on_sigint(cancel.clone());
     let show = !c.quiet && !c.json && std::io::stderr().is_terminal();
+    let json = c.json && !c.quiet;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ticker = {
         let (p, done, cancel) = (progress.clone(), done.clone(), cancel.clone());
         std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut ticks = 0u64;
             while !done.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
+                ticks += 1;
                 if cancel.load(Ordering::Relaxed) {
                     p.cancel.store(true, Ordering::Relaxed);
                 }
+                let (fd, ft) = (
+                    p.files_done.load(Ordering::Relaxed),
+                    p.files_total.load(Ordering::Relaxed),
+                );
+                let (bd, bt) = (
+                    p.bytes_done.load(Ordering::Relaxed),
+                    p.bytes_total.load(Ordering::Relaxed),
+                );
+                let secs = start.elapsed().as_secs_f64().max(0.001);
+                let rate = bd as f64 / secs;
+                let eta = if rate > 0.0 && bt > bd {
+                    Some(((bt - bd) as f64 / rate) as u64)
+                } else {
+                    None
+                };
+                let current = p
+                    .current
+                    .lock()
+                    .map(|c| c.display().to_string())
+                    .unwrap_or_default();
                 if show {
-                    eprint!(
-                        "\r{} of {} files, {} of {} read, {} sent   ",
-                        p.files_done.load(Ordering::Relaxed),
-                        p.files_total.load(Ordering::Relaxed),
-                        iec(p.bytes_done.load(Ordering::Relaxed)),
-                        iec(p.bytes_total.load(Ordering::Relaxed)),
-                        iec(p.bytes_sent.load(Ordering::Relaxed)),
+                    let line = format!(
+                        "{fd}/{ft} files, {} / {}, {}/s, ETA {}, {}",
+                        iec(bd),
+                        iec(bt),
+                        iec(rate as u64),
+                        eta.map_or("-".to_string(), |e| format!("{}:{:02}", e / 60, e % 60)),
+                        current
+                    );
+                    let line: String = line.chars().take(160).collect();
+                    eprint!("\r{line}\x1b[K");
+                }
+                if json && ticks.is_multiple_of(5) {
+                    out_json(
+                        serde_json::json!({"event": "progress", "files_done": fd, "files_total": ft, "bytes_done": bd, "bytes_total": bt, "bytes_sent": p.bytes_sent.load(Ordering::Relaxed), "bytes_per_sec": rate as u64, "eta_secs": eta, "current": current}),
                     );
                 }
             }
@@ -321,6 +352,7 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
             "chunks_held": s.chunks_held, "bytes_sent": s.bytes_sent,
             "skipped": s.skipped.iter().map(|(p, w)| serde_json::json!({"path": p, "error": w})).collect::<Vec<_>>(),
             "seconds": s.seconds,
+            "exit_code": if s.skipped.is_empty() { code::OK } else { code::PARTIAL },
         }));
     } else if !c.quiet {
         println!(

@@ -143,6 +143,8 @@ pub struct BackupProgress {
     pub bytes_done: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub cancel: AtomicBool,
+    /// The file a worker last started on (its path as found on disk).
+    pub current: Mutex<PathBuf>,
 }
 
 struct Walked {
@@ -411,6 +413,7 @@ impl Worker<'_, '_> {
             }
             let job = lock(&self.sh.queue).pop_front();
             let Some((idx, path)) = job else { break };
+            lock(&self.sh.progress.current).clone_from(&path);
             let r = self.file(&path);
             let r = match r {
                 Ok(ids) => Ok(ids),

@@ -9,7 +9,7 @@
 //!   capability checks; the repository work is handed out as ops.
 //! - [`client`]: the client's state machine, used by the client library, the load
 //!   generator and the tests, so the wire is implemented once on each side.
-//! - [`format`]: the repository format the server never reads: key derivation, the
+//! - [`format`](mod@format): the repository format the server never reads: key derivation, the
 //!   wrapped key, chunk blobs, the manifest and the snapshot root.
 
 pub mod aead;

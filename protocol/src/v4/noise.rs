@@ -2,7 +2,7 @@
 //! crate) and the record layer after it (`docs/PROTOCOL-V4.md` §2-§3).
 //!
 //! snow brings X25519, SHA-256 and the handshake state machine. The AES-256-GCM cipher
-//! is given to snow through a small resolver ([`resolver`]) backed by `ring`
+//! is given to snow through a small resolver (`resolver`) backed by `ring`
 //! ([`super::aead`]): snow's own AES-GCM (RustCrypto's) does not build without its
 //! `std` feature and is five times slower here, and this one keeps the expanded key
 //! for the session instead of expanding it again for every record. Nothing here is

@@ -3,7 +3,7 @@
 //! bounded before it is used.
 //!
 //! Decoding never panics and never allocates more than the body it was given: a body
-//! is only decoded once its frame's `len` passed [`max_body_len`] and the whole body
+//! is only decoded once its frame's `len` passed [`max_request_len`] (or [`max_answer_len`]) and the whole body
 //! has arrived, and every count inside it is checked against the bytes that are left.
 
 use std::fmt;
