@@ -67,11 +67,8 @@ impl V4Common {
     }
 
     fn passphrase_from(&self, confirm: bool, skip_env: bool) -> anyhow::Result<Vec<u8>> {
-        if let (false, Ok(p)) = (skip_env, std::env::var("CYBERBACKUP_PASSWORD")) {
-            if !p.is_empty() {
-                return Ok(p.into_bytes());
-            }
-        }
+        // A file named explicitly wins, and a missing one is an error (never a silent
+        // fall back to the environment).
         if let Some(f) = &self.password_file {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("reading the password file {}", f.display()))?;
@@ -81,6 +78,11 @@ impl V4Common {
                 bail!("the password file {} is empty", f.display());
             }
             return Ok(p.as_bytes().to_vec());
+        }
+        if let (false, Ok(p)) = (skip_env, std::env::var("CYBERBACKUP_PASSWORD")) {
+            if !p.is_empty() {
+                return Ok(p.into_bytes());
+            }
         }
         if !std::io::stdin().is_terminal() {
             bail!("no passphrase: set CYBERBACKUP_PASSWORD or --password-file (standard input is not a terminal)");
@@ -118,6 +120,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             return match b {
                 BackupError::Conn(c) => conn_code(c),
                 BackupError::Cancelled => code::CANCELLED,
+                BackupError::Empty(_) => code::USAGE,
                 BackupError::Snapshot(s) => snapshot_code(s),
                 _ => code::PARTIAL,
             };
@@ -151,7 +154,8 @@ fn snapshot_code(s: &SnapshotError) -> i32 {
 
 fn conn_code(c: &ConnError) -> i32 {
     match c {
-        ConnError::KeyMismatch { .. } => code::KEY,
+        ConnError::KeyMismatch { .. } | ConnError::KeyNotExpected { .. } => code::KEY,
+        ConnError::BadAddress(_) => code::USAGE,
         ConnError::Server(_) => code::REFUSED,
         c if c.code().is_some() => code::REFUSED,
         _ => code::NETWORK,
@@ -209,6 +213,11 @@ pub fn init(
     device: Option<String>,
     server_key: Option<&str>,
 ) -> anyhow::Result<i32> {
+    if let Some(k) = server_key {
+        if !cyberbackup_client::v4::profile::is_key_spec(k) {
+            bail!("--server-key {k:?}: expected SHA256: and 64 hex characters (the fingerprint the server logs)");
+        }
+    }
     let profile = c.profile()?;
     let pass = c.passphrase(true)?;
     let device = device.unwrap_or_else(backup::hostname);
@@ -546,7 +555,12 @@ pub fn forget(c: &V4Common, snaps: &[String]) -> anyhow::Result<i32> {
 }
 
 /// `forget --keep-...`: applies a retention policy per group of host and paths.
-pub fn forget_policy(c: &V4Common, policy: &Policy, dry_run: bool) -> anyhow::Result<i32> {
+pub fn forget_policy(
+    c: &V4Common,
+    policy: &Policy,
+    dry_run: bool,
+    only_paths: Option<&[Vec<u8>]>,
+) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
     let all = snapshots::list(&conn)?;
     // Group by host and the paths named to the backup (in the encrypted root).
@@ -562,6 +576,10 @@ pub fn forget_policy(c: &V4Common, policy: &Policy, dry_run: bool) -> anyhow::Re
                     id: hex(&s.header.id),
                     source,
                 })?;
+        if only_paths.is_some_and(|want| want != root.paths.as_slice()) {
+            // Another profile's (or a hand-made) backup: not this policy's to judge.
+            continue;
+        }
         groups
             .entry((s.header.host.clone(), root.paths))
             .or_default()
@@ -751,6 +769,11 @@ pub fn enrol(
     device: Option<String>,
     server_key: Option<&str>,
 ) -> anyhow::Result<i32> {
+    if let Some(k) = server_key {
+        if !cyberbackup_client::v4::profile::is_key_spec(k) {
+            bail!("--server-key {k:?}: expected SHA256: and 64 hex characters (the fingerprint the server logs)");
+        }
+    }
     let profile = c.profile()?;
     let device = device.unwrap_or_else(backup::hostname);
     let quiet = c.quiet || c.json;

@@ -352,7 +352,17 @@ fn main() {
     let code = match if v4 { run_v4(cli) } else { run(cli) } {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cyberbackup: {e:#}");
+            // The chain of causes, each said once (a cause whose text is already in
+            // the message is not repeated).
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let t = cause.to_string();
+                if !msg.contains(&t) {
+                    msg.push_str(": ");
+                    msg.push_str(&t);
+                }
+            }
+            eprintln!("cyberbackup: {msg}");
             if v4 {
                 cli_v4::exit_code(&e)
             } else {
@@ -587,15 +597,27 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
                 within,
                 tags: keep_tag,
             };
+            // With a profile's rules, only that profile's snapshots (same paths) are
+            // judged: another profile's are not its to forget.
+            let mut only_paths = None;
             if let (Some(p), true, true) = (&profile, policy.is_empty(), snapshots.is_empty()) {
                 policy = p.policy().map_err(|e| anyhow!("profile: {e}"))?;
                 if common.server.is_none() {
                     common.server = p.server.clone();
                 }
+                use std::os::unix::ffi::OsStrExt;
+                only_paths = Some(
+                    p.paths
+                        .iter()
+                        .map(|x| x.as_os_str().as_bytes().to_vec())
+                        .collect::<Vec<_>>(),
+                );
             }
             match (snapshots.is_empty(), policy.is_empty()) {
                 (false, true) if !dry_run => cli_v4::forget(&common, &snapshots),
-                (true, false) => cli_v4::forget_policy(&common, &policy, dry_run),
+                (true, false) => {
+                    cli_v4::forget_policy(&common, &policy, dry_run, only_paths.as_deref())
+                }
                 (true, true) => Err(anyhow!(
                     "forget what? name snapshots, or give --keep-* rules (see --help)"
                 )),

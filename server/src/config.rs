@@ -42,9 +42,6 @@ pub enum Admin {
         #[arg(long, default_value_t = 24)]
         grace_hours: u64,
     },
-    /// Print a one-time enrolment code for a new device of an account: the recovery
-    /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
-    /// the passphrase still decides who can read the data). Works while the server runs.
     /// Set an account's quota (bytes of stored chunks; "none" removes it). Works
     /// while the server runs; backups over it are refused before data is sent.
     Quota {
@@ -55,6 +52,9 @@ pub enum Admin {
         #[arg(long)]
         bytes: String,
     },
+    /// Print a one-time enrolment code for a new device of an account: the recovery
+    /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
+    /// the passphrase still decides who can read the data). Works while the server runs.
     EnrolCode {
         /// The account's name.
         #[arg(long)]
@@ -76,8 +76,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// The CyberBackup server: receives encrypted files over protocol v3 and stores them
-/// once they are complete, verified and durable.
+/// The CyberBackup server: keeps protocol v4's end-to-end encrypted, deduplicated
+/// snapshots, and receives protocol v3's encrypted files, on one port.
 ///
 /// Every flag can also be set by its environment variable or in the TOML file given
 /// with --config (keys as the long flag names, with underscores). The port comes from,

@@ -1072,6 +1072,14 @@ fn partial_stdin_stats_and_quota(rt: Runtime) {
     let account = unique_name("part");
     let u = User::new();
     u.init(&srv, &account);
+    // Nothing that exists: no snapshot, a usage error that says why.
+    let none = u.cli(&["backup", "/nonexistent/path"]);
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("No such file"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
     let out = u.cli(&["--json", "backup", src.to_str().unwrap()]);
     assert_eq!(
         out.status.code(),
@@ -1154,9 +1162,19 @@ fn profiles_drive_backup_and_forget(rt: Runtime) {
     assert_eq!(list[0]["tags"], serde_json::json!(["scheduled"]));
     let ls = u.ok(&["ls", "latest"]);
     assert!(ls.contains("keep.txt") && !ls.contains("junk.tmp"), "{ls}");
+    // Snapshots of other paths are not the profile's to forget.
+    let other = work.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("x"), b"x").unwrap();
+    u.backup(&[&other], &[]);
+    u.backup(&[&other], &[]);
     u.ok(&["forget", "--profile", "home"]);
     let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1, "keep_last = 1");
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        3,
+        "keep_last = 1 of the profile's two; the other two stay"
+    );
     let bad = u.cli(&["backup", "--profile", "nope"]);
     assert_eq!(bad.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("it has: home"));

@@ -62,8 +62,8 @@ pub enum BackupError {
     Snapshot(#[from] SnapshotError),
     #[error("{0}: not a file, directory or symbolic link that can be backed up")]
     Unsupported(PathBuf),
-    #[error("nothing to back up: every path was skipped")]
-    Empty,
+    #[error("nothing to back up: {0}")]
+    Empty(String),
     #[error("cancelled")]
     Cancelled,
 }
@@ -619,7 +619,16 @@ pub fn backup(
         }
     };
     if walked.entries.is_empty() {
-        return Err(BackupError::Empty);
+        let why: Vec<String> = walked
+            .skipped
+            .iter()
+            .map(|(p, w)| format!("{}: {w}", p.display()))
+            .collect();
+        return Err(BackupError::Empty(if why.is_empty() {
+            "no paths".into()
+        } else {
+            why.join("; ")
+        }));
     }
     let mut summary = BackupSummary {
         skipped: std::mem::take(&mut walked.skipped),

@@ -43,6 +43,13 @@ pub enum ConnError {
         pinned: String,
         pins: String,
     },
+    #[error(
+        "the server's key {got} is not the one given with --server-key ({expected}): \
+         check the address, and the fingerprint the server logs at start"
+    )]
+    KeyNotExpected { got: String, expected: String },
+    #[error("{0:?} is not a server address: give HOST:PORT (the default port is 1256)")]
+    BadAddress(String),
     #[error("the server answered {0}")]
     Server(ErrorAnswer),
     #[error("the connection was closed")]
@@ -175,6 +182,9 @@ impl Connection {
         check: &mut dyn KeyCheck,
         opts: &ConnectOptions,
     ) -> Result<Connection, ConnError> {
+        if !addr.contains(':') {
+            return Err(ConnError::BadAddress(addr.into()));
+        }
         let sock_addr = addr
             .to_socket_addrs()
             .map_err(|source| ConnError::Connect {

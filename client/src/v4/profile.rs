@@ -207,10 +207,9 @@ impl Profile {
                     let _ = self.pin(server, key);
                     return Ok(());
                 }
-                return Err(ConnError::KeyMismatch {
+                return Err(ConnError::KeyNotExpected {
                     got: fp,
-                    pinned: want.to_string(),
-                    pins: "--server-key".into(),
+                    expected: want.to_string(),
                 });
             }
             match self.pinned(server) {
@@ -229,6 +228,14 @@ impl Profile {
             }
         }
     }
+}
+
+/// Whether `s` looks like a key given by a user: `SHA256:` and 64 hex characters (a
+/// fingerprint), or 64 hex characters (the key itself).
+pub fn is_key_spec(s: &str) -> bool {
+    let h = s.trim();
+    let h = h.strip_prefix("SHA256:").unwrap_or(h);
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Lowercase hex.

@@ -37,7 +37,8 @@ pub fn list(conn: &Connection) -> Result<Vec<SnapshotInfo>, SnapshotError> {
     }
 }
 
-/// The snapshot named by `spec`: "latest", or a prefix of its hex id (at least 4).
+/// The snapshot named by `spec`: "latest", or a prefix of its hex id (refused as
+/// ambiguous when it names more than one).
 pub fn find(conn: &Connection, spec: &str) -> Result<SnapshotInfo, SnapshotError> {
     let all = list(conn)?;
     if spec == "latest" {
@@ -49,7 +50,7 @@ pub fn find(conn: &Connection, spec: &str) -> Result<SnapshotInfo, SnapshotError
     let spec_l = spec.to_ascii_lowercase();
     let mut hits: Vec<SnapshotInfo> = all
         .into_iter()
-        .filter(|s| spec_l.len() >= 4 && hex(&s.header.id).starts_with(&spec_l))
+        .filter(|s| !spec_l.is_empty() && hex(&s.header.id).starts_with(&spec_l))
         .collect();
     match hits.len() {
         0 => Err(SnapshotError::NotFound(spec.into())),
