@@ -402,7 +402,17 @@ struct Worker<'s, 'a> {
     rng: rand::rngs::ThreadRng,
 }
 
-impl Worker<'_, '_> {
+impl<'s, 'a> Worker<'s, 'a> {
+    fn new(sh: &'s Shared<'a>) -> Self {
+        Worker {
+            sh,
+            buf: Vec::new(),
+            batch: Batch::default(),
+            puts: VecDeque::new(),
+            rng: rand::thread_rng(),
+        }
+    }
+
     fn run(&mut self) -> Result<(), BackupError> {
         loop {
             if self.sh.progress.cancel.load(Ordering::Relaxed) {
@@ -693,13 +703,7 @@ pub fn backup(
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
-                let mut w = Worker {
-                    sh: &shared,
-                    buf: Vec::new(),
-                    batch: Batch::default(),
-                    puts: VecDeque::new(),
-                    rng: rand::thread_rng(),
-                };
+                let mut w = Worker::new(&shared);
                 if let Err(e) = w.run() {
                     let mut f = lock(&shared.failed);
                     if f.is_none() {
@@ -735,13 +739,7 @@ pub fn backup(
         }
     }
     if opts.stdin_name.is_some() {
-        let mut w = Worker {
-            sh: &shared,
-            buf: Vec::new(),
-            batch: Batch::default(),
-            puts: VecDeque::new(),
-            rng: rand::thread_rng(),
-        };
+        let mut w = Worker::new(&shared);
         let (chunks, size) =
             w.chunks_of(&mut std::io::stdin().lock(), Path::new("standard input"))?;
         w.flush()?;
@@ -775,13 +773,7 @@ pub fn backup(
     }
     let mut manifest_chunks = Vec::new();
     {
-        let mut w = Worker {
-            sh: &shared,
-            buf: Vec::new(),
-            batch: Batch::default(),
-            puts: VecDeque::new(),
-            rng: rand::thread_rng(),
-        };
+        let mut w = Worker::new(&shared);
         for c in fastcdc::v2020::FastCDC::new(&manifest, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
             let data = manifest[c.offset..c.offset + c.length].to_vec();
             let id = key.chunk_id(&data);

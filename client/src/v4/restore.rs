@@ -283,38 +283,16 @@ fn restore_file(
         .open(&tmp)
         .map_err(io(&tmp))?;
     let result = (|| {
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut next = 0;
+        let mut stream = VerifiedChunks::new(conn, key, chunks, &name);
         let mut written = 0u64;
         let mut hole = false;
-        for (index, id) in chunks.iter().enumerate() {
+        loop {
             if progress.cancel.load(Ordering::Relaxed) {
                 return Err(RestoreError::Cancelled);
             }
-            while next < chunks.len() && pending.len() < AHEAD {
-                pending.push_back(conn.submit(&Request::GetChunk(chunks[next]))?);
-                next += 1;
-            }
-            let blob = match pending.pop_front().map(Pending::wait) {
-                Some(Ok(Answer::Chunk(b))) => b,
-                Some(Ok(_)) => return Err(ConnError::UnexpectedAnswer("GET_CHUNK").into()),
-                Some(Err(ConnError::Server(a))) => {
-                    return Err(RestoreError::MissingChunk {
-                        path: name.clone(),
-                        index,
-                        detail: a.to_string(),
-                    })
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(ConnError::Closed.into()),
+            let Some(plain) = stream.next_chunk()? else {
+                break;
             };
-            let plain = key
-                .open_chunk(id, &blob)
-                .map_err(|source| RestoreError::Chunk {
-                    path: name.clone(),
-                    index,
-                    source,
-                })?;
             if is_zero(&plain) {
                 f.seek(SeekFrom::Current(plain.len() as i64))
                     .map_err(io(&tmp))?;
@@ -382,25 +360,67 @@ pub fn dump(
     let EntryKind::File { chunks } = &e.kind else {
         return Err(RestoreError::NotAFile(path.into()));
     };
-    let name = path.to_string();
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut next = 0;
+    let mut stream = VerifiedChunks::new(conn, key, chunks, path);
     let mut written = 0u64;
     let stdout = |source| RestoreError::Io {
         path: "standard output".into(),
         source,
     };
-    for (index, id) in chunks.iter().enumerate() {
-        while next < chunks.len() && pending.len() < AHEAD {
-            pending.push_back(conn.submit(&Request::GetChunk(chunks[next]))?);
-            next += 1;
+    while let Some(plain) = stream.next_chunk()? {
+        out.write_all(&plain).map_err(stdout)?;
+        written += plain.len() as u64;
+    }
+    out.flush().map_err(stdout)?;
+    Ok(written)
+}
+
+/// A file's chunks, fetched in order with up to [`AHEAD`] requests in flight, each
+/// decrypted and checked against its id before it is handed out.
+struct VerifiedChunks<'a> {
+    conn: &'a Connection,
+    key: &'a RepoKey,
+    ids: &'a [ChunkId],
+    /// The file's name, for errors.
+    name: &'a str,
+    pending: VecDeque<Pending>,
+    /// Next chunk to request, next to hand out.
+    requested: usize,
+    index: usize,
+}
+
+impl<'a> VerifiedChunks<'a> {
+    fn new(conn: &'a Connection, key: &'a RepoKey, ids: &'a [ChunkId], name: &'a str) -> Self {
+        VerifiedChunks {
+            conn,
+            key,
+            ids,
+            name,
+            pending: VecDeque::new(),
+            requested: 0,
+            index: 0,
         }
-        let blob = match pending.pop_front().map(Pending::wait) {
+    }
+
+    /// The next chunk's plaintext, or `None` after the last.
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, RestoreError> {
+        let Some(id) = self.ids.get(self.index) else {
+            return Ok(None);
+        };
+        while self.requested < self.ids.len() && self.pending.len() < AHEAD {
+            let p = self
+                .conn
+                .submit(&Request::GetChunk(self.ids[self.requested]))?;
+            self.pending.push_back(p);
+            self.requested += 1;
+        }
+        let index = self.index;
+        self.index += 1;
+        let blob = match self.pending.pop_front().map(Pending::wait) {
             Some(Ok(Answer::Chunk(b))) => b,
             Some(Ok(_)) => return Err(ConnError::UnexpectedAnswer("GET_CHUNK").into()),
             Some(Err(ConnError::Server(a))) => {
                 return Err(RestoreError::MissingChunk {
-                    path: name,
+                    path: self.name.to_string(),
                     index,
                     detail: a.to_string(),
                 })
@@ -408,18 +428,15 @@ pub fn dump(
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ConnError::Closed.into()),
         };
-        let plain = key
+        self.key
             .open_chunk(id, &blob)
+            .map(Some)
             .map_err(|source| RestoreError::Chunk {
-                path: name.clone(),
+                path: self.name.to_string(),
                 index,
                 source,
-            })?;
-        out.write_all(&plain).map_err(stdout)?;
-        written += plain.len() as u64;
+            })
     }
-    out.flush().map_err(stdout)?;
-    Ok(written)
 }
 
 fn tmp_name(dest: &Path) -> PathBuf {

@@ -326,16 +326,24 @@ impl ServerSession {
     }
 
     fn process_messages(&mut self, now: Instant) {
+        // The reader is moved out while its messages are decrypted straight from its
+        // buffer (no copy of each record), and put back on every way out.
+        let mut messages = std::mem::take(&mut self.messages);
+        self.process_messages_from(&mut messages, now);
+        self.messages = messages;
+    }
+
+    fn process_messages_from(&mut self, messages: &mut MessageReader, now: Instant) {
         loop {
             if self.is_closing() || matches!(self.phase, Phase::LoggingIn(_)) {
                 return;
             }
-            let Some(msg) = self.messages.next_message().map(<[u8]>::to_vec) else {
+            let Some(msg) = messages.next_message() else {
                 break;
             };
             match std::mem::replace(&mut self.phase, Phase::Moving) {
                 Phase::Message1(mut hs) => {
-                    let r = hs.read(&msg).and_then(|_| {
+                    let r = hs.read(msg).and_then(|_| {
                         let hello = ServerHello {
                             window: self.cfg.window,
                             max_chunk: self.cfg.max_chunk,
@@ -349,7 +357,7 @@ impl ServerSession {
                     };
                 }
                 Phase::Message3(mut hs) => {
-                    let payload = match hs.read(&msg) {
+                    let payload = match hs.read(msg) {
                         Ok(p) => p,
                         Err(e) => {
                             self.phase = Phase::Closing(Ended::Handshake(e.to_string()));
@@ -388,7 +396,7 @@ impl ServerSession {
                     principal,
                 } => {
                     self.plain.clear();
-                    if transport.open(&msg, &mut self.plain).is_err() {
+                    if transport.open(msg, &mut self.plain).is_err() {
                         self.phase = Phase::Closing(Ended::Record);
                         return;
                     }
