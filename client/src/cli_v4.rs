@@ -1,5 +1,6 @@
-//! The v4 commands of `cyberbackup`: init, backup, snapshots, ls, restore, forget,
-//! usage. See README.md ("The backup CLI") for the exit codes.
+//! The v4 commands of `cyberbackup`: init, backup, snapshots, ls, restore, dump,
+//! forget, prune, diff, find, check, stats, usage, enrol, device, key, legacy. See
+//! README.md ("The backup CLI") for the exit codes.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use cyberbackup_client::v4::backup::{self, BackupError, BackupOptions, BackupProgress};
 use cyberbackup_client::v4::conn::ConnError;
 use cyberbackup_client::v4::inspect;
+use cyberbackup_client::v4::legacy::{self, LegacyError};
 use cyberbackup_client::v4::policy::{apply, Decision, Item, Policy};
 use cyberbackup_client::v4::profile::{default_dir, hex, Profile, ProfileError};
 use cyberbackup_client::v4::restore::{self, RestoreError, RestoreOptions, RestoreProgress};
@@ -139,6 +141,27 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         }
         if let Some(s) = cause.downcast_ref::<SnapshotError>() {
             return snapshot_code(s);
+        }
+        if let Some(l) = cause.downcast_ref::<LegacyError>() {
+            return match l {
+                LegacyError::Conn(c) => conn_code(c),
+                LegacyError::Sign(_) => code::CONFIG,
+                LegacyError::Exists(_) => code::EXISTS,
+                LegacyError::NoMatch(_) => code::USAGE,
+                LegacyError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::InvalidData
+                        || source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    code::INTEGRITY
+                }
+                LegacyError::Io { .. } => code::PARTIAL,
+            };
+        }
+        if cause
+            .downcast_ref::<cyberbackup_client::ClientError>()
+            .is_some_and(|e| matches!(e, cyberbackup_client::ClientError::BadIdentity { .. }))
+        {
+            return code::CONFIG;
         }
     }
     code::USAGE
@@ -286,6 +309,15 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
             .into());
         }
     }
+    run_backup(c, |p| backup::backup(&conn, &key, paths, &opts, p))
+}
+
+/// Runs a backup with progress on standard error (or JSON lines), then prints its
+/// summary; returns the exit code (0, or 3 when files were skipped).
+fn run_backup(
+    c: &V4Common,
+    run: impl FnOnce(&BackupProgress) -> Result<backup::BackupSummary, BackupError>,
+) -> anyhow::Result<i32> {
     let progress = Arc::new(BackupProgress::default());
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     cancel_on_sigint(cancel.clone());
@@ -346,7 +378,7 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
             }
         })
     };
-    let r = backup::backup(&conn, &key, paths, &opts, &progress);
+    let r = run(&progress);
     done.store(true, Ordering::Relaxed);
     let _ = ticker.join();
     let s = r?;
@@ -980,6 +1012,213 @@ pub fn usage(c: &V4Common) -> anyhow::Result<i32> {
         );
     }
     Ok(code::OK)
+}
+
+/// `prune`: the server deletes the account's unreferenced chunks now.
+pub fn prune(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let (chunks, bytes, grace_s) = match conn.call(&Request::Prune) {
+        Ok(Answer::Pruned {
+            chunks,
+            bytes,
+            grace_s,
+        }) => (chunks, bytes, grace_s),
+        Ok(_) => return Err(ConnError::UnexpectedAnswer("PRUNE").into()),
+        Err(e) if e.code() == Some(ErrorCode::FORBIDDEN) => {
+            return Err(anyhow::Error::new(e).context(
+                "this device may not prune (it lacks the forget capability; backup-only devices never remove data)",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Answer::UsageInfo(u) = conn.call(&Request::Usage)? else {
+        return Err(ConnError::UnexpectedAnswer("USAGE").into());
+    };
+    if c.json {
+        out_json(serde_json::json!({
+            "event": "pruned", "chunks_deleted": chunks, "bytes_freed": bytes,
+            "grace_secs": grace_s, "stored_bytes": u.stored_bytes, "chunks": u.chunks,
+            "exit_code": code::OK,
+        }));
+    } else if !c.quiet {
+        println!(
+            "pruned {} {}, freeing {}; the account now holds {} in {} {}{}",
+            chunks,
+            plural(chunks, "chunk", "chunks"),
+            iec(bytes),
+            iec(u.stored_bytes),
+            u.chunks,
+            plural(u.chunks, "chunk", "chunks"),
+            if grace_s > 0 {
+                format!(
+                    " (chunks stored or asked about in the last {} are kept, for backups in flight)",
+                    duration_words(grace_s)
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(code::OK)
+}
+
+fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+fn duration_words(s: u64) -> String {
+    match s {
+        s if s % 86_400 == 0 => format!("{} {}", s / 86_400, plural(s / 86_400, "day", "days")),
+        s if s % 3600 == 0 => format!("{} {}", s / 3600, plural(s / 3600, "hour", "hours")),
+        s if s % 60 == 0 => format!("{} {}", s / 60, plural(s / 60, "minute", "minutes")),
+        s => format!("{s} {}", plural(s, "second", "seconds")),
+    }
+}
+
+/// The v3 identity for `legacy`: me.info, with its key line replaced by `private_key`'s
+/// contents (base64 or DER) when given.
+pub fn legacy_identity(
+    me_info: &Path,
+    private_key: Option<&Path>,
+) -> anyhow::Result<cyberbackup_client::Identity> {
+    use base64::Engine;
+    let bad = |path: &Path, e: std::io::Error| cyberbackup_client::ClientError::BadIdentity {
+        path: path.to_owned(),
+        reason: format!("cannot be read ({e}); give the v3 client's me.info with --identity"),
+    };
+    let text = std::fs::read_to_string(me_info).map_err(|e| bad(me_info, e))?;
+    let text = match private_key {
+        None => text,
+        Some(p) => {
+            let raw = std::fs::read(p).map_err(|e| bad(p, e))?;
+            let b64 = match std::str::from_utf8(&raw) {
+                Ok(t)
+                    if base64::engine::general_purpose::STANDARD
+                        .decode(t.split_whitespace().collect::<String>())
+                        .is_ok() =>
+                {
+                    t.split_whitespace().collect::<String>()
+                }
+                _ => base64::engine::general_purpose::STANDARD.encode(&raw),
+            };
+            let mut lines: Vec<&str> = text.lines().take(2).collect();
+            lines.push(&b64);
+            lines.join("\n")
+        }
+    };
+    Ok(cyberbackup_client::Identity::parse(&text, me_info)?)
+}
+
+fn legacy_open(
+    c: &V4Common,
+    identity: &cyberbackup_client::Identity,
+    with_key: bool,
+) -> anyhow::Result<(
+    v4::conn::Connection,
+    Option<cyberbackup_protocol::v4::format::RepoKey>,
+    legacy::LegacyAccount,
+)> {
+    let (conn, key) = if with_key {
+        let (conn, key) = open(c)?;
+        (conn, Some(key))
+    } else {
+        (v4::connect(&c.profile()?, c.server.as_deref())?, None)
+    };
+    let acct = legacy::login(&conn, identity).map_err(|e| match e {
+        LegacyError::Conn(ConnError::Server(s)) if s.code == ErrorCode::FORBIDDEN => {
+            anyhow::Error::new(ConnError::Server(s)).context(format!(
+                "the server has no v3 client {:?} with this key (or this device lacks the read capability)",
+                identity.name
+            ))
+        }
+        other => other.into(),
+    })?;
+    Ok((conn, key, acct))
+}
+
+/// `legacy list`: the files a v3 identity uploaded.
+pub fn legacy_list(c: &V4Common, identity: &cyberbackup_client::Identity) -> anyhow::Result<i32> {
+    let (conn, _, acct) = legacy_open(c, identity, false)?;
+    let files = legacy::list(&conn)?;
+    if c.json {
+        for f in &files {
+            out_json(
+                serde_json::json!({"event": "legacy_file", "name": f.name, "size": f.size, "cksum": f.cksum, "stored_ms": f.stored_ms, "stored": when(f.stored_ms as i64)}),
+            );
+        }
+        out_json(
+            serde_json::json!({"event": "summary", "v3_client": acct.name, "files": files.len(), "bytes": acct.bytes, "exit_code": code::OK}),
+        );
+    } else {
+        for f in &files {
+            println!(
+                "{}  {:>10}  {}",
+                when(f.stored_ms as i64),
+                iec(f.size),
+                f.name
+            );
+        }
+        if !c.quiet {
+            println!(
+                "v3 client {}: {} {}, {}",
+                acct.name,
+                files.len(),
+                plural(files.len() as u64, "file", "files"),
+                iec(acct.bytes)
+            );
+        }
+    }
+    Ok(code::OK)
+}
+
+/// `legacy restore [NAME...] --target DIR`: downloads v3 files, verified.
+pub fn legacy_restore(
+    c: &V4Common,
+    identity: &cyberbackup_client::Identity,
+    names: &[String],
+    target: &Path,
+    overwrite: bool,
+) -> anyhow::Result<i32> {
+    let (conn, _, acct) = legacy_open(c, identity, false)?;
+    let files = legacy::select(legacy::list(&conn)?, names)?;
+    let progress = RestoreProgress::default();
+    let s = legacy::restore(&conn, &files, target, overwrite, &progress)?;
+    if c.json {
+        out_json(
+            serde_json::json!({"event": "restored", "v3_client": acct.name, "files": s.files, "already_restored": s.skipped, "bytes": s.bytes, "target": target, "exit_code": code::OK}),
+        );
+    } else if !c.quiet {
+        println!(
+            "restored {} {} of v3 client {} to {} ({} already in place), {}",
+            s.files,
+            plural(s.files, "file", "files"),
+            acct.name,
+            target.display(),
+            s.skipped,
+            iec(s.bytes)
+        );
+    }
+    Ok(code::OK)
+}
+
+/// `legacy import [NAME...]`: the v3 files as one v4 snapshot.
+pub fn legacy_import(
+    c: &V4Common,
+    identity: &cyberbackup_client::Identity,
+    names: &[String],
+    opts: BackupOptions,
+) -> anyhow::Result<i32> {
+    let (conn, key, acct) = legacy_open(c, identity, true)?;
+    let key = key.ok_or_else(|| anyhow!("no repository key"))?;
+    let files = legacy::select(legacy::list(&conn)?, names)?;
+    if files.is_empty() {
+        bail!("v3 client {} has no stored files to import", acct.name);
+    }
+    run_backup(c, |p| legacy::import(&conn, &key, &acct, &files, &opts, p))
 }
 
 #[cfg(test)]

@@ -184,6 +184,29 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
     },
+    /// v4: have the server delete the chunks no snapshot references now (after
+    /// `forget`), rather than at its next scheduled collection.
+    Prune {
+        #[arg(short, long, env = "CYBERBACKUP_SERVER")]
+        server: Option<String>,
+    },
+    /// v4: files uploaded with protocol v3 (the v3 CLI or the CyberBackup 3.0 client):
+    /// list, restore, or import them as a snapshot, proving the v3 identity with its
+    /// me.info (--identity) over a v4 connection.
+    Legacy {
+        #[command(subcommand)]
+        cmd: LegacyCmd,
+        /// The v3 private key, when it is not line 3 of me.info (base64 or DER).
+        #[arg(
+            long,
+            global = true,
+            env = "CYBERBACKUP_PRIVATE_KEY",
+            value_name = "FILE"
+        )]
+        private_key: Option<PathBuf>,
+        #[arg(short, long, env = "CYBERBACKUP_SERVER", global = true)]
+        server: Option<String>,
+    },
     /// v4: what changed between two snapshots (+ added, - removed, M modified,
     /// U metadata only).
     Diff {
@@ -270,6 +293,36 @@ enum DeviceCmd {
     },
     /// Revoke a device (by its id from `device list`): its logins are refused.
     Revoke { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+enum LegacyCmd {
+    /// The v3 client's stored files: time stored, size, name.
+    List,
+    /// Download v3 files (all, or those matching the NAME globs), each checked
+    /// against the checksum v3 verified.
+    Restore {
+        /// File names or globs (default: all).
+        names: Vec<String>,
+        /// Directory to restore into.
+        #[arg(long, short = 't', env = "CYBERBACKUP_TARGET")]
+        target: PathBuf,
+        /// Replace files that exist with other content.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Make the v3 files (all, or those matching NAME globs) one v4 snapshot, tagged
+    /// legacy-import.
+    Import {
+        /// File names or globs (default: all).
+        names: Vec<String>,
+        /// Another tag for the snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The host name recorded [default: this machine's].
+        #[arg(long, env = "CYBERBACKUP_HOST")]
+        host: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -660,6 +713,36 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
         Command::Usage { server } => {
             common.server = server;
             cli_v4::usage(&common)
+        }
+        Command::Prune { server } => {
+            common.server = server;
+            cli_v4::prune(&common)
+        }
+        Command::Legacy {
+            cmd,
+            private_key,
+            server,
+        } => {
+            common.server = server;
+            let identity = cli_v4::legacy_identity(&c.identity, private_key.as_deref())?;
+            match cmd {
+                LegacyCmd::List => cli_v4::legacy_list(&common, &identity),
+                LegacyCmd::Restore {
+                    names,
+                    target,
+                    overwrite,
+                } => cli_v4::legacy_restore(&common, &identity, &names, &target, overwrite),
+                LegacyCmd::Import { names, tags, host } => {
+                    let mut opts = cyberbackup_client::v4::backup::BackupOptions {
+                        tags,
+                        ..Default::default()
+                    };
+                    if let Some(h) = host {
+                        opts.host = h;
+                    }
+                    cli_v4::legacy_import(&common, &identity, &names, opts)
+                }
+            }
         }
         Command::Stats { server } => {
             common.server = server;

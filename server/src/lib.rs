@@ -15,6 +15,8 @@
 //! - [`queue`]: draining a channel in batches (group commit).
 //! - [`repo`]: the protocol v4 repository: encrypted chunks and snapshots in a blob
 //!   store, their metadata in a registry, group commit, garbage collection and scrub.
+//! - [`legacy`]: read-only access to the v3 store for v4 connections that proved a v3
+//!   identity (legacy list, restore and import).
 //! - [`v4ops`]: runs the v4 session's ops against the repository; reason codes.
 //! - [`server_key`]: the server's static X25519 key, made on first start.
 //!
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod glommio_rt;
+pub mod legacy;
 pub mod mio_rt;
 pub mod ops;
 pub mod queue;
@@ -85,6 +88,8 @@ pub fn run(cfg: config::Config) -> Result<()> {
         v4: v4ops::V4Services {
             repo: Arc::new(repo),
             registration: cfg.registration,
+            legacy: Arc::new(legacy::LegacyStore::new(&cfg.database, &cfg.storage)),
+            gc_grace: cfg.gc_grace,
         },
         v4_session: Arc::new(v4_session),
     };

@@ -13,6 +13,7 @@ use cyberbackup_protocol::v4::wire::{
 };
 use cyberbackup_protocol::v4::Capabilities;
 
+use crate::legacy::{LegacyError, LegacyStore};
 use crate::ops::Blocking;
 use crate::repo::{self, CommitOutcome, Repo, RepoError};
 
@@ -22,6 +23,10 @@ pub struct V4Services {
     pub repo: Arc<Repo>,
     /// Whether a client may create an account (login mode 2).
     pub registration: bool,
+    /// The v3 store, read by connections that proved a v3 identity.
+    pub legacy: Arc<LegacyStore>,
+    /// What PRUNE keeps: chunks stored or asked about this recently.
+    pub gc_grace: std::time::Duration,
 }
 
 impl std::fmt::Debug for V4Services {
@@ -236,6 +241,85 @@ async fn request_answer<B: Blocking>(
                 CommitOutcome::AlreadyCommitted => Answer::SnapshotCommitted { already: true },
             }
         }
+        Request::LegacyLogin {
+            client_id,
+            signature,
+        } => {
+            let legacy = svc.legacy.clone();
+            let hh = p.handshake_hash;
+            let found = blocking
+                .run(move || -> Result<_, LegacyError> {
+                    let acct = legacy.account(&client_id)?;
+                    Ok(acct.filter(|a| {
+                        cyberbackup_protocol::v4::legacy::verify(
+                            &a.public_key,
+                            &hh,
+                            &client_id,
+                            &signature,
+                        )
+                    }))
+                })
+                .await;
+            match found {
+                Ok(Some(a)) => {
+                    tracing::info!(account, legacy = %a.name, "v3 identity proven");
+                    Answer::LegacyAccount {
+                        name: a.name,
+                        files: a.files,
+                        bytes: a.bytes,
+                    }
+                }
+                Ok(None) => Answer::Error(ErrorAnswer::new(
+                    ErrorCode::FORBIDDEN,
+                    "no v3 client on this server matches this id and key",
+                )),
+                Err(e) => legacy_failed(e),
+            }
+        }
+        Request::LegacyList { after } => {
+            let (legacy, Some(id)) = (svc.legacy.clone(), p.legacy) else {
+                return Ok(not_proven());
+            };
+            match blocking.run(move || legacy.list(&id, &after)).await {
+                Ok((files, more)) => Answer::LegacyFiles { files, more },
+                Err(e) => legacy_failed(e),
+            }
+        }
+        Request::LegacyRead { name, offset, max } => {
+            let (legacy, Some(id)) = (svc.legacy.clone(), p.legacy) else {
+                return Ok(not_proven());
+            };
+            match blocking
+                .run(move || legacy.read(&id, &name, offset, max))
+                .await
+            {
+                Ok(Some(b)) => Answer::LegacyData(b),
+                Ok(None) => Answer::Error(ErrorAnswer::new(
+                    ErrorCode::NOT_FOUND,
+                    "this v3 client has no stored file of that name",
+                )),
+                Err(e) => legacy_failed(e),
+            }
+        }
+        Request::Prune => {
+            let grace = svc.gc_grace;
+            let r = blocking
+                .run(move || {
+                    repo.collect_garbage(repo::Scope::Account(account), grace, repo::now_unix_ms())
+                })
+                .await?;
+            tracing::info!(
+                account,
+                chunks = r.chunks_deleted,
+                bytes = r.bytes_freed,
+                "prune asked by a device"
+            );
+            Answer::Pruned {
+                chunks: r.chunks_deleted,
+                bytes: r.bytes_freed,
+                grace_s: grace.as_secs(),
+            }
+        }
         other => {
             let device = p.device_id as i64;
             blocking
@@ -243,6 +327,21 @@ async fn request_answer<B: Blocking>(
                 .await?
         }
     })
+}
+
+fn not_proven() -> Answer {
+    Answer::Error(ErrorAnswer::new(
+        ErrorCode::FORBIDDEN,
+        "prove a v3 identity first (LEGACY_LOGIN)",
+    ))
+}
+
+fn legacy_failed(e: LegacyError) -> Answer {
+    tracing::error!(error = %e, "reading the v3 store failed");
+    Answer::Error(ErrorAnswer::new(
+        ErrorCode::INTERNAL,
+        "the server failed to read its v3 store; try again later",
+    ))
 }
 
 fn not_found(what: &str) -> Answer {
@@ -352,8 +451,13 @@ fn blocking_answer(
                 not_found("device")
             }
         }
-        // Handled by the committer above.
-        Request::PutChunk { .. } | Request::CommitSnapshot { .. } => {
+        // Handled above.
+        Request::PutChunk { .. }
+        | Request::CommitSnapshot { .. }
+        | Request::LegacyLogin { .. }
+        | Request::LegacyList { .. }
+        | Request::LegacyRead { .. }
+        | Request::Prune => {
             Answer::Error(ErrorAnswer::new(ErrorCode::INTERNAL, "misrouted request"))
         }
     })

@@ -1180,7 +1180,234 @@ fn profiles_drive_backup_and_forget(rt: Runtime) {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("it has: home"));
 }
 
+/// Files uploaded with the v3 CLI, read over v4 by proving the v3 identity: listed,
+/// restored byte for byte (and resumed), imported as a snapshot; a key that is not
+/// the v3 client's is refused; the v3 store is unchanged.
+fn legacy_list_restore_and_import(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let v3 = w.join("v3");
+    fs::create_dir_all(&v3).unwrap();
+    let files = [
+        ("report.pdf", data(3 * 1024 * 1024 + 17, 7)),
+        ("notes.txt", format!("{MARKER} notes\n").into_bytes()),
+        ("empty", Vec::new()),
+    ];
+    for (n, b) in &files {
+        fs::write(v3.join(n), b).unwrap();
+    }
+    let old_user = unique_name("old");
+    let up = Command::new(client_binary())
+        .current_dir(&v3)
+        .env("CYBERBACKUP_PROTOCOL", "3")
+        .args([
+            "backup",
+            "--server",
+            &srv.addr.to_string(),
+            "--user",
+            &old_user,
+        ])
+        .args(files.iter().map(|(n, _)| *n))
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let me = v3.join("me.info");
+    let me_s = me.to_str().unwrap();
+
+    let u = User::new();
+    u.init(&srv, &unique_name("new"));
+    // list: JSON lines, one per file, then the summary.
+    let out = u.ok(&["--json", "--identity", me_s, "legacy", "list"]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let names: Vec<&str> = lines[..3]
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["empty", "notes.txt", "report.pdf"]);
+    assert_eq!(lines[2]["size"], 3 * 1024 * 1024 + 17);
+    assert_eq!(lines[3]["event"], "summary");
+    assert_eq!(lines[3]["v3_client"], old_user.as_str());
+    assert_eq!(lines[3]["files"], 3);
+
+    // restore: every file, byte for byte; a second run resumes without rewriting.
+    let out_dir = w.join("restored");
+    let t = out_dir.to_str().unwrap();
+    u.ok(&["--identity", me_s, "legacy", "restore", "--target", t]);
+    for (n, b) in &files {
+        assert_eq!(&fs::read(out_dir.join(n)).unwrap(), b, "{n}");
+    }
+    let again: serde_json::Value = serde_json::from_str(
+        u.ok(&[
+            "--json",
+            "--identity",
+            me_s,
+            "legacy",
+            "restore",
+            "--target",
+            t,
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(again["files"], 0);
+    assert_eq!(again["already_restored"], 3);
+    // A file changed since is not replaced without --overwrite (exit 9).
+    fs::write(out_dir.join("notes.txt"), b"changed").unwrap();
+    let r = u.cli(&[
+        "--identity",
+        me_s,
+        "legacy",
+        "restore",
+        "notes.*",
+        "--target",
+        t,
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    u.ok(&[
+        "--identity",
+        me_s,
+        "legacy",
+        "restore",
+        "notes.*",
+        "--target",
+        t,
+        "--overwrite",
+    ]);
+    assert_eq!(fs::read(out_dir.join("notes.txt")).unwrap(), files[1].1);
+    let r = u.cli(&[
+        "--identity",
+        me_s,
+        "legacy",
+        "restore",
+        "nope*",
+        "--target",
+        t,
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+
+    // Someone with the id but another key is refused (exit 6, FORBIDDEN).
+    // (--private-key replaces me.info's key line; DER is taken as well as base64.)
+    let text = fs::read_to_string(&me).unwrap();
+    let other = cyberbackup_protocol::v3::crypto::ClientKeypair::generate(
+        &mut cyberbackup_protocol::v3::crypto::OsRng,
+    )
+    .unwrap();
+    let forged = w.join("forged.der");
+    fs::write(&forged, other.private_der()).unwrap();
+    let r = u.cli(&[
+        "--identity",
+        me_s,
+        "legacy",
+        "list",
+        "--private-key",
+        forged.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("FORBIDDEN"));
+    // A missing identity file is a configuration error (exit 4).
+    let r = u.cli(&["--identity", "/nonexistent/me.info", "legacy", "list"]);
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+
+    // import: one snapshot tagged legacy-import that restores the same bytes, with no
+    // plaintext in the v4 repository.
+    let imp = u.ok(&["--json", "--identity", me_s, "legacy", "import"]);
+    let summary: serde_json::Value = serde_json::from_str(imp.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["files"], 3);
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    assert_eq!(list[0]["tags"], serde_json::json!(["legacy-import"]));
+    let back = w.join("from-snapshot");
+    u.ok(&["restore", "latest", "--target", back.to_str().unwrap()]);
+    for (n, b) in &files {
+        assert_eq!(&fs::read(back.join(n)).unwrap(), b, "{n}");
+    }
+    assert_nowhere(&srv.dir.join("repository"), MARKER.as_bytes());
+    // The v3 files are still where v3 put them.
+    let id =
+        cyberbackup_protocol::common::parse_client_id_hex(text.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(
+        fs::read(srv.client_dir(&id).join("report.pdf")).unwrap(),
+        files[0].1
+    );
+}
+
+/// `prune` frees a forgotten snapshot's chunks at once (the server's grace is 0 here),
+/// a kept snapshot still restores whole, and a device without forget may not prune.
+fn prune_reclaims_space(rt: Runtime) {
+    let srv = Server::start(rt, &["--gc-interval", "0", "--gc-grace", "0"]);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a");
+    let b = work.path().join("b");
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fs::write(a.join("big.bin"), data(4 << 20, 1)).unwrap();
+    fs::write(b.join("kept.bin"), data(2 << 20, 2)).unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("prune"));
+    let first = u.backup(&[&a], &[]);
+    u.backup(&[&b], &[]);
+    let usage = |u: &User| -> serde_json::Value {
+        serde_json::from_str(&u.ok(&["--json", "usage"])).unwrap()
+    };
+    let before = usage(&u)["stored_bytes"].as_u64().unwrap();
+    u.ok(&["forget", first["id"].as_str().unwrap()]);
+    let out = u.ok(&["--json", "prune"]);
+    let p: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(p["chunks_deleted"].as_u64().unwrap() > 0, "{p}");
+    let freed = p["bytes_freed"].as_u64().unwrap();
+    assert!(freed >= 4 << 20, "{p}");
+    let after = usage(&u)["stored_bytes"].as_u64().unwrap();
+    // (The forgotten snapshot's own record went with forget.)
+    assert!(after <= before - freed, "{after} {before} {freed}");
+    // Nothing more to free.
+    let again: serde_json::Value = serde_json::from_str(u.ok(&["--json", "prune"]).trim()).unwrap();
+    assert_eq!(again["chunks_deleted"], 0);
+    let out = work.path().join("out");
+    u.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(
+        describe(&b),
+        describe(&out.join(b.strip_prefix("/").unwrap()))
+    );
+    // A backup-only device may not prune (FORBIDDEN, exit 6).
+    let code = u.ok(&["device", "add", "--capabilities", "backup"]);
+    let code = code.trim();
+    let d = User::new();
+    d.ok(&["enrol", code, "-s", &srv.addr.to_string()]);
+    let r = d.cli(&["prune"]);
+    assert_eq!(
+        r.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("may not prune"));
+}
+
 both_runtimes!(
+    legacy_list_restore_and_import,
+    prune_reclaims_space,
     profiles_drive_backup_and_forget,
     partial_stdin_stats_and_quota,
     devices_enrolment_revocation_and_recovery,

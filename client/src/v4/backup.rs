@@ -592,7 +592,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Backs `paths` up as one snapshot.
+/// A file that is not on disk, backed up from a reader: standard input, or a v3
+/// upload being imported.
+pub struct NamedStream<'a> {
+    /// Its path in the snapshot (relative, `/`-separated).
+    pub path: String,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub reader: Box<dyn Read + Send + 'a>,
+}
+
+/// Backs `paths` up as one snapshot (or standard input, with
+/// [`BackupOptions::stdin_name`]).
 pub fn backup(
     conn: &Connection,
     key: &RepoKey,
@@ -600,34 +611,85 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &BackupProgress,
 ) -> Result<BackupSummary, BackupError> {
-    let started = Instant::now();
-    let mut walked = match &opts.stdin_name {
-        None => walk(paths, &opts.filter)?,
+    match &opts.stdin_name {
+        None => backup_inner(conn, key, paths, None, opts, progress),
         Some(name) => {
-            let path = name.trim_matches('/').as_bytes().to_vec();
-            if !cyberbackup_protocol::v4::format::safe_path(&path) {
-                return Err(BackupError::Io {
-                    path: name.into(),
-                    source: std::io::Error::other("not a usable file name for standard input"),
-                });
-            }
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64);
-            Walked {
-                entries: vec![Entry {
-                    path,
-                    kind: EntryKind::File { chunks: Vec::new() },
-                    mode: 0o644,
-                    mtime_ns: now,
-                    size: 0,
-                }],
-                files: Vec::new(),
-                skipped: Vec::new(),
-                named: vec![format!("(stdin) {name}").into_bytes()],
-            }
+            let stream = NamedStream {
+                path: name.clone(),
+                mtime_ns: now,
+                mode: 0o644,
+                reader: Box::new(std::io::stdin()),
+            };
+            let named = vec![format!("(stdin) {name}").into_bytes()];
+            backup_streams(conn, key, vec![stream], named, opts, progress)
         }
+    }
+}
+
+/// Backs named streams up as one snapshot, read one after the other; `named` is what
+/// the snapshot says it holds (its paths in `snapshots`).
+pub fn backup_streams(
+    conn: &Connection,
+    key: &RepoKey,
+    mut streams: Vec<NamedStream<'_>>,
+    named: Vec<Vec<u8>>,
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupSummary, BackupError> {
+    // The manifest lists entries in path order, each path once.
+    streams.sort_by(|a, b| a.path.trim_matches('/').cmp(b.path.trim_matches('/')));
+    if let Some(w) = streams
+        .windows(2)
+        .find(|w| w[0].path.trim_matches('/') == w[1].path.trim_matches('/'))
+    {
+        return Err(BackupError::Io {
+            path: w[0].path.clone().into(),
+            source: std::io::Error::other("two files of the same name"),
+        });
+    }
+    let mut entries = Vec::with_capacity(streams.len());
+    for s in &streams {
+        let path = s.path.trim_matches('/').as_bytes().to_vec();
+        if !cyberbackup_protocol::v4::format::safe_path(&path) {
+            return Err(BackupError::Io {
+                path: s.path.clone().into(),
+                source: std::io::Error::other("not a usable file name in a snapshot"),
+            });
+        }
+        entries.push(Entry {
+            path,
+            kind: EntryKind::File { chunks: Vec::new() },
+            mode: s.mode,
+            mtime_ns: s.mtime_ns,
+            size: 0,
+        });
+    }
+    let walked = Walked {
+        entries,
+        files: Vec::new(),
+        skipped: Vec::new(),
+        named,
     };
+    backup_inner(conn, key, &[], Some((walked, streams)), opts, progress)
+}
+
+fn backup_inner(
+    conn: &Connection,
+    key: &RepoKey,
+    paths: &[PathBuf],
+    streams: Option<(Walked, Vec<NamedStream<'_>>)>,
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupSummary, BackupError> {
+    let started = Instant::now();
+    let (mut walked, streams) = match streams {
+        None => (walk(paths, &opts.filter)?, Vec::new()),
+        Some((w, s)) => (w, s),
+    };
+    let from_streams = !streams.is_empty();
     if walked.entries.is_empty() {
         let why: Vec<String> = walked
             .skipped
@@ -649,7 +711,7 @@ pub fn backup(
     // reads every file, and the server's HAS_CHUNKS still spares what it holds.
     let can_read =
         conn.welcome().capabilities & cyberbackup_protocol::v4::Capabilities::READ.0 != 0;
-    let parent = if opts.force || !can_read {
+    let parent = if opts.force || !can_read || from_streams {
         None
     } else {
         snapshots::find_parent(conn, key, &opts.host, &walked.named)?
@@ -738,14 +800,17 @@ pub fn backup(
             }
         }
     }
-    if opts.stdin_name.is_some() {
+    if from_streams {
         let mut w = Worker::new(&shared);
-        let (chunks, size) =
-            w.chunks_of(&mut std::io::stdin().lock(), Path::new("standard input"))?;
+        for (i, mut s) in streams.into_iter().enumerate() {
+            progress.files_total.fetch_add(1, Ordering::Relaxed);
+            let (chunks, size) = w.chunks_of(&mut s.reader, Path::new(&s.path))?;
+            walked.entries[i].kind = EntryKind::File { chunks };
+            walked.entries[i].size = size;
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+        }
         w.flush()?;
         w.reap(true)?;
-        walked.entries[0].kind = EntryKind::File { chunks };
-        walked.entries[0].size = size;
     }
     let entries: Vec<Entry> = walked
         .entries
@@ -840,7 +905,7 @@ pub fn backup(
             );
             let mut o = opts.clone();
             o.force = true;
-            return backup(conn, key, paths, &o, progress);
+            return backup_inner(conn, key, paths, None, &o, progress);
         }
         Err(e) => return Err(e.into()),
     }

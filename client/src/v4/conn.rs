@@ -272,6 +272,11 @@ impl Connection {
         &self.server_key
     }
 
+    /// This connection's Noise handshake hash (what a legacy login signs).
+    pub fn handshake_hash(&self) -> [u8; 32] {
+        lock(&self.shared.session).session.handshake_hash()
+    }
+
     /// The server's window and largest chunk blob.
     pub fn limits(&self) -> (u64, u32) {
         let st = lock(&self.shared.session);

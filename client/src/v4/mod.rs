@@ -10,6 +10,7 @@
 //! - [`restore`]: verified, atomic, sparse-aware restore with modes, times and links.
 //! - [`policy`]: retention policies (`forget --keep-...`), restic's rules.
 //! - [`inspect`]: `diff`, `find` and `check`.
+//! - [`legacy`]: files uploaded with protocol v3, listed, restored or imported over v4.
 //!
 //! ```no_run
 //! use cyberbackup_client::v4::{self, profile::Profile};
@@ -26,6 +27,7 @@ pub mod backup;
 pub mod config;
 pub mod conn;
 pub mod inspect;
+pub mod legacy;
 pub mod policy;
 pub mod profile;
 pub mod restore;

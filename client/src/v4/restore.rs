@@ -439,7 +439,7 @@ impl<'a> VerifiedChunks<'a> {
     }
 }
 
-fn tmp_name(dest: &Path) -> PathBuf {
+pub(super) fn tmp_name(dest: &Path) -> PathBuf {
     let mut n = std::ffi::OsString::from(".");
     n.push(dest.file_name().unwrap_or_default());
     n.push(format!(".cyberbackup-{}.tmp", std::process::id()));
@@ -447,7 +447,7 @@ fn tmp_name(dest: &Path) -> PathBuf {
 }
 
 /// Sets a path's modification time (access time too), following a symlink or not.
-fn set_mtime(path: &Path, mtime_ns: i64, follow: bool) -> std::io::Result<()> {
+pub(super) fn set_mtime(path: &Path, mtime_ns: i64, follow: bool) -> std::io::Result<()> {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     let ts = TimeSpec::new(

@@ -369,6 +369,19 @@ impl ClientKeypair {
         &self.public_der
     }
 
+    /// Signs a SHA-256 digest with RSASSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt):
+    /// how a v4 connection proves it holds this v3 identity (`docs/PROTOCOL-V4.md`
+    /// §5.1).
+    pub fn sign_pss<R: CryptoRngCore>(
+        &self,
+        rng: &mut R,
+        digest: &[u8; 32],
+    ) -> Result<Vec<u8>, CryptoError> {
+        Ok(self
+            .private
+            .sign_with_rng(rng, rsa::Pss::new::<Sha256>(), digest)?)
+    }
+
     /// Decrypts the session key of an AES_KEY / RECONNECT_OK answer.
     pub fn decrypt_session_key(&self, encrypted: &[u8]) -> Result<AesKey, CryptoError> {
         let k = self
@@ -400,6 +413,13 @@ impl PublicKey {
             return Err(CryptoError::WeakKey(bits));
         }
         Ok(Self(key))
+    }
+
+    /// Checks an RSASSA-PSS signature (see [`ClientKeypair::sign_pss`]) of a digest.
+    pub fn verify_pss(&self, digest: &[u8; 32], signature: &[u8]) -> bool {
+        self.0
+            .verify(rsa::Pss::new::<Sha256>(), digest, signature)
+            .is_ok()
     }
 
     /// Encrypts a session key with RSA-OAEP (SHA-256, MGF1-SHA-256).

@@ -72,6 +72,7 @@ pub struct ClientSession {
     unanswered: HashMap<u32, u64>,
     weight: u64,
     next_id: u32,
+    handshake_hash: [u8; 32],
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -102,7 +103,14 @@ impl ClientSession {
             unanswered: HashMap::new(),
             weight: 0,
             next_id: 1,
+            handshake_hash: [0; 32],
         })
+    }
+
+    /// This connection's Noise handshake hash, once message 3 is sent (zeros before):
+    /// what a LEGACY_LOGIN proof is bound to.
+    pub fn handshake_hash(&self) -> [u8; 32] {
+        self.handshake_hash
     }
 
     /// Bytes to write.
@@ -165,6 +173,7 @@ impl ClientSession {
             return Err(ClientError::State("no server key to accept"));
         };
         hs.write(&self.login.encode(), &mut self.out)?;
+        self.handshake_hash = hs.handshake_hash();
         self.phase = Phase::Welcome(hs.into_transport()?);
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! - [`aead`]: AES-256-GCM (ring), for the transport and the repository format.
 //! - [`wire`]: the preamble, frame headers, every request and answer body, reason codes.
 //! - [`noise`]: the `Noise_XX_25519_AESGCM_SHA256` handshake (snow) and the record layer.
+//! - [`legacy`]: the proof that a connection holds a v3 client's RSA key (LEGACY_LOGIN).
 //! - [`server`]: the server's per-connection state machine: handshake, login, window,
 //!   capability checks; the repository work is handed out as ops.
 //! - [`client`]: the client's state machine, used by the client library, the load
@@ -18,6 +19,7 @@ pub mod format;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod legacy;
 pub mod noise;
 pub mod server;
 pub mod wire;

@@ -241,6 +241,16 @@ impl Handshake {
         self.state.get_remote_static()?.try_into().ok()
     }
 
+    /// The handshake hash so far (after message 3: the same on both ends, and unique
+    /// to this connection; see `docs/PROTOCOL-V4.md` §5.1).
+    pub fn handshake_hash(&self) -> [u8; 32] {
+        let mut h = [0u8; 32];
+        let got = self.state.get_handshake_hash();
+        let n = got.len().min(32);
+        h[..n].copy_from_slice(&got[..n]);
+        h
+    }
+
     /// The handshake is over: the record layer.
     pub fn into_transport(self) -> Result<Transport, NoiseError> {
         Ok(Transport {

@@ -70,6 +70,11 @@ pub struct Principal {
     pub account_id: u64,
     pub device_id: u64,
     pub capabilities: Capabilities,
+    /// The connection's Noise handshake hash (what a LEGACY_LOGIN proof signs).
+    pub handshake_hash: [u8; 32],
+    /// The v3 client this connection proved it holds the key of (LEGACY_LOGIN), if
+    /// any: LEGACY_LIST and LEGACY_READ act on its files.
+    pub legacy: Option<crate::common::ClientId>,
 }
 
 /// Work for the runtime.
@@ -113,7 +118,7 @@ enum Phase {
     /// Message 2 sent; waiting for message 3.
     Message3(Handshake),
     /// Login op out.
-    LoggingIn(Transport),
+    LoggingIn(Transport, [u8; 32]),
     /// Serving requests.
     Ready {
         transport: Transport,
@@ -149,6 +154,8 @@ pub struct ServerSession {
     ops_out: usize,
     deadline: Option<Instant>,
     stats: ServerStats,
+    /// A LEGACY_LOGIN in flight: its request id and v3 client id.
+    legacy_pending: Option<(u32, crate::common::ClientId)>,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -177,6 +184,7 @@ impl ServerSession {
             weight: 0,
             ops_out: 0,
             stats: ServerStats::default(),
+            legacy_pending: None,
         })
     }
 
@@ -200,7 +208,7 @@ impl ServerSession {
     /// True while the session takes no input until an op completes (a login is out,
     /// or too many ops or too much output are pending).
     pub fn is_waiting(&self) -> bool {
-        matches!(self.phase, Phase::LoggingIn(_))
+        matches!(self.phase, Phase::LoggingIn(..))
             || self.ops_out + self.ops.len() >= MAX_OPS_IN_FLIGHT
             || self.out.len() >= MAX_OUTPUT
     }
@@ -335,7 +343,7 @@ impl ServerSession {
 
     fn process_messages_from(&mut self, messages: &mut MessageReader, now: Instant) {
         loop {
-            if self.is_closing() || matches!(self.phase, Phase::LoggingIn(_)) {
+            if self.is_closing() || matches!(self.phase, Phase::LoggingIn(..)) {
                 return;
             }
             let Some(msg) = messages.next_message() else {
@@ -365,6 +373,7 @@ impl ServerSession {
                         }
                     };
                     let key = hs.remote_static();
+                    let handshake_hash = hs.handshake_hash();
                     let transport = match hs.into_transport() {
                         Ok(t) => t,
                         Err(e) => {
@@ -372,7 +381,7 @@ impl ServerSession {
                             return;
                         }
                     };
-                    self.phase = Phase::LoggingIn(transport);
+                    self.phase = Phase::LoggingIn(transport, handshake_hash);
                     let (Some(device_key), Ok(login)) = (key, Login::decode(&payload)) else {
                         self.refuse(0, ErrorCode::BAD_FRAME, "the login message is malformed");
                         return;
@@ -469,9 +478,23 @@ impl ServerSession {
                     continue;
                 }
             };
-            if let Err(e) = check_request(&request, principal.capabilities) {
+            if let Err(e) = check_request(&request, &principal) {
                 self.answer_now(h.request_id, e.into());
                 continue;
+            }
+            if let Request::LegacyLogin { client_id, .. } = &request {
+                if self.legacy_pending.is_some() {
+                    self.answer_now(
+                        h.request_id,
+                        ErrorAnswer::new(
+                            ErrorCode::BAD_REQUEST,
+                            "another LEGACY_LOGIN is still unanswered",
+                        )
+                        .into(),
+                    );
+                    continue;
+                }
+                self.legacy_pending = Some((h.request_id, *client_id));
             }
             if let Request::PutChunk { blob, .. } = &request {
                 self.stats.chunks_put += 1;
@@ -495,7 +518,7 @@ impl ServerSession {
         let mut frame = Vec::new();
         wire::encode_answer(request_id, &answer, &mut frame);
         let sealed = match &mut self.phase {
-            Phase::Ready { transport, .. } | Phase::LoggingIn(transport) => {
+            Phase::Ready { transport, .. } | Phase::LoggingIn(transport, _) => {
                 transport.seal(&frame, &mut self.out)
             }
             _ => return,
@@ -516,7 +539,8 @@ impl ServerSession {
         self.ops_out = self.ops_out.saturating_sub(1);
         match c {
             Completion::LoggedIn(r) => {
-                let Phase::LoggingIn(transport) = std::mem::replace(&mut self.phase, Phase::Moving)
+                let Phase::LoggingIn(transport, handshake_hash) =
+                    std::mem::replace(&mut self.phase, Phase::Moving)
                 else {
                     // Not logging in (closed meanwhile): nothing to do.
                     if matches!(self.phase, Phase::Moving) {
@@ -524,16 +548,18 @@ impl ServerSession {
                     }
                     return;
                 };
-                self.phase = Phase::LoggingIn(transport);
+                self.phase = Phase::LoggingIn(transport, handshake_hash);
                 match r {
                     Ok(w) => {
                         let principal = Principal {
                             account_id: w.account_id,
                             device_id: w.device_id,
                             capabilities: Capabilities(w.capabilities),
+                            handshake_hash,
+                            legacy: None,
                         };
                         self.answer_now(0, Answer::Welcome(w));
-                        if let Phase::LoggingIn(transport) =
+                        if let Phase::LoggingIn(transport, _) =
                             std::mem::replace(&mut self.phase, Phase::Moving)
                         {
                             self.phase = Phase::Ready {
@@ -559,6 +585,16 @@ impl ServerSession {
             Completion::Answered { request_id, answer } => {
                 if let Some(w) = self.unanswered.remove(&request_id) {
                     self.weight -= w;
+                }
+                if let Some((id, client)) = self.legacy_pending {
+                    if id == request_id {
+                        self.legacy_pending = None;
+                        if let (Answer::LegacyAccount { .. }, Phase::Ready { principal, .. }) =
+                            (&answer, &mut self.phase)
+                        {
+                            principal.legacy = Some(client);
+                        }
+                    }
                 }
                 if self.is_closing() {
                     return;
@@ -591,18 +627,22 @@ impl ServerSession {
 
 /// The capability a request needs (`docs/PROTOCOL-V4.md` §8), and the checks the
 /// session can make without the repository.
-fn check_request(r: &Request, caps: Capabilities) -> Result<(), ErrorAnswer> {
+fn check_request(r: &Request, principal: &Principal) -> Result<(), ErrorAnswer> {
+    let caps = principal.capabilities;
     let need = match r {
         Request::HasChunks(_) | Request::PutChunk { .. } | Request::CommitSnapshot { .. } => {
             Capabilities::BACKUP
         }
-        Request::ListSnapshots | Request::GetSnapshot(_) | Request::GetChunk(_) => {
-            Capabilities::READ
-        }
+        Request::ListSnapshots
+        | Request::GetSnapshot(_)
+        | Request::GetChunk(_)
+        | Request::LegacyLogin { .. }
+        | Request::LegacyList { .. }
+        | Request::LegacyRead { .. } => Capabilities::READ,
         Request::Usage | Request::GetKey => {
             Capabilities(Capabilities::BACKUP.0 | Capabilities::READ.0)
         }
-        Request::ForgetSnapshot(_) => Capabilities::FORGET,
+        Request::ForgetSnapshot(_) | Request::Prune => Capabilities::FORGET,
         Request::PutKey(_)
         | Request::DeviceAdd { .. }
         | Request::ListDevices
@@ -615,6 +655,17 @@ fn check_request(r: &Request, caps: Capabilities) -> Result<(), ErrorAnswer> {
                 "this device may not {}: it lacks the {} capability",
                 r.name(),
                 need.names()
+            ),
+        ));
+    }
+    if matches!(r, Request::LegacyList { .. } | Request::LegacyRead { .. })
+        && principal.legacy.is_none()
+    {
+        return Err(ErrorAnswer::new(
+            ErrorCode::FORBIDDEN,
+            format!(
+                "{} needs a v3 identity proven first (LEGACY_LOGIN)",
+                r.name()
             ),
         ));
     }

@@ -61,6 +61,28 @@ impl Repo {
                         Some(b) => Answer::Chunk(b.clone()),
                         None => ErrorAnswer::new(ErrorCode::NOT_FOUND, "no such chunk").into(),
                     },
+                    // Stands in for the RSA check: the "signature" must be the
+                    // connection's handshake hash.
+                    Request::LegacyLogin { signature, .. } => {
+                        if signature == principal.handshake_hash {
+                            Answer::LegacyAccount {
+                                name: "old".into(),
+                                files: 1,
+                                bytes: 1,
+                            }
+                        } else {
+                            ErrorAnswer::new(ErrorCode::FORBIDDEN, "bad proof").into()
+                        }
+                    }
+                    Request::LegacyList { .. } => Answer::LegacyFiles {
+                        files: vec![wire::LegacyFile {
+                            name: format!("{:?}", principal.legacy),
+                            size: 1,
+                            cksum: 1,
+                            stored_ms: 1,
+                        }],
+                        more: false,
+                    },
                     _ => Answer::Forgotten,
                 };
                 Completion::Answered { request_id, answer }
@@ -464,4 +486,80 @@ fn an_unknown_request_kind_is_answered_and_the_connection_stays() {
         matches!(&a[0], (i, Answer::Error(e)) if *i == id && e.code == ErrorCode::UNKNOWN_KIND)
     );
     assert_eq!(a[1], (ok, Answer::ChunksHeld(vec![])));
+}
+
+#[test]
+fn legacy_reads_need_a_proof_bound_to_the_connection() {
+    let sk = StaticKey::generate().unwrap();
+    let dk = StaticKey::generate().unwrap();
+    let mut repo = Repo::default();
+    let mut p = Pair::new(&sk, &dk, create("alice"));
+    p.pump(&mut repo, false).unwrap();
+    let hh = p.client.handshake_hash();
+    assert_ne!(hh, [0; 32]);
+    // Before a proof: FORBIDDEN, and the connection stays.
+    let early = p
+        .client
+        .send(&Request::LegacyList { after: "".into() })
+        .unwrap();
+    // A proof for another connection is refused by the repository.
+    let wrong = p
+        .client
+        .send(&Request::LegacyLogin {
+            client_id: [5; 16],
+            signature: vec![1; 32],
+        })
+        .unwrap();
+    p.pump(&mut repo, false).unwrap();
+    let answers: HashMap<u32, Answer> = p.answers().into_iter().collect();
+    assert!(matches!(&answers[&early], Answer::Error(e) if e.code == ErrorCode::FORBIDDEN));
+    assert!(matches!(&answers[&wrong], Answer::Error(e) if e.code == ErrorCode::FORBIDDEN));
+    let still = p
+        .client
+        .send(&Request::LegacyList { after: "".into() })
+        .unwrap();
+    p.pump(&mut repo, false).unwrap();
+    assert!(
+        matches!(&p.answers()[0], (id, Answer::Error(e)) if *id == still && e.code == ErrorCode::FORBIDDEN)
+    );
+    // The right proof: the server saw the same handshake hash, and later requests
+    // carry the proven client id.
+    let ok = p
+        .client
+        .send(&Request::LegacyLogin {
+            client_id: [5; 16],
+            signature: hh.to_vec(),
+        })
+        .unwrap();
+    p.pump(&mut repo, false).unwrap();
+    assert!(matches!(&p.answers()[0], (id, Answer::LegacyAccount { .. }) if *id == ok));
+    p.client
+        .send(&Request::LegacyList { after: "".into() })
+        .unwrap();
+    p.pump(&mut repo, false).unwrap();
+    let Answer::LegacyFiles { files, .. } = &p.answers()[0].1 else {
+        panic!("a file list")
+    };
+    assert_eq!(files[0].name, format!("{:?}", Some([5u8; 16])));
+    // A read-less device may not even try.
+    let dk2 = StaticKey::generate().unwrap();
+    repo.devices.insert(
+        *dk2.public(),
+        (1, 3, Capabilities::BACKUP.0, "alice".into()),
+    );
+    let mut p2 = Pair::new(&sk, &dk2, device());
+    p2.pump(&mut repo, false).unwrap();
+    let hh2 = p2.client.handshake_hash();
+    let denied = p2
+        .client
+        .send(&Request::LegacyLogin {
+            client_id: [5; 16],
+            signature: hh2.to_vec(),
+        })
+        .unwrap();
+    p2.pump(&mut repo, false).unwrap();
+    assert!(
+        matches!(&p2.answers()[0], (id, Answer::Error(e)) if *id == denied && e.code == ErrorCode::FORBIDDEN)
+    );
+    assert_ne!(hh, hh2, "each connection has its own hash");
 }

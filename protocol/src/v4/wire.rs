@@ -93,6 +93,10 @@ pub mod kind {
     pub const DEVICE_ADD: u16 = 0x000B;
     pub const LIST_DEVICES: u16 = 0x000C;
     pub const REVOKE_DEVICE: u16 = 0x000D;
+    pub const LEGACY_LOGIN: u16 = 0x000E;
+    pub const LEGACY_LIST: u16 = 0x000F;
+    pub const LEGACY_READ: u16 = 0x0011;
+    pub const PRUNE: u16 = 0x0012;
 
     pub const ERROR: u16 = 0x8000;
     pub const CHUNKS_HELD: u16 = 0x8001;
@@ -108,7 +112,11 @@ pub mod kind {
     pub const ENROLMENT: u16 = 0x800B;
     pub const DEVICE_LIST: u16 = 0x800C;
     pub const DEVICE_REVOKED: u16 = 0x800D;
+    pub const LEGACY_ACCOUNT: u16 = 0x800E;
+    pub const LEGACY_FILES: u16 = 0x800F;
     pub const WELCOME: u16 = 0x8010;
+    pub const LEGACY_DATA: u16 = 0x8011;
+    pub const PRUNED: u16 = 0x8012;
 }
 
 /// A reason code (`docs/PROTOCOL-V4.md` §6).
@@ -256,12 +264,24 @@ pub fn max_request_len(kind: u16, max_chunk: u32) -> Option<u64> {
         kind::DEVICE_ADD => 4 + 2 + MAX_NAME_LEN as u64 + 4,
         kind::LIST_DEVICES => 0,
         kind::REVOKE_DEVICE => 8,
+        kind::LEGACY_LOGIN => 16 + MAX_LEGACY_SIGNATURE as u64,
+        kind::LEGACY_LIST => 2 + MAX_LEGACY_NAME as u64,
+        kind::LEGACY_READ => 2 + MAX_LEGACY_NAME as u64 + 8 + 4,
+        kind::PRUNE => 0,
         _ => return None,
     })
 }
 
 /// Longest enrolment code.
 pub const MAX_CODE_LEN: usize = 64;
+/// Longest v3 client or file name (v3's fixed name field).
+pub const MAX_LEGACY_NAME: usize = 255;
+/// Longest LEGACY_LOGIN signature (a 4096-bit RSA signature).
+pub const MAX_LEGACY_SIGNATURE: usize = 512;
+/// Most files in one LEGACY_FILES answer.
+pub const MAX_LEGACY_PAGE: u32 = 1000;
+/// Most bytes one LEGACY_READ may ask for.
+pub const MAX_LEGACY_READ: u32 = 4 << 20;
 /// Most devices one DEVICE_LIST carries.
 pub const MAX_DEVICES: u32 = 65_536;
 
@@ -281,6 +301,12 @@ pub fn max_answer_len(kind: u16, max_chunk: u32) -> Option<u64> {
         kind::ENROLMENT => 2 + MAX_CODE_LEN as u64 + 8,
         kind::DEVICE_LIST => 4 + MAX_DEVICES as u64 * (8 + 4 + 8 + 8 + 1 + 2 + MAX_NAME_LEN as u64),
         kind::DEVICE_REVOKED => 0,
+        kind::LEGACY_ACCOUNT => 2 + MAX_LEGACY_NAME as u64 + 16,
+        kind::LEGACY_FILES => {
+            4 + MAX_LEGACY_PAGE as u64 * (2 + MAX_LEGACY_NAME as u64 + 8 + 4 + 8) + 1
+        }
+        kind::LEGACY_DATA => MAX_LEGACY_READ as u64,
+        kind::PRUNED => 24,
         _ => return None,
     })
 }
@@ -450,6 +476,34 @@ pub enum Request {
     },
     ListDevices,
     RevokeDevice(u64),
+    /// Prove a v3 identity (`docs/PROTOCOL-V4.md` §5.1).
+    LegacyLogin {
+        client_id: [u8; 16],
+        signature: Vec<u8>,
+    },
+    /// List the proven v3 client's files after `after`.
+    LegacyList {
+        after: String,
+    },
+    /// Read a piece of one of its files.
+    LegacyRead {
+        name: String,
+        offset: u64,
+        max: u32,
+    },
+    /// Collect the account's unreferenced chunks now.
+    Prune,
+}
+
+/// A v3 upload as LEGACY_FILES tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyFile {
+    pub name: String,
+    pub size: u64,
+    /// POSIX `cksum` of the bytes.
+    pub cksum: u32,
+    /// When it was stored, ms since the epoch.
+    pub stored_ms: u64,
 }
 
 /// A device as DEVICE_LIST tells it.
@@ -470,19 +524,44 @@ pub struct DeviceInfo {
 pub enum Answer {
     Error(ErrorAnswer),
     ChunksHeld(Vec<bool>),
-    ChunkStored { already: bool },
-    SnapshotCommitted { already: bool },
+    ChunkStored {
+        already: bool,
+    },
+    SnapshotCommitted {
+        already: bool,
+    },
     SnapshotList(Vec<SnapshotInfo>),
-    Snapshot { info: SnapshotInfo, root: Vec<u8> },
+    Snapshot {
+        info: SnapshotInfo,
+        root: Vec<u8>,
+    },
     Chunk(Vec<u8>),
     Forgotten,
     UsageInfo(Usage),
     KeyStored,
     Key(Vec<u8>),
     Welcome(Welcome),
-    Enrolment { code: String, expires_ms: u64 },
+    Enrolment {
+        code: String,
+        expires_ms: u64,
+    },
     DeviceList(Vec<DeviceInfo>),
     DeviceRevoked,
+    LegacyAccount {
+        name: String,
+        files: u64,
+        bytes: u64,
+    },
+    LegacyFiles {
+        files: Vec<LegacyFile>,
+        more: bool,
+    },
+    LegacyData(Vec<u8>),
+    Pruned {
+        chunks: u64,
+        bytes: u64,
+        grace_s: u64,
+    },
 }
 
 impl From<ErrorAnswer> for Answer {
@@ -758,6 +837,10 @@ impl Request {
             Request::DeviceAdd { .. } => kind::DEVICE_ADD,
             Request::ListDevices => kind::LIST_DEVICES,
             Request::RevokeDevice(_) => kind::REVOKE_DEVICE,
+            Request::LegacyLogin { .. } => kind::LEGACY_LOGIN,
+            Request::LegacyList { .. } => kind::LEGACY_LIST,
+            Request::LegacyRead { .. } => kind::LEGACY_READ,
+            Request::Prune => kind::PRUNE,
         }
     }
 
@@ -777,6 +860,10 @@ impl Request {
             Request::DeviceAdd { .. } => "DEVICE_ADD",
             Request::ListDevices => "LIST_DEVICES",
             Request::RevokeDevice(_) => "REVOKE_DEVICE",
+            Request::LegacyLogin { .. } => "LEGACY_LOGIN",
+            Request::LegacyList { .. } => "LEGACY_LIST",
+            Request::LegacyRead { .. } => "LEGACY_READ",
+            Request::Prune => "PRUNE",
         }
     }
 
@@ -796,6 +883,10 @@ impl Request {
             Request::DeviceAdd { name, .. } => 4 + 2 + name.len() + 4,
             Request::ListDevices => 0,
             Request::RevokeDevice(_) => 8,
+            Request::LegacyLogin { signature, .. } => 16 + signature.len(),
+            Request::LegacyList { after } => 2 + after.len(),
+            Request::LegacyRead { name, .. } => 2 + name.len() + 12,
+            Request::Prune => 0,
         }) as u64
     }
 
@@ -835,6 +926,20 @@ impl Request {
             }
             Request::ListDevices => {}
             Request::RevokeDevice(id) => out.extend_from_slice(&id.to_le_bytes()),
+            Request::LegacyLogin {
+                client_id,
+                signature,
+            } => {
+                out.extend_from_slice(client_id);
+                out.extend_from_slice(signature);
+            }
+            Request::LegacyList { after } => put_str(out, after),
+            Request::LegacyRead { name, offset, max } => {
+                put_str(out, name);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&max.to_le_bytes());
+            }
+            Request::Prune => {}
         }
     }
 
@@ -916,6 +1021,35 @@ impl Request {
                 r.what = "REVOKE_DEVICE";
                 Request::RevokeDevice(r.u64()?)
             }
+            kind::LEGACY_LOGIN => {
+                r.what = "LEGACY_LOGIN";
+                let client_id = r.array()?;
+                let signature = r.rest().to_vec();
+                if signature.is_empty() || signature.len() > MAX_LEGACY_SIGNATURE {
+                    return Err(r.invalid("a signature is 1 to 512 bytes"));
+                }
+                Request::LegacyLogin {
+                    client_id,
+                    signature,
+                }
+            }
+            kind::LEGACY_LIST => {
+                r.what = "LEGACY_LIST";
+                Request::LegacyList {
+                    after: r.str(MAX_LEGACY_NAME)?,
+                }
+            }
+            kind::LEGACY_READ => {
+                r.what = "LEGACY_READ";
+                let name = r.str(MAX_LEGACY_NAME)?;
+                let offset = r.u64()?;
+                let max = r.u32()?;
+                if max == 0 || max > MAX_LEGACY_READ {
+                    return Err(r.invalid("a read is 1 byte to 4 MiB"));
+                }
+                Request::LegacyRead { name, offset, max }
+            }
+            kind::PRUNE => Request::Prune,
             other => return Err(WireError::UnknownKind(other)),
         };
         r.end()?;
@@ -942,6 +1076,10 @@ impl Answer {
             Answer::Enrolment { .. } => kind::ENROLMENT,
             Answer::DeviceList(_) => kind::DEVICE_LIST,
             Answer::DeviceRevoked => kind::DEVICE_REVOKED,
+            Answer::LegacyAccount { .. } => kind::LEGACY_ACCOUNT,
+            Answer::LegacyFiles { .. } => kind::LEGACY_FILES,
+            Answer::LegacyData(_) => kind::LEGACY_DATA,
+            Answer::Pruned { .. } => kind::PRUNED,
         }
     }
 
@@ -978,7 +1116,31 @@ impl Answer {
                 info.encode(out);
                 out.extend_from_slice(root);
             }
-            Answer::Chunk(b) | Answer::Key(b) => out.extend_from_slice(b),
+            Answer::Chunk(b) | Answer::Key(b) | Answer::LegacyData(b) => out.extend_from_slice(b),
+            Answer::LegacyAccount { name, files, bytes } => {
+                put_str(out, name);
+                out.extend_from_slice(&files.to_le_bytes());
+                out.extend_from_slice(&bytes.to_le_bytes());
+            }
+            Answer::LegacyFiles { files, more } => {
+                out.extend_from_slice(&(files.len() as u32).to_le_bytes());
+                for f in files {
+                    put_str(out, &f.name);
+                    out.extend_from_slice(&f.size.to_le_bytes());
+                    out.extend_from_slice(&f.cksum.to_le_bytes());
+                    out.extend_from_slice(&f.stored_ms.to_le_bytes());
+                }
+                out.push(*more as u8);
+            }
+            Answer::Pruned {
+                chunks,
+                bytes,
+                grace_s,
+            } => {
+                for v in [chunks, bytes, grace_s] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             Answer::Forgotten | Answer::KeyStored | Answer::DeviceRevoked => {}
             Answer::Enrolment { code, expires_ms } => {
                 put_str(out, code);
@@ -1072,6 +1234,43 @@ impl Answer {
             }
             kind::CHUNK => Answer::Chunk(r.rest().to_vec()),
             kind::KEY => Answer::Key(r.rest().to_vec()),
+            kind::LEGACY_DATA => Answer::LegacyData(r.rest().to_vec()),
+            kind::LEGACY_ACCOUNT => {
+                r.what = "LEGACY_ACCOUNT";
+                Answer::LegacyAccount {
+                    name: r.str(MAX_LEGACY_NAME)?,
+                    files: r.u64()?,
+                    bytes: r.u64()?,
+                }
+            }
+            kind::LEGACY_FILES => {
+                r.what = "LEGACY_FILES";
+                let n = r.u32()?;
+                if n > MAX_LEGACY_PAGE {
+                    return Err(r.invalid("more than 1,000 files"));
+                }
+                let mut files = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    files.push(LegacyFile {
+                        name: r.str(MAX_LEGACY_NAME)?,
+                        size: r.u64()?,
+                        cksum: r.u32()?,
+                        stored_ms: r.u64()?,
+                    });
+                }
+                Answer::LegacyFiles {
+                    files,
+                    more: r.flag()?,
+                }
+            }
+            kind::PRUNED => {
+                r.what = "PRUNED";
+                Answer::Pruned {
+                    chunks: r.u64()?,
+                    bytes: r.u64()?,
+                    grace_s: r.u64()?,
+                }
+            }
             kind::FORGOTTEN => Answer::Forgotten,
             kind::KEY_STORED => Answer::KeyStored,
             kind::DEVICE_REVOKED => Answer::DeviceRevoked,

@@ -126,6 +126,20 @@ fn every_request_round_trips() {
         },
         Request::ListDevices,
         Request::RevokeDevice(7),
+        Request::LegacyLogin {
+            client_id: [3; 16],
+            signature: vec![9; 128],
+        },
+        Request::LegacyList { after: "".into() },
+        Request::LegacyList {
+            after: "report.pdf".into(),
+        },
+        Request::LegacyRead {
+            name: "report.pdf".into(),
+            offset: 1 << 33,
+            max: 4 << 20,
+        },
+        Request::Prune,
     ];
     for r in reqs {
         let f = frame_req(42, &r);
@@ -184,6 +198,30 @@ fn every_answer_round_trips() {
             name: "laptop".into(),
         }]),
         Answer::DeviceRevoked,
+        Answer::LegacyAccount {
+            name: "bob".into(),
+            files: 3,
+            bytes: 1 << 40,
+        },
+        Answer::LegacyFiles {
+            files: vec![LegacyFile {
+                name: "a.txt".into(),
+                size: 5,
+                cksum: 0xdead_beef,
+                stored_ms: 1_700_000_000_000,
+            }],
+            more: true,
+        },
+        Answer::LegacyFiles {
+            files: vec![],
+            more: false,
+        },
+        Answer::LegacyData(vec![7; 1000]),
+        Answer::Pruned {
+            chunks: 4,
+            bytes: 4096,
+            grace_s: 86_400,
+        },
     ];
     for a in answers {
         let f = frame_ans(1, &a);
@@ -194,6 +232,31 @@ fn every_answer_round_trips() {
             let _ = Answer::decode(h.kind, &f[16..16 + cut]);
         }
     }
+}
+
+#[test]
+fn legacy_requests_are_bounded() {
+    // A signature must be 1 to 512 bytes; a read 1 byte to 4 MiB; a name 255 bytes.
+    assert!(Request::decode(kind::LEGACY_LOGIN, &[0; 16]).is_err());
+    assert!(Request::decode(kind::LEGACY_LOGIN, &[0; 16 + 512]).is_ok());
+    assert_eq!(max_request_len(kind::LEGACY_LOGIN, 0), Some(16 + 512));
+    let read = |max: u32, name_len: usize| {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(name_len as u16).to_le_bytes());
+        b.extend(std::iter::repeat_n(b'a', name_len));
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&max.to_le_bytes());
+        Request::decode(kind::LEGACY_READ, &b)
+    };
+    assert!(read(1, 1).is_ok());
+    assert!(read(4 << 20, 255).is_ok());
+    assert!(read(0, 1).is_err());
+    assert!(read((4 << 20) + 1, 1).is_err());
+    assert!(read(1, 256).is_err());
+    // An answer claiming more than a page of files is refused before it is read.
+    let mut b = (MAX_LEGACY_PAGE + 1).to_le_bytes().to_vec();
+    b.push(0);
+    assert!(Answer::decode(kind::LEGACY_FILES, &b).is_err());
 }
 
 #[test]
