@@ -23,6 +23,7 @@ use cyberbackup_client::v4::{self, RepoError};
 use cyberbackup_protocol::v4::format::{EntryKind, FormatError};
 use cyberbackup_protocol::v4::noise::fingerprint;
 use cyberbackup_protocol::v4::wire::{Answer, ErrorCode, Request, SnapshotInfo};
+use cyberbackup_protocol::v4::Capabilities;
 
 /// Exit codes of the v4 commands.
 pub mod code {
@@ -100,6 +101,20 @@ impl V4Common {
     }
 }
 
+/// The server's reason code behind an error, if it has one (e.g. `FORBIDDEN`).
+pub fn reason(e: &anyhow::Error) -> Option<ErrorCode> {
+    e.chain().find_map(|c| {
+        let code = c
+            .downcast_ref::<ConnError>()
+            .and_then(ConnError::code)
+            .or_else(|| match c.downcast_ref::<LegacyError>() {
+                Some(LegacyError::Conn(x)) => x.code(),
+                _ => None,
+            });
+        code
+    })
+}
+
 /// The exit code for an error of a v4 command.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
@@ -135,7 +150,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 | RestoreError::Size { .. } => code::INTEGRITY,
                 RestoreError::Exists(_) => code::EXISTS,
                 RestoreError::Cancelled => code::CANCELLED,
-                RestoreError::NoMatch(_) | RestoreError::NotAFile(_) => code::USAGE,
+                RestoreError::NoMatch(_)
+                | RestoreError::NotAFile(_)
+                | RestoreError::TargetNotDir(_) => code::USAGE,
                 RestoreError::Io { .. } => code::PARTIAL,
             };
         }
@@ -153,6 +170,11 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                         || source.kind() == std::io::ErrorKind::UnexpectedEof =>
                 {
                     code::INTEGRITY
+                }
+                LegacyError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotADirectory =>
+                {
+                    code::USAGE
                 }
                 LegacyError::Io { .. } => code::PARTIAL,
             };
@@ -383,6 +405,9 @@ fn run_backup(
     let _ = ticker.join();
     let s = r?;
     for (p, why) in &s.skipped {
+        if c.json {
+            out_json(serde_json::json!({"event": "skipped", "path": p, "error": why}));
+        }
         eprintln!("cyberbackup: skipped {}: {why}", p.display());
     }
     if c.json {
@@ -397,15 +422,15 @@ fn run_backup(
         }));
     } else if !c.quiet {
         println!(
-            "snapshot {} saved: {} files, {} dirs, {} symlinks, {} ({} files unchanged); sent {} in {} new chunks ({} already on the server) in {:.2} s",
+            "snapshot {} saved: {}, {}, {}, {} ({} unchanged); sent {} in {} ({} already on the server) in {:.2} s",
             &hex(&s.snapshot)[..8],
-            s.files,
-            s.dirs,
-            s.symlinks,
+            count(s.files, "file"),
+            count(s.dirs, "dir"),
+            count(s.symlinks, "symlink"),
             iec(s.size),
             s.files_unchanged,
             iec(s.bytes_sent),
-            s.chunks_sent,
+            count(s.chunks_sent, "new chunk"),
             s.chunks_held,
             s.seconds
         );
@@ -451,7 +476,7 @@ pub fn list(c: &V4Common) -> anyhow::Result<i32> {
             s.header.tags.join(",")
         );
     }
-    println!("{} snapshots", all.len());
+    println!("{}", count(all.len() as u64, "snapshot"));
     Ok(code::OK)
 }
 
@@ -461,6 +486,7 @@ pub fn ls(c: &V4Common, snap: &str, path: Option<&str>) -> anyhow::Result<i32> {
     let info = snapshots::find(&conn, snap)?;
     let tree = snapshots::load(&conn, &key, &info.header.id)?;
     let prefix = path.map(|p| p.trim_matches('/').to_string());
+    let mut matched = 0u64;
     for e in &tree.entries {
         let p = String::from_utf8_lossy(&e.path);
         if let Some(pre) = &prefix {
@@ -468,6 +494,7 @@ pub fn ls(c: &V4Common, snap: &str, path: Option<&str>) -> anyhow::Result<i32> {
                 continue;
             }
         }
+        matched += 1;
         let (t, extra) = match &e.kind {
             EntryKind::Dir => ("dir", String::new()),
             EntryKind::File { .. } => ("file", String::new()),
@@ -490,7 +517,32 @@ pub fn ls(c: &V4Common, snap: &str, path: Option<&str>) -> anyhow::Result<i32> {
             );
         }
     }
+    if matched == 0 {
+        if let Some(p) = path {
+            return Err(RestoreError::NoMatch(p.to_string()).into());
+        }
+    }
     Ok(code::OK)
+}
+
+/// Refuses at once, with the capability named, what this device may not do (rather
+/// than failing on the first request the command happens to make).
+fn require(
+    conn: &v4::conn::Connection,
+    cap: cyberbackup_protocol::v4::Capabilities,
+    what: &str,
+) -> anyhow::Result<()> {
+    if conn.welcome().capabilities & cap.0 == 0 {
+        return Err(ConnError::Server(cyberbackup_protocol::v4::wire::ErrorAnswer::new(
+            ErrorCode::FORBIDDEN,
+            format!(
+                "this device may not {what}: it lacks the {} capability (ask an admin device for it: `device add`, `enrol`)",
+                cap.names()
+            ),
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// `restore SNAPSHOT [PATH] --target DIR`.
@@ -542,13 +594,13 @@ pub fn restore(
         );
     } else if !c.quiet {
         println!(
-            "restored snapshot {} to {}: {} files ({} already in place), {} dirs, {} symlinks, {}",
+            "restored snapshot {} to {}: {} ({} already in place), {}, {}, {}",
             &hex(&info.header.id)[..8],
             target.display(),
-            s.files,
+            count(s.files, "file"),
             s.skipped,
-            s.dirs,
-            s.symlinks,
+            count(s.dirs, "dir"),
+            count(s.symlinks, "symlink"),
             iec(s.bytes)
         );
     }
@@ -568,6 +620,8 @@ pub fn dump(c: &V4Common, snap: &str, path: &str) -> anyhow::Result<i32> {
 /// `forget SNAPSHOT...`.
 pub fn forget(c: &V4Common, snaps: &[String]) -> anyhow::Result<i32> {
     let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    require(&conn, Capabilities::FORGET, "forget snapshots")?;
+    require(&conn, Capabilities::READ, "find the snapshots to forget")?;
     for spec in snaps {
         let info = snapshots::find(&conn, spec)?;
         match conn.call(&Request::ForgetSnapshot(info.header.id)) {
@@ -594,6 +648,12 @@ pub fn forget_policy(
     only_paths: Option<&[Vec<u8>]>,
 ) -> anyhow::Result<i32> {
     let (conn, key) = open(c)?;
+    require(&conn, Capabilities::FORGET, "forget snapshots")?;
+    require(
+        &conn,
+        Capabilities::READ,
+        "read the snapshots a policy decides on",
+    )?;
     let all = snapshots::list(&conn)?;
     // Group by host and the paths named to the backup (in the encrypted root).
     let mut groups: BTreeMap<(String, Vec<Vec<u8>>), Vec<&SnapshotInfo>> = BTreeMap::new();
@@ -678,10 +738,10 @@ pub fn forget_policy(
         );
     } else if !c.quiet {
         println!(
-            "{} {} of {} snapshots",
+            "{} {} of {}",
             if dry_run { "would forget" } else { "forgot" },
             forget.len(),
-            all.len()
+            count(all.len() as u64, "snapshot")
         );
     }
     Ok(code::OK)
@@ -767,9 +827,9 @@ pub fn check(c: &V4Common, read_percent: Option<u8>) -> anyhow::Result<i32> {
         );
     } else if !c.quiet {
         println!(
-            "checked {} snapshots and {} chunks{}: {}",
-            r.snapshots,
-            r.chunks,
+            "checked {} and {}{}: {}",
+            count(r.snapshots as u64, "snapshot"),
+            count(r.chunks as u64, "chunk"),
             if read_percent.is_some() {
                 format!(
                     " ({} chunks, {} read and verified)",
@@ -944,6 +1004,35 @@ pub fn key_passwd(c: &V4Common, new_file: Option<&Path>) -> anyhow::Result<i32> 
     Ok(code::OK)
 }
 
+/// `key list`: the account's wrapped repository key and how it is protected.
+pub fn key_list(c: &V4Common) -> anyhow::Result<i32> {
+    let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    let wrapped = match conn.call(&Request::GetKey)? {
+        Answer::Key(k) => k,
+        _ => return Err(ConnError::UnexpectedAnswer("GET_KEY").into()),
+    };
+    let cost = cyberbackup_protocol::v4::format::RepoKey::wrapped_cost(&wrapped)?;
+    // Names this wrapping by its random salt (new with every `key passwd`); it says
+    // nothing of the key inside.
+    let id = hex(&wrapped[13..21]);
+    if c.json {
+        out_json(serde_json::json!({
+            "event": "key", "id": id, "kdf": "argon2id", "memory_kib": cost.m_kib,
+            "passes": cost.t, "lanes": cost.p, "cipher": "aes-256-gcm",
+            "account": conn.welcome().account,
+        }));
+    } else {
+        println!(
+            "account {}: 1 repository key, wrapped under one passphrase\n  id {id}  Argon2id {} MiB, {} passes, {} lanes; AES-256-GCM\n(`key passwd` re-wraps it under a new passphrase; the key itself, and so every snapshot, stays the same)",
+            conn.welcome().account,
+            cost.m_kib / 1024,
+            cost.t,
+            cost.p
+        );
+    }
+    Ok(code::OK)
+}
+
 /// `stats`: the snapshots' logical size against what the server stores.
 pub fn stats(c: &V4Common) -> anyhow::Result<i32> {
     let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
@@ -998,10 +1087,10 @@ pub fn usage(c: &V4Common) -> anyhow::Result<i32> {
         );
     } else {
         println!(
-            "account {}: {} snapshots, {} chunks, {} stored{}; server key {}",
+            "account {}: {}, {}, {} stored{}; server key {}",
             conn.welcome().account,
-            u.snapshots,
-            u.chunks,
+            count(u.snapshots, "snapshot"),
+            count(u.chunks, "chunk"),
             iec(u.stored_bytes),
             if u.quota > 0 {
                 format!(" of a {} quota", iec(u.quota))
@@ -1017,6 +1106,7 @@ pub fn usage(c: &V4Common) -> anyhow::Result<i32> {
 /// `prune`: the server deletes the account's unreferenced chunks now.
 pub fn prune(c: &V4Common) -> anyhow::Result<i32> {
     let conn = v4::connect(&c.profile()?, c.server.as_deref())?;
+    require(&conn, Capabilities::FORGET, "prune")?;
     let (chunks, bytes, grace_s) = match conn.call(&Request::Prune) {
         Ok(Answer::Pruned {
             chunks,
@@ -1060,6 +1150,11 @@ pub fn prune(c: &V4Common) -> anyhow::Result<i32> {
         );
     }
     Ok(code::OK)
+}
+
+/// "1 file", "2 files".
+fn count(n: u64, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
 fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {

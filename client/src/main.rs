@@ -36,7 +36,7 @@ struct Cli {
     protocol: u8,
     /// Compatibility mode of the CyberBackup 3.0 client: read transfer.info from the
     /// working directory (line 1 host:port, line 2 user name, line 3 file path).
-    #[arg(long)]
+    #[arg(long, env = "CYBERBACKUP_BATCH")]
     batch: bool,
     #[command(flatten)]
     common: Common,
@@ -55,11 +55,11 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_ACCOUNT")]
         account: String,
         /// This device's name [default: the host name].
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_INIT_DEVICE")]
         device: Option<String>,
         /// The server's key fingerprint (SHA256:...), to check instead of trusting
         /// the first connection.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_INIT_SERVER_KEY")]
         server_key: Option<String>,
     },
     /// Back up files and directories (v4: one snapshot; v3: each file by its name).
@@ -74,38 +74,52 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_USER")]
         user: Option<String>,
         /// v4: a tag for the snapshot (repeatable).
-        #[arg(long = "tag")]
+        #[arg(long = "tag", env = "CYBERBACKUP_BACKUP_TAG", value_delimiter = ',')]
         tags: Vec<String>,
         /// v4: the host name recorded [default: this machine's].
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_BACKUP_HOST")]
         host: Option<String>,
         /// v4: read every file, even those unchanged since the last snapshot.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_BACKUP_FORCE")]
         force: bool,
         /// v4: the snapshot's time, UTC ("2026-12-04 10:30:00") [default: now].
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_BACKUP_TIME")]
         time: Option<String>,
         /// v4: leave out paths matching this glob (a pattern without / matches
         /// names; repeatable).
-        #[arg(long = "exclude", value_name = "PATTERN")]
+        #[arg(
+            long = "exclude",
+            value_name = "PATTERN",
+            env = "CYBERBACKUP_BACKUP_EXCLUDE",
+            value_delimiter = ','
+        )]
         excludes: Vec<String>,
         /// v4: read exclude patterns from a file (one a line, # comments).
-        #[arg(long = "exclude-file", value_name = "FILE")]
+        #[arg(
+            long = "exclude-file",
+            value_name = "FILE",
+            env = "CYBERBACKUP_BACKUP_EXCLUDE_FILE",
+            value_delimiter = ','
+        )]
         exclude_files: Vec<PathBuf>,
         /// v4: leave out the contents of directories tagged with CACHEDIR.TAG.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_BACKUP_EXCLUDE_CACHES")]
         exclude_caches: bool,
         /// v4: do not cross into other file systems.
-        #[arg(long, short = 'x')]
+        #[arg(long, short = 'x', env = "CYBERBACKUP_BACKUP_ONE_FILE_SYSTEM")]
         one_file_system: bool,
         /// v4: read more paths to back up from a file (one a line).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CYBERBACKUP_BACKUP_FILES_FROM")]
         files_from: Option<PathBuf>,
         /// v4: back up standard input as one file named --stdin-filename.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_BACKUP_STDIN")]
         stdin: bool,
         /// v4: the name standard input is stored under.
-        #[arg(long, default_value = "stdin")]
+        #[arg(
+            long,
+            default_value = "stdin",
+            env = "CYBERBACKUP_BACKUP_STDIN_FILENAME"
+        )]
         stdin_filename: String,
     },
     /// v4: list the snapshots.
@@ -127,17 +141,27 @@ enum Command {
         /// Only this path and what is under it.
         path: Option<String>,
         /// Directory to restore into (made if missing).
-        #[arg(short, long)]
+        #[arg(short, long, env = "CYBERBACKUP_RESTORE_TARGET")]
         target: PathBuf,
         /// Replace files that exist in the target (files already holding the
         /// snapshot's content are kept either way: running a restore again resumes it).
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_RESTORE_OVERWRITE")]
         overwrite: bool,
         /// Only entries matching this glob, and what is under them (repeatable).
-        #[arg(long = "include", value_name = "PATTERN")]
+        #[arg(
+            long = "include",
+            value_name = "PATTERN",
+            env = "CYBERBACKUP_RESTORE_INCLUDE",
+            value_delimiter = ','
+        )]
         includes: Vec<String>,
         /// Leave out entries matching this glob, and what is under them (repeatable).
-        #[arg(long = "exclude", value_name = "PATTERN")]
+        #[arg(
+            long = "exclude",
+            value_name = "PATTERN",
+            env = "CYBERBACKUP_RESTORE_EXCLUDE",
+            value_delimiter = ','
+        )]
         excludes: Vec<String>,
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
@@ -155,31 +179,66 @@ enum Command {
         /// Snapshots to forget ("latest" or id prefixes); or none, with --keep-* rules.
         snapshots: Vec<String>,
         /// Keep the N newest snapshots (per host and paths).
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_LAST"
+        )]
         keep_last: u32,
         /// Keep the newest snapshot of each of the N newest hours that have one.
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_HOURLY"
+        )]
         keep_hourly: u32,
         /// ... days.
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_DAILY"
+        )]
         keep_daily: u32,
         /// ... ISO weeks.
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_WEEKLY"
+        )]
         keep_weekly: u32,
         /// ... months.
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_MONTHLY"
+        )]
         keep_monthly: u32,
         /// ... years.
-        #[arg(long, value_name = "N", default_value_t = 0)]
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 0,
+            env = "CYBERBACKUP_FORGET_KEEP_YEARLY"
+        )]
         keep_yearly: u32,
         /// Keep snapshots newer than this before the newest (e.g. 30d, 1y6m, 36h).
-        #[arg(long, value_name = "DURATION")]
+        #[arg(long, value_name = "DURATION", env = "CYBERBACKUP_FORGET_KEEP_WITHIN")]
         keep_within: Option<String>,
         /// Keep snapshots with this tag (repeatable).
-        #[arg(long, value_name = "TAG")]
+        #[arg(
+            long,
+            value_name = "TAG",
+            env = "CYBERBACKUP_FORGET_KEEP_TAG",
+            value_delimiter = ','
+        )]
         keep_tag: Vec<String>,
         /// Show what would be kept and forgotten, and why; change nothing.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_FORGET_DRY_RUN")]
         dry_run: bool,
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
@@ -225,10 +284,14 @@ enum Command {
     /// v4: check that every snapshot opens and every chunk it names is on the server.
     Check {
         /// Also download and verify chunks (all of them, or --read-data-subset).
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_CHECK_READ_DATA")]
         read_data: bool,
         /// Verify this share of the chunks, e.g. 10% (implies --read-data).
-        #[arg(long, value_name = "PERCENT")]
+        #[arg(
+            long,
+            value_name = "PERCENT",
+            env = "CYBERBACKUP_CHECK_READ_DATA_SUBSET"
+        )]
         read_data_subset: Option<String>,
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: Option<String>,
@@ -242,11 +305,11 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_SERVER")]
         server: String,
         /// This device's name [default: the host name].
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_ENROL_DEVICE")]
         device: Option<String>,
         /// The server's key fingerprint (SHA256:...), to check instead of trusting
         /// the first connection.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_ENROL_SERVER_KEY")]
         server_key: Option<String>,
     },
     /// v4: the account's devices: list, add (prints an enrolment code), revoke.
@@ -256,7 +319,7 @@ enum Command {
         #[arg(short, long, env = "CYBERBACKUP_SERVER", global = true)]
         server: Option<String>,
     },
-    /// v4: the repository key: change its passphrase.
+    /// v4: the repository key: list it, change its passphrase.
     Key {
         #[command(subcommand)]
         cmd: KeyCmd,
@@ -282,13 +345,17 @@ enum DeviceCmd {
     /// Make a one-time enrolment code for a new device.
     Add {
         /// What the new device may do: all, or some of backup,read,forget,admin.
-        #[arg(long, default_value = "all")]
+        #[arg(
+            long,
+            default_value = "all",
+            env = "CYBERBACKUP_DEVICE_ADD_CAPABILITIES"
+        )]
         capabilities: String,
         /// A name to remember the device by.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", env = "CYBERBACKUP_DEVICE_ADD_NAME")]
         name: String,
         /// Hours the code stays valid (at most 168).
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, default_value_t = 24, env = "CYBERBACKUP_DEVICE_ADD_TTL_HOURS")]
         ttl_hours: u32,
     },
     /// Revoke a device (by its id from `device list`): its logins are refused.
@@ -305,10 +372,10 @@ enum LegacyCmd {
         /// File names or globs (default: all).
         names: Vec<String>,
         /// Directory to restore into.
-        #[arg(long, short = 't', env = "CYBERBACKUP_TARGET")]
+        #[arg(long, short = 't', env = "CYBERBACKUP_LEGACY_RESTORE_TARGET")]
         target: PathBuf,
         /// Replace files that exist with other content.
-        #[arg(long)]
+        #[arg(long, env = "CYBERBACKUP_LEGACY_RESTORE_OVERWRITE")]
         overwrite: bool,
     },
     /// Make the v3 files (all, or those matching NAME globs) one v4 snapshot, tagged
@@ -317,16 +384,22 @@ enum LegacyCmd {
         /// File names or globs (default: all).
         names: Vec<String>,
         /// Another tag for the snapshot (repeatable).
-        #[arg(long = "tag")]
+        #[arg(
+            long = "tag",
+            env = "CYBERBACKUP_LEGACY_IMPORT_TAG",
+            value_delimiter = ','
+        )]
         tags: Vec<String>,
         /// The host name recorded [default: this machine's].
-        #[arg(long, env = "CYBERBACKUP_HOST")]
+        #[arg(long, env = "CYBERBACKUP_LEGACY_IMPORT_HOST")]
         host: Option<String>,
     },
 }
 
 #[derive(Subcommand, Debug)]
 enum KeyCmd {
+    /// The account's wrapped repository key: its id and Argon2id cost.
+    List,
     /// Wrap the repository key under a new passphrase (CYBERBACKUP_NEW_PASSWORD,
     /// --new-password-file, or a prompt); the old one stops working.
     Passwd {
@@ -337,7 +410,7 @@ enum KeyCmd {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// Identity file (created on first registration, used to reconnect later).
+    /// v3 and `legacy`: the v3 identity file, me.info (made on first v3 registration).
     #[arg(
         long,
         global = true,
@@ -345,17 +418,17 @@ struct Common {
         default_value = "me.info"
     )]
     identity: PathBuf,
-    /// Packet size in bytes (a multiple of 16, at most 16 MiB).
-    #[arg(long, global = true, default_value_t = DEFAULT_PACKET_SIZE)]
+    /// v3: packet size in bytes (a multiple of 16, at most 16 MiB).
+    #[arg(long, global = true, default_value_t = DEFAULT_PACKET_SIZE, env = "CYBERBACKUP_PACKET_SIZE")]
     packet_size: usize,
-    /// Seconds to wait for the server on any read or write.
-    #[arg(long, global = true, default_value_t = 60)]
+    /// v3: seconds to wait for the server on any read or write.
+    #[arg(long, global = true, default_value_t = 60, env = "CYBERBACKUP_TIMEOUT")]
     timeout: u64,
     /// Progress and results as JSON lines on standard output.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "CYBERBACKUP_JSON")]
     json: bool,
     /// No progress output, only the summary lines and errors.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, env = "CYBERBACKUP_QUIET")]
     quiet: bool,
     /// v4: the config directory (device key, pinned server keys, repository)
     /// [default: $XDG_CONFIG_HOME/cyberbackup or ~/.config/cyberbackup].
@@ -402,6 +475,7 @@ fn main() {
         .with_target(false)
         .init();
     let v4 = cli.protocol == 4 && !cli.batch;
+    let json = cli.common.json;
     let code = match if v4 { run_v4(cli) } else { run(cli) } {
         Ok(code) => code,
         Err(e) => {
@@ -416,11 +490,24 @@ fn main() {
                 }
             }
             eprintln!("cyberbackup: {msg}");
-            if v4 {
+            let code = if v4 {
                 cli_v4::exit_code(&e)
             } else {
                 e.downcast_ref::<ClientError>().map(exit_code).unwrap_or(2)
+            };
+            if json && v4 {
+                // The error as the last JSON line, with the server's reason code when
+                // there is one.
+                let reason = cli_v4::reason(&e);
+                let (name, number) = (reason.map(|r| r.name()), reason.map(|r| r.0));
+                let mut o = std::io::stdout().lock();
+                let _ = writeln!(
+                    o,
+                    "{}",
+                    serde_json::json!({"event": "error", "message": msg, "reason": name, "reason_code": number, "exit_code": code})
+                );
             }
+            code
         }
     };
     std::process::exit(code);
@@ -769,6 +856,7 @@ fn run_v4(cli: Cli) -> anyhow::Result<i32> {
         Command::Key { cmd, server } => {
             common.server = server;
             match cmd {
+                KeyCmd::List => cli_v4::key_list(&common),
                 KeyCmd::Passwd { new_password_file } => {
                     cli_v4::key_passwd(&common, new_password_file.as_deref())
                 }

@@ -1044,11 +1044,21 @@ fn devices_enrolment_revocation_and_recovery(rt: Runtime) {
     let rel = src.strip_prefix("/").unwrap();
     assert_eq!(describe(&src), describe(&out.join(rel)));
 
-    // A new passphrase: the old one stops working.
-    rescued.cli_env(
+    // A new passphrase: the old one stops working; `key list` shows a new wrapping
+    // (its id) at the test's Argon2id cost.
+    let key_id = |u: &User| -> serde_json::Value {
+        serde_json::from_str(u.ok(&["--json", "key", "list"]).trim()).unwrap()
+    };
+    let before = key_id(&rescued);
+    assert_eq!(before["kdf"], "argon2id");
+    let changed = rescued.cli_env(
         &["key", "passwd"],
         &[("CYBERBACKUP_NEW_PASSWORD", "a new passphrase")],
     );
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    let after = key_id(&rescued);
+    assert_ne!(before["id"], after["id"]);
+    assert_eq!(before["memory_kib"], after["memory_kib"]);
     let old = alice.cli(&["ls", "latest"]);
     assert_eq!(old.status.code(), Some(7), "{}", stderr(&old));
     let new = alice.cli_env(
@@ -1175,6 +1185,39 @@ fn profiles_drive_backup_and_forget(rt: Runtime) {
         3,
         "keep_last = 1 of the profile's two; the other two stay"
     );
+    // Every flag also comes from the environment (lists comma-separated).
+    let env_src = work.path().join("env-src");
+    fs::create_dir_all(&env_src).unwrap();
+    for n in ["a.txt", "b.log", "c.tmp"] {
+        fs::write(env_src.join(n), n).unwrap();
+    }
+    let out = u.cli_env(
+        &["backup", env_src.to_str().unwrap()],
+        &[
+            ("CYBERBACKUP_BACKUP_EXCLUDE", "*.log,*.tmp"),
+            ("CYBERBACKUP_BACKUP_TAG", "from-env,second"),
+            ("CYBERBACKUP_QUIET", "true"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "quiet from the environment");
+    let ls = u.ok(&["ls", "latest"]);
+    assert!(
+        ls.contains("a.txt") && !ls.contains("b.log") && !ls.contains("c.tmp"),
+        "{ls}"
+    );
+    let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
+    let newest = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|s| s["time_ms"].as_i64())
+        .unwrap();
+    assert_eq!(newest["tags"], serde_json::json!(["from-env", "second"]));
     let bad = u.cli(&["backup", "--profile", "nope"]);
     assert_eq!(bad.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("it has: home"));
@@ -1403,6 +1446,42 @@ fn prune_reclaims_space(rt: Runtime) {
         String::from_utf8_lossy(&r.stderr)
     );
     assert!(String::from_utf8_lossy(&r.stderr).contains("may not prune"));
+    // With --json the error is the last line, with its reason and exit code; forget
+    // names the capability it lacks (not the read it would have needed first).
+    let r = d.cli(&["--json", "forget", "latest"]);
+    assert_eq!(r.status.code(), Some(6));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&r.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "error");
+    assert_eq!(last["reason"], "FORBIDDEN");
+    assert_eq!(last["reason_code"], 300);
+    assert_eq!(last["exit_code"], 6);
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("lacks the forget capability"),
+        "{last}"
+    );
+    // A path a snapshot does not hold, and a restore target that is a file: usage
+    // errors (exit 2), with nothing written.
+    let r = u.cli(&["ls", "latest", "no/such/path"]);
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let file = work.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let r = u.cli(&["restore", "latest", "--target", file.to_str().unwrap()]);
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"x");
 }
 
 both_runtimes!(

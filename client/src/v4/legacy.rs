@@ -254,6 +254,15 @@ pub fn restore(
         let path = path.to_owned();
         move |source| LegacyError::Io { path, source }
     };
+    if fs::metadata(target).is_ok_and(|m| !m.is_dir()) {
+        return Err(LegacyError::Io {
+            path: target.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "the target exists and is not a directory",
+            ),
+        });
+    }
     fs::create_dir_all(target).map_err(io(target))?;
     let mut todo = Vec::new();
     let mut summary = LegacyRestoreSummary::default();

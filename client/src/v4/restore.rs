@@ -47,6 +47,8 @@ pub enum RestoreError {
     Size { path: String, got: u64, want: u64 },
     #[error("{0} already exists (use --overwrite to replace what is there)")]
     Exists(PathBuf),
+    #[error("the target {0} exists and is not a directory")]
+    TargetNotDir(PathBuf),
     #[error("nothing in the snapshot matches {0:?}")]
     NoMatch(String),
     #[error("{0} is not a regular file in the snapshot")]
@@ -162,6 +164,9 @@ pub fn restore(
         let path = path.to_owned();
         move |source| RestoreError::Io { path, source }
     };
+    if fs::metadata(target).is_ok_and(|m| !m.is_dir()) {
+        return Err(RestoreError::TargetNotDir(target.to_owned()));
+    }
     fs::create_dir_all(target).map_err(io(target))?;
     // Files already restored (same content as in the snapshot: a restore run again
     // after an interruption) are kept; anything else that exists is refused before

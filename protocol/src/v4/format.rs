@@ -237,7 +237,9 @@ impl RepoKey {
     }
 
     /// Unwraps a key with its passphrase.
-    pub fn unwrap(wrapped: &[u8], passphrase: &[u8]) -> Result<RepoKey, FormatError> {
+    /// The Argon2id cost a wrapped key was made with (checked against the bounds a
+    /// client accepts), without the passphrase.
+    pub fn wrapped_cost(wrapped: &[u8]) -> Result<KdfCost, FormatError> {
         if wrapped.len() != WRAPPED_KEY_LEN {
             return Err(FormatError::Malformed("the wrapped key"));
         }
@@ -254,6 +256,11 @@ impl RepoKey {
         if cost.m_kib > 4 << 20 || cost.t > 64 || cost.p > 64 || cost.t == 0 || cost.p == 0 {
             return Err(FormatError::Malformed("the wrapped key's cost"));
         }
+        Ok(cost)
+    }
+
+    pub fn unwrap(wrapped: &[u8], passphrase: &[u8]) -> Result<RepoKey, FormatError> {
+        let cost = Self::wrapped_cost(wrapped)?;
         let salt: [u8; 16] = wrapped[13..29].try_into().unwrap_or_default();
         let nonce: [u8; 12] = wrapped[29..41].try_into().unwrap_or_default();
         let kek = kdf(passphrase, &salt, cost)?;
