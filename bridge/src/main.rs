@@ -3,11 +3,14 @@
 //!
 //! # Layout
 //! - [`api`]: routes, handlers, WebSocket, the embedded UI and OpenAPI document.
+//! - [`auth`]: the sign-in token and session cookie, Host and Origin checks, and the
+//!   security headers of every response.
 //! - [`jobs`]: backup jobs, streamed from the HTTP body into the client library.
 //! - [`store`]: job history and per-user identities in SQLite.
 //! - [`metrics`]: Prometheus metrics.
 
 mod api;
+mod auth;
 mod jobs;
 mod metrics;
 mod store;
@@ -47,6 +50,21 @@ struct Args {
     /// Seconds to wait for a backup server on any read or write.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// A file holding the sign-in token (at least 16 characters) [default: a new
+    /// random one at each start]. The bridge prints a link that signs in with it.
+    #[arg(long, env = "CYBERBACKUP_BRIDGE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Another host name the bridge answers to (repeatable; it always answers to
+    /// localhost, 127.0.0.1, [::1] and its listen address, with its port). Requests
+    /// naming any other host are refused, so a web page cannot reach the bridge by
+    /// rebinding a DNS name to 127.0.0.1.
+    #[arg(
+        long = "allow-host",
+        value_name = "NAME",
+        env = "CYBERBACKUP_BRIDGE_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    allow_hosts: Vec<String>,
     /// Log filter (RUST_LOG also works).
     #[arg(long, env = "CYBERBACKUP_LOG", default_value = "info")]
     log: String,
@@ -72,6 +90,22 @@ fn run() -> Result<()> {
     if args.max_upload_bytes > MAX_FILE_SIZE {
         anyhow::bail!("--max-upload-bytes is at most {MAX_FILE_SIZE} (protocol v3)");
     }
+    let token = match &args.token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token file {}", p.display()))?
+                .trim()
+                .to_owned();
+            if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                anyhow::bail!(
+                    "the token in {} must be at least 16 printable characters, without spaces",
+                    p.display()
+                );
+            }
+            t
+        }
+        None => auth::random_token(),
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let db = args.data_dir.join("bridge.db");
@@ -103,9 +137,32 @@ fn run() -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let auth = auth::Auth::new(
+            token.clone(),
+            &addr.ip().to_string(),
+            addr.port(),
+            &args.allow_hosts,
+            false,
+        );
         tracing::info!(%addr, server = %args.server, data = %args.data_dir.display(), "bridge ready");
-        println!("cyberbackup-bridge listening on http://{addr}/");
-        axum::serve(listener, api::router(state))
+        let link_host = if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        {
+            // One write, and no panic when nobody reads standard output any more.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(
+                out,
+                "cyberbackup-bridge listening on http://{addr}/\nopen http://{link_host}/?token={token} to sign in\n"
+            );
+            let _ = out.flush();
+        }
+        let app = api::router(state)
+            .layer(axum::middleware::from_fn_with_state(auth, auth::guard));
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let term = async {
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -643,7 +643,11 @@ fn serve_wrong_checksum(mut s: TcpStream, mut record: impl FnMut(u16)) {
     }
 }
 
-/// A running bridge process (HTTP on 127.0.0.1, a free port) in its own data directory.
+/// The sign-in token the test bridges are started with (`--token-file`).
+pub const BRIDGE_TOKEN: &str = "e2e-test-token-0123456789abcdef";
+
+/// A running bridge process (HTTP on 127.0.0.1, a free port) in its own data directory,
+/// started with [`BRIDGE_TOKEN`].
 pub struct Bridge {
     child: Option<Child>,
     pub url: String,
@@ -659,9 +663,14 @@ impl Bridge {
     /// Starts the bridge with `server` as its default backup server and `extra` flags
     /// (e.g. `--log trace`).
     pub fn start_with(data: &Path, server: &str, extra: &[&str]) -> Bridge {
+        std::fs::create_dir_all(data).expect("bridge data dir");
+        let token_file = data.join("e2e-token");
+        std::fs::write(&token_file, BRIDGE_TOKEN).expect("token file");
         let mut child = Command::new(binary("cyberbackup-bridge", "cyberbackup-bridge"))
             .args(["--listen", "127.0.0.1:0", "--server", server, "--data-dir"])
             .arg(data)
+            .arg("--token-file")
+            .arg(&token_file)
             .args(["--timeout", "10"])
             .args(extra)
             .stdin(Stdio::null())

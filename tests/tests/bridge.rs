@@ -9,9 +9,23 @@ use std::time::Duration;
 use cyberbackup_e2e::*;
 use serde_json::{json, Value};
 
+/// An HTTP agent signed in with the test bridges' token.
+// ureq's middleware signature has ureq's (large) error type.
+#[allow(clippy::result_large_err)]
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
+        .middleware(|req: ureq::Request, next: ureq::MiddlewareNext| {
+            next.handle(req.set("Authorization", &format!("Bearer {BRIDGE_TOKEN}")))
+        })
+        .build()
+}
+
+/// An agent with no credentials.
+fn anonymous() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .redirects(0)
         .build()
 }
 
@@ -134,7 +148,13 @@ fn the_websocket_reports_live_progress_and_the_result() {
     let data = tempfile::tempdir().unwrap();
     let b = Bridge::start(data.path(), &server);
     let ws_url = format!("{}/api/ws", b.url.replace("http://", "ws://"));
-    let (mut ws, _) = tungstenite::connect(ws_url.as_str()).expect("websocket");
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str()).unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {BRIDGE_TOKEN}").parse().unwrap(),
+    );
+    let (mut ws, _) = tungstenite::connect(req).expect("websocket");
     let first: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
     assert_eq!(first["type"], "snapshot");
     let big = cyberbackup_e2e::data(64 << 20, 3);
@@ -393,4 +413,146 @@ fn health_readiness_connection_test_metrics_and_openapi() {
     let (st, v) = call(agent().get(&format!("{}/readyz", b.url)).call());
     assert_eq!(st, 503, "{v}");
     assert_eq!(v["ready"], false);
+}
+
+/// The bridge is safe by default: nothing but the UI's static files and the probes
+/// without the token; the printed link signs in with an HttpOnly, SameSite=Strict
+/// cookie; foreign Hosts (DNS rebinding) and Origins are refused, the WebSocket too;
+/// every response carries the Content-Security-Policy.
+#[test]
+fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
+    let data = tempfile::tempdir().unwrap();
+    let b = Bridge::start(data.path(), "127.0.0.1:9");
+    let url = &b.url;
+    let host = url.trim_start_matches("http://").to_owned();
+    // Without the token: 401 as JSON; static files and probes are public.
+    for path in ["/api/jobs", "/api/config", "/metrics", "/api/openapi.json"] {
+        let (st, v) = call(anonymous().get(&format!("{url}{path}")).call());
+        assert_eq!(st, 401, "{path}: {v}");
+        assert_eq!(v["code"], "unauthorized", "{path}");
+    }
+    let (st, _) = call(
+        anonymous()
+            .post(&format!("{url}/api/jobs"))
+            .send_json(json!({"user": "x", "name": "y", "size": 1})),
+    );
+    assert_eq!(st, 401);
+    let page = anonymous().get(&format!("{url}/")).call().unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.header("Content-Security-Policy").unwrap().to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert_eq!(page.header("X-Content-Type-Options"), Some("nosniff"));
+    assert_eq!(page.header("Referrer-Policy"), Some("no-referrer"));
+    // A wrong token, as a bearer or in the link.
+    let (st, _) = call(
+        anonymous()
+            .get(&format!("{url}/api/jobs"))
+            .set("Authorization", "Bearer not-the-token-at-all")
+            .call(),
+    );
+    assert_eq!(st, 401);
+    let (st, _) = call(anonymous().get(&format!("{url}/?token=wrong")).call());
+    assert_eq!(st, 401);
+    // The link: a session cookie, and a redirect to the page without the token.
+    let r = anonymous()
+        .get(&format!("{url}/?token={BRIDGE_TOKEN}"))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.header("Location"), Some("/"));
+    let cookie = r.header("Set-Cookie").unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let (st, v) = call(
+        anonymous()
+            .get(&format!("{url}/api/jobs"))
+            .set("Cookie", &pair)
+            .call(),
+    );
+    assert_eq!(st, 200, "{v}");
+    // The sign-in form's way: POST /api/login.
+    let r = anonymous()
+        .post(&format!("{url}/api/login"))
+        .send_json(json!({"token": BRIDGE_TOKEN}))
+        .unwrap();
+    assert!(r.header("Set-Cookie").unwrap().contains("HttpOnly"));
+    let (st, _) = call(
+        anonymous()
+            .post(&format!("{url}/api/login"))
+            .send_json(json!({"token": "guess"})),
+    );
+    assert_eq!(st, 401);
+    // A foreign Host (a rebound DNS name) is refused even with the token.
+    let (st, v) = call(
+        agent()
+            .get(&format!("{url}/api/jobs"))
+            .set(
+                "Host",
+                &format!("evil.example:{}", host.rsplit(':').next().unwrap()),
+            )
+            .call(),
+    );
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["code"], "bad_host");
+    let (st, _) = call(
+        anonymous()
+            .get(&format!("{url}/"))
+            .set("Host", "evil.example")
+            .call(),
+    );
+    assert_eq!(st, 403);
+    // A foreign Origin on a state-changing request, even with the session cookie.
+    let (st, v) = call(
+        anonymous()
+            .post(&format!("{url}/api/jobs"))
+            .set("Cookie", &pair)
+            .set("Origin", "http://evil.example")
+            .send_json(json!({"user": "x", "name": "y", "size": 1})),
+    );
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["code"], "bad_origin");
+    // Our own origin passes the Origin check (and then validation answers).
+    let (st, v) = call(
+        anonymous()
+            .post(&format!("{url}/api/test-connection"))
+            .set("Cookie", &pair)
+            .set("Origin", &format!("http://{host}"))
+            .send_json(json!({})),
+    );
+    assert_eq!(st, 200, "{v}");
+    // The WebSocket: refused from another origin, and without credentials.
+    let ws_url = format!("{}/api/ws", url.replace("http://", "ws://"));
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str()).unwrap();
+    req.headers_mut().insert("Cookie", pair.parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", "http://evil.example".parse().unwrap());
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!(
+            "a foreign-origin WebSocket was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let req = tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str()).unwrap();
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!(
+            "an anonymous WebSocket was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str()).unwrap();
+    req.headers_mut().insert("Cookie", pair.parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", format!("http://{host}").parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).expect("our own page's WebSocket");
+    let _ = ws.close(None);
 }

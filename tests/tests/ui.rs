@@ -47,6 +47,8 @@ fn backing_up_two_files_from_the_browser() {
         .args([
             "--url",
             &bridge.url,
+            "--token",
+            BRIDGE_TOKEN,
             "--server",
             &srv.addr.to_string(),
             "--user",

@@ -4,7 +4,7 @@
 // files, press "Back up", wait until the history shows every file as backed up with a
 // checksum, and keep a screenshot.
 //
-//   node tests/ui/backup.mjs --url http://127.0.0.1:PORT --server 127.0.0.1:PORT2 \
+//   node tests/ui/backup.mjs --url http://127.0.0.1:PORT --token TOKEN --server 127.0.0.1:PORT2 \
 //        --user NAME --files /path/a,/path/b --screenshot /path/out.png
 //
 // Prints "FILE cksum N" per file and exits 0; on failure prints why, saves
@@ -26,7 +26,7 @@ function usage(msg) {
 
 function parseArgs(argv) {
   const opts = {};
-  const known = new Set(['url', 'server', 'user', 'files', 'screenshot']);
+  const known = new Set(['url', 'token', 'server', 'user', 'files', 'screenshot']);
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i];
     if (!arg.startsWith('--')) usage(`unexpected argument ${arg}`);
@@ -75,7 +75,9 @@ try {
   page.on('pageerror', (e) => pageErrors.push(`page error: ${e.message}`));
   page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(`console: ${m.text()}`); });
 
-  const res = await page.goto(opts.url, { waitUntil: 'domcontentloaded' });
+  // The sign-in link the bridge prints: it sets the session cookie and redirects to /.
+  const signIn = opts.token ? `${opts.url}/?token=${encodeURIComponent(opts.token)}` : opts.url;
+  const res = await page.goto(signIn, { waitUntil: 'domcontentloaded' });
   if (!res || !res.ok()) throw new Error(`${opts.url} answered ${res ? res.status() : 'nothing'}`);
   await page.waitForSelector('#server');
   await page.fill('#server', opts.server || '');
