@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use std::collections::BTreeMap;
 
 use cyberbackup_client::v4::backup::{self, BackupError, BackupOptions, BackupProgress};
 use cyberbackup_client::v4::conn::ConnError;
 use cyberbackup_client::v4::inspect;
 use cyberbackup_client::v4::legacy::{self, LegacyError};
-use cyberbackup_client::v4::policy::{apply, Decision, Item, Policy};
+use cyberbackup_client::v4::policy::Policy;
 use cyberbackup_client::v4::profile::{default_dir, hex, Profile, ProfileError};
 use cyberbackup_client::v4::restore::{self, RestoreError, RestoreOptions, RestoreProgress};
 use cyberbackup_client::v4::snapshots::{self, SnapshotError};
@@ -654,68 +653,30 @@ pub fn forget_policy(
         Capabilities::READ,
         "read the snapshots a policy decides on",
     )?;
-    let all = snapshots::list(&conn)?;
-    // Group by host and the paths named to the backup (in the encrypted root).
-    let mut groups: BTreeMap<(String, Vec<Vec<u8>>), Vec<&SnapshotInfo>> = BTreeMap::new();
-    for s in &all {
-        let sealed = match conn.call(&Request::GetSnapshot(s.header.id))? {
-            Answer::Snapshot { root, .. } => root,
-            _ => bail!("the server answered GET_SNAPSHOT with something else"),
-        };
-        let root =
-            key.open_root(&s.header.id, &sealed)
-                .map_err(|source| SnapshotError::Format {
-                    id: hex(&s.header.id),
-                    source,
-                })?;
-        if only_paths.is_some_and(|want| want != root.paths.as_slice()) {
-            // Another profile's (or a hand-made) backup: not this policy's to judge.
-            continue;
-        }
-        groups
-            .entry((s.header.host.clone(), root.paths))
-            .or_default()
-            .push(s);
-    }
+    let planned = v4::policy::plan(&conn, &key, policy, only_paths)?;
     let mut forget = Vec::new();
     let mut report = Vec::new();
-    for ((host, paths), snaps) in &groups {
-        let items: Vec<Item> = snaps
-            .iter()
-            .map(|s| Item {
-                time_ms: s.header.time_ms,
-                tags: s.header.tags.clone(),
-            })
-            .collect();
-        let decisions = apply(&items, policy);
-        let paths: Vec<String> = paths
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .collect();
-        if !c.json && !c.quiet {
-            println!("host {host}, paths {}:", paths.join(", "));
-        }
-        let mut order: Vec<&Decision> = decisions.iter().collect();
-        order.sort_by_key(|d| std::cmp::Reverse(snaps[d.index].header.time_ms));
-        for d in order {
-            let s = snaps[d.index];
-            if !d.keep {
-                forget.push(s.header.id);
-            }
-            report.push(serde_json::json!({"id": hex(&s.header.id), "time": when(s.header.time_ms), "host": host, "paths": paths, "keep": d.keep, "reasons": d.reasons}));
+    let mut group: Option<(&str, &[String])> = None;
+    for p in &planned {
+        if group != Some((&p.host, &p.paths)) {
+            group = Some((&p.host, &p.paths));
             if !c.json && !c.quiet {
-                println!(
-                    "  {} {}  {}  {}",
-                    if d.keep { "keep  " } else { "forget" },
-                    &hex(&s.header.id)[..8],
-                    when(s.header.time_ms),
-                    if d.keep {
-                        d.reasons.join(", ")
-                    } else {
-                        String::new()
-                    }
-                );
+                println!("host {}, paths {}:", p.host, p.paths.join(", "));
             }
+        }
+        let s = &p.info;
+        if !p.keep {
+            forget.push(s.header.id);
+        }
+        report.push(serde_json::json!({"id": hex(&s.header.id), "time": when(s.header.time_ms), "host": p.host, "paths": p.paths, "keep": p.keep, "reasons": p.reasons}));
+        if !c.json && !c.quiet {
+            println!(
+                "  {} {}  {}  {}",
+                if p.keep { "keep  " } else { "forget" },
+                &hex(&s.header.id)[..8],
+                when(s.header.time_ms),
+                p.reasons.join(", ")
+            );
         }
     }
     if !dry_run {
@@ -741,7 +702,7 @@ pub fn forget_policy(
             "{} {} of {}",
             if dry_run { "would forget" } else { "forgot" },
             forget.len(),
-            count(all.len() as u64, "snapshot")
+            count(planned.len() as u64, "snapshot")
         );
     }
     Ok(code::OK)

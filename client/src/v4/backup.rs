@@ -819,6 +819,182 @@ fn backup_inner(
         .filter(|(i, _)| !drop_idx.contains(i))
         .map(|(_, e)| e)
         .collect();
+    match commit_with(&shared, entries, walked.named, summary, opts)? {
+        Committed::Done(mut s) => {
+            s.seconds = started.elapsed().as_secs_f64();
+            Ok(s)
+        }
+        Committed::ParentGone => {
+            // The parent's chunks were collected meanwhile: read everything again.
+            let mut o = opts.clone();
+            o.force = true;
+            backup_inner(conn, key, paths, None, &o, progress)
+        }
+    }
+}
+
+/// What [`upload_stream`] sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamUpload {
+    /// The stream's chunks, in order.
+    pub chunks: Vec<ChunkId>,
+    /// Its bytes.
+    pub size: u64,
+    pub chunks_sent: u64,
+    pub chunks_held: u64,
+    pub bytes_sent: u64,
+}
+
+fn shared<'a>(
+    conn: &'a Connection,
+    key: &'a RepoKey,
+    compress: bool,
+    progress: &'a BackupProgress,
+) -> Shared<'a> {
+    Shared {
+        conn,
+        key,
+        compress,
+        known: Mutex::new(HashSet::new()),
+        queue: Mutex::new(VecDeque::new()),
+        results: Mutex::new(Vec::new()),
+        failed: Mutex::new(None),
+        sent: AtomicU64::new(0),
+        held: AtomicU64::new(0),
+        bytes_sent: AtomicU64::new(0),
+        progress,
+    }
+}
+
+/// Cuts a stream into chunks and sends those the server does not hold (asking first,
+/// in batches), and returns once every chunk sent is durable: the building block of
+/// a backup assembled piece by piece, as the bridge does for a browser's upload. A
+/// stream sent again (a resumed upload) sends nothing the server already holds.
+pub fn upload_stream(
+    conn: &Connection,
+    key: &RepoKey,
+    reader: &mut dyn Read,
+    name: &Path,
+    compress: bool,
+    progress: &BackupProgress,
+) -> Result<StreamUpload, BackupError> {
+    let sh = shared(conn, key, compress, progress);
+    let mut w = Worker::new(&sh);
+    let (chunks, size) = w.chunks_of(reader, name)?;
+    w.flush()?;
+    w.reap(true)?;
+    Ok(StreamUpload {
+        chunks,
+        size,
+        chunks_sent: sh.sent.load(Ordering::Relaxed),
+        chunks_held: sh.held.load(Ordering::Relaxed),
+        bytes_sent: sh.bytes_sent.load(Ordering::Relaxed),
+    })
+}
+
+/// A file whose chunks are on the server (from [`upload_stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadedFile {
+    /// Its path in the snapshot (relative, `/`-separated).
+    pub path: String,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// Commits a snapshot of files already uploaded with [`upload_stream`]; each parent
+/// directory gets an entry of its own (mode 0755, the newest of its files' times).
+/// `named` is what the snapshot says it holds.
+pub fn commit_files(
+    conn: &Connection,
+    key: &RepoKey,
+    mut files: Vec<UploadedFile>,
+    named: Vec<Vec<u8>>,
+    opts: &BackupOptions,
+) -> Result<BackupSummary, BackupError> {
+    let started = Instant::now();
+    files.sort_by(|a, b| a.path.trim_matches('/').cmp(b.path.trim_matches('/')));
+    let mut dirs: std::collections::BTreeMap<Vec<u8>, i64> = std::collections::BTreeMap::new();
+    let mut entries: Vec<Entry> = Vec::with_capacity(files.len());
+    let mut last: Option<Vec<u8>> = None;
+    for f in files {
+        let path = f.path.trim_matches('/').as_bytes().to_vec();
+        if !cyberbackup_protocol::v4::format::safe_path(&path) {
+            return Err(BackupError::Io {
+                path: f.path.into(),
+                source: std::io::Error::other("not a usable file name in a snapshot"),
+            });
+        }
+        if last.as_ref() == Some(&path) {
+            return Err(BackupError::Io {
+                path: f.path.into(),
+                source: std::io::Error::other("two files of the same name"),
+            });
+        }
+        let mut p = &path[..];
+        while let Some(i) = p.iter().rposition(|&b| b == b'/') {
+            p = &p[..i];
+            let t = dirs.entry(p.to_vec()).or_insert(f.mtime_ns);
+            *t = (*t).max(f.mtime_ns);
+        }
+        last = Some(path.clone());
+        entries.push(Entry {
+            path,
+            kind: EntryKind::File { chunks: f.chunks },
+            mode: f.mode,
+            mtime_ns: f.mtime_ns,
+            size: f.size,
+        });
+    }
+    if entries.is_empty() {
+        return Err(BackupError::Empty("no files".into()));
+    }
+    let file_paths: HashSet<&[u8]> = entries.iter().map(|e| &e.path[..]).collect();
+    if let Some(path) = dirs.keys().find(|d| file_paths.contains(&d[..])) {
+        return Err(BackupError::Io {
+            path: String::from_utf8_lossy(path).into_owned().into(),
+            source: std::io::Error::other("a file and a directory of the same name"),
+        });
+    }
+    drop(file_paths);
+    for (path, mtime_ns) in dirs {
+        entries.push(Entry {
+            path,
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns,
+            size: 0,
+        });
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let progress = BackupProgress::default();
+    let sh = shared(conn, key, opts.compress, &progress);
+    match commit_with(&sh, entries, named, BackupSummary::default(), opts)? {
+        Committed::Done(mut s) => {
+            s.seconds = started.elapsed().as_secs_f64();
+            Ok(s)
+        }
+        Committed::ParentGone => Err(ConnError::UnexpectedAnswer("COMMIT_SNAPSHOT").into()),
+    }
+}
+
+/// How a commit ended.
+enum Committed {
+    Done(BackupSummary),
+    /// The server no longer holds chunks taken from the parent snapshot.
+    ParentGone,
+}
+
+/// Writes the manifest of `entries` (in path order, their chunks on the server), sends
+/// its chunks and commits the snapshot.
+fn commit_with(
+    shared: &Shared<'_>,
+    entries: Vec<Entry>,
+    named: Vec<Vec<u8>>,
+    mut summary: BackupSummary,
+    opts: &BackupOptions,
+) -> Result<Committed, BackupError> {
     let mut refs: HashSet<ChunkId> = HashSet::new();
     for e in &entries {
         match &e.kind {
@@ -838,10 +1014,10 @@ fn backup_inner(
     }
     let mut manifest_chunks = Vec::new();
     {
-        let mut w = Worker::new(&shared);
+        let mut w = Worker::new(shared);
         for c in fastcdc::v2020::FastCDC::new(&manifest, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
             let data = manifest[c.offset..c.offset + c.length].to_vec();
-            let id = key.chunk_id(&data);
+            let id = shared.key.chunk_id(&data);
             manifest_chunks.push(id);
             w.add(id, data)?;
         }
@@ -857,14 +1033,14 @@ fn backup_inner(
     let root = Root {
         manifest_len: manifest.len() as u64,
         manifest_chunks,
-        paths: walked.named,
+        paths: named,
         skipped: summary
             .skipped
             .iter()
             .map(|(p, why)| (p.as_os_str().as_bytes().to_vec(), why.clone()))
             .collect(),
     };
-    let sealed = key.seal_root(&id, &root, &mut rand::thread_rng());
+    let sealed = shared.key.seal_root(&id, &root, &mut rand::thread_rng());
     let time_ms = opts.time_ms.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -888,7 +1064,7 @@ fn backup_inner(
     };
     let mut refs: Vec<ChunkId> = refs.into_iter().collect();
     refs.sort_unstable();
-    match conn.call(&Request::CommitSnapshot {
+    match shared.conn.call(&Request::CommitSnapshot {
         header,
         refs,
         root: sealed,
@@ -898,18 +1074,14 @@ fn backup_inner(
         Err(ConnError::Server(e))
             if e.code == ErrorCode::MISSING_CHUNKS && summary.parent.is_some() =>
         {
-            // The parent's chunks were collected meanwhile: read everything again.
             tracing::warn!(
                 missing = e.missing_ids().len(),
                 "chunks of the parent snapshot are gone from the server; reading every file again"
             );
-            let mut o = opts.clone();
-            o.force = true;
-            return backup_inner(conn, key, paths, None, &o, progress);
+            return Ok(Committed::ParentGone);
         }
         Err(e) => return Err(e.into()),
     }
     summary.snapshot = id;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    Ok(Committed::Done(summary))
 }

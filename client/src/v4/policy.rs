@@ -423,3 +423,76 @@ mod tests {
         }
     }
 }
+
+/// One snapshot's fate under a policy.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub info: cyberbackup_protocol::v4::wire::SnapshotInfo,
+    /// Its group: host and the paths named to the backup.
+    pub host: String,
+    pub paths: Vec<String>,
+    pub keep: bool,
+    /// The rules that keep it; empty when it goes.
+    pub reasons: Vec<String>,
+}
+
+/// Applies `policy` to every snapshot, within each group of host and paths (read from
+/// the encrypted roots), as restic does; with `only_paths`, only the group(s) with
+/// those paths are judged (a profile's own backups). Groups in order, newest first
+/// within each.
+pub fn plan(
+    conn: &super::conn::Connection,
+    key: &cyberbackup_protocol::v4::format::RepoKey,
+    policy: &Policy,
+    only_paths: Option<&[Vec<u8>]>,
+) -> Result<Vec<Planned>, super::snapshots::SnapshotError> {
+    use cyberbackup_protocol::v4::wire::{Answer, Request, SnapshotInfo};
+    use std::collections::BTreeMap;
+    let all = super::snapshots::list(conn)?;
+    let mut groups: BTreeMap<(String, Vec<Vec<u8>>), Vec<SnapshotInfo>> = BTreeMap::new();
+    for s in all {
+        let sealed = match conn.call(&Request::GetSnapshot(s.header.id))? {
+            Answer::Snapshot { root, .. } => root,
+            _ => return Err(super::conn::ConnError::UnexpectedAnswer("GET_SNAPSHOT").into()),
+        };
+        let root = key.open_root(&s.header.id, &sealed).map_err(|source| {
+            super::snapshots::SnapshotError::Format {
+                id: super::profile::hex(&s.header.id),
+                source,
+            }
+        })?;
+        if only_paths.is_some_and(|want| want != root.paths.as_slice()) {
+            continue;
+        }
+        groups
+            .entry((s.header.host.clone(), root.paths))
+            .or_default()
+            .push(s);
+    }
+    let mut out = Vec::new();
+    for ((host, paths), snaps) in groups {
+        let items: Vec<Item> = snaps
+            .iter()
+            .map(|s| Item {
+                time_ms: s.header.time_ms,
+                tags: s.header.tags.clone(),
+            })
+            .collect();
+        let mut decisions = apply(&items, policy);
+        decisions.sort_by_key(|d| std::cmp::Reverse(snaps[d.index].header.time_ms));
+        let paths: Vec<String> = paths
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        for d in decisions {
+            out.push(Planned {
+                info: snaps[d.index].clone(),
+                host: host.clone(),
+                paths: paths.clone(),
+                keep: d.keep,
+                reasons: d.reasons,
+            });
+        }
+    }
+    Ok(out)
+}
