@@ -16,7 +16,7 @@ if [ ! -s data/bridge/token ]; then
   (umask 077; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > data/bridge/token)
 fi
 ./target/release/cyberbackup-bridge --listen "127.0.0.1:${CYBERBACKUP_BRIDGE_PORT:-9090}" \
-  --server "127.0.0.1:${CYBERBACKUP_PORT:-1256}" --data-dir data/bridge \
+  --server "127.0.0.1:${CYBERBACKUP_PORT:-1256}" --config-dir data/device \
   --token-file data/bridge/token >/dev/null &
 bridge=$!
 sleep 1

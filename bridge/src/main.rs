@@ -1,33 +1,32 @@
-//! `cyberbackup-bridge`: the HTTP + WebSocket API that serves the browser UI and drives
-//! backups through the client library. See `--help` and README.md.
+//! `cyberbackup-bridge`: the user's own agent. It holds their device key and, once
+//! unlocked, their repository key, and serves the browser UI and its HTTP + WebSocket
+//! API: status, backups of files and folders from the browser, snapshots to browse,
+//! download, diff, restore and forget, and devices. See `--help` and README.md.
 //!
 //! # Layout
 //! - [`api`]: routes, handlers, WebSocket, the embedded UI and OpenAPI document.
 //! - [`auth`]: the sign-in token and session cookie, Host and Origin checks, and the
 //!   security headers of every response.
-//! - [`jobs`]: backup jobs, streamed from the HTTP body into the client library.
-//! - [`store`]: job history and per-user identities in SQLite.
+//! - [`repo`]: the v4 repository: device, connection, opened key, loaded trees.
+//! - [`uploads`]: backups from the browser, file by file, resumable, one snapshot each.
 //! - [`metrics`]: Prometheus metrics.
 
 mod api;
 mod auth;
-mod jobs;
 mod metrics;
-mod store;
+mod repo;
+mod uploads;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cyberbackup_client::upload::MAX_FILE_SIZE;
-use cyberbackup_client::ConnectOptions;
 
-/// The CyberBackup bridge: serves the browser UI and its API, and backs files up to
-/// CyberBackup servers on the browser's behalf.
+/// The CyberBackup bridge: serves the browser UI and its API, and backs files and
+/// folders up to your CyberBackup repository on the browser's behalf.
 #[derive(Debug, Parser)]
 #[command(name = "cyberbackup-bridge", version, about, long_about = None)]
 struct Args {
@@ -38,24 +37,28 @@ struct Args {
         default_value = "127.0.0.1:9090"
     )]
     listen: SocketAddr,
-    /// The backup server used when a request names none (and checked by /readyz).
+    /// The backup server offered when this device is set up from the browser (and
+    /// checked by /readyz until then).
     #[arg(long, env = "CYBERBACKUP_SERVER", default_value = "127.0.0.1:1256")]
     server: String,
-    /// Directory for bridge.db (job history and user identities).
-    #[arg(long, env = "CYBERBACKUP_BRIDGE_DATA", default_value = "bridge-data")]
-    data_dir: PathBuf,
-    /// Largest file accepted, in bytes.
-    #[arg(long, default_value_t = MAX_FILE_SIZE)]
-    max_upload_bytes: u64,
-    /// Seconds to wait for a backup server on any read or write.
-    #[arg(long, default_value_t = 60)]
-    timeout: u64,
+    /// The device's config directory (device key, pinned server keys, repository),
+    /// shared with the `cyberbackup` CLI [default: $XDG_CONFIG_HOME/cyberbackup or
+    /// ~/.config/cyberbackup].
+    #[arg(long, env = "CYBERBACKUP_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// Read the repository passphrase from this file at start, so the bridge starts
+    /// unlocked (else the page asks for it).
+    #[arg(long, env = "CYBERBACKUP_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Largest file a browser may back up, in bytes.
+    #[arg(long, env = "CYBERBACKUP_BRIDGE_MAX_FILE_BYTES", default_value_t = 1 << 40)]
+    max_file_bytes: u64,
     /// A file holding the sign-in token (at least 16 characters) [default: a new
     /// random one at each start]. The bridge prints a link that signs in with it.
     #[arg(long, env = "CYBERBACKUP_BRIDGE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Another host name the bridge answers to (repeatable; it always answers to
-    /// localhost, 127.0.0.1, [::1] and its listen address, with its port). Requests
+    /// localhost, 127.0.0.1, `[::1]` and its listen address, with its port). Requests
     /// naming any other host are refused, so a web page cannot reach the bridge by
     /// rebinding a DNS name to 127.0.0.1.
     #[arg(
@@ -87,9 +90,6 @@ fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if args.max_upload_bytes > MAX_FILE_SIZE {
-        anyhow::bail!("--max-upload-bytes is at most {MAX_FILE_SIZE} (protocol v3)");
-    }
     let token = match &args.token_file {
         Some(p) => {
             let t = std::fs::read_to_string(p)
@@ -106,26 +106,30 @@ fn run() -> Result<()> {
         }
         None => auth::random_token(),
     };
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let db = args.data_dir.join("bridge.db");
-    let store = store::Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
-    let jobs = jobs::Jobs::new(
-        store,
-        metrics::Metrics::default(),
-        ConnectOptions {
-            connect_timeout: Duration::from_secs(10),
-            io_timeout: Duration::from_secs(args.timeout.max(1)),
-            congestion: None,
-        },
-    );
+    let dir = match &args.config_dir {
+        Some(d) => d.clone(),
+        None => cyberbackup_client::v4::profile::default_dir()?,
+    };
+    let repo = Arc::new(repo::Repo::new(dir.clone()));
+    if let Some(p) = &args.password_file {
+        let pass = std::fs::read(p)
+            .with_context(|| format!("reading the passphrase file {}", p.display()))?;
+        let pass = String::from_utf8_lossy(&pass)
+            .trim_end_matches(['\n', '\r'])
+            .to_owned();
+        repo.unlock(pass.as_bytes())
+            .map_err(|f| anyhow::anyhow!("{} ({})", f.message, f.detail.unwrap_or_default()))?;
+        tracing::info!("repository unlocked with the passphrase file");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = api::AppState {
         shutdown: stop_rx,
-        jobs,
+        repo,
+        uploads: Arc::new(uploads::Uploads::default()),
+        metrics: Arc::new(metrics::Metrics::default()),
         settings: Arc::new(api::Settings {
             default_server: args.server.clone(),
-            max_upload_bytes: args.max_upload_bytes,
+            max_file_bytes: args.max_file_bytes,
         }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -144,7 +148,7 @@ fn run() -> Result<()> {
             &args.allow_hosts,
             false,
         );
-        tracing::info!(%addr, server = %args.server, data = %args.data_dir.display(), "bridge ready");
+        tracing::info!(%addr, config = %dir.display(), "bridge ready");
         let link_host = if addr.ip().is_unspecified() {
             format!("127.0.0.1:{}", addr.port())
         } else {

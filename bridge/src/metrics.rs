@@ -11,8 +11,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::jobs::Status;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
@@ -21,43 +19,65 @@ pub struct ResultLabel {
 /// The bridge's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
-    uploads: Family<ResultLabel, Counter>,
-    bytes: Counter,
+    files: Family<ResultLabel, Counter>,
+    received: Counter,
+    sent: Counter,
+    snapshots: Family<ResultLabel, Counter>,
     duration: Histogram,
     pub in_progress: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("cyberbackup_bridge");
-        let uploads = Family::<ResultLabel, Counter>::default();
-        let bytes = Counter::default();
+        let files = Family::<ResultLabel, Counter>::default();
+        let received = Counter::default();
+        let sent = Counter::default();
+        let snapshots = Family::<ResultLabel, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 16));
         let in_progress = Gauge::default();
         registry.register(
-            "uploads",
-            "Uploads finished, by result (done, failed, cancelled)",
-            uploads.clone(),
+            "files",
+            "Files sent from the browser, by result (stored, failed)",
+            files.clone(),
         );
         registry.register(
-            "uploaded_bytes",
-            "Bytes of files stored on backup servers",
-            bytes.clone(),
+            "received_bytes",
+            "Bytes of files received from the browser",
+            received.clone(),
         );
         registry.register(
-            "upload_duration_seconds",
-            "Time from the first byte of a file to its acknowledgement or failure",
+            "sent_bytes",
+            "Bytes of encrypted chunks sent to the backup server (those it did not hold)",
+            sent.clone(),
+        );
+        registry.register(
+            "snapshots",
+            "Snapshots committed from browser backups, by result (done, failed)",
+            snapshots.clone(),
+        );
+        registry.register(
+            "file_duration_seconds",
+            "Time from a file's first byte to its last chunk being durable on the server",
             duration.clone(),
         );
         registry.register(
-            "uploads_in_progress",
-            "Uploads running now",
+            "files_in_progress",
+            "Files being received now",
             in_progress.clone(),
         );
         Metrics {
             registry: Mutex::new(registry),
-            uploads,
-            bytes,
+            files,
+            received,
+            sent,
+            snapshots,
             duration,
             in_progress,
         }
@@ -65,17 +85,27 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts a finished upload.
-    pub fn finished(&self, status: Status, size: u64, took: Duration) {
-        self.uploads
+    /// Counts a file's request.
+    pub fn file(&self, stored: bool, received: u64, sent: u64, took: Duration) {
+        let result = if stored { "stored" } else { "failed" };
+        self.files
             .get_or_create(&ResultLabel {
-                result: status.as_str().to_owned(),
+                result: result.into(),
             })
             .inc();
-        if status == Status::Done {
-            self.bytes.inc_by(size);
-        }
+        self.received.inc_by(received);
+        self.sent.inc_by(sent);
         self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts a commit.
+    pub fn snapshot(&self, done: bool) {
+        let result = if done { "done" } else { "failed" };
+        self.snapshots
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// The text exposition format.

@@ -202,8 +202,15 @@ impl Server {
         } else {
             &["--log", "debug"]
         };
+        // A free port unless the test chose one (to restart on the same address).
+        let port: &[&str] = if extra.contains(&"--port") {
+            &[]
+        } else {
+            &["--port", "0"]
+        };
         let mut child = cmd
-            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(["--bind", "127.0.0.1"])
+            .args(port)
             .args(level)
             .args(extra)
             .current_dir(dir)
@@ -646,8 +653,8 @@ fn serve_wrong_checksum(mut s: TcpStream, mut record: impl FnMut(u16)) {
 /// The sign-in token the test bridges are started with (`--token-file`).
 pub const BRIDGE_TOKEN: &str = "e2e-test-token-0123456789abcdef";
 
-/// A running bridge process (HTTP on 127.0.0.1, a free port) in its own data directory,
-/// started with [`BRIDGE_TOKEN`].
+/// A running bridge process (HTTP on 127.0.0.1, a free port) with its own device (the
+/// config directory `config` under its data directory), started with [`BRIDGE_TOKEN`].
 pub struct Bridge {
     child: Option<Child>,
     pub url: String,
@@ -667,12 +674,20 @@ impl Bridge {
         let token_file = data.join("e2e-token");
         std::fs::write(&token_file, BRIDGE_TOKEN).expect("token file");
         let mut child = Command::new(binary("cyberbackup-bridge", "cyberbackup-bridge"))
-            .args(["--listen", "127.0.0.1:0", "--server", server, "--data-dir"])
-            .arg(data)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--server",
+                server,
+                "--config-dir",
+            ])
+            .arg(data.join("config"))
             .arg("--token-file")
             .arg(&token_file)
-            .args(["--timeout", "10"])
             .args(extra)
+            // A cheap Argon2id for keys made through the bridge (tests only).
+            .env("CYBERBACKUP_KDF", "test")
+            .env_remove("CYBERBACKUP_PASSWORD_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(

@@ -1,9 +1,11 @@
-//! The bridge's API against the real bridge and the real server processes: backups
-//! streamed through it, identities that reconnect, history that survives a restart,
-//! live progress on the WebSocket, health, readiness, metrics, OpenAPI, and bad input
-//! answered with JSON errors while nothing half-sent appears on the backup server.
+//! The bridge's API against the real bridge and the real server processes: a device
+//! set up and unlocked through it; a folder backed up from "the browser" file by file
+//! and committed as one snapshot; browsing, downloading a file and a folder (tar),
+//! restoring to a path, diff and forget; an interrupted upload resumed without
+//! sending the server what it holds; devices; errors as JSON; and the refusals that
+//! keep the bridge safe (token, Host, Origin, CSP).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use cyberbackup_e2e::*;
@@ -14,7 +16,7 @@ use serde_json::{json, Value};
 #[allow(clippy::result_large_err)]
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs(120))
         .middleware(|req: ureq::Request, next: ureq::MiddlewareNext| {
             next.handle(req.set("Authorization", &format!("Bearer {BRIDGE_TOKEN}")))
         })
@@ -41,378 +43,514 @@ fn call(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
     (status, body)
 }
 
-fn create(url: &str, server: &str, user: &str, name: &str, size: usize) -> (u16, Value) {
-    call(agent().post(&format!("{url}/api/jobs")).send_json(json!({
-        "server": server, "user": user, "name": name, "size": size
-    })))
+fn get(url: &str) -> (u16, Value) {
+    call(agent().get(url).call())
 }
 
-fn put(url: &str, id: &str, data: &[u8]) -> (u16, Value) {
-    call(
-        agent()
-            .put(&format!("{url}/api/jobs/{id}/content"))
-            .set("Content-Type", "application/octet-stream")
-            .send_bytes(data),
-    )
+fn post(url: &str, body: Value) -> (u16, Value) {
+    call(agent().post(url).send_json(body))
 }
 
-/// Backs one file up through the bridge; returns the final job.
-fn backup(url: &str, server: &str, user: &str, name: &str, data: &[u8]) -> Value {
-    let (st, v) = create(url, server, user, name, data.len());
-    assert_eq!(st, 201, "{v}");
-    let id = v["job"]["id"].as_str().unwrap().to_owned();
-    let (st, v) = put(url, &id, data);
-    assert_eq!(st, 200, "{v}");
-    v["job"].clone()
+fn ok(r: (u16, Value)) -> Value {
+    assert!((200..300).contains(&r.0), "{} {}", r.0, r.1);
+    r.1
 }
 
-fn stored_dir(srv: &Server) -> std::path::PathBuf {
-    // the bridge's user is the only client of this server in these tests
-    let mut dirs: Vec<_> = std::fs::read_dir(srv.storage())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n != ".incoming"))
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs.pop().unwrap()
+fn bytes(url: &str) -> Vec<u8> {
+    let r = agent().get(url).call().unwrap();
+    let mut v = Vec::new();
+    r.into_reader().read_to_end(&mut v).unwrap();
+    v
 }
 
-#[test]
-fn backups_through_the_bridge_reconnect_and_survive_a_restart() {
-    let srv = Server::start(Runtime::Glommio, &[]);
-    let server = srv.addr.to_string();
-    let data = tempfile::tempdir().unwrap();
-    let mut b = Bridge::start(data.path(), &server);
-    let a = cyberbackup_e2e::data(3 << 20, 1);
-    let c = cyberbackup_e2e::data(1000, 2);
-    let j1 = backup(&b.url, &server, "carol", "a.bin", &a);
-    assert_eq!(j1["status"], "done");
-    assert_eq!(j1["cksum"], cyberbackup_protocol::v3::cksum(&a));
-    assert_eq!(j1["percent"], 100.0);
-    // the same user again: the bridge reconnects with the identity it kept
-    let j2 = backup(&b.url, &server, "carol", "c.bin", &c);
-    assert_eq!(j2["status"], "done", "{j2}");
-    assert!(
-        srv.log().contains("reconnect=true"),
-        "the second backup reconnected"
-    );
-    let dir = stored_dir(&srv);
-    assert_eq!(std::fs::read(dir.join("a.bin")).unwrap(), a);
-    assert_eq!(std::fs::read(dir.join("c.bin")).unwrap(), c);
-    // an empty file
-    let j3 = backup(&b.url, &server, "carol", "empty", b"");
-    assert_eq!(j3["cksum"], 4294967295u32);
+const PASS: &str = "a long enough passphrase";
 
-    // history survives a restart of the bridge, and the identity too
-    b.stop();
-    let b = Bridge::start(data.path(), &server);
-    let (st, v) = call(agent().get(&format!("{}/api/jobs", b.url)).call());
-    assert_eq!(st, 200);
-    let jobs = v["jobs"].as_array().unwrap();
-    let done: Vec<&str> = jobs
+/// A bridge whose device has an account on `srv`, unlocked.
+fn set_up(data: &std::path::Path, srv: &Server) -> Bridge {
+    let b = Bridge::start(data, &srv.addr.to_string());
+    let st = ok(get(&format!("{}/api/status", b.url)));
+    assert_eq!(st["setup"], false);
+    assert_eq!(st["default_server"], srv.addr.to_string());
+    ok(post(
+        &format!("{}/api/setup", b.url),
+        json!({"server": srv.addr.to_string(), "account": unique_name("web"), "passphrase": PASS}),
+    ));
+    b
+}
+
+/// Announces `files` (path, bytes), sends each, commits; returns the snapshot id.
+fn backup(url: &str, label: &str, tag: &str, files: &[(&str, Vec<u8>)]) -> String {
+    let list: Vec<Value> = files
         .iter()
-        .filter(|j| j["status"] == "done")
-        .map(|j| j["file"].as_str().unwrap())
+        .map(|(p, b)| json!({"path": p, "size": b.len(), "mtime_ms": 1_700_000_000_000i64}))
         .collect();
-    assert!(done.contains(&"a.bin") && done.contains(&"c.bin"), "{v}");
-    let (st, one) = call(
-        agent()
-            .get(&format!(
-                "{}/api/jobs/{}",
-                b.url,
-                j1["id"].as_str().unwrap()
-            ))
-            .call(),
+    let (st, v) = post(
+        &format!("{url}/api/backups"),
+        json!({"label": label, "tag": tag, "files": list}),
     );
-    assert_eq!(st, 200);
-    assert_eq!(one["job"]["cksum"], j1["cksum"]);
-    let j4 = backup(
-        &b.url,
-        &server,
-        "carol",
-        "after-restart.txt",
-        b"still carol",
-    );
-    assert_eq!(j4["status"], "done", "{j4}");
-    assert_eq!(
-        std::fs::read(dir.join("after-restart.txt")).unwrap(),
-        b"still carol"
-    );
-}
-
-#[test]
-fn the_websocket_reports_live_progress_and_the_result() {
-    let srv = Server::start(Runtime::Mio, &[]);
-    let server = srv.addr.to_string();
-    let data = tempfile::tempdir().unwrap();
-    let b = Bridge::start(data.path(), &server);
-    let ws_url = format!("{}/api/ws", b.url.replace("http://", "ws://"));
-    let mut req =
-        tungstenite::client::IntoClientRequest::into_client_request(ws_url.as_str()).unwrap();
-    req.headers_mut().insert(
-        "Authorization",
-        format!("Bearer {BRIDGE_TOKEN}").parse().unwrap(),
-    );
-    let (mut ws, _) = tungstenite::connect(req).expect("websocket");
-    let first: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
-    assert_eq!(first["type"], "snapshot");
-    let big = cyberbackup_e2e::data(64 << 20, 3);
-    let b2url = b.url.clone();
-    let server2 = server.clone();
-    let uploader = std::thread::spawn(move || backup(&b2url, &server2, "dave", "big.bin", &big));
-    let mut phases = Vec::new();
-    let mut percents = Vec::new();
-    let done = loop {
-        let msg = ws.read().expect("websocket message");
-        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
-        if v["type"] != "job" {
-            continue;
-        }
-        let j = &v["job"];
-        phases.push(j["phase"].as_str().unwrap().to_owned());
-        percents.push(j["percent"].as_f64().unwrap());
-        if j["status"] == "done" {
-            break j.clone();
-        }
-        assert!(j["status"] != "failed", "{j}");
-    };
-    let final_job = uploader.join().unwrap();
-    assert_eq!(done["cksum"], final_job["cksum"]);
-    assert!(phases.iter().any(|p| p == "sending"), "{phases:?}");
-    assert!(
-        percents.windows(2).all(|w| w[0] <= w[1]),
-        "percent never goes back: {percents:?}"
-    );
-    assert!(
-        percents.iter().any(|&p| p > 0.0 && p < 100.0),
-        "intermediate progress: {percents:?}"
-    );
-}
-
-#[test]
-fn bad_input_gets_json_errors_and_nothing_half_sent_is_stored() {
-    let srv = Server::start(Runtime::Glommio, &[]);
-    let server = srv.addr.to_string();
-    let data = tempfile::tempdir().unwrap();
-    let b = Bridge::start(data.path(), &server);
-    let expect_err = |(st, v): (u16, Value), status: u16, code: &str| {
-        assert_eq!(st, status, "{v}");
-        assert_eq!(v["code"], code, "{v}");
-        assert!(
-            v["error"].as_str().is_some_and(|m| m.len() > 10),
-            "a human message: {v}"
-        );
-    };
-    expect_err(
-        create(&b.url, &server, "erin", "../etc/passwd", 10),
-        400,
-        "bad_name",
-    );
-    expect_err(create(&b.url, &server, "erin", "a/b", 10), 400, "bad_name");
-    expect_err(create(&b.url, &server, "", "x", 10), 400, "bad_user");
-    expect_err(
-        create(&b.url, &server, "erin", "x", 1 << 40),
-        413,
-        "too_large",
-    );
-    expect_err(
-        create(&b.url, "no-port", "erin", "x", 10),
-        400,
-        "bad_server",
-    );
-    expect_err(
-        call(
+    assert_eq!(st, 201, "{v}");
+    let id = v["backup"]["id"].as_str().unwrap().to_owned();
+    // The bridge may have sorted nothing: files keep the announced order.
+    for (i, (p, b)) in files.iter().enumerate() {
+        assert_eq!(v["backup"]["files"][i]["path"], *p);
+        ok(call(
             agent()
-                .post(&format!("{}/api/jobs", b.url))
-                .set("Content-Type", "application/json")
-                .send_string("{not json"),
-        ),
-        400,
-        "bad_request",
-    );
-    // an oversized JSON request: refused without being read (413 JSON); a client
-    // still writing when the bridge answers may see the connection close instead
-    let huge = format!("{{\"user\":\"{}\"}}", "x".repeat(200_000));
-    match agent()
-        .post(&format!("{}/api/jobs", b.url))
-        .set("Content-Type", "application/json")
-        .send_string(&huge)
-    {
-        Err(ureq::Error::Status(st, r)) => {
-            assert_eq!(st, 413);
-            let v: Value = r.into_json().unwrap();
-            assert!(v["error"].is_string(), "{v}");
-        }
-        Err(ureq::Error::Transport(_)) => {}
-        Ok(r) => panic!("an oversized request was accepted: {}", r.status()),
+                .put(&format!("{url}/api/backups/{id}/files/{i}"))
+                .send_bytes(b),
+        ));
     }
-    // a body shorter than announced: refused, nothing stored
-    let (st, v) = create(&b.url, &server, "erin", "short.bin", 1000);
-    assert_eq!(st, 201);
-    let id = v["job"]["id"].as_str().unwrap().to_owned();
-    expect_err(put(&b.url, &id, &[1u8; 999]), 400, "size_mismatch");
-    // unknown job
-    expect_err(put(&b.url, "nope", b"x"), 404, "no_job");
-    // an unreachable backup server: 502 with a message, the job failed
-    let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let (st, v) = create(&b.url, &down, "erin", "lost.bin", 5);
-    assert_eq!(st, 201);
-    let id = v["job"]["id"].as_str().unwrap().to_owned();
-    let (st, v) = put(&b.url, &id, b"hello");
-    assert_eq!(st, 502, "{v}");
-    assert_eq!(v["code"], "unreachable");
-    assert_eq!(v["job"]["status"], "failed");
-    assert!(v["error"].as_str().unwrap().contains("cannot reach"), "{v}");
-    // the bridge is still up
-    let (st, _) = call(agent().get(&format!("{}/healthz", b.url)).call());
-    assert_eq!(st, 200);
-    // nothing of these reached the backup server
-    assert!(!srv.storage().join("short.bin").exists());
-    let stored: usize = std::fs::read_dir(srv.storage())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name() != ".incoming")
-        .map(|e| std::fs::read_dir(e.path()).map(|d| d.count()).unwrap_or(0))
-        .sum();
-    assert_eq!(stored, 0);
-    assert!(srv.wait_no_temp_files());
+    let c = ok(post(&format!("{url}/api/backups/{id}/commit"), json!({})));
+    assert_eq!(c["backup"]["state"], "done");
+    c["backup"]["snapshot"].as_str().unwrap().to_owned()
+}
+
+fn tar_members(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(archive);
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut b = Vec::new();
+        e.read_to_end(&mut b).unwrap();
+        out.push((name, b));
+    }
+    out
 }
 
 #[test]
-fn cancelling_a_running_job_leaves_nothing_on_the_server() {
+fn a_folder_from_the_browser_is_one_snapshot_to_browse_download_diff_and_restore() {
     let srv = Server::start(Runtime::Glommio, &[]);
-    let server = srv.addr.to_string();
     let data = tempfile::tempdir().unwrap();
-    let b = Bridge::start(data.path(), &server);
-    let size = 256usize << 20;
-    let (st, v) = create(&b.url, &server, "frank", "cancel-me.bin", size);
-    assert_eq!(st, 201);
-    let id = v["job"]["id"].as_str().unwrap().to_owned();
-    // a slow body: 1 MiB, then a pause long enough to cancel
-    struct Slow {
-        left: usize,
-        sent: usize,
-    }
-    impl Read for Slow {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            if self.left == 0 {
-                return Ok(0);
-            }
-            if self.sent >= 1 << 20 {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let n = buf.len().min(self.left).min(64 * 1024);
-            buf[..n].fill(7);
-            self.left -= n;
-            self.sent += n;
-            Ok(n)
-        }
-    }
-    let url = format!("{}/api/jobs/{id}/content", b.url);
-    let up = std::thread::spawn(move || {
-        agent()
-            .put(&url)
-            .set("Content-Length", &size.to_string())
-            .send(Slow {
-                left: size,
-                sent: 0,
-            })
-            .map_err(Box::new)
-    });
-    std::thread::sleep(Duration::from_millis(800));
-    let (st, v) = call(
-        agent()
-            .post(&format!("{}/api/jobs/{id}/cancel", b.url))
-            .call(),
-    );
-    assert_eq!(st, 200, "{v}");
-    // The bridge answers 409 and stops reading the body: the client sees that answer,
-    // or (as here, mid-body) a closed connection.
-    match up.join().unwrap().map_err(|e| *e) {
-        Err(ureq::Error::Status(code, r)) => {
-            assert_eq!(code, 409);
-            let v: Value = r.into_json().unwrap();
-            assert_eq!(v["job"]["status"], "cancelled", "{v}");
-        }
-        Err(ureq::Error::Transport(_)) => {}
-        Ok(r) => panic!("a cancelled upload succeeded: {}", r.status()),
-    }
-    let (st, v) = call(agent().get(&format!("{}/api/jobs/{id}", b.url)).call());
-    assert_eq!(st, 200);
-    assert_eq!(v["job"]["status"], "cancelled", "{v}");
-    assert!(srv.wait_no_temp_files(), "the partial file was discarded");
-    let any_file = std::fs::read_dir(srv.storage())
+    let b = set_up(data.path(), &srv);
+    let url = &b.url;
+    let big = cyberbackup_e2e::data(3 << 20, 5);
+    let xss = "<img src=x onerror=alert(1)>.txt";
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("Photos/2024/beach.jpg", big.clone()),
+        ("Photos/2024/empty.txt", Vec::new()),
+        ("Photos/notes – été.txt", "déjà vu\n".as_bytes().to_vec()),
+        (
+            "Photos/<img src=x onerror=alert(1)>.txt",
+            b"not html".to_vec(),
+        ),
+    ];
+    let first = backup(url, "Photos", "pictures", &files);
+    let st = ok(get(&format!("{url}/api/status")));
+    assert_eq!(st["unlocked"], true);
+    assert!(st["server_key"].as_str().unwrap().starts_with("SHA256:"));
+    assert_eq!(st["last_backup"]["id"], first.as_str());
+    assert_eq!(st["last_backup"]["files"], 4);
+    assert_eq!(st["last_backup"]["tags"], json!(["pictures"]));
+    assert_eq!(st["snapshots_size"], big.len() + 8 + "déjà vu\n".len());
+    assert!(st["usage"]["stored_bytes"].as_u64().unwrap() > 0);
+
+    // Browse: the top, then a nested directory.
+    let top = ok(get(&format!("{url}/api/snapshots/{first}/tree")));
+    assert_eq!(top["entries"][0]["name"], "Photos");
+    assert_eq!(top["entries"][0]["type"], "dir");
+    let d = ok(get(&format!(
+        "{url}/api/snapshots/{}/tree?path=Photos/2024",
+        &first[..8]
+    )));
+    let names: Vec<&str> = d["entries"]
+        .as_array()
         .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name() != ".incoming")
-        .any(|e| e.path().join("cancel-me.bin").exists());
-    assert!(!any_file);
-}
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["beach.jpg", "empty.txt"]);
+    let (st, v) = get(&format!("{url}/api/snapshots/{first}/tree?path=Nope"));
+    assert_eq!((st, v["code"].as_str()), (404, Some("no_path")));
 
-#[test]
-fn health_readiness_connection_test_metrics_and_openapi() {
-    let srv = Server::start(Runtime::Mio, &[]);
-    let server = srv.addr.to_string();
-    let data = tempfile::tempdir().unwrap();
-    let b = Bridge::start(data.path(), &server);
+    // Download one file, byte for byte, with its name; and the folder as a tar.
+    let r = agent()
+        .get(&format!(
+            "{url}/api/snapshots/{first}/file?path=Photos/2024/beach.jpg"
+        ))
+        .call()
+        .unwrap();
+    assert!(r
+        .header("Content-Disposition")
+        .unwrap()
+        .contains("beach.jpg"));
+    let mut got = Vec::new();
+    r.into_reader().read_to_end(&mut got).unwrap();
+    assert_eq!(got, big);
+    let enc = "Photos/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E.txt";
     assert_eq!(
-        call(agent().get(&format!("{}/healthz", b.url)).call()).0,
-        200
+        bytes(&format!("{url}/api/snapshots/{first}/file?path={enc}")),
+        b"not html"
     );
-    let (st, v) = call(agent().get(&format!("{}/readyz", b.url)).call());
-    assert_eq!(st, 200, "{v}");
-    let (st, v) = call(
-        agent()
-            .post(&format!("{}/api/test-connection", b.url))
-            .send_json(json!({"server": server})),
+    let members = tar_members(&bytes(&format!(
+        "{url}/api/snapshots/{first}/archive?path=Photos"
+    )));
+    let find = |n: &str| members.iter().find(|(m, _)| m.trim_end_matches('/') == n);
+    assert_eq!(find("Photos/2024/beach.jpg").unwrap().1, big);
+    assert_eq!(
+        find("Photos/notes – été.txt").unwrap().1,
+        "déjà vu\n".as_bytes()
     );
-    assert_eq!(st, 200);
-    assert_eq!(v["ok"], true, "{v}");
-    // something that is not a CyberBackup server
-    let (st, v) = call(
-        agent()
-            .post(&format!("{}/api/test-connection", b.url))
-            .send_json(json!({"server": b.url.trim_start_matches("http://")})),
+    assert_eq!(find(&format!("Photos/{xss}")).unwrap().1, b"not html");
+    assert!(find("Photos/2024").is_some());
+    let whole = tar_members(&bytes(&format!("{url}/api/snapshots/{first}/archive")));
+    let top = format!("snapshot-{}/", &first[..8]);
+    assert_eq!(
+        whole.len(),
+        members.len(),
+        "the whole snapshot is the folder here"
     );
-    assert_eq!(st, 200);
-    assert_eq!(v["ok"], false, "{v}");
-    assert!(v["error"].as_str().unwrap().len() > 10);
+    assert!(whole.iter().all(|(n, _)| n.starts_with(&top)), "{top}");
+    let beach = format!("{top}Photos/2024/beach.jpg");
+    assert_eq!(whole.iter().find(|(n, _)| *n == beach).unwrap().1, big);
 
-    backup(&b.url, &server, "gina", "m.txt", b"metrics");
+    // A second backup with a change; the diff says what changed.
+    let mut changed = files.clone();
+    changed[1].1 = b"now with text".to_vec();
+    changed.push(("Photos/new.txt", b"new".to_vec()));
+    changed.remove(3);
+    let second = backup(url, "Photos", "pictures", &changed);
+    let diff = ok(get(&format!("{url}/api/diff?a={first}&b={second}")));
+    let kinds: Vec<(String, String)> = diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_owned(),
+                c["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("Photos/2024/empty.txt".into(), "modified".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("Photos/new.txt".into(), "added".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(format!("Photos/{xss}"), "removed".into())),
+        "{kinds:?}"
+    );
+    let snaps = ok(get(&format!("{url}/api/snapshots")));
+    assert_eq!(snaps["snapshots"][0]["id"], second.as_str(), "newest first");
+
+    // Restore a folder of the first snapshot to a path; a second time resumes; an
+    // existing different file is refused (409) unless overwrite.
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("r");
+    let r = ok(post(
+        &format!("{url}/api/snapshots/{first}/restore"),
+        json!({"path": "Photos/2024", "target": target}),
+    ));
+    assert_eq!(r["files"], 2);
+    assert_eq!(
+        std::fs::read(target.join("Photos/2024/beach.jpg")).unwrap(),
+        big
+    );
+    let r = ok(post(
+        &format!("{url}/api/snapshots/{first}/restore"),
+        json!({"path": "Photos/2024", "target": target}),
+    ));
+    assert_eq!(r["already_restored"], 2);
+    std::fs::write(target.join("Photos/2024/empty.txt"), b"mine").unwrap();
+    let (st, v) = post(
+        &format!("{url}/api/snapshots/{first}/restore"),
+        json!({"path": "Photos/2024", "target": target}),
+    );
+    assert_eq!((st, v["code"].as_str()), (409, Some("exists")), "{v}");
+    let (st, v) = post(
+        &format!("{url}/api/snapshots/{first}/restore"),
+        json!({"target": "relative/dir"}),
+    );
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_target")));
+
+    // Forget: the dry run changes nothing; keep_last 1 then forgets the first.
+    let (st, v) = post(&format!("{url}/api/forget"), json!({}));
+    assert_eq!((st, v["code"].as_str()), (400, Some("empty_policy")));
+    let plan = ok(post(&format!("{url}/api/forget"), json!({"keep_last": 1})));
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["plan"][0]["keep"], true);
+    assert_eq!(plan["plan"][0]["reasons"], json!(["last 1"]));
+    assert_eq!(plan["plan"][1]["keep"], false);
+    assert_eq!(
+        ok(get(&format!("{url}/api/snapshots")))["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let done = ok(post(
+        &format!("{url}/api/forget"),
+        json!({"keep_last": 1, "dry_run": false}),
+    ));
+    assert_eq!(done["forgotten"], 1);
+    let left = ok(get(&format!("{url}/api/snapshots")));
+    assert_eq!(left["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(left["snapshots"][0]["id"], second.as_str());
+
+    // Lock: reading needs the passphrase again; a wrong one is told as such.
+    ok(post(&format!("{url}/api/lock"), json!({})));
+    let (st, v) = get(&format!("{url}/api/snapshots/{second}/tree"));
+    assert_eq!((st, v["code"].as_str()), (401, Some("locked")));
+    let (st, v) = post(
+        &format!("{url}/api/unlock"),
+        json!({"passphrase": "wrong one"}),
+    );
+    assert_eq!((st, v["code"].as_str()), (401, Some("wrong_passphrase")));
+    ok(post(
+        &format!("{url}/api/unlock"),
+        json!({"passphrase": PASS}),
+    ));
+    ok(get(&format!("{url}/api/snapshots/{second}/tree")));
+
+    // Devices: this one, a code for a new one, which can then be revoked.
+    let devs = ok(get(&format!("{url}/api/devices")));
+    assert_eq!(devs["devices"][0]["this"], true);
+    let code = ok(post(
+        &format!("{url}/api/devices"),
+        json!({"capabilities": "backup", "name": "nas"}),
+    ));
+    assert!(code["code"].as_str().unwrap().len() >= 20);
+    let (st, v) = post(
+        &format!("{url}/api/devices"),
+        json!({"capabilities": "fly"}),
+    );
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_capabilities")));
+
+    // Metrics count what went through.
     let text = agent()
-        .get(&format!("{}/metrics", b.url))
+        .get(&format!("{url}/metrics"))
         .call()
         .unwrap()
         .into_string()
         .unwrap();
     assert!(
-        text.contains("cyberbackup_bridge_uploads_total{result=\"done\"} 1"),
+        text.contains("cyberbackup_bridge_snapshots_total{result=\"done\"} 2"),
         "{text}"
     );
     assert!(
-        text.contains("cyberbackup_bridge_uploaded_bytes_total 7"),
+        text.contains("cyberbackup_bridge_files_total{result=\"stored\"} 8"),
         "{text}"
     );
-    assert!(
-        text.contains("cyberbackup_bridge_upload_duration_seconds_count 1"),
-        "{text}"
-    );
-    let (st, spec) = call(agent().get(&format!("{}/api/openapi.json", b.url)).call());
-    assert_eq!(st, 200);
-    assert_eq!(spec["openapi"], "3.0.3");
-    assert!(spec["paths"]["/api/jobs/{id}/content"]["put"].is_object());
-    let html = agent().get(&format!("{}/", b.url)).call().unwrap();
-    assert!(html.content_type().starts_with("text/html"));
+}
 
-    // readiness follows the default backup server
+/// A file cut off midway is not stored; sent again it is, and its chunks that reached
+/// the server the first time are not sent to it again; a file already stored is not
+/// taken twice; the snapshot commits only when every file is in.
+#[test]
+fn an_interrupted_upload_resumes_without_resending_what_the_server_holds() {
+    let srv = Server::start(Runtime::Mio, &[]);
+    let data = tempfile::tempdir().unwrap();
+    let b = set_up(data.path(), &srv);
+    let url = &b.url;
+    let small = cyberbackup_e2e::data(100_000, 1);
+    let big = cyberbackup_e2e::data(40 << 20, 2);
+    let (st, v) = post(
+        &format!("{url}/api/backups"),
+        json!({"label": "work", "files": [
+            {"path": "work/a.bin", "size": small.len()},
+            {"path": "work/big.bin", "size": big.len()},
+        ]}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let id = v["backup"]["id"].as_str().unwrap().to_owned();
+    ok(call(
+        agent()
+            .put(&format!("{url}/api/backups/{id}/files/0"))
+            .send_bytes(&small),
+    ));
+    // Not every file is in: no commit.
+    let (st, v) = post(&format!("{url}/api/backups/{id}/commit"), json!({}));
+    assert_eq!((st, v["code"].as_str()), (409, Some("incomplete")), "{v}");
+    // The big file: 30 of its 40 MiB, then the connection drops (a reload).
+    let host = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "PUT /api/backups/{id}/files/1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {BRIDGE_TOKEN}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    s.write_all(&big[..30 << 20]).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s);
+    let t0 = std::time::Instant::now();
+    let state = loop {
+        let v = ok(get(&format!("{url}/api/backups/{id}")));
+        if v["backup"]["files_resent"] == 1 {
+            break v;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the cut-off file never ended: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(state["backup"]["files"][0]["done"], true);
+    assert_eq!(state["backup"]["files"][1]["done"], false);
+    assert_eq!(state["backup"]["state"], "open");
+    let sent_before = state["backup"]["bytes_sent"].as_u64().unwrap();
+    // The page lists what is open, to offer the resume.
+    let open = ok(get(&format!("{url}/api/backups")));
+    assert_eq!(open["backups"][0]["id"], id.as_str());
+    // A file already stored is not taken twice (refused before its body is read; a
+    // short body, so that the refusal arrives before the client is done writing).
+    let (st, v) = call(
+        agent()
+            .put(&format!("{url}/api/backups/{id}/files/0"))
+            .send_bytes(&small[..10]),
+    );
+    assert_eq!((st, v["code"].as_str()), (409, Some("already_done")));
+    // A wrong length is refused before anything is read.
+    let (st, v) = call(
+        agent()
+            .put(&format!("{url}/api/backups/{id}/files/1"))
+            .send_bytes(&big[..10]),
+    );
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("size_mismatch")),
+        "{v}"
+    );
+    // Resume: the whole file again; the server is sent only what it lacked.
+    let v = ok(call(
+        agent()
+            .put(&format!("{url}/api/backups/{id}/files/1"))
+            .send_bytes(&big),
+    ));
+    let sent_now = v["backup"]["bytes_sent"].as_u64().unwrap() - sent_before;
+    let held = v["backup"]["chunks_held"].as_u64().unwrap();
+    assert!(held > 0, "no chunk of the first attempt was reused: {v}");
+    assert!(
+        sent_now < (big.len() as u64) - (20 << 20),
+        "the resumed file sent {sent_now} bytes of {}",
+        big.len()
+    );
+    eprintln!(
+        "resumed: sent {sent_now} of {} bytes; {held} chunks were already held",
+        big.len()
+    );
+    let c = ok(post(&format!("{url}/api/backups/{id}/commit"), json!({})));
+    let snap = c["backup"]["snapshot"].as_str().unwrap().to_owned();
+    assert_eq!(
+        bytes(&format!(
+            "{url}/api/snapshots/{snap}/file?path=work/big.bin"
+        )),
+        big
+    );
+    assert!(ok(get(&format!("{url}/api/backups")))["backups"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Announcing the same files again (a new backup after a restart of the bridge):
+    // the server holds every chunk, so nothing new is sent.
+    let (_, v) = post(
+        &format!("{url}/api/backups"),
+        json!({"files": [{"path": "work/big.bin", "size": big.len()}]}),
+    );
+    let id2 = v["backup"]["id"].as_str().unwrap().to_owned();
+    let v = ok(call(
+        agent()
+            .put(&format!("{url}/api/backups/{id2}/files/0"))
+            .send_bytes(&big),
+    ));
+    assert_eq!(v["backup"]["bytes_sent"], 0, "{v}");
+}
+
+/// Bad input is answered with JSON errors, and a fresh device is told to set up.
+#[test]
+fn bad_input_gets_json_errors() {
+    let srv = Server::start(Runtime::Glommio, &[]);
+    let data = tempfile::tempdir().unwrap();
+    let b = Bridge::start(data.path(), &srv.addr.to_string());
+    let url = &b.url;
+    // Not set up yet.
+    let (st, v) = get(&format!("{url}/api/snapshots"));
+    assert_eq!((st, v["code"].as_str()), (409, Some("not_set_up")), "{v}");
+    let (st, v) = post(
+        &format!("{url}/api/setup"),
+        json!({"server": "no-port", "account": "x", "passphrase": PASS}),
+    );
+    assert_eq!((st, v["code"].as_str()), (400, Some("bad_server")));
+    let (st, v) = post(
+        &format!("{url}/api/setup"),
+        json!({"server": srv.addr.to_string(), "account": "x", "passphrase": "short"}),
+    );
+    assert_eq!((st, v["code"].as_str()), (400, Some("weak_passphrase")));
+    let (st, v) = post(
+        &format!("{url}/api/setup"),
+        json!({"server": "127.0.0.1:9", "account": "x", "passphrase": PASS}),
+    );
+    assert_eq!((st, v["code"].as_str()), (502, Some("unreachable")), "{v}");
+    assert!(v["detail"].is_string());
+    let (st, v) = post(&format!("{url}/api/setup"), json!({"nonsense": 1}));
+    assert_eq!((st, v["code"].as_str()), (422, Some("bad_request")), "{v}");
+    let (st, v) = call(
+        agent()
+            .post(&format!("{url}/api/unlock"))
+            .set("Content-Type", "application/json")
+            .send_string(&"x".repeat(100_000)),
+    );
+    assert_eq!(st, 413, "{v}");
+    ok(post(
+        &format!("{url}/api/setup"),
+        json!({"server": srv.addr.to_string(), "account": unique_name("bad"), "passphrase": PASS}),
+    ));
+    // Backups: no files, a path that escapes, a duplicate, an unknown backup or file.
+    for (files, code) in [
+        (json!([]), "no_files"),
+        (json!([{"path": "../etc/passwd", "size": 1}]), "bad_path"),
+        (json!([{"path": "a/./b", "size": 1}]), "bad_path"),
+        (
+            json!([{"path": "a", "size": 1}, {"path": "/a/", "size": 2}]),
+            "duplicate_path",
+        ),
+    ] {
+        let (st, v) = post(&format!("{url}/api/backups"), json!({"files": files}));
+        assert_eq!((st, v["code"].as_str()), (400, Some(code)), "{files}: {v}");
+    }
+    let (st, v) = call(
+        agent()
+            .put(&format!("{url}/api/backups/nope/files/0"))
+            .send_bytes(b"x"),
+    );
+    assert_eq!((st, v["code"].as_str()), (404, Some("no_backup")));
+    let (_, v) = post(
+        &format!("{url}/api/backups"),
+        json!({"files": [{"path": "f", "size": 1}]}),
+    );
+    let id = v["backup"]["id"].as_str().unwrap().to_owned();
+    let (st, v) = call(
+        agent()
+            .put(&format!("{url}/api/backups/{id}/files/7"))
+            .send_bytes(b"x"),
+    );
+    assert_eq!((st, v["code"].as_str()), (404, Some("no_file")));
+    let (st, v) = get(&format!("{url}/api/snapshots/ffffffff/tree"));
+    assert_eq!((st, v["code"].as_str()), (404, Some("no_snapshot")));
+    let (st, v) = get(&format!("{url}/api/nope"));
+    assert_eq!((st, v["code"].as_str()), (404, Some("not_found")));
+    ok(call(
+        agent().delete(&format!("{url}/api/backups/{id}")).call(),
+    ));
+    // Health, readiness, the OpenAPI document.
+    assert_eq!(
+        call(anonymous().get(&format!("{url}/healthz")).call()).0,
+        200
+    );
+    assert_eq!(
+        call(anonymous().get(&format!("{url}/readyz")).call()).0,
+        200
+    );
+    let spec = ok(get(&format!("{url}/api/openapi.json")));
+    assert_eq!(spec["openapi"], "3.0.3");
+    assert!(spec["paths"]["/api/backups/{id}/files/{index}"]["put"].is_object());
     drop(srv);
-    let (st, v) = call(agent().get(&format!("{}/readyz", b.url)).call());
-    assert_eq!(st, 503, "{v}");
-    assert_eq!(v["ready"], false);
+    let (st, v) = call(anonymous().get(&format!("{url}/readyz")).call());
+    assert_eq!((st, v["ready"].as_bool()), (503, Some(false)));
 }
 
 /// The bridge is safe by default: nothing but the UI's static files and the probes
@@ -426,15 +564,20 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     let url = &b.url;
     let host = url.trim_start_matches("http://").to_owned();
     // Without the token: 401 as JSON; static files and probes are public.
-    for path in ["/api/jobs", "/api/config", "/metrics", "/api/openapi.json"] {
+    for path in [
+        "/api/status",
+        "/api/snapshots",
+        "/metrics",
+        "/api/openapi.json",
+    ] {
         let (st, v) = call(anonymous().get(&format!("{url}{path}")).call());
         assert_eq!(st, 401, "{path}: {v}");
         assert_eq!(v["code"], "unauthorized", "{path}");
     }
     let (st, _) = call(
         anonymous()
-            .post(&format!("{url}/api/jobs"))
-            .send_json(json!({"user": "x", "name": "y", "size": 1})),
+            .post(&format!("{url}/api/backups"))
+            .send_json(json!({"files": [{"path": "y", "size": 1}]})),
     );
     assert_eq!(st, 401);
     let page = anonymous().get(&format!("{url}/")).call().unwrap();
@@ -449,7 +592,7 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     // A wrong token, as a bearer or in the link.
     let (st, _) = call(
         anonymous()
-            .get(&format!("{url}/api/jobs"))
+            .get(&format!("{url}/api/status"))
             .set("Authorization", "Bearer not-the-token-at-all")
             .call(),
     );
@@ -471,7 +614,7 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     let pair = cookie.split(';').next().unwrap().to_owned();
     let (st, v) = call(
         anonymous()
-            .get(&format!("{url}/api/jobs"))
+            .get(&format!("{url}/api/status"))
             .set("Cookie", &pair)
             .call(),
     );
@@ -491,7 +634,7 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     // A foreign Host (a rebound DNS name) is refused even with the token.
     let (st, v) = call(
         agent()
-            .get(&format!("{url}/api/jobs"))
+            .get(&format!("{url}/api/status"))
             .set(
                 "Host",
                 &format!("evil.example:{}", host.rsplit(':').next().unwrap()),
@@ -510,10 +653,10 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     // A foreign Origin on a state-changing request, even with the session cookie.
     let (st, v) = call(
         anonymous()
-            .post(&format!("{url}/api/jobs"))
+            .post(&format!("{url}/api/backups"))
             .set("Cookie", &pair)
             .set("Origin", "http://evil.example")
-            .send_json(json!({"user": "x", "name": "y", "size": 1})),
+            .send_json(json!({"files": [{"path": "y", "size": 1}]})),
     );
     assert_eq!(st, 403, "{v}");
     assert_eq!(v["code"], "bad_origin");

@@ -635,50 +635,63 @@ fn no_key_material_or_file_content_in_any_log(rt: Runtime) {
         .unwrap()
         .to_owned();
 
-    // the bridge, at trace level
+    // the bridge, at trace level: a device set up through it, a file backed up
     let bdata = tempfile::tempdir().unwrap();
     let mut b = Bridge::start_with(bdata.path(), &server, &["--log", "trace"]);
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(60))
         .build();
+    let auth = format!("Bearer {BRIDGE_TOKEN}");
+    let passphrase = format!("bridge passphrase {tag}");
+    agent
+        .post(&format!("{}/api/setup", b.url))
+        .set("Authorization", &auth)
+        .send_json(serde_json::json!({"server": server, "account": unique_name("logbridge"), "passphrase": passphrase}))
+        .unwrap();
     let four = canary(4);
     let v: serde_json::Value = agent
-        .post(&format!("{}/api/jobs", b.url))
-        .send_json(serde_json::json!({"user": "logbridge", "name": "four.txt", "size": four.len()}))
+        .post(&format!("{}/api/backups", b.url))
+        .set("Authorization", &auth)
+        .send_json(serde_json::json!({"files": [{"path": "four.txt", "size": four.len()}]}))
         .unwrap()
         .into_json()
         .unwrap();
-    let id = v["job"]["id"].as_str().unwrap();
-    let v: serde_json::Value = agent
-        .put(&format!("{}/api/jobs/{id}/content", b.url))
+    let id = v["backup"]["id"].as_str().unwrap();
+    agent
+        .put(&format!("{}/api/backups/{id}/files/0", b.url))
+        .set("Authorization", &auth)
         .send_bytes(&four)
+        .unwrap();
+    let v: serde_json::Value = agent
+        .post(&format!("{}/api/backups/{id}/commit", b.url))
+        .set("Authorization", &auth)
+        .call()
         .unwrap()
         .into_json()
         .unwrap();
-    assert_eq!(v["job"]["status"], "done", "{v}");
+    assert_eq!(v["backup"]["state"], "done", "{v}");
     b.stop();
-    let bridge_private: String = rusqlite::Connection::open(bdata.path().join("bridge.db"))
+    let device_key = std::fs::read_to_string(bdata.path().join("config/device.key"))
         .unwrap()
-        .query_row("SELECT me_info FROM identities", [], |r| {
-            r.get::<_, String>(0)
-        })
-        .unwrap()
-        .lines()
-        .nth(2)
-        .unwrap()
+        .trim()
         .to_owned();
+    secrets.push(("the bridge's passphrase", passphrase.into_bytes()));
+    secrets.push(("the bridge's token", BRIDGE_TOKEN.as_bytes().to_vec()));
+    let device_key: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&device_key[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    secrets.push(("the bridge's device key", device_key));
 
     for n in 1..=4u8 {
         secrets.push(("file content", format!("CANARY{n}-{tag}").into_bytes()));
     }
     let mut needles = needles(&secrets);
-    for (what, b64) in [
-        ("the CLI's private key", &cli_private),
-        ("the bridge's private key", &bridge_private),
-    ] {
-        // a stretch from the middle of its base64 (the start is the common DER prefix)
-        needles.push((what.into(), b64[60..140].to_owned()));
-    }
+    // a stretch from the middle of the CLI's private key's base64 (the start is the
+    // common DER prefix)
+    needles.push((
+        "the CLI's private key".into(),
+        cli_private[60..140].to_owned(),
+    ));
     needles.push(("file content".into(), tag.clone()));
 
     let server_log = srv.log();
@@ -693,7 +706,11 @@ fn no_key_material_or_file_content_in_any_log(rt: Runtime) {
         bridge_log.contains("TRACE"),
         "the bridge logs at trace level"
     );
-    assert_eq!(server_log.matches("file stored").count(), 5, "{server_log}");
+    assert_eq!(server_log.matches("file stored").count(), 4, "{server_log}");
+    assert!(
+        server_log.contains("snapshot committed"),
+        "the bridge's v4 backup"
+    );
     assert!(cli_log.contains("stored three.txt"), "{cli_log}");
     for (log_name, log) in [
         ("server", &server_log),

@@ -1,8 +1,12 @@
 //! The browser UI in headless Chromium (Debian's package, driven by playwright-core
-//! from tests/ui; `bash .ci/run` installs both): open the UI, choose two files, start
-//! the backup, wait for success, and check the stored files equal them. The test keeps
-//! a screenshot in target/ui-artifacts/.
+//! from tests/ui; `bash .ci/run` installs both), as a person who never opens a
+//! terminal: sign in with the printed link, set up an account, back up a folder with
+//! nested directories, reload mid-upload and resume, browse a snapshot and download a
+//! file and a folder archive (compared here byte for byte), see an HTML-like file name
+//! as text, compare two snapshots, and forget with the dry run first. The script
+//! keeps screenshots of the main views in target/ui-artifacts/.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,9 +20,9 @@ fn repo_root() -> PathBuf {
 }
 
 #[test]
-fn backing_up_two_files_from_the_browser() {
+fn a_folder_backed_up_resumed_browsed_downloaded_compared_and_forgotten_in_the_browser() {
     let root = repo_root();
-    let script = root.join("tests/ui/backup.mjs");
+    let script = root.join("tests/ui/v4.mjs");
     assert!(
         root.join("tests/ui/node_modules/playwright-core").exists(),
         "playwright-core is missing: run `npm ci --prefix tests/ui` (bash .ci/run does)"
@@ -31,62 +35,108 @@ fn backing_up_two_files_from_the_browser() {
     let srv = Server::start(Runtime::Glommio, &[]);
     let data = tempfile::tempdir().unwrap();
     let bridge = Bridge::start(data.path(), &srv.addr.to_string());
-    let files = tempfile::tempdir().unwrap();
-    let a = files.path().join("holiday-photos.tar");
-    let b = files.path().join("notes.txt");
-    let a_bytes = cyberbackup_e2e::data(5 << 20, 11);
-    std::fs::write(&a, &a_bytes).unwrap();
-    std::fs::write(&b, b"CyberBackup keeps my notes safe.\n").unwrap();
-    let artifacts = root.join("target/ui-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("backup.png");
-    let _ = std::fs::remove_file(&shot);
-    let user = unique_name("browser");
-    let out = Command::new("node")
+
+    // The first folder: nested directories, an HTML-like name, an empty file. Both
+    // folders are named Videos, so that the two snapshots form one group for forget.
+    let work = tempfile::tempdir().unwrap();
+    let folder = work.path().join("a/Videos");
+    let deep = folder.join("nested/deeper");
+    std::fs::create_dir_all(&deep).unwrap();
+    let report = cyberbackup_e2e::data(2 << 20, 21);
+    std::fs::write(deep.join("report.pdf"), &report).unwrap();
+    std::fs::write(folder.join("nested/notes.txt"), "été\n").unwrap();
+    std::fs::write(
+        folder.join("<img src=x onerror=alert(1)>.txt"),
+        b"just text",
+    )
+    .unwrap();
+    std::fs::write(folder.join("empty"), b"").unwrap();
+    // The second: big enough to be interrupted by a reload.
+    let big = work.path().join("b/Videos");
+    std::fs::create_dir_all(big.join("2026")).unwrap();
+    let mut big_files = Vec::new();
+    for i in 0..30 {
+        let b = cyberbackup_e2e::data(4 << 20, 100 + i);
+        let p = big.join("2026").join(format!("clip-{i:02}.bin"));
+        std::fs::write(&p, &b).unwrap();
+        big_files.push((format!("Videos/2026/clip-{i:02}.bin"), b));
+    }
+
+    let out = root.join("target/ui-artifacts");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let run = Command::new("node")
         .arg(&script)
-        .args([
-            "--url",
-            &bridge.url,
-            "--token",
-            BRIDGE_TOKEN,
-            "--server",
-            &srv.addr.to_string(),
-            "--user",
-            &user,
-        ])
-        .arg("--files")
-        .arg(format!("{},{}", a.display(), b.display()))
-        .arg("--screenshot")
-        .arg(&shot)
+        .args(["--url", &bridge.url, "--token", BRIDGE_TOKEN])
+        .args(["--server", &srv.addr.to_string()])
+        .args(["--account", &unique_name("browser")])
+        .arg("--folder")
+        .arg(&folder)
+        .arg("--big-folder")
+        .arg(&big)
+        .arg("--out")
+        .arg(&out)
         .env("CHROMIUM", &chromium)
         .output()
         .expect("running node (is Node.js installed?)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
-        out.status.success(),
+        run.status.success(),
         "browser test failed:\n{stdout}\n{stderr}"
     );
-    assert!(shot.exists(), "the screenshot was kept");
-    // the stored files are the chosen ones
-    let dirs: Vec<PathBuf> = std::fs::read_dir(srv.storage())
+    for view in [
+        "overview",
+        "backup-progress",
+        "snapshot-browser",
+        "forget-preview",
+    ] {
+        assert!(out.join(format!("{view}.png")).exists(), "{view}.png");
+    }
+    // The downloaded file and folder are the originals, byte for byte.
+    assert_eq!(std::fs::read(out.join("file.bin")).unwrap(), report);
+    let tar_bytes = std::fs::read(out.join("folder.tar")).unwrap();
+    let mut ar = tar::Archive::new(&tar_bytes[..]);
+    let mut members = std::collections::BTreeMap::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut b = Vec::new();
+        e.read_to_end(&mut b).unwrap();
+        members.insert(name.trim_end_matches('/').to_owned(), b);
+    }
+    assert_eq!(members["Videos/nested/deeper/report.pdf"], report);
+    assert_eq!(members["Videos/nested/notes.txt"], "été\n".as_bytes());
+    assert_eq!(
+        members["Videos/<img src=x onerror=alert(1)>.txt"],
+        b"just text"
+    );
+    assert_eq!(members["Videos/empty"], b"");
+    // The resumed backup is whole: every file of the big folder, through the API.
+    let agent = ureq::AgentBuilder::new().build();
+    let auth = format!("Bearer {BRIDGE_TOKEN}");
+    let snaps: serde_json::Value = agent
+        .get(&format!("{}/api/snapshots", bridge.url))
+        .set("Authorization", &auth)
+        .call()
         .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n != ".incoming"))
-        .collect();
-    assert_eq!(dirs.len(), 1);
-    assert_eq!(
-        std::fs::read(dirs[0].join("holiday-photos.tar")).unwrap(),
-        a_bytes
-    );
-    assert_eq!(
-        std::fs::read(dirs[0].join("notes.txt")).unwrap(),
-        b"CyberBackup keeps my notes safe.\n"
-    );
-    // the checksums the browser showed are the real ones
-    assert!(
-        stdout.contains(&cyberbackup_protocol::v3::cksum(&a_bytes).to_string()),
-        "{stdout}"
-    );
+        .into_json()
+        .unwrap();
+    let list = snaps["snapshots"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "forget kept the newest only: {snaps}");
+    assert_eq!(list[0]["tags"], serde_json::json!(["second"]));
+    assert_eq!(list[0]["files"], 30);
+    let id = list[0]["id"].as_str().unwrap();
+    for (p, b) in big_files.iter().step_by(7) {
+        let mut got = Vec::new();
+        agent
+            .get(&format!("{}/api/snapshots/{id}/file?path={p}", bridge.url))
+            .set("Authorization", &auth)
+            .call()
+            .unwrap()
+            .into_reader()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(&got, b, "{p}");
+    }
 }

@@ -468,13 +468,19 @@ impl<'s, 'a> Worker<'s, 'a> {
         buf.resize(READ_BUF, 0);
         let mut len = 0;
         let mut eof = false;
-        let r = 'file: loop {
+        let mut read_err = None;
+        let r = loop {
             while len < buf.len() && !eof {
                 match f.read(&mut buf[len..]) {
                     Ok(0) => eof = true,
                     Ok(n) => len += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break 'file Err(io(e)),
+                    Err(e) => {
+                        // What was read is still cut (all but the last, unfinished
+                        // chunk), so that a stream resent after a break reuses it.
+                        read_err = Some(e);
+                        break;
+                    }
                 }
             }
             let mut consumed = 0;
@@ -503,6 +509,9 @@ impl<'s, 'a> Worker<'s, 'a> {
             }
             buf.copy_within(consumed..len, 0);
             len -= consumed;
+            if let Some(e) = read_err.take() {
+                break Err(io(e));
+            }
             if eof && len == 0 {
                 break Ok((ids, total));
             }
@@ -880,7 +889,18 @@ pub fn upload_stream(
 ) -> Result<StreamUpload, BackupError> {
     let sh = shared(conn, key, compress, progress);
     let mut w = Worker::new(&sh);
-    let (chunks, size) = w.chunks_of(reader, name)?;
+    let (chunks, size) = match w.chunks_of(reader, name) {
+        Ok(r) => r,
+        Err(e) => {
+            // The stream broke off (a dropped upload): the chunks cut before the break
+            // are whole, so they still go to the server, and a resend of the stream
+            // finds them held.
+            if w.flush().is_ok() {
+                let _ = w.reap(true);
+            }
+            return Err(e);
+        }
+    };
     w.flush()?;
     w.reap(true)?;
     Ok(StreamUpload {

@@ -272,6 +272,12 @@ impl Connection {
         &self.server_key
     }
 
+    /// True once the connection has failed (the server closed it, or it broke): every
+    /// request on it fails; connect again.
+    pub fn is_failed(&self) -> bool {
+        lock(&self.shared.session).failed.is_some()
+    }
+
     /// This connection's Noise handshake hash (what a legacy login signs).
     pub fn handshake_hash(&self) -> [u8; 32] {
         lock(&self.shared.session).session.handshake_hash()

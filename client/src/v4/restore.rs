@@ -362,13 +362,25 @@ pub fn dump(
         .iter()
         .find(|e| e.path == want)
         .ok_or_else(|| RestoreError::NoMatch(path.into()))?;
+    dump_entry(conn, key, e, out)
+}
+
+/// Writes one file entry's content to `out`, every chunk verified before it is
+/// written.
+pub fn dump_entry(
+    conn: &Connection,
+    key: &RepoKey,
+    e: &Entry,
+    out: &mut dyn Write,
+) -> Result<u64, RestoreError> {
+    let path = String::from_utf8_lossy(&e.path).into_owned();
     let EntryKind::File { chunks } = &e.kind else {
-        return Err(RestoreError::NotAFile(path.into()));
+        return Err(RestoreError::NotAFile(path));
     };
-    let mut stream = VerifiedChunks::new(conn, key, chunks, path);
+    let mut stream = VerifiedChunks::new(conn, key, chunks, &path);
     let mut written = 0u64;
     let stdout = |source| RestoreError::Io {
-        path: "standard output".into(),
+        path: "the output".into(),
         source,
     };
     while let Some(plain) = stream.next_chunk()? {
@@ -441,6 +453,58 @@ impl<'a> VerifiedChunks<'a> {
                 index,
                 source,
             })
+    }
+}
+
+/// A file entry's content as a reader: chunks fetched ahead and each verified before
+/// a byte of it is read. A chunk that fails verification is an
+/// [`std::io::ErrorKind::InvalidData`] error naming the file.
+pub struct EntryReader<'a> {
+    stream: VerifiedChunks<'a>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<'a> EntryReader<'a> {
+    /// `name` is the file's name in errors.
+    pub fn new(
+        conn: &'a Connection,
+        key: &'a RepoKey,
+        e: &'a Entry,
+        name: &'a str,
+    ) -> Result<Self, RestoreError> {
+        let EntryKind::File { chunks } = &e.kind else {
+            return Err(RestoreError::NotAFile(name.to_string()));
+        };
+        Ok(EntryReader {
+            stream: VerifiedChunks::new(conn, key, chunks, name),
+            buf: Vec::new(),
+            pos: 0,
+        })
+    }
+}
+
+impl std::io::Read for EntryReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.stream.next_chunk() {
+                Ok(Some(b)) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Ok(None) => return Ok(0),
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
