@@ -10,11 +10,13 @@
 //! - [`repo`]: the v4 repository: device, connection, opened key, loaded trees.
 //! - [`uploads`]: backups from the browser, file by file, resumable, one snapshot each.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`tls`]: optional TLS (rustls) for a bridge reached over a network.
 
 mod api;
 mod auth;
 mod metrics;
 mod repo;
+mod tls;
 mod uploads;
 
 use std::io::IsTerminal;
@@ -68,6 +70,13 @@ struct Args {
         value_delimiter = ','
     )]
     allow_hosts: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM), for a bridge reached over a
+    /// network; needs --tls-key.
+    #[arg(long, env = "CYBERBACKUP_BRIDGE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "CYBERBACKUP_BRIDGE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log filter (RUST_LOG also works).
     #[arg(long, env = "CYBERBACKUP_LOG", default_value = "info")]
     log: String,
@@ -105,6 +114,10 @@ fn run() -> Result<()> {
             t
         }
         None => auth::random_token(),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls::config(c, k)?),
+        _ => None,
     };
     let dir = match &args.config_dir {
         Some(d) => d.clone(),
@@ -146,9 +159,10 @@ fn run() -> Result<()> {
             &addr.ip().to_string(),
             addr.port(),
             &args.allow_hosts,
-            false,
+            tls.is_some(),
         );
         tracing::info!(%addr, config = %dir.display(), "bridge ready");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let link_host = if addr.ip().is_unspecified() {
             format!("127.0.0.1:{}", addr.port())
         } else {
@@ -160,30 +174,39 @@ fn run() -> Result<()> {
             let mut out = std::io::stdout().lock();
             let _ = write!(
                 out,
-                "cyberbackup-bridge listening on http://{addr}/\nopen http://{link_host}/?token={token} to sign in\n"
+                "cyberbackup-bridge listening on {scheme}://{addr}/\nopen {scheme}://{link_host}/?token={token} to sign in\n"
             );
             let _ = out.flush();
         }
         let app = api::router(state)
             .layer(axum::middleware::from_fn_with_state(auth, auth::guard));
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let term = async {
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                        Ok(mut s) => {
-                            s.recv().await;
-                        }
-                        Err(_) => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term => {},
-                }
-                tracing::info!("shutting down");
-                let _ = stop_tx.send(true);
-            })
-            .await
-            .context("serving HTTP")
+        match tls {
+            None => axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown(stop_tx))
+                .await
+                .context("serving HTTP"),
+            Some(cfg) => axum::serve(tls::TlsListener::new(listener, cfg)?, app)
+                .with_graceful_shutdown(shutdown(stop_tx))
+                .await
+                .context("serving HTTPS"),
+        }
     })
+}
+
+/// Resolves on SIGINT or SIGTERM, after telling the WebSockets to close.
+async fn shutdown(stop_tx: tokio::sync::watch::Sender<bool>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
 }

@@ -699,3 +699,107 @@ fn the_bridge_refuses_strangers_foreign_hosts_and_origins() {
     let (mut ws, _) = tungstenite::connect(req).expect("our own page's WebSocket");
     let _ = ws.close(None);
 }
+
+/// HTTPS read on a fresh TLS connection that trusts only the test CA.
+fn https(host_port: &str, request: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(fixtures.join("bridge-test-ca.crt"))
+        .unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    let sock = std::net::TcpStream::connect(host_port).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // A peer that closes without close_notify: what was read is whole here.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("TLS read: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// With --tls-cert/--tls-key the bridge serves HTTPS: the link is https://, the
+/// session cookie is Secure, the API answers over TLS, and plain HTTP gets nothing.
+#[test]
+fn the_bridge_serves_https_with_a_certificate() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let cert = fixtures.join("bridge-test.crt");
+    let key = fixtures.join("bridge-test.key");
+    let data = tempfile::tempdir().unwrap();
+    let b = Bridge::start_with(
+        data.path(),
+        "127.0.0.1:9",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let host = b
+        .url
+        .strip_prefix("https://")
+        .expect("an https URL")
+        .to_owned();
+    let port = host.rsplit(':').next().unwrap().to_owned();
+    let r = https(
+        &host,
+        &format!("GET /?token={BRIDGE_TOKEN} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+    let cookie = r
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let r = https(
+        &host,
+        &format!("GET /api/status HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {BRIDGE_TOKEN}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("\"setup\":false"), "{r}");
+    // An https Origin is ours; an http one is not.
+    let r = https(
+        &host,
+        &format!("POST /api/lock HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {BRIDGE_TOKEN}\r\nOrigin: http://localhost:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // Plain HTTP on the TLS port: no HTTP answer.
+    let mut s = std::net::TcpStream::connect(&host).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "plain HTTP was served"
+    );
+    // The bridge still serves TLS clients after that.
+    let r = https(
+        &host,
+        &format!("GET /healthz HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
