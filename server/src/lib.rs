@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`config`]: flags, environment, TOML file and port.info, checked into a `Config`.
 //! - [`admin`]: the administrative commands (scrub, gc) on the v4 repository.
+//! - [`datadir`]: one server per data directory (a held lock naming its pid) and per
+//!   port.
 //! - [`conn`]: the connection driver both runtimes share (buffer, session, next step).
 //! - [`glommio_rt`]: the io_uring runtime, one executor and SO_REUSEPORT listener per
 //!   shard; it only moves bytes between sockets and the protocol session.
@@ -26,6 +28,7 @@
 pub mod admin;
 pub mod config;
 pub mod conn;
+pub mod datadir;
 pub mod glommio_rt;
 pub mod legacy;
 pub mod mio_rt;
@@ -46,6 +49,9 @@ use config::RuntimeKind;
 /// Opens storage and registry, starts the shards, and returns when they have stopped
 /// (after a signal, with in-flight files finished or discarded).
 pub fn run(cfg: config::Config) -> Result<()> {
+    // Before anything touches the data: a second server on it exits here.
+    let _lock = datadir::lock(&cfg.storage)?;
+    datadir::check_port(cfg.listen)?;
     let storage = storage::Storage::open(&cfg.storage, cfg.max_pending_bytes)
         .with_context(|| format!("opening storage {}", cfg.storage.display()))?
         .with_direct_io(cfg.direct_io_min_size);

@@ -203,6 +203,9 @@ fn kill_9_mid_concurrent_uploads_then_restart_loses_nothing_acknowledged(rt: Run
     for rel in walk_files(&root) {
         let mut parts = rel.iter().map(|p| p.to_str().unwrap().to_owned());
         let (d, name) = (parts.next().unwrap(), parts.next());
+        if d == ".lock" && name.is_none() {
+            continue; // the lock the server holds on its data directory
+        }
         if d == ".incoming" {
             if name.as_deref() == Some("RUNNING") {
                 continue; // the server's run marker

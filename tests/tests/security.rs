@@ -69,6 +69,8 @@ fn assert_only_expected_files(srv: &Server, allowed: &[(ClientId, Vec<String>)])
                     && parts[2] != "LOCK")
             }
             [r, inc] if r == "received_files" && inc == ".incoming" => true,
+            // The lock a running server holds on its data directory (its pid).
+            [r, l] if r == "received_files" && l == ".lock" => srv.dir.join(&rel).is_file(),
             [r, inc, run] if r == "received_files" && inc == ".incoming" && run == "RUNNING" => {
                 srv.dir.join(&rel).is_file()
             }

@@ -451,3 +451,33 @@ both_runtimes!(
     idle_and_trickling_peers_are_timed_out,
     connections_over_the_limit_are_refused,
 );
+
+/// One server per data directory and per port: a second one exits at once, naming the
+/// first's pid (before it could touch the first one's files), and the first goes on.
+#[test]
+fn a_second_server_on_the_same_data_or_port_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start_in(Runtime::Mio, dir.path(), &[]);
+    let pid = std::fs::read_to_string(first.storage().join(".lock")).unwrap();
+    let out = std::process::Command::new(server_binary())
+        .args(["--runtime", "mio", "--bind", "127.0.0.1", "--port", "0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pid {}", pid.trim())), "{err}");
+    // Another directory, but the first one's port.
+    let other = tempfile::tempdir().unwrap();
+    let port = first.addr.port().to_string();
+    let out = std::process::Command::new(server_binary())
+        .args(["--runtime", "mio", "--bind", "127.0.0.1", "--port", &port])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already served by another process"), "{err}");
+    // The first still serves.
+    assert!(std::net::TcpStream::connect(first.addr).is_ok());
+}
