@@ -224,6 +224,7 @@ async fn status(State(st): State<AppState>) -> Result<Json<Value>, Failure> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetupReq {
     server: String,
     #[serde(default)]
@@ -583,6 +584,7 @@ async fn download_archive(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RestoreReq {
     #[serde(default)]
     path: String,
@@ -686,6 +688,7 @@ async fn diff(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ForgetReq {
     #[serde(default)]
     keep_last: u32,
@@ -808,6 +811,7 @@ async fn devices(State(st): State<AppState>) -> Result<Json<Value>, Failure> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AddDevice {
     #[serde(default = "all")]
     capabilities: String,
@@ -881,14 +885,17 @@ async fn revoke_device(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewBackupFile {
     path: String,
     size: u64,
+    /// When the file was last modified [default: now].
     #[serde(default)]
-    mtime_ms: i64,
+    mtime_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewBackup {
     #[serde(default)]
     label: String,
@@ -926,6 +933,9 @@ async fn create_backup(
     }
     let mut seen = std::collections::HashSet::new();
     let mut files = Vec::with_capacity(r.files.len());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     for f in r.files {
         let path = clean(&f.path);
         if path.len() > uploads::MAX_PATH
@@ -952,8 +962,27 @@ async fn create_backup(
         files.push(NewFile {
             path,
             size: f.size,
-            mtime_ms: f.mtime_ms,
+            mtime_ms: f.mtime_ms.unwrap_or(now),
         });
+    }
+    // A path may not be both a file and a folder of other files.
+    if let Some(p) = files.iter().find(|f| {
+        let mut d = f.path.as_str();
+        while let Some(i) = d.rfind('/') {
+            d = &d[..i];
+            if seen.contains(d) {
+                return true;
+            }
+        }
+        false
+    }) {
+        return Err(bad(
+            "file_and_dir",
+            format!(
+                "{} is inside a folder that is also listed as a file",
+                p.path
+            ),
+        ));
     }
     let label = r.label.trim().chars().take(200).collect::<String>();
     let u = st.uploads.create(label, tag, files);

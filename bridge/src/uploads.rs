@@ -298,7 +298,9 @@ impl Uploads {
             Err(e) => {
                 // The file is sent again whole on resume.
                 u.received = u.received.saturating_sub(received);
-                u.files_resent += 1;
+                if received > 0 {
+                    u.files_resent += 1;
+                }
                 tracing::info!(backup = id, file = index, error = %e, "a file did not arrive whole");
             }
         }

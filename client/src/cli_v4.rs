@@ -152,6 +152,11 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 RestoreError::NoMatch(_)
                 | RestoreError::NotAFile(_)
                 | RestoreError::TargetNotDir(_) => code::USAGE,
+                RestoreError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotADirectory =>
+                {
+                    code::USAGE
+                }
                 RestoreError::Io { .. } => code::PARTIAL,
             };
         }

@@ -427,7 +427,8 @@ struct Common {
     /// Progress and results as JSON lines on standard output.
     #[arg(long, global = true, env = "CYBERBACKUP_JSON")]
     json: bool,
-    /// No progress output, only the summary lines and errors.
+    /// No progress and no summary lines: only errors, and what a command exists to
+    /// print (a listing, a code).
     #[arg(long, short, global = true, env = "CYBERBACKUP_QUIET")]
     quiet: bool,
     /// v4: the config directory (device key, pinned server keys, repository)

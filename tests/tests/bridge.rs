@@ -508,10 +508,22 @@ fn bad_input_gets_json_errors() {
             json!([{"path": "a", "size": 1}, {"path": "/a/", "size": 2}]),
             "duplicate_path",
         ),
+        (
+            json!([{"path": "x", "size": 1}, {"path": "x/y/z", "size": 2}]),
+            "file_and_dir",
+        ),
     ] {
         let (st, v) = post(&format!("{url}/api/backups"), json!({"files": files}));
         assert_eq!((st, v["code"].as_str()), (400, Some(code)), "{files}: {v}");
     }
+    // A misspelt field is refused, never ignored (a forget without its rule would
+    // forget more).
+    let (st, v) = post(
+        &format!("{url}/api/forget"),
+        json!({"keep_last": 1, "keep_dialy": 7, "dry_run": false}),
+    );
+    assert_eq!(st, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("keep_dialy"), "{v}");
     let (st, v) = call(
         agent()
             .put(&format!("{url}/api/backups/nope/files/0"))

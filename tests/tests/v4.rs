@@ -1482,6 +1482,9 @@ fn prune_reclaims_space(rt: Runtime) {
         String::from_utf8_lossy(&r.stderr)
     );
     assert_eq!(fs::read(&file).unwrap(), b"x");
+    let under = file.join("x");
+    let r = u.cli(&["restore", "latest", "--target", under.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
 }
 
 both_runtimes!(
