@@ -205,7 +205,7 @@ async fn status(State(st): State<AppState>) -> Result<Json<Value>, Failure> {
         };
         v["server_key"] = json!(fingerprint(conn.server_key()));
         let caps = Capabilities(conn.welcome().capabilities);
-        v["capabilities"] = json!(caps.names().split(',').collect::<Vec<_>>());
+        v["capabilities"] = json!(caps.names().split('+').collect::<Vec<_>>());
         if let Ok(Answer::UsageInfo(u)) = conn.call(&Request::Usage) {
             v["usage"] = json!({"stored_bytes": u.stored_bytes, "chunks": u.chunks,
                 "snapshots": u.snapshots, "quota": if u.quota > 0 { Some(u.quota) } else { None }});
@@ -800,7 +800,7 @@ async fn devices(State(st): State<AppState>) -> Result<Json<Value>, Failure> {
             .iter()
             .map(|d| {
                 json!({"id": d.id, "name": d.name, "this": d.this,
-                    "capabilities": Capabilities(d.capabilities).names().split(',').collect::<Vec<_>>(),
+                    "capabilities": Capabilities(d.capabilities).names().split('+').collect::<Vec<_>>(),
                     "created_ms": d.created_ms,
                     "revoked_ms": if d.revoked_ms > 0 { Some(d.revoked_ms) } else { None }})
             })

@@ -308,6 +308,10 @@ fn a_folder_from_the_browser_is_one_snapshot_to_browse_download_diff_and_restore
     // Devices: this one, a code for a new one, which can then be revoked.
     let devs = ok(get(&format!("{url}/api/devices")));
     assert_eq!(devs["devices"][0]["this"], true);
+    assert_eq!(
+        devs["devices"][0]["capabilities"],
+        json!(["backup", "read", "forget", "admin"])
+    );
     let code = ok(post(
         &format!("{url}/api/devices"),
         json!({"capabilities": "backup", "name": "nas"}),

@@ -1484,7 +1484,12 @@ fn prune_reclaims_space(rt: Runtime) {
     assert_eq!(fs::read(&file).unwrap(), b"x");
     let under = file.join("x");
     let r = u.cli(&["restore", "latest", "--target", under.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
 }
 
 both_runtimes!(
