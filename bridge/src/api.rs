@@ -643,7 +643,7 @@ async fn restore_to_path(
                         "a chunk failed verification: the restore stopped and wrote no damaged file".into(),
                     ),
                 };
-                Failure::new(status, code, msg).with_detail_pub(e.to_string())
+                Failure::new(status, code, msg).with_detail(e.to_string())
             })?;
         Ok(Json(json!({
             "files": s.files, "already_restored": s.skipped, "dirs": s.dirs,
@@ -1124,7 +1124,7 @@ async fn receive_file(
             "upload_failed",
             format!("{} was not stored; send it again", f.path),
         )
-        .with_detail_pub(e)),
+        .with_detail(e)),
     }
 }
 
@@ -1175,7 +1175,7 @@ async fn commit_files_task(
         .into_bytes()];
         let s = backup::commit_files(&conn, &key, files, named, &opts).map_err(|e| {
             Failure::new(502, "commit_failed", "the snapshot could not be saved")
-                .with_detail_pub(e.to_string())
+                .with_detail(e.to_string())
         })?;
         Ok(hex(&s.snapshot))
     })

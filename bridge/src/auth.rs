@@ -59,7 +59,7 @@ impl std::fmt::Debug for Auth {
 pub fn random_token() -> String {
     let mut b = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    cyberbackup_client::v4::profile::hex(&b)
 }
 
 impl Auth {

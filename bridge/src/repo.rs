@@ -39,11 +39,7 @@ impl Failure {
     }
 
     /// The same failure with technical detail attached.
-    pub fn with_detail_pub(self, d: impl Into<String>) -> Self {
-        self.with_detail(d)
-    }
-
-    fn with_detail(mut self, d: impl Into<String>) -> Self {
+    pub fn with_detail(mut self, d: impl Into<String>) -> Self {
         self.detail = Some(d.into());
         self
     }
@@ -284,6 +280,12 @@ impl Repo {
     /// A snapshot's tree, from the cache or loaded (and verified).
     pub fn tree(&self, spec: &str) -> Result<Arc<Tree>, Failure> {
         let key = self.key()?;
+        // A full id already loaded needs no listing (browsing asks again per folder).
+        if let Some(id) = cyberbackup_protocol::common::parse_client_id_hex(spec) {
+            if let Some(t) = lock(&self.open).trees.get(&id) {
+                return Ok(t.clone());
+            }
+        }
         let conn = self.conn()?;
         let info = snapshots::find(&conn, spec)?;
         let id = info.header.id;

@@ -16,6 +16,7 @@ use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use cyberbackup_protocol::v4::wire::ChunkId;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -159,7 +160,7 @@ impl Uploads {
     pub fn create(&self, label: String, tag: String, files: Vec<NewFile>) -> Upload {
         let mut idb = [0u8; 12];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut idb);
-        let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
+        let id = cyberbackup_client::v4::profile::hex(&idb);
         let files: Vec<UpFile> = files
             .into_iter()
             .map(|f| UpFile {
@@ -358,22 +359,17 @@ impl Uploads {
 /// A blocking reader over the chunks of a request body; ends with an error when the
 /// body stops before `size` bytes, so that a cut-off file is never stored as whole.
 pub struct BodyReader {
-    rx: tokio::sync::mpsc::Receiver<bytes_like::Bytes>,
-    buf: bytes_like::Bytes,
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    buf: Bytes,
     got: u64,
     size: u64,
 }
 
-/// The byte buffer type of axum bodies.
-pub mod bytes_like {
-    pub use axum::body::Bytes;
-}
-
 impl BodyReader {
-    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes_like::Bytes>, size: u64) -> Self {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Bytes>, size: u64) -> Self {
         BodyReader {
             rx,
-            buf: bytes_like::Bytes::new(),
+            buf: Bytes::new(),
             got: 0,
             size,
         }

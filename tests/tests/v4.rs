@@ -82,6 +82,16 @@ impl User {
     }
 }
 
+/// Asserts a CLI run's exit code, showing its standard error when it differs.
+fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What a tree holds, by relative path: type, mode, mtime (ns), content hash or
 /// link target, size.
 fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
@@ -407,12 +417,7 @@ fn accounts_are_isolated(rt: Runtime) {
         "--target",
         work.path().join("m").to_str().unwrap(),
     ]);
-    assert_eq!(
-        bad.status.code(),
-        Some(8),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
+    assert_exit(&bad, 8);
 }
 
 fn blobs(dir: &Path) -> Vec<PathBuf> {
@@ -580,12 +585,7 @@ fn wrong_passphrase_and_server_key(rt: Runtime) {
         .args(["ls", "latest"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 7);
     // A server with another key at the pinned address is refused before login.
     let other = Server::start(rt, &[]);
     let pins = u.cfg.path().join("known_servers");
@@ -596,12 +596,7 @@ fn wrong_passphrase_and_server_key(rt: Runtime) {
     )
     .unwrap();
     let out = u.cli(&["snapshots", "--server", &other.addr.to_string()]);
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 7);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the one pinned"));
     let _ = ConnectOptions::default();
 }
@@ -1091,12 +1086,7 @@ fn partial_stdin_stats_and_quota(rt: Runtime) {
         String::from_utf8_lossy(&none.stderr)
     );
     let out = u.cli(&["--json", "backup", src.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 3);
     assert!(String::from_utf8_lossy(&out.stderr).contains("pipe"));
     let list: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "snapshots"])).unwrap();
     assert_eq!(list[0]["tags"], serde_json::json!(["partial"]), "{list}");
@@ -1313,12 +1303,7 @@ fn legacy_list_restore_and_import(rt: Runtime) {
         "--target",
         t,
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(9),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 9);
     u.ok(&[
         "--identity",
         me_s,
@@ -1358,21 +1343,11 @@ fn legacy_list_restore_and_import(rt: Runtime) {
         "--private-key",
         forged.to_str().unwrap(),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(6),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 6);
     assert!(String::from_utf8_lossy(&r.stderr).contains("FORBIDDEN"));
     // A missing identity file is a configuration error (exit 4).
     let r = u.cli(&["--identity", "/nonexistent/me.info", "legacy", "list"]);
-    assert_eq!(
-        r.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 4);
 
     // import: one snapshot tagged legacy-import that restores the same bytes, with no
     // plaintext in the v4 repository.
@@ -1439,12 +1414,7 @@ fn prune_reclaims_space(rt: Runtime) {
     let d = User::new();
     d.ok(&["enrol", code, "-s", &srv.addr.to_string()]);
     let r = d.cli(&["prune"]);
-    assert_eq!(
-        r.status.code(),
-        Some(6),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 6);
     assert!(String::from_utf8_lossy(&r.stderr).contains("may not prune"));
     // With --json the error is the last line, with its reason and exit code; forget
     // names the capability it lacks (not the read it would have needed first).
@@ -1466,30 +1436,15 @@ fn prune_reclaims_space(rt: Runtime) {
     // A path a snapshot does not hold, and a restore target that is a file: usage
     // errors (exit 2), with nothing written.
     let r = u.cli(&["ls", "latest", "no/such/path"]);
-    assert_eq!(
-        r.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 2);
     let file = work.path().join("a-file");
     fs::write(&file, b"x").unwrap();
     let r = u.cli(&["restore", "latest", "--target", file.to_str().unwrap()]);
-    assert_eq!(
-        r.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 2);
     assert_eq!(fs::read(&file).unwrap(), b"x");
     let under = file.join("x");
     let r = u.cli(&["restore", "latest", "--target", under.to_str().unwrap()]);
-    assert_eq!(
-        r.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert_exit(&r, 2);
 }
 
 both_runtimes!(

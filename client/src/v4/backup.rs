@@ -754,17 +754,9 @@ fn backup_inner(
         }
     }
     let shared = Shared {
-        conn,
-        key,
-        compress: opts.compress,
         known: Mutex::new(known),
         queue: Mutex::new(queue),
-        results: Mutex::new(Vec::new()),
-        failed: Mutex::new(None),
-        sent: AtomicU64::new(0),
-        held: AtomicU64::new(0),
-        bytes_sent: AtomicU64::new(0),
-        progress,
+        ..shared(conn, key, opts.compress, progress)
     };
     let workers = if opts.workers == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
