@@ -6,6 +6,7 @@
 //! runtimes, the client, the load generator and the bridge all build on it.
 //!
 //! # Layout
+//! - [`civil`]: UTC calendar dates from epoch times (retention, listings).
 //! - [`common`]: what every protocol version shares: the [`ClientId`](common::ClientId)
 //!   and its hex form ([`common::hex`]).
 //! - [`v3`]: version 3, the wire format of the CyberBackup 3.0 deployments:
@@ -32,6 +33,7 @@
 // CPU intrinsics (each use has its `// SAFETY:` note).
 #![deny(unsafe_code)]
 
+pub mod civil;
 pub mod common;
 pub mod v3;
 pub mod v4;

@@ -1,93 +1,274 @@
-//! Administrative commands on the v4 repository (`cyberbackup-server scrub`, `gc`),
-//! run while the server is stopped: the repository's lock file keeps a running server
-//! and a command from opening it at once.
+//! The administrative commands (`cyberbackup-server accounts`, `quota`, `scrub`, ...),
+//! and the admin socket through which they reach a running server.
+//!
+//! A running server listens on a Unix socket (`--admin-socket`, by default
+//! `<repository>/admin.sock`, mode 0600: only the server's user and root can connect).
+//! A command connects, sends its [`Admin`] as one JSON line, and gets JSON lines back:
+//! `{"out": TEXT}` for standard output, `{"progress": TEXT}` for standard error, and
+//! last `{"exit": CODE}` (with `"error"` when it failed). The server runs the command
+//! on the repository it serves, so a collection or scrub runs beside the backups in
+//! flight and shows its progress.
+//!
+//! When no server answers on the socket, the command works on the stopped server's
+//! data itself (the repository's lock keeps a server from starting meanwhile).
+//! `key` and `check-config` never need the server.
+//!
+//! Exit codes: 0 done; 1 failed (the message says why); 2 bad arguments; 3 `scrub`
+//! found damage, or `status` found no server running.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Admin, Config};
 use crate::repo::gc::Scope;
 use crate::repo::{Repo, RepoError};
+use crate::shutdown::Shutdown;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Longest request line read from the socket.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How often a long command reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// One line of the socket's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Line {
+    Out(String),
+    Progress(String),
+    Exit {
+        code: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
+
+/// Where a command's output goes: the terminal, or the socket's client.
+trait Output {
+    fn out(&mut self, text: &str);
+    fn progress(&mut self, text: &str);
+}
+
+struct Terminal;
+
+impl Output for Terminal {
+    fn out(&mut self, text: &str) {
+        println!("{text}");
+    }
+    fn progress(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+}
+
+struct Socket<'a>(&'a mut UnixStream);
+
+impl Socket<'_> {
+    fn send(&mut self, line: &Line) {
+        // The client hung up: the command still runs to its end.
+        let mut text = serde_json::to_string(line).unwrap_or_default();
+        text.push('\n');
+        let _ = self.0.write_all(text.as_bytes());
+    }
+}
+
+impl Output for Socket<'_> {
+    fn out(&mut self, text: &str) {
+        self.send(&Line::Out(text.to_owned()));
+    }
+    fn progress(&mut self, text: &str) {
+        self.send(&Line::Progress(text.to_owned()));
+    }
+}
+
+/// What a running server tells `status`.
+#[derive(Debug)]
+pub struct ServerInfo {
+    pub shutdown: Arc<Shutdown>,
+    pub started: Instant,
+    /// The configured address (the bound one, once every shard listens, is [`LISTEN`]).
+    pub listen: std::net::SocketAddr,
+    pub admin_http: Option<std::net::SocketAddr>,
+}
+
+/// The address the shards listen on, once they all do.
+pub static LISTEN: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+
+// ---- the server's side ----
+
+/// Listens on `path` (a stale socket from a crash is replaced: the caller holds the
+/// data directory's lock) and runs each command on `repo` on its own thread. The
+/// socket file is removed when the returned guard drops.
+pub fn serve(path: &Path, repo: Repo, info: Arc<ServerInfo>) -> Result<SocketGuard> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing a stale {}", path.display())),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot open the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("admin-socket".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (repo, info) = (repo.clone(), info.clone());
+                let _ = std::thread::Builder::new()
+                    .name("admin-cmd".into())
+                    .spawn(move || answer(stream, &repo, &info));
+            }
+        })
+        .context("starting the admin socket's thread")?;
+    Ok(SocketGuard(path.to_owned()))
+}
+
+/// Removes the admin socket's file when dropped.
+#[derive(Debug)]
+pub struct SocketGuard(std::path::PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn answer(mut stream: UnixStream, repo: &Repo, info: &ServerInfo) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    let read = BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line);
+    let exit = match read {
+        Ok(_) if line.ends_with('\n') => match serde_json::from_str::<Admin>(&line) {
+            Ok(cmd) => {
+                tracing::info!(command = ?cmd, "admin command");
+                match execute(&cmd, repo, Some(info), &mut Socket(&mut stream)) {
+                    Ok(code) => Line::Exit { code, error: None },
+                    Err(e) => Line::Exit {
+                        code: 1,
+                        error: Some(format!("{e:#}")),
+                    },
+                }
+            }
+            Err(e) => Line::Exit {
+                code: 2,
+                error: Some(format!("not a command this server knows: {e}")),
+            },
+        },
+        _ => Line::Exit {
+            code: 2,
+            error: Some(format!(
+                "expected one JSON line of at most {MAX_REQUEST} bytes"
+            )),
+        },
+    };
+    Socket(&mut stream).send(&exit);
+}
+
+// ---- the command's side ----
 
 /// Runs `cmd`; returns the process exit code.
 pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
-    if let Admin::EnrolCode {
-        account,
-        capabilities,
-        ttl_hours,
-    } = &cmd
-    {
-        return enrol_code(cfg, account, capabilities, *ttl_hours);
+    match &cmd {
+        Admin::CheckConfig => return check_config(cfg),
+        Admin::Key => return key(cfg),
+        Admin::Quota { bytes, .. } if parse_bytes(bytes).is_none() => {
+            eprintln!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none");
+            return Ok(2);
+        }
+        _ => {}
     }
-    if let Admin::Quota { account, bytes } = &cmd {
-        return quota(cfg, account, bytes);
+    match UnixStream::connect(&cfg.admin_socket) {
+        Ok(stream) => return relay(stream, &cmd),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) => {}
+        Err(e) => bail!(
+            "cannot reach the running server's admin socket {}: {e} (run as the server's user or root)",
+            cfg.admin_socket.display()
+        ),
+    }
+    if let Admin::Status = cmd {
+        println!(
+            "not running (nothing answers on {})",
+            cfg.admin_socket.display()
+        );
+        return Ok(3);
+    }
+    let db = cfg.repository.join("repo.db");
+    if !db.exists() {
+        bail!(
+            "{}: no v4 repository here (check --repository or the config file)",
+            db.display()
+        );
     }
     let repo = match Repo::open_local(&cfg.repository) {
         Ok(r) => r,
-        Err(RepoError::Locked { path }) => anyhow::bail!(
-            "{} is in use: stop the server first (scrub and gc run on a stopped server)",
-            path.display()
+        Err(RepoError::Locked { path }) => bail!(
+            "{} is held by a running server whose admin socket {} does not answer",
+            path.display(),
+            cfg.admin_socket.display()
         ),
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))
         }
     };
-    match cmd {
-        Admin::Scrub => {
-            let r = repo.scrub(Scope::All).context("scrubbing")?;
-            for (a, id) in &r.damaged {
-                println!("damaged chunk: account {a} chunk {}", hex(id));
-            }
-            for (a, id) in &r.missing {
-                println!("missing chunk: account {a} chunk {}", hex(id));
-            }
-            for (a, id) in &r.damaged_bodies {
-                println!("damaged snapshot: account {a} snapshot {}", hex(id));
-            }
-            println!(
-                "scrub: {} accounts, {} chunks ({} bytes) and {} snapshot bodies checked; {} damaged, {} missing, {} bad snapshot bodies",
-                r.accounts,
-                r.chunks_checked,
-                r.bytes_checked,
-                r.bodies_checked,
-                r.damaged.len(),
-                r.missing.len(),
-                r.damaged_bodies.len()
-            );
-            let bad =
-                !r.damaged.is_empty() || !r.missing.is_empty() || !r.damaged_bodies.is_empty();
-            Ok(if bad { 3 } else { 0 })
-        }
-        Admin::EnrolCode { .. } | Admin::Quota { .. } => unreachable!("handled above"),
-        Admin::Gc { grace_hours } => {
-            let now = crate::repo::now_unix_ms();
-            let r = repo
-                .collect_garbage(Scope::All, Duration::from_secs(grace_hours * 3600), now)
-                .context("collecting garbage")?;
-            println!(
-                "gc: {} accounts; {} unreferenced chunks deleted ({} bytes freed); {} orphan chunk blobs and {} orphan snapshot bodies removed",
-                r.accounts, r.chunks_deleted, r.bytes_freed, r.orphan_chunk_blobs, r.orphan_bodies
-            );
-            Ok(0)
-        }
-    }
+    execute(&cmd, &repo, None, &mut Terminal)
 }
 
-fn open_registry(cfg: &Config) -> Result<crate::repo::SqliteRegistry> {
-    let db = cfg.repository.join("repo.db");
-    if !db.exists() {
-        anyhow::bail!(
-            "{}: no v4 repository here (check --repository)",
-            db.display()
-        );
+/// Sends `cmd` to the running server and prints its answer.
+fn relay(mut stream: UnixStream, cmd: &Admin) -> Result<i32> {
+    let mut req = serde_json::to_string(cmd)?;
+    req.push('\n');
+    stream
+        .write_all(req.as_bytes())
+        .context("sending the command to the server")?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.context("reading the server's answer")?;
+        match serde_json::from_str::<Line>(&line) {
+            Ok(Line::Out(t)) => println!("{t}"),
+            Ok(Line::Progress(t)) => eprintln!("{t}"),
+            Ok(Line::Exit { code, error }) => {
+                if let Some(e) = error {
+                    eprintln!("cyberbackup-server: error: {e}");
+                }
+                return Ok(code);
+            }
+            Err(e) => bail!("the server answered {line:?}: {e}"),
+        }
     }
-    crate::repo::SqliteRegistry::open(&db).with_context(|| format!("opening {}", db.display()))
+    bail!("the server closed the admin socket before the command finished (it stopped?)")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Bytes in IEC units, one decimal.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }
 
 /// Parses "10G", "512M", "1048576", or "none".
@@ -106,48 +287,364 @@ fn parse_bytes(s: &str) -> Option<Option<u64>> {
     num.trim().parse::<u64>().ok()?.checked_mul(mult).map(Some)
 }
 
-fn quota(cfg: &Config, account: &str, bytes: &str) -> Result<i32> {
-    use crate::repo::Registry;
-    let q = parse_bytes(bytes)
-        .with_context(|| format!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none"))?;
-    let mut reg = open_registry(cfg)?;
-    let id = reg
-        .account_by_name(account)?
-        .with_context(|| format!("no account named {account:?}"))?;
-    reg.set_quota(id, q)?;
-    match q {
-        Some(b) => println!("quota of {account:?}: {b} bytes"),
-        None => println!("quota of {account:?}: none"),
+fn account_id(repo: &Repo, name: &str) -> Result<crate::repo::AccountId> {
+    repo.account_by_name(name)?
+        .with_context(|| format!("no account named {name:?} (see `cyberbackup-server accounts`)"))
+}
+
+/// Runs a command on `repo`, in the server (`server` set) or on a stopped one's data.
+fn execute(
+    cmd: &Admin,
+    repo: &Repo,
+    server: Option<&ServerInfo>,
+    out: &mut dyn Output,
+) -> Result<i32> {
+    match cmd {
+        Admin::Status => {
+            let Some(s) = server else {
+                out.out("not running");
+                return Ok(3);
+            };
+            out.out(&format!(
+                "running: pid {}, up {} s, serving {}{}",
+                std::process::id(),
+                s.started.elapsed().as_secs(),
+                LISTEN.get().unwrap_or(&s.listen),
+                match s.admin_http {
+                    Some(a) => format!(", metrics on http://{a}/metrics"),
+                    None => String::new(),
+                }
+            ));
+            out.out(&format!(
+                "connections open: {}{}",
+                s.shutdown
+                    .connections
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                if s.shutdown.is_triggered() {
+                    " (draining: shutting down)"
+                } else {
+                    ""
+                }
+            ));
+            let running = repo.maintenance();
+            if running.is_empty() {
+                out.out("maintenance: none running");
+            }
+            for p in running {
+                out.out(&format!("maintenance: {}", describe(&p, repo)));
+            }
+            Ok(0)
+        }
+        Admin::Accounts => {
+            out.out(&format!(
+                "{:>4}  {:<24} {:>7} {:>9} {:>10} {:>10}  {}",
+                "ID", "NAME", "DEVICES", "SNAPSHOTS", "STORED", "QUOTA", "LAST BACKUP (UTC)"
+            ));
+            for id in repo.accounts()? {
+                let name = repo.account_name(id)?.unwrap_or_default();
+                let u = repo.usage(id)?;
+                let devices = repo
+                    .list_devices(id)?
+                    .iter()
+                    .filter(|d| !d.revoked())
+                    .count();
+                let last = repo
+                    .list_snapshots(id)?
+                    .iter()
+                    .map(|h| h.committed_ms)
+                    .max()
+                    .map(cyberbackup_protocol::civil::format_utc_ms)
+                    .unwrap_or_else(|| "never".into());
+                out.out(&format!(
+                    "{id:>4}  {name:<24} {devices:>7} {:>9} {:>10} {:>10}  {last}",
+                    u.snapshots,
+                    human(u.stored_bytes),
+                    u.quota.map(human).unwrap_or_else(|| "none".into()),
+                ));
+            }
+            Ok(0)
+        }
+        Admin::Devices { account } => {
+            let id = account_id(repo, account)?;
+            out.out(&format!(
+                "{:>4}  {:<24} {:<26} {:<21} {}",
+                "ID", "NAME", "CAPABILITIES", "ENROLLED (UTC)", "REVOKED (UTC)"
+            ));
+            for d in repo.list_devices(id)? {
+                out.out(&format!(
+                    "{:>4}  {:<24} {:<26} {:<21} {}",
+                    d.id,
+                    d.name,
+                    d.caps.names(),
+                    cyberbackup_protocol::civil::format_utc_ms(d.created_ms),
+                    d.revoked_ms
+                        .map(cyberbackup_protocol::civil::format_utc_ms)
+                        .unwrap_or_else(|| "-".into())
+                ));
+            }
+            Ok(0)
+        }
+        Admin::Revoke { account, device } => {
+            let id = account_id(repo, account)?;
+            let Some(d) = repo
+                .list_devices(id)?
+                .into_iter()
+                .find(|d| d.id == *device as i64)
+            else {
+                bail!("account {account:?} has no device {device} (see `cyberbackup-server devices --account {account}`)");
+            };
+            if d.revoked() {
+                out.out(&format!(
+                    "device {device} ({}) of {account:?} was revoked already",
+                    d.name
+                ));
+                return Ok(0);
+            }
+            repo.revoke_device(id, d.id)?;
+            out.out(&format!(
+                "device {device} ({}) of {account:?} revoked: its connections are refused from now on",
+                d.name
+            ));
+            Ok(0)
+        }
+        Admin::Quota { account, bytes } => {
+            let q = parse_bytes(bytes).with_context(|| {
+                format!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none")
+            })?;
+            let id = account_id(repo, account)?;
+            repo.set_quota(id, q)?;
+            out.out(&match q {
+                Some(b) => format!("quota of {account:?}: {b} bytes ({})", human(b)),
+                None => format!("quota of {account:?}: none"),
+            });
+            Ok(0)
+        }
+        Admin::EnrolCode {
+            account,
+            capabilities,
+            ttl_hours,
+        } => {
+            use crate::repo::Capabilities;
+            let caps = Capabilities::parse(capabilities)
+                .filter(|c| *c != Capabilities::NONE)
+                .with_context(|| {
+                    format!("--capabilities {capabilities:?}: expected all, or backup,read,forget,admin")
+                })?;
+            if *ttl_hours == 0 || *ttl_hours > 24 * 30 {
+                bail!("--ttl-hours must be between 1 and 720");
+            }
+            let id = account_id(repo, account)?;
+            let (code, _expires) =
+                repo.new_enrolment(id, caps, Duration::from_secs(ttl_hours * 3600))?;
+            out.out(&code);
+            out.progress(&format!(
+                "enrolment code for account {account:?} ({}), valid {ttl_hours} h: on the new machine run\n  cyberbackup enrol --server HOST:PORT {code}",
+                caps.names()
+            ));
+            Ok(0)
+        }
+        Admin::Gc { grace_hours } => {
+            let grace = Duration::from_secs(grace_hours.saturating_mul(3600));
+            let r = with_progress(repo, out, move |repo| {
+                repo.collect_garbage(Scope::All, grace, crate::repo::now_unix_ms())
+            })
+            .context("collecting garbage")?;
+            out.out(&format!(
+                "gc: {} accounts; {} unreferenced chunks deleted ({} bytes freed); {} orphan chunk blobs and {} orphan snapshot bodies removed",
+                r.accounts, r.chunks_deleted, r.bytes_freed, r.orphan_chunk_blobs, r.orphan_bodies
+            ));
+            Ok(0)
+        }
+        Admin::Scrub => {
+            let r = with_progress(repo, out, |repo| repo.scrub(Scope::All)).context("scrubbing")?;
+            for (a, id) in &r.damaged {
+                out.out(&format!("damaged chunk: account {a} chunk {}", hex(id)));
+            }
+            for (a, id) in &r.missing {
+                out.out(&format!("missing chunk: account {a} chunk {}", hex(id)));
+            }
+            for (a, id) in &r.damaged_bodies {
+                out.out(&format!(
+                    "damaged snapshot: account {a} snapshot {}",
+                    hex(id)
+                ));
+            }
+            out.out(&format!(
+                "scrub: {} accounts, {} chunks ({} bytes) and {} snapshot bodies checked; {} damaged, {} missing, {} bad snapshot bodies",
+                r.accounts,
+                r.chunks_checked,
+                r.bytes_checked,
+                r.bodies_checked,
+                r.damaged.len(),
+                r.missing.len(),
+                r.damaged_bodies.len()
+            ));
+            let bad =
+                !r.damaged.is_empty() || !r.missing.is_empty() || !r.damaged_bodies.is_empty();
+            Ok(if bad { 3 } else { 0 })
+        }
+        // Answered without the repository (see `run`); a server asked for them answers
+        // the same way.
+        Admin::Key | Admin::CheckConfig => {
+            bail!("this command runs where it is typed, not in the server")
+        }
     }
+}
+
+/// One line about a running collection or scrub.
+fn describe(p: &crate::repo::Progress, repo: &Repo) -> String {
+    let _ = repo;
+    let secs = (crate::repo::now_unix_ms() - p.started_ms).max(0) / 1000;
+    match p.kind {
+        "scrub" => format!(
+            "scrub running for {secs} s: {}/{} accounts, {} chunks ({}) read back",
+            p.accounts_done,
+            p.accounts_total,
+            p.chunks_checked,
+            human(p.bytes_checked)
+        ),
+        _ => format!(
+            "gc running for {secs} s: {}/{} accounts, {} chunks deleted",
+            p.accounts_done, p.accounts_total, p.chunks_deleted
+        ),
+    }
+}
+
+/// Runs `f` on its own thread and reports the repository's maintenance progress every
+/// [`PROGRESS_EVERY`] until it ends.
+fn with_progress<T: Send + 'static>(
+    repo: &Repo,
+    out: &mut dyn Output,
+    f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, RepoError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = repo.clone();
+    std::thread::Builder::new()
+        .name("admin-task".into())
+        .spawn(move || {
+            let _ = tx.send(f(&r2));
+        })
+        .map_err(|e| RepoError::Io {
+            what: "starting a maintenance thread",
+            path: Default::default(),
+            source: Arc::new(e),
+        })?;
+    loop {
+        match rx.recv_timeout(PROGRESS_EVERY) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(p) = repo.maintenance().last() {
+                    out.progress(&describe(p, repo));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(RepoError::Stopped),
+        }
+    }
+}
+
+/// Prints the server's v4 key fingerprint (what clients pin).
+fn key(cfg: &Config) -> Result<i32> {
+    let path = cfg.repository.join("server.key");
+    if !path.exists() {
+        bail!(
+            "{}: no server key yet (the server makes it on its first start)",
+            path.display()
+        );
+    }
+    let key = crate::server_key::load_or_create(&path)?;
+    println!(
+        "{}",
+        cyberbackup_protocol::v4::noise::fingerprint(key.public())
+    );
     Ok(0)
 }
 
-/// Issues an enrolment code through the registry alone (SQLite allows it beside a
-/// running server, which holds the blob store's lock, not the database's).
-fn enrol_code(cfg: &Config, account: &str, caps: &str, ttl_hours: u64) -> Result<i32> {
-    use crate::repo::{Capabilities, Registry};
-    let caps = Capabilities::parse(caps)
-        .filter(|c| *c != Capabilities::NONE)
-        .with_context(|| {
-            format!("--capabilities {caps:?}: expected all, or backup,read,forget,admin")
-        })?;
-    if ttl_hours == 0 || ttl_hours > 24 * 30 {
-        anyhow::bail!("--ttl-hours must be between 1 and 720");
-    }
-    let mut reg = open_registry(cfg)?;
-    let id = reg
-        .account_by_name(account)?
-        .with_context(|| format!("no account named {account:?}"))?;
-    let (code, hash) = crate::repo::service::enrolment_code();
-    let now = crate::repo::now_unix_ms();
-    let expires = now + (ttl_hours as i64) * 3_600_000;
-    reg.add_enrolment(id, &hash, caps, now, expires)?;
-    println!("{code}");
-    eprintln!(
-        "enrolment code for account {account:?} ({}), valid {ttl_hours} h: on the new machine run\n  cyberbackup enrol --server HOST:PORT {code}",
-        caps.names()
+/// Checks the configuration and the data paths, and prints the settings in effect.
+fn check_config(cfg: &Config) -> Result<i32> {
+    let mut problems = Vec::new();
+    println!(
+        "config file: {}",
+        cfg.config_file
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none (flags, environment and defaults)".into())
     );
-    Ok(0)
+    println!("listen: {}", cfg.listen);
+    println!(
+        "admin listener: {}",
+        cfg.admin_listen
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_else(|| "off".into())
+    );
+    println!("admin socket: {}", cfg.admin_socket.display());
+    println!("runtime: {:?}, shards: {}", cfg.runtime, cfg.shards);
+    for (what, p) in [
+        ("storage (v3 files)", &cfg.storage),
+        ("repository (v4)", &cfg.repository),
+    ] {
+        let state = match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                let probe = p.join(format!(".check-config-{}", std::process::id()));
+                match std::fs::write(&probe, b"") {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(&probe);
+                        "a writable directory".to_owned()
+                    }
+                    Err(e) => {
+                        problems.push(format!("{what} {}: not writable: {e}", p.display()));
+                        format!("not writable ({e})")
+                    }
+                }
+            }
+            Ok(_) => {
+                problems.push(format!("{what} {}: not a directory", p.display()));
+                "not a directory".to_owned()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match p.ancestors().skip(1).find(|a| a.exists()) {
+                    Some(a) if std::fs::metadata(a).is_ok_and(|m| !m.permissions().readonly()) => {
+                        "missing (made on first start)".to_owned()
+                    }
+                    _ => {
+                        problems.push(format!(
+                            "{what} {}: missing, and cannot be made",
+                            p.display()
+                        ));
+                        "missing".to_owned()
+                    }
+                }
+            }
+            Err(e) => {
+                problems.push(format!("{what} {}: {e}", p.display()));
+                e.to_string()
+            }
+        };
+        println!("{what}: {} ({state})", p.display());
+    }
+    println!("database (v3): {}", cfg.database.display());
+    println!(
+        "v4: registration {}, collection {}, grace {} s",
+        if cfg.registration { "open" } else { "closed" },
+        cfg.gc_interval
+            .map(|d| format!("every {} s", d.as_secs()))
+            .unwrap_or_else(|| "off".into()),
+        cfg.gc_grace.as_secs()
+    );
+    println!(
+        "limits: {} connections, idle {} s, shutdown grace {} s",
+        cfg.max_connections,
+        cfg.session.idle_timeout.as_secs(),
+        cfg.shutdown_grace.as_secs()
+    );
+    if problems.is_empty() {
+        println!("configuration OK");
+        Ok(0)
+    } else {
+        for p in &problems {
+            eprintln!("problem: {p}");
+        }
+        Ok(1)
+    }
 }
 
 #[cfg(test)]
@@ -160,5 +657,7 @@ mod tests {
         assert_eq!(super::parse_bytes("4096"), Some(Some(4096)));
         assert_eq!(super::parse_bytes("ten"), None);
         assert_eq!(super::parse_bytes("99999999999T"), None);
+        assert_eq!(super::human(1536), "1.5 KiB");
+        assert_eq!(super::human(12), "12 B");
     }
 }

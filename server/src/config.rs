@@ -1,6 +1,6 @@
-//! Configuration: command-line flags, environment variables (`CYBERBACKUP_*`), an
-//! optional TOML file, `port.info` in the working directory, and defaults, in that
-//! order of precedence. Everything is checked here, so the rest of the server works
+//! Configuration: command-line flags, environment variables (`CYBERBACKUP_*`), a TOML
+//! file (`--config`, else [`DEFAULT_CONFIG_FILE`] when it exists), `port.info` in the
+//! working directory, and defaults, in that order of precedence. Everything is checked here, so the rest of the server works
 //! with a [`Config`] that cannot be wrong.
 
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +16,33 @@ use serde::Deserialize;
 /// The default port of CyberBackup.
 pub const DEFAULT_PORT: u16 = 1256;
 
+/// The configuration file read when `--config` is not given and it exists (the Debian
+/// package installs a commented one).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/cyberbackup/server.toml";
+
+/// The admin HTTP listener's default address (metrics and health probes).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9256";
+
+/// Which AES-CBC decryption code v3 uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AesKind {
+    /// The VAES kernel where the CPU has AVX-512 VAES, else the `aes` crate.
+    Auto,
+    /// Always the `aes` crate's AES-NI pipeline (to compare, or rule the kernel out).
+    Portable,
+}
+
+/// How the glommio runtime writes direct-I/O stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectWrites {
+    /// Through each shard's own io_uring ring (where io_uring allows it).
+    Ring,
+    /// Through the writer threads, as under the mio runtime.
+    Threads,
+}
+
 /// Which I/O runtime serves connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,9 +55,36 @@ pub enum RuntimeKind {
     Mio,
 }
 
-/// Administrative commands on the v4 repository.
-#[derive(Debug, Clone, clap::Subcommand)]
+/// Administrative commands. Each one talks to the running server over its admin
+/// socket (`--admin-socket`), or, when no server runs, works on the stopped one's data.
+#[derive(Debug, Clone, clap::Subcommand, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Admin {
+    /// The server's state: whether it runs, its pid, connections, draining, and the
+    /// progress of a collection or scrub.
+    Status,
+    /// Every v4 account: devices, snapshots, stored bytes, quota and last backup.
+    Accounts,
+    /// The devices of an account, with their capabilities and whether revoked.
+    Devices {
+        /// The account's name.
+        #[arg(long)]
+        account: String,
+    },
+    /// Revoke a device of an account: its connections are refused from now on.
+    Revoke {
+        /// The account's name.
+        #[arg(long)]
+        account: String,
+        /// The device's id (see `devices`).
+        #[arg(long)]
+        device: u64,
+    },
+    /// The server's v4 key fingerprint (what clients pin on first use).
+    Key,
+    /// Check the configuration (file, flags, environment) and the data paths, print
+    /// the settings in effect, and exit 0 if the server could start with them.
+    CheckConfig,
     /// Re-read every stored chunk and snapshot body and compare it with the hash
     /// recorded at ingest; damaged chunks are reported and dropped from the index, so
     /// the next backup that has them sends them again. Exit code 3 when damage is found.
@@ -42,8 +96,8 @@ pub enum Admin {
         #[arg(long, default_value_t = 24)]
         grace_hours: u64,
     },
-    /// Set an account's quota (bytes of stored chunks; "none" removes it). Works
-    /// while the server runs; backups over it are refused before data is sent.
+    /// Set an account's quota (bytes of stored chunks; "none" removes it); backups over
+    /// it are refused before data is sent.
     Quota {
         /// The account's name.
         #[arg(long)]
@@ -54,7 +108,7 @@ pub enum Admin {
     },
     /// Print a one-time enrolment code for a new device of an account: the recovery
     /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
-    /// the passphrase still decides who can read the data). Works while the server runs.
+    /// the passphrase still decides who can read the data).
     EnrolCode {
         /// The account's name.
         #[arg(long)]
@@ -80,20 +134,20 @@ pub enum LogFormat {
 /// snapshots, and receives protocol v3's encrypted files, on one port.
 ///
 /// Every flag can also be set by its environment variable or in the TOML file given
-/// with --config (keys as the long flag names, with underscores). The port comes from,
-/// in order: --port, CYBERBACKUP_PORT, the config file, port.info in the working
-/// directory, 1256.
+/// with --config, else /etc/cyberbackup/server.toml when it exists (keys as the long
+/// flag names, with underscores). The port comes from, in order: --port,
+/// CYBERBACKUP_PORT, the config file, port.info in the working directory, 1256.
 #[derive(Debug, Default, Parser, Deserialize)]
 #[command(name = "cyberbackup-server", version, about, long_about)]
 #[serde(deny_unknown_fields, default)]
 pub struct Args {
-    /// An administrative command instead of serving (run it while the server is
-    /// stopped: it opens the same repository).
+    /// An administrative command instead of serving: it talks to the running server
+    /// over its admin socket, or works on the data of a stopped one.
     #[command(subcommand)]
     #[serde(skip)]
     pub admin: Option<Admin>,
 
-    /// TOML configuration file.
+    /// TOML configuration file [default: /etc/cyberbackup/server.toml when it exists].
     #[arg(long, env = "CYBERBACKUP_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -196,6 +250,31 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<u64>,
 
+    /// Address of the admin HTTP listener: Prometheus metrics at /metrics, probes at
+    /// /healthz and /readyz; "off" turns it off [default: 127.0.0.1:9256].
+    #[arg(long, env = "CYBERBACKUP_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// Unix socket of the admin commands (mode 0600: the server's user and root)
+    /// [default: <repository>/admin.sock].
+    #[arg(long, env = "CYBERBACKUP_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Export each account's usage as metrics labelled with its name (one series per
+    /// account and metric: mind the cardinality) [default: false].
+    #[arg(long, env = "CYBERBACKUP_METRICS_PER_ACCOUNT")]
+    pub metrics_per_account: Option<bool>,
+
+    /// v3 AES-CBC decryption: auto (the VAES kernel where the CPU has it) or portable
+    /// (the aes crate's AES-NI code) [default: auto].
+    #[arg(long, value_enum, env = "CYBERBACKUP_AES")]
+    pub aes: Option<AesKind>,
+
+    /// glommio runtime: direct writes through each shard's io_uring ring, or through
+    /// the writer threads [default: ring].
+    #[arg(long, value_enum, env = "CYBERBACKUP_DIRECT_WRITES")]
+    pub direct_writes: Option<DirectWrites>,
+
     /// Log format [default: text].
     #[arg(long, value_enum, env = "CYBERBACKUP_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -226,8 +305,16 @@ pub struct Config {
     pub direct_io_min_size: u64,
     pub session: SessionConfig,
     pub shutdown_grace: Duration,
+    /// The admin HTTP listener (None: off).
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_socket: PathBuf,
+    pub metrics_per_account: bool,
+    pub aes: AesKind,
+    pub direct_writes: DirectWrites,
     pub log_format: LogFormat,
     pub log: String,
+    /// The configuration file that was read, if any.
+    pub config_file: Option<PathBuf>,
 }
 
 /// Reads `port.info` (one line, a port number) if present.
@@ -250,7 +337,17 @@ impl Args {
     /// Merges flags and environment (already in `self`) over the TOML file, port.info
     /// and the defaults, and checks the result.
     pub fn resolve(self, cwd: &Path) -> Result<Config> {
-        let file: Args = match &self.config {
+        self.resolve_with_default(cwd, Path::new(DEFAULT_CONFIG_FILE))
+    }
+
+    /// [`resolve`](Self::resolve), with `default_file` read when `--config` is not
+    /// given and it exists.
+    pub fn resolve_with_default(self, cwd: &Path, default_file: &Path) -> Result<Config> {
+        let config_file = self
+            .config
+            .clone()
+            .or_else(|| default_file.exists().then(|| default_file.to_owned()));
+        let file: Args = match &config_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
@@ -306,13 +403,33 @@ impl Args {
                 r => r,
             },
         };
+        let admin_listen = match pick!(admin_listen) {
+            Some(a) if a.eq_ignore_ascii_case("off") => None,
+            a => {
+                let a = a.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN);
+                Some(a.parse::<SocketAddr>().with_context(|| {
+                    format!(
+                        "--admin-listen {a:?}: expected an address such as 127.0.0.1:9256, or off"
+                    )
+                })?)
+            }
+        };
+        let repository: PathBuf = pick!(repository).unwrap_or_else(|| "repository".into());
+        let admin_socket = pick!(admin_socket).unwrap_or_else(|| repository.join("admin.sock"));
+        // sockaddr_un holds 108 bytes with the terminating NUL.
+        if admin_socket.as_os_str().len() > 107 {
+            bail!(
+                "--admin-socket {}: a Unix socket path is at most 107 bytes; choose a shorter one",
+                admin_socket.display()
+            );
+        }
         Ok(Config {
             listen: SocketAddr::new(pick!(bind).unwrap_or(IpAddr::from([0, 0, 0, 0])), port),
             runtime: pick!(runtime).unwrap_or(RuntimeKind::Auto),
             shards,
             storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
-            repository: pick!(repository).unwrap_or_else(|| "repository".into()),
+            repository,
             registration: pick!(registration).unwrap_or(true),
             gc_interval: match pick!(gc_interval).unwrap_or(86_400) {
                 0 => None,
@@ -333,6 +450,12 @@ impl Args {
                 .unwrap_or(crate::storage::DIRECT_MIN_DEFAULT),
             session,
             shutdown_grace: secs(pick!(shutdown_grace), 30, "shutdown-grace")?,
+            admin_listen,
+            admin_socket,
+            metrics_per_account: pick!(metrics_per_account).unwrap_or(false),
+            aes: pick!(aes).unwrap_or(AesKind::Auto),
+            direct_writes: pick!(direct_writes).unwrap_or(DirectWrites::Ring),
+            config_file,
             log_format: pick!(log_format).unwrap_or(LogFormat::Text),
             log: pick!(log)
                 .or_else(|| std::env::var("RUST_LOG").ok())
@@ -353,22 +476,33 @@ mod tests {
     #[test]
     fn defaults_and_port_info() {
         let dir = tempfile::tempdir().unwrap();
-        let c = args(&[]).resolve(dir.path()).unwrap();
+        let c = args(&[])
+            .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
+            .unwrap();
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert_eq!(c.storage, PathBuf::from("received_files"));
         assert_eq!(c.database, PathBuf::from("defensive.db"));
         std::fs::write(dir.path().join("port.info"), "4242\n").unwrap();
-        assert_eq!(args(&[]).resolve(dir.path()).unwrap().listen.port(), 4242);
+        assert_eq!(
+            args(&[])
+                .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
+                .unwrap()
+                .listen
+                .port(),
+            4242
+        );
         assert_eq!(
             args(&["--port", "5000"])
-                .resolve(dir.path())
+                .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
                 .unwrap()
                 .listen
                 .port(),
             5000
         );
         std::fs::write(dir.path().join("port.info"), "http").unwrap();
-        let e = args(&[]).resolve(dir.path()).unwrap_err();
+        let e = args(&[])
+            .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
+            .unwrap_err();
         assert!(format!("{e:#}").contains("not a port number"));
     }
 
@@ -382,7 +516,7 @@ mod tests {
         )
         .unwrap();
         let c = args(&["--config", f.to_str().unwrap(), "--shards", "2"])
-            .resolve(dir.path())
+            .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
             .unwrap();
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.shards, 2);
@@ -391,7 +525,7 @@ mod tests {
         assert_eq!(c.runtime, RuntimeKind::Mio);
         std::fs::write(&f, "prot = 1\n").unwrap();
         assert!(args(&["--config", f.to_str().unwrap()])
-            .resolve(dir.path())
+            .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
             .is_err());
     }
 
@@ -407,7 +541,48 @@ mod tests {
             &["--max-file-size", "4294967295"],
             &["--min-rate", "0"],
         ] {
-            assert!(args(bad).resolve(dir.path()).is_err(), "{bad:?}");
+            assert!(
+                args(bad)
+                    .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_file_is_read_when_present_and_admin_settings_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("server.toml");
+        std::fs::write(
+            &etc,
+            "port = 7100\nrepository = \"/srv/repo\"\nadmin_listen = \"off\"\naes = \"portable\"\ndirect_writes = \"threads\"\n",
+        )
+        .unwrap();
+        let c = args(&[]).resolve_with_default(dir.path(), &etc).unwrap();
+        assert_eq!(c.listen.port(), 7100);
+        assert_eq!(c.config_file.as_deref(), Some(etc.as_path()));
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.admin_socket, PathBuf::from("/srv/repo/admin.sock"));
+        assert_eq!(c.aes, AesKind::Portable);
+        assert_eq!(c.direct_writes, DirectWrites::Threads);
+        // --config wins over the default file; defaults where neither says.
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "").unwrap();
+        let c = args(&["--config", other.to_str().unwrap()])
+            .resolve_with_default(dir.path(), &etc)
+            .unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9256".parse().unwrap()));
+        assert_eq!(c.aes, AesKind::Auto);
+        for bad in [
+            &["--admin-listen", "localhost"][..],
+            &["--admin-socket", &"x".repeat(200)],
+        ] {
+            assert!(
+                args(bad).resolve_with_default(dir.path(), &other).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

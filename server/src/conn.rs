@@ -30,6 +30,7 @@ use cyberbackup_protocol::v3::session::{Completion, Op, ServerSession, SessionCo
 use cyberbackup_protocol::v4;
 use cyberbackup_protocol::v4::wire::{detect, Detected, PREAMBLE_LEN};
 
+use crate::metrics::metrics;
 use crate::storage::PendingFile;
 
 /// Size of a thread's read buffer: the most one read takes from a socket.
@@ -209,6 +210,11 @@ pub struct Driver {
     /// to wait for an op, or to close, in the middle of a read.
     buf: Vec<u8>,
     head: usize,
+    /// Who the connection acts for, once logged in (v4: the account's name; v3: the
+    /// client's name): recorded in the connection's log span as `account`.
+    account: Option<String>,
+    /// v3: the name of the registration or login in flight.
+    v3_name: Option<String>,
 }
 
 impl Driver {
@@ -222,6 +228,63 @@ impl Driver {
             },
             buf: Vec::new(),
             head: 0,
+            account: None,
+            v3_name: None,
+        }
+    }
+
+    /// 3, 4, or 0 before the version is known.
+    pub fn version(&self) -> u8 {
+        match self.session {
+            Session::Detect { .. } => 0,
+            Session::V3(_) => 3,
+            Session::V4(_) => 4,
+        }
+    }
+
+    /// Logged in as `name`: every later log line of the connection's span (the
+    /// current one: runtimes complete ops inside it) carries it.
+    fn logged_in(&mut self, v: u8, name: String) {
+        tracing::Span::current().record("account", name.as_str());
+        tracing::debug!(protocol = v, account = %name, "logged in");
+        self.account = Some(name);
+        metrics().handshake(v, true);
+    }
+
+    /// Counts the error answers the v4 session sent since the last look.
+    fn count_errors(&mut self) {
+        if let Session::V4(s) = &mut self.session {
+            for (code, n) in s.take_errors() {
+                for _ in 0..n {
+                    metrics().error(4, code.0.to_string());
+                }
+            }
+        }
+    }
+
+    /// The connection is over: counts what only its end tells (a handshake that never
+    /// finished, v3 errors, how a v4 session ended).
+    pub fn finish(&mut self) {
+        self.count_errors();
+        let v = self.version();
+        if v != 0 && self.account.is_none() {
+            metrics().handshake(v, false);
+        }
+        match &self.session {
+            Session::V3(s) => {
+                // v3 answers every error with 1607 GENERAL_ERROR.
+                for _ in 0..s.stats().errors {
+                    metrics().error(3, "1607");
+                }
+            }
+            Session::V4(s) => match s.ended() {
+                Some(v4::server::Ended::Handshake(_)) => metrics().error(4, "handshake"),
+                Some(v4::server::Ended::Record) => metrics().error(4, "record"),
+                Some(v4::server::Ended::TimedOut) => metrics().error(4, "timeout"),
+                // Refusals were counted as the error answers they are.
+                Some(v4::server::Ended::Refused(_)) | None => {}
+            },
+            Session::Detect { .. } => {}
         }
     }
 
@@ -232,6 +295,9 @@ impl Driver {
                 return Step::Write;
             }
             if let Some(op) = self.session.poll_op() {
+                if let AnyOp::V3(Op::Register { name, .. } | Op::Reconnect { name, .. }) = &op {
+                    self.v3_name = Some(name.clone());
+                }
                 return Step::Op(op);
             }
             if self.session.is_closing() {
@@ -263,8 +329,24 @@ impl Driver {
     /// Delivers an op's result.
     pub fn complete(&mut self, now: Instant, c: AnyCompletion) {
         match (&mut self.session, c) {
-            (Session::V3(s), AnyCompletion::V3(c)) => s.complete(now, c),
-            (Session::V4(s), AnyCompletion::V4(c)) => s.complete(now, c),
+            (Session::V3(s), AnyCompletion::V3(c)) => {
+                s.complete(now, c);
+                if self.account.is_none() && s.client_id().is_some() {
+                    let name = self.v3_name.take().unwrap_or_default();
+                    self.logged_in(3, name);
+                }
+            }
+            (Session::V4(s), AnyCompletion::V4(c)) => {
+                let login = match &c {
+                    v4::server::Completion::LoggedIn(Ok(w)) => Some(w.account.clone()),
+                    _ => None,
+                };
+                s.complete(now, c);
+                if let Some(name) = login {
+                    self.logged_in(4, name);
+                }
+                self.count_errors();
+            }
             (_, c) => tracing::error!(completion = ?c, "a completion for another protocol version"),
         }
     }
@@ -276,6 +358,7 @@ impl Driver {
 
     /// `n` bytes of the output were written.
     pub fn consume_output(&mut self, n: usize) {
+        metrics().sent(self.version(), n);
         self.session.consume_output(n);
     }
 
@@ -302,6 +385,8 @@ impl Driver {
             scratch[..carry].copy_from_slice(&self.buf[self.head..]);
             let input = &scratch[..carry + n];
             let used = self.session.handle_input(now, input);
+            metrics().received(self.version(), n);
+            self.count_errors();
             self.buf.clear();
             self.head = 0;
             self.buf.extend_from_slice(&input[used..]);

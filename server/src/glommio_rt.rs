@@ -46,7 +46,9 @@ impl Blocking for GlommioBlocking {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        glommio::executor().spawn_blocking(f)
+        // The blocking thread logs in the caller's span (connection id, account).
+        let span = tracing::Span::current();
+        glommio::executor().spawn_blocking(move || span.in_scope(f))
     }
 }
 
@@ -117,7 +119,7 @@ pub fn run(cfg: Arc<Config>, svc: Services, shutdown: Arc<Shutdown>) -> Result<(
                     }
                 };
                 // Direct writes go through this shard's own ring (storage::ring).
-                if std::env::var_os("CYBERBACKUP_DIRECT_WRITES").is_none_or(|v| v != "threads") {
+                if cfg2.direct_writes == crate::config::DirectWrites::Ring {
                     if let Err(e) = crate::storage::ring::install() {
                         tracing::warn!(error = %e, "no io_uring for direct writes; using writer threads");
                     }
@@ -177,14 +179,22 @@ async fn shard_main(
                 max = cfg.max_connections,
                 "connection limit reached; refusing a connection"
             );
+            crate::metrics::metrics().connections_refused.inc();
             drop(stream);
             continue;
         }
+        crate::metrics::metrics().connections_accepted.inc();
         let id = state.next_id.get();
         state.next_id.set(id + 1);
         let peer = stream.peer_addr().ok();
         let idle = Rc::new(Cell::new(true));
-        let span = tracing::info_span!("conn", shard, conn = id, peer = ?peer);
+        let span = tracing::info_span!(
+            "conn",
+            shard,
+            conn = id,
+            peer = ?peer,
+            account = tracing::field::Empty
+        );
         // The guard exists before the task does, so even a task cancelled before its
         // first poll frees its slot and leaves the table.
         let guard = ConnGuard {
@@ -293,11 +303,14 @@ async fn serve(
         match driver.step(Instant::now()) {
             Step::Op(op) if op.is_concurrent() => {
                 let (svc, tx) = (svc.clone(), done_tx.clone());
-                glommio::spawn_local(async move {
-                    if let Some(c) = run_any_op(&svc, &GlommioBlocking, op).await {
-                        let _ = tx.unbounded_send(c);
+                glommio::spawn_local(
+                    async move {
+                        if let Some(c) = run_any_op(&svc, &GlommioBlocking, op).await {
+                            let _ = tx.unbounded_send(c);
+                        }
                     }
-                })
+                    .in_current_span(),
+                )
                 .detach();
             }
             Step::Op(op) => {
@@ -374,6 +387,7 @@ async fn serve(
         }
     };
     idle.set(false);
+    driver.finish();
     let stats = driver.stats();
     for sink in driver.abort() {
         GlommioBlocking.run(move || drop(sink)).await;

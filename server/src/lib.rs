@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`config`]: flags, environment, TOML file and port.info, checked into a `Config`.
-//! - [`admin`]: the administrative commands (scrub, gc) on the v4 repository.
+//! - [`admin`]: the administrative commands (accounts, quotas, enrolment codes,
+//!   devices, gc, scrub, status, key, check-config) and the admin socket through which
+//!   they reach a running server.
+//! - [`admin_http`]: the admin HTTP listener: Prometheus metrics, `/healthz`, `/readyz`.
+//! - [`metrics`]: the server's metrics, updated where the work happens.
 //! - [`datadir`]: one server per data directory (a held lock naming its pid) and per
 //!   port.
 //! - [`conn`]: the connection driver both runtimes share (buffer, session, next step).
@@ -26,11 +30,13 @@
 //! `cyberbackup-protocol` crate.
 
 pub mod admin;
+pub mod admin_http;
 pub mod config;
 pub mod conn;
 pub mod datadir;
 pub mod glommio_rt;
 pub mod legacy;
+pub mod metrics;
 pub mod mio_rt;
 pub mod ops;
 pub mod queue;
@@ -76,6 +82,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
     );
     let repo = repo::Repo::open_local(&cfg.repository)
         .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
+    let started = std::time::Instant::now();
     let key = server_key::load_or_create(&cfg.repository.join("server.key"))?;
     tracing::info!(
         repository = %cfg.repository.display(),
@@ -86,6 +93,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
     v4_session.window = cfg.v4_window;
     let storage = Arc::new(storage);
     let svc_storage = storage.clone();
+    let admin_registry = registry.clone();
     let svc = ops::Services {
         committer: storage.start_committer(),
         storage,
@@ -99,6 +107,31 @@ pub fn run(cfg: config::Config) -> Result<()> {
         },
         v4_session: Arc::new(v4_session),
     };
+    let admin_state = Arc::new(admin_http::AdminState {
+        shutdown: shutdown.clone(),
+        repo: (*svc.v4.repo).clone(),
+        registry: std::sync::Mutex::new(Some(admin_registry)),
+        storage: cfg.storage.clone(),
+        repository: cfg.repository.clone(),
+        per_account: cfg.metrics_per_account,
+    });
+    let admin_http = match cfg.admin_listen {
+        Some(addr) => Some(admin_http::start(addr, admin_state.clone())?),
+        None => None,
+    };
+    let _admin_socket = admin::serve(
+        &cfg.admin_socket,
+        (*svc.v4.repo).clone(),
+        Arc::new(admin::ServerInfo {
+            shutdown: shutdown.clone(),
+            started,
+            listen: cfg.listen,
+            admin_http,
+        }),
+    )?;
+    if let Some(a) = admin_http {
+        tracing::info!(addr = %a, "admin listener: /metrics, /healthz, /readyz");
+    }
     let gc = cfg.gc_interval.map(|every| {
         let (repo, sd, grace) = (svc.v4.repo.clone(), shutdown.clone(), cfg.gc_grace);
         std::thread::Builder::new()
@@ -135,6 +168,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
     if let Some(Ok(t)) = gc {
         let _ = t.join();
     }
+    // The registry thread ends when its last handle goes: the probes' one too.
+    admin_state
+        .registry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     if result.is_ok() {
         registry_thread.join();
     }

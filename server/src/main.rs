@@ -41,6 +41,9 @@ fn real_main() -> Result<i32> {
             .with_current_span(true)
             .init(),
     }
+    cyberbackup_protocol::v3::crypto::use_portable_aes(
+        cfg.aes == cyberbackup_server::config::AesKind::Portable,
+    );
     match admin {
         Some(a) => cyberbackup_server::admin::run(a, &cfg),
         None => cyberbackup_server::run(cfg).map(|()| 0),

@@ -54,7 +54,9 @@ impl Blocking for Inline {
     }
 }
 
-type Job = (usize, AnyOp);
+/// An op, its connection's token, and the connection's span (its log lines carry the
+/// connection id and account).
+type Job = (usize, AnyOp, tracing::Span);
 type Done = (usize, AnyCompletion);
 
 /// A shard's op workers. Dropping the pool lets the workers finish what is queued
@@ -92,8 +94,10 @@ impl Pool {
                         Ok(guard) => guard.recv(),
                         Err(_) => return,
                     };
-                    let Ok((token, op)) = job else { return };
-                    if let Some(c) = futures_lite::future::block_on(run_any_op(&svc, &Inline, op)) {
+                    let Ok((token, op, span)) = job else { return };
+                    let c = span
+                        .in_scope(|| futures_lite::future::block_on(run_any_op(&svc, &Inline, op)));
+                    if let Some(c) = c {
                         if done.send((token, c)).is_err() {
                             return;
                         }
@@ -111,7 +115,7 @@ impl Pool {
 
     fn submit(&self, token: usize, op: AnyOp) {
         let Some(jobs) = &self.jobs else { return };
-        if let Err(mpsc::SendError((_, op))) = jobs.send((token, op)) {
+        if let Err(mpsc::SendError((_, op, _))) = jobs.send((token, op, tracing::Span::current())) {
             // Workers gone: dropping the op drops (removes) any temp file it holds.
             drop(op);
         }
@@ -316,8 +320,10 @@ impl Shard {
                     max = self.cfg.max_connections,
                     "connection limit reached; refusing a connection"
                 );
+                crate::metrics::metrics().connections_refused.inc();
                 continue;
             }
+            crate::metrics::metrics().connections_accepted.inc();
             let token = self.next_token;
             self.next_token += 1;
             let _ = stream.set_nodelay(true);
@@ -330,7 +336,13 @@ impl Shard {
                 self.shutdown.connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
-            let span = tracing::info_span!("conn", shard = self.id, conn = token - FIRST_CONN, peer = ?Some(peer));
+            let span = tracing::info_span!(
+                "conn",
+                shard = self.id,
+                conn = token - FIRST_CONN,
+                peer = ?Some(peer),
+                account = tracing::field::Empty
+            );
             span.in_scope(|| tracing::debug!("connected"));
             self.conns.insert(
                 token,
@@ -353,7 +365,8 @@ impl Shard {
                     if let AnyCompletion::V3(_) = c {
                         conn.waiting = false;
                     }
-                    conn.driver.complete(Instant::now(), c);
+                    let span = conn.span.clone();
+                    span.in_scope(|| conn.driver.complete(Instant::now(), c));
                     self.drive(token);
                 }
                 None => {
@@ -482,6 +495,7 @@ impl Shard {
         for sink in conn.driver.abort() {
             self.pool.submit(token, AnyOp::V3(Op::Discard { sink }));
         }
+        conn.driver.finish();
         let stats = conn.driver.stats();
         tracing::debug!(
             reason,

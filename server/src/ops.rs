@@ -12,6 +12,7 @@ use std::sync::Arc;
 use cyberbackup_protocol::v3::session::{Completion, Op, OpError, OpErrorKind};
 
 use crate::conn::{AnyCompletion, AnyOp};
+use crate::metrics::metrics;
 use crate::registry::{FileRecord, Registry};
 use crate::storage::{CommitItem, Committer, PendingFile, Storage, StorageError};
 use crate::v4ops::V4Services;
@@ -140,9 +141,15 @@ pub async fn run_op<B: Blocking>(
                 // file-system-wide sync would wait for every other upload's data).
                 let storage = svc.storage.clone();
                 let name = file_name.clone();
-                blocking
+                let t0 = std::time::Instant::now();
+                let r = blocking
                     .run(move || storage.commit(sink, &client_id, &name, size))
-                    .await
+                    .await;
+                if r.is_ok() {
+                    // A commit group of one (grouped ones are timed by the committer).
+                    metrics().commit(3, t0.elapsed(), 1, size);
+                }
+                r
             };
             let r = match stored {
                 Ok(stored) => svc
@@ -160,6 +167,8 @@ pub async fn run_op<B: Blocking>(
                 Err(e) => Err(storage_error(e)),
             };
             if r.is_ok() {
+                metrics().files_ingested.inc();
+                metrics().ingested(3, size);
                 tracing::info!(file = %file_name, size, cksum, "file stored");
             }
             Completion::Committed(r)

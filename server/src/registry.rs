@@ -209,6 +209,10 @@ pub enum Request {
         record: FileRecord,
         reply: oneshot::Sender<Result<(), RegistryError>>,
     },
+    /// Answers once a transaction has begun and committed (the readiness probe).
+    Ping {
+        reply: oneshot::Sender<Result<(), RegistryError>>,
+    },
 }
 
 /// A handle for sending requests; cheap to clone, one per shard.
@@ -353,6 +357,13 @@ impl Registry {
             .await
             .unwrap_or(Err(RegistryError::Gone))
     }
+
+    /// Whether the registry thread runs and its database takes a write transaction.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        self.send(|reply| Request::Ping { reply })
+            .await
+            .unwrap_or(Err(RegistryError::Gone))
+    }
 }
 
 /// The registry thread: batches whatever is queued into one transaction.
@@ -389,6 +400,7 @@ fn fail(r: Request, e: &rusqlite::Error) {
         Request::StoreKey { reply, .. } => drop(reply.send(Err(err()))),
         Request::Reconnect { reply, .. } => drop(reply.send(Err(err()))),
         Request::FileStored { reply, .. } => drop(reply.send(Err(err()))),
+        Request::Ping { reply } => drop(reply.send(Err(err()))),
     }
 }
 
@@ -415,6 +427,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, req: Request) -> Reply {
         })
     }
     match req {
+        Request::Ping { reply } => answer(reply, Ok(())),
         Request::Register { id, name, reply } => {
             let r = tx
                 .prepare_cached(

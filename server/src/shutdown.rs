@@ -5,6 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
+/// A second SIGINT/SIGTERM sooner than this after the first is ignored; a later one
+/// forces an exit.
+pub const FORCE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Shutdown flag and connection count.
 #[derive(Debug, Default)]
 pub struct Shutdown {
@@ -31,7 +35,11 @@ impl Shutdown {
             .is_ok()
     }
 
-    /// Sets the flag on the first SIGINT or SIGTERM; a second one exits at once.
+    /// Sets the flag on the first SIGINT or SIGTERM (the drain: no new connections,
+    /// in-flight uploads finish within the shutdown grace). A second signal within
+    /// [`FORCE_AFTER`] of the first is the same request delivered twice (Ctrl-C reaches
+    /// a script and the server it started) and is ignored; one after that forces an
+    /// exit at once, leaving what was in flight to the next start's recovery.
     pub fn install_signal_handlers(self: &Arc<Self>) -> std::io::Result<()> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
@@ -39,16 +47,28 @@ impl Shutdown {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                let mut first: Option<std::time::Instant> = None;
                 for sig in signals.forever() {
-                    if me.is_triggered() {
-                        tracing::warn!(signal = sig, "second signal: exiting now");
-                        std::process::exit(130);
+                    match first {
+                        None => {
+                            first = Some(std::time::Instant::now());
+                            tracing::info!(
+                                signal = sig,
+                                "shutting down: no new connections, finishing in-flight files (a second signal after 2 s forces)"
+                            );
+                            me.trigger();
+                        }
+                        Some(t) if t.elapsed() < FORCE_AFTER => {
+                            tracing::info!(signal = sig, "already draining; a signal 2 s after the first forces an exit");
+                        }
+                        Some(_) => {
+                            tracing::warn!(
+                                signal = sig,
+                                "second signal: exiting now; uploads in flight are abandoned (the next start cleans up)"
+                            );
+                            std::process::exit(130);
+                        }
                     }
-                    tracing::info!(
-                        signal = sig,
-                        "shutting down: no new connections, finishing in-flight files"
-                    );
-                    me.trigger();
                 }
             })?;
         Ok(())
@@ -87,7 +107,11 @@ pub fn serve_until_stopped(
     runtime: &str,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %addr, shards, runtime, "listening");
+    let _ = crate::admin::LISTEN.set(addr);
     println!("cyberbackup-server listening on {addr}");
+    if let Some(a) = crate::admin_http::ADDR.get() {
+        println!("cyberbackup-server admin on http://{a}/");
+    }
     let mut panicked = Vec::new();
     for (i, t) in threads.into_iter().enumerate() {
         if t.join().is_err() {

@@ -293,7 +293,10 @@ async fn request_answer<B: Blocking>(
                 .run(move || legacy.read(&id, &name, offset, max))
                 .await
             {
-                Ok(Some(b)) => Answer::LegacyData(b),
+                Ok(Some(b)) => {
+                    crate::metrics::metrics().served(3, b.len() as u64);
+                    Answer::LegacyData(b)
+                }
                 Ok(None) => Answer::Error(ErrorAnswer::new(
                     ErrorCode::NOT_FOUND,
                     "this v3 client has no stored file of that name",
@@ -360,7 +363,12 @@ fn blocking_answer(
     Ok(match request {
         Request::HasChunks(ids) => Answer::ChunksHeld(repo.chunks_held(account, &ids)?),
         Request::GetChunk(id) => match repo.get_chunk(account, &id)? {
-            Some(b) => Answer::Chunk(b),
+            Some(b) => {
+                let m = crate::metrics::metrics();
+                m.chunks_served.inc();
+                m.served(4, b.len() as u64);
+                Answer::Chunk(b)
+            }
             None => not_found("chunk"),
         },
         Request::ListSnapshots => {
@@ -374,6 +382,7 @@ fn blocking_answer(
             let Some(root) = repo.get_snapshot_body(account, &id)? else {
                 return Ok(not_found("snapshot"));
             };
+            crate::metrics::metrics().served(4, root.len() as u64);
             Answer::Snapshot {
                 info: info_from_repo(&s.header),
                 root,

@@ -142,22 +142,46 @@ macro_rules! both_runtimes {
 /// The first line a child prints on standard output (its "listening on" line), or ""
 /// after 30 s.
 fn first_stdout_line(child: &mut Child) -> String {
+    stdout_lines(child, 1).pop().unwrap_or_default()
+}
+
+/// The first `n` lines a child prints on standard output (fewer if it stops first or
+/// 30 s pass). The rest of its output is read and dropped until it exits, so a later
+/// print never meets a closed pipe.
+fn stdout_lines(child: &mut Child, n: usize) -> Vec<String> {
     let Some(stdout) = child.stdout.take() else {
-        return String::new();
+        return Vec::new();
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        let mut r = BufReader::new(stdout);
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let _ = tx.send(line);
+                }
+            }
+        }
     });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(l) => lines.push(l),
+            Err(_) => break,
+        }
+    }
+    lines
 }
 
 /// A running server process in its own working directory.
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin HTTP listener (metrics, probes), unless the test turned it off.
+    pub admin: Option<SocketAddr>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -208,9 +232,23 @@ impl Server {
         } else {
             &["--port", "0"]
         };
+        // The admin listener on a free port too, unless the test chose.
+        let admin: &[&str] = if extra.contains(&"--admin-listen") {
+            &[]
+        } else {
+            &["--admin-listen", "127.0.0.1:0"]
+        };
+        let admin_on = extra
+            .windows(2)
+            .all(|w| !(w[0] == "--admin-listen" && w[1] == "off"));
+        // Not the machine's /etc/cyberbackup/server.toml, unless the test gives one.
+        if !extra.contains(&"--config") {
+            cmd.env("CYBERBACKUP_CONFIG", "/dev/null");
+        }
         let mut child = cmd
             .args(["--bind", "127.0.0.1"])
             .args(port)
+            .args(admin)
             .args(level)
             .args(extra)
             .current_dir(dir)
@@ -219,16 +257,29 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("starting the server");
-        let line = first_stdout_line(&mut child);
+        let lines = stdout_lines(&mut child, if admin_on { 2 } else { 1 });
+        let line = lines.first().cloned().unwrap_or_default();
         let Some(addr) = line.trim().strip_prefix("cyberbackup-server listening on ") else {
             let _ = child.kill();
             let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
             panic!("server did not start: {line:?}\n{log}");
         };
         let addr: SocketAddr = addr.parse().expect("listen address");
+        let admin = lines.get(1).and_then(|l| {
+            l.trim()
+                .strip_prefix("cyberbackup-server admin on http://")?
+                .trim_end_matches('/')
+                .parse()
+                .ok()
+        });
+        assert!(
+            admin.is_some() || !admin_on,
+            "no admin listener line: {lines:?}"
+        );
         Server {
             child: Some(child),
             addr,
+            admin,
             dir: dir.to_owned(),
             _tmp: None,
         }
@@ -751,6 +802,69 @@ impl Server {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
+
+    /// GET `path` from the admin HTTP listener: (status, body).
+    pub fn http_get(&self, path: &str) -> io::Result<(u16, String)> {
+        let addr = self
+            .admin
+            .ok_or_else(|| io::Error::other("the admin listener is off"))?;
+        http_get(addr, path)
+    }
+
+    /// Runs an admin command (`cyberbackup-server ARGS`) in the server's directory, as
+    /// an operator would beside it.
+    pub fn admin_cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(server_binary())
+            .current_dir(&self.dir)
+            .env("CYBERBACKUP_CONFIG", "/dev/null")
+            .args(args)
+            .output()
+            .expect("running an admin command")
+    }
+}
+
+/// Polls `f` every 10 ms until it holds or `limit` passes; its last answer.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// A plain HTTP/1.1 GET of `path` at `addr` (the server closes after answering):
+/// (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_owned()))
+}
+
+/// The value of the sample `name` (with its labels, as exposed, e.g.
+/// `cyberbackup_received_bytes_total{protocol="4"}`) in a metrics text, 0 if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
 
 /// The resident set of a process now and its peak, in KiB (`VmRSS`, `VmHWM` of

@@ -93,17 +93,6 @@ fn temp_files_in(root: &Path) -> usize {
         .count()
 }
 
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
-}
-
 // ---------------------------------------------------------------------------------
 // kill -9 in the middle of 16 concurrent uploads
 

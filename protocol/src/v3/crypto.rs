@@ -4,8 +4,8 @@
 //!
 //! CBC decryption is parallel across blocks. Where the CPU has AVX-512 and VAES, it
 //! runs through `vaes`, which keeps 32 blocks in flight (about twice the rate of the
-//! `aes` crate here); elsewhere, or with `CYBERBACKUP_AES=portable` in the environment,
-//! through `cbc::Decryptor::decrypt_blocks_*`, where the `aes` crate pipelines 8 blocks
+//! `aes` crate here); elsewhere, or after [`use_portable_aes`] (the server's
+//! `--aes portable`), through `cbc::Decryptor::decrypt_blocks_*`, where the `aes` crate pipelines 8 blocks
 //! at a time through AES-NI. Encryption is serial by the nature of CBC.
 
 use aes::cipher::{
@@ -247,16 +247,23 @@ impl std::fmt::Debug for DecryptionKey {
     }
 }
 
+static PORTABLE_AES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes decryption keys made from now on use the `aes` crate's portable pipeline even
+/// where the CPU has VAES: the configuration's way to rule out the kernel (the server's
+/// `--aes portable`), and the baseline of the benchmarks.
+pub fn use_portable_aes(portable: bool) {
+    PORTABLE_AES.store(portable, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether decryption may use the VAES kernel: the CPU has it and
-/// `CYBERBACKUP_AES=portable` is not set (read once).
+/// [`use_portable_aes`] did not turn it off.
 pub fn vaes_enabled() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::env::var_os("CYBERBACKUP_AES").is_none_or(|v| v != "portable")
-                && vaes::Keys::supported()
-        })
+        static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        !PORTABLE_AES.load(std::sync::atomic::Ordering::Relaxed)
+            && *CPU.get_or_init(vaes::Keys::supported)
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -688,8 +695,7 @@ mod tests {
     fn decryption_uses_vaes_where_the_cpu_has_it() {
         let d = StreamDecryptor::new(&decryption_key(&[1; 32]), &ZERO_IV);
         #[cfg(target_arch = "x86_64")]
-        let expected = vaes::Keys::supported()
-            && std::env::var_os("CYBERBACKUP_AES").is_none_or(|v| v != "portable");
+        let expected = vaes::Keys::supported() && vaes_enabled();
         #[cfg(not(target_arch = "x86_64"))]
         let expected = false;
         assert_eq!(d.is_vaes(), expected);

@@ -156,6 +156,9 @@ pub struct ServerSession {
     stats: ServerStats,
     /// A LEGACY_LOGIN in flight: its request id and v3 client id.
     legacy_pending: Option<(u32, crate::common::ClientId)>,
+    /// Error answers sent and not yet taken by [`take_errors`](Self::take_errors), by
+    /// code (a few distinct codes at most).
+    errors: std::collections::BTreeMap<u16, u64>,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -185,6 +188,7 @@ impl ServerSession {
             ops_out: 0,
             stats: ServerStats::default(),
             legacy_pending: None,
+            errors: std::collections::BTreeMap::new(),
         })
     }
 
@@ -251,6 +255,17 @@ impl ServerSession {
 
     pub fn stats(&self) -> ServerStats {
         self.stats
+    }
+
+    /// The error answers sent since the last call, as (code, count), for metrics.
+    pub fn take_errors(&mut self) -> Vec<(ErrorCode, u64)> {
+        if self.errors.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.errors)
+            .into_iter()
+            .map(|(c, n)| (ErrorCode(c), n))
+            .collect()
     }
 
     /// Bytes held for this connection (buffered input and output).
@@ -515,6 +530,9 @@ impl ServerSession {
 
     /// Sends an answer (sealing it in records).
     fn answer_now(&mut self, request_id: u32, answer: Answer) {
+        if let Answer::Error(e) = &answer {
+            *self.errors.entry(e.code.0).or_default() += 1;
+        }
         let mut frame = Vec::new();
         wire::encode_answer(request_id, &answer, &mut frame);
         let sealed = match &mut self.phase {

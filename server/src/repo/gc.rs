@@ -66,7 +66,83 @@ pub struct ScrubReport {
 /// Chunk records read per registry call during a scrub or a sweep.
 const PAGE: usize = 1000;
 
+/// How far a running collection or scrub has come (`cyberbackup-server status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// "gc" or "scrub".
+    pub kind: &'static str,
+    pub started_ms: i64,
+    pub accounts_done: u64,
+    pub accounts_total: u64,
+    /// Scrub: chunks and bytes read back so far.
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Collection: chunks deleted so far.
+    pub chunks_deleted: u64,
+}
+
+/// The running collections and scrubs, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct Maintenance {
+    running: std::sync::Mutex<Vec<(u64, Progress)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Maintenance {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Progress)>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One task's entry in [`Maintenance`]; removed when dropped.
+struct Tracked<'a> {
+    m: &'a Maintenance,
+    id: u64,
+}
+
+impl Tracked<'_> {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        if let Some((_, p)) = self.m.lock().iter_mut().find(|(i, _)| *i == self.id) {
+            f(p);
+        }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.m.lock().retain(|(i, _)| *i != self.id);
+    }
+}
+
 impl Repo {
+    /// The collections and scrubs running now, oldest first.
+    pub fn maintenance(&self) -> Vec<Progress> {
+        self.shared
+            .maintenance
+            .lock()
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn track(&self, kind: &'static str, accounts_total: u64) -> Tracked<'_> {
+        let m = &self.shared.maintenance;
+        let id = m.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.lock().push((
+            id,
+            Progress {
+                kind,
+                started_ms: self.shared.now(),
+                accounts_done: 0,
+                accounts_total,
+                chunks_checked: 0,
+                bytes_checked: 0,
+                chunks_deleted: 0,
+            },
+        ));
+        Tracked { m, id }
+    }
+
     fn accounts_in(&self, scope: Scope) -> Result<Vec<AccountId>, RepoError> {
         match scope {
             Scope::Account(a) => {
@@ -88,11 +164,20 @@ impl Repo {
     ) -> Result<GcReport, RepoError> {
         let cutoff = now_ms.saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
         let mut report = GcReport::default();
-        for account in self.accounts_in(scope)? {
+        let accounts = self.accounts_in(scope)?;
+        let tracked = self.track("gc", accounts.len() as u64);
+        for account in accounts {
             self.collect_account(account, cutoff, &mut report)?;
             report.accounts += 1;
+            tracked.update(|p| {
+                p.accounts_done = report.accounts;
+                p.chunks_deleted = report.chunks_deleted;
+            });
         }
         tracing::info!(?report, "garbage collection done");
+        let m = crate::metrics::metrics();
+        m.maintenance_done("gc");
+        m.gc_freed_bytes.inc_by(report.bytes_freed);
         Ok(report)
     }
 
@@ -180,10 +265,14 @@ impl Repo {
     /// damaged (not held, so they are sent again).
     pub fn scrub(&self, scope: Scope) -> Result<ScrubReport, RepoError> {
         let mut report = ScrubReport::default();
-        for account in self.accounts_in(scope)? {
-            self.scrub_account(account, &mut report)?;
+        let accounts = self.accounts_in(scope)?;
+        let tracked = self.track("scrub", accounts.len() as u64);
+        for account in accounts {
+            self.scrub_account(account, &mut report, &tracked)?;
             report.accounts += 1;
+            tracked.update(|p| p.accounts_done = report.accounts);
         }
+        crate::metrics::metrics().maintenance_done("scrub");
         if report.damaged.is_empty()
             && report.missing.is_empty()
             && report.damaged_bodies.is_empty()
@@ -204,7 +293,12 @@ impl Repo {
         Ok(report)
     }
 
-    fn scrub_account(&self, account: AccountId, report: &mut ScrubReport) -> Result<(), RepoError> {
+    fn scrub_account(
+        &self,
+        account: AccountId,
+        report: &mut ScrubReport,
+        tracked: &Tracked<'_>,
+    ) -> Result<(), RepoError> {
         let store = &self.shared.store;
         let mut after = None;
         loop {
@@ -214,6 +308,10 @@ impl Repo {
                 .chunk_records(account, after.as_ref(), PAGE)?;
             let Some(last) = page.last() else { break };
             after = Some(last.id);
+            tracked.update(|p| {
+                p.chunks_checked = report.chunks_checked;
+                p.bytes_checked = report.bytes_checked;
+            });
             for rec in page {
                 report.chunks_checked += 1;
                 let sound = match store.get(&BlobKey::Chunk(account, rec.id))? {

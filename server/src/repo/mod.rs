@@ -70,7 +70,7 @@ use std::sync::Arc;
 
 pub use blob::{BlobKey, BlobKind, BlobStore};
 pub use fs::FsBlobStore;
-pub use gc::{GcReport, Scope, ScrubReport};
+pub use gc::{GcReport, Progress, Scope, ScrubReport};
 pub use registry::{
     ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage, MAX_NAME_LEN,
 };

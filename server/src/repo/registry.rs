@@ -131,6 +131,9 @@ pub trait Registry: Send {
 
     fn accounts(&mut self) -> Result<Vec<AccountId>, RepoError>;
 
+    /// Whether the registry answers (the readiness probe): a cheap read.
+    fn ping(&mut self) -> Result<(), RepoError>;
+
     /// The device with this public key (revoked ones too: the caller refuses them).
     fn device_by_key(&mut self, key: &[u8; 32]) -> Result<Option<Device>, RepoError>;
 

@@ -66,6 +66,8 @@ pub(super) struct Shared {
     pub(super) gc_lock: RwLock<()>,
     clock: Clock,
     stats: Stats,
+    /// Collections and scrubs running now, for `status`.
+    pub(super) maintenance: super::gc::Maintenance,
 }
 
 /// Counters of the committer (for metrics, and for tests that check grouping).
@@ -165,6 +167,7 @@ impl Repo {
             gc_lock: RwLock::new(()),
             clock,
             stats: Stats::default(),
+            maintenance: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let me = shared.clone();
@@ -348,6 +351,16 @@ impl Repo {
         self.shared.registry().set_quota(account, quota)
     }
 
+    /// Whether the registry answers (the readiness probe).
+    pub fn ping(&self) -> Result<(), RepoError> {
+        self.shared.registry().ping()
+    }
+
+    /// Every account's id, in id order.
+    pub fn accounts(&self) -> Result<Vec<AccountId>, RepoError> {
+        self.shared.registry().accounts()
+    }
+
     pub fn usage(&self, account: AccountId) -> Result<Usage, RepoError> {
         self.shared.registry().usage(account)
     }
@@ -508,6 +521,7 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
         match index.get(&(account, id)) {
             Some(&i) => {
                 shared.stats.chunks_held.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::metrics().chunks_deduplicated.inc();
                 pending[i].replies.push(reply)
             }
             None => {
@@ -547,6 +561,7 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
                 let len = p.data.len() as u64;
                 if held {
                     shared.stats.chunks_held.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::metrics().chunks_deduplicated.inc();
                     p.answer(&Ok(()));
                 } else if let Some(quota) = usage.quota.filter(|&q| used.saturating_add(len) > q) {
                     p.answer(&Err(RepoError::QuotaExceeded {
@@ -585,6 +600,7 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
         .iter()
         .map(|p| (BlobKey::Chunk(p.account, p.id), &p.data[..]))
         .collect();
+    let t0 = std::time::Instant::now();
     let r = shared
         .store
         .put_batch(&items)
@@ -594,6 +610,11 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
             shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
             let n = to_write.len() as u64;
             shared.stats.chunks_written.fetch_add(n, Ordering::Relaxed);
+            let bytes: u64 = records.iter().map(|(_, r)| r.stored_len).sum();
+            let m = crate::metrics::metrics();
+            m.commit(4, t0.elapsed(), to_write.len(), bytes);
+            m.chunks_ingested.inc_by(n);
+            m.ingested(4, bytes);
         }
         Err(e) => {
             tracing::warn!(error = %e, chunks = to_write.len(), "a group commit of chunks failed")
@@ -649,12 +670,20 @@ fn commit_snapshot(
             });
         }
     }
+    let t0 = std::time::Instant::now();
     shared
         .store
         .put_batch(&[(BlobKey::SnapshotBody(account, header.id), body)])?;
-    shared
+    let outcome = shared
         .registry()
-        .commit_snapshot(account, header, chunks, &body_hash, now)
+        .commit_snapshot(account, header, chunks, &body_hash, now)?;
+    if outcome == CommitOutcome::Committed {
+        let m = crate::metrics::metrics();
+        m.commit(4, t0.elapsed(), 1, body.len() as u64);
+        m.snapshots_committed.inc();
+        m.ingested(4, body.len() as u64);
+    }
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -417,6 +417,13 @@ impl Registry for SqliteRegistry {
         Ok(ids)
     }
 
+    fn ping(&mut self) -> Result<(), RepoError> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM accounts WHERE id = 0")?
+            .query_row([], |_| Ok(()))?;
+        Ok(())
+    }
+
     fn device_by_key(&mut self, key: &[u8; 32]) -> Result<Option<Device>, RepoError> {
         Ok(self
             .conn
