@@ -17,6 +17,31 @@
 //! available). A stage stays owned by its job in the ring's table until the kernel has
 //! posted the write's completion, so its memory is never reused or unmapped while the
 //! device may still read it.
+//!
+//! # Whether it pays
+//!
+//! glommio's DMA files would do the same job; this ring is kept because, measured
+//! against the writer threads in the same run, it costs less CPU per byte stored:
+//!
+//! ```text
+//! python3 benches/scripts/direct_writes.py --runs 5 --out benches/results/direct_writes.md
+//! ```
+//!
+//! (glommio runtime, 5 alternating runs per mode, the writer threads selected with
+//! `CYBERBACKUP_DIRECT_WRITES=threads`; 2-CPU VM, generator on the same machine, medians):
+//!
+//! | scenario | core-s/GiB ring | threads | ring | MB/s ring | threads | ring |
+//! |---|---|---|---|---|---|---|
+//! | 64 x 16 MiB, closed loop | 0.402 | 0.458 | -12% | 1451 | 1604 | -10% |
+//! | 1 x 1 GiB | 0.260 | 0.320 | -19% | 1371 | 1586 | -14% |
+//!
+//! The CPU ranges do not overlap (0.385-0.407 against 0.448-0.479 core-s/GiB in the
+//! first scenario) and the saving is system time, as expected from the hand-offs it
+//! removes. The rate went the other way: every ring run moved less than the threads'
+//! median (6-11% less in the first scenario, 8-18% in the second). Why was not
+//! investigated in this run; both modes stay well above what the disk takes
+//! synchronously (`dd` with `fdatasync`, 434 MB/s in benches/results/latest.md).
+//! Re-run the script when touching this path.
 
 use std::cell::RefCell;
 use std::io;
