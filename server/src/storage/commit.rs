@@ -46,6 +46,21 @@ impl Storage {
     /// one `syncfs` before the renames and one after, however many files there are.
     /// Every result is durable and visible before it is returned.
     pub fn commit_batch(&self, items: Vec<CommitItem>) -> Vec<Result<Stored, StorageError>> {
+        let t0 = std::time::Instant::now();
+        let sizes: Vec<u64> = items.iter().map(|i| i.size).collect();
+        let r = self.commit_group(items);
+        let (n, bytes) = r
+            .iter()
+            .zip(&sizes)
+            .filter(|(r, _)| r.is_ok())
+            .fold((0, 0), |(n, b), (_, s)| (n + 1, b + s));
+        if n > 0 {
+            crate::metrics::metrics().commit(3, t0.elapsed(), n, bytes);
+        }
+        r
+    }
+
+    fn commit_group(&self, items: Vec<CommitItem>) -> Vec<Result<Stored, StorageError>> {
         let group = items.len() >= GROUP_MIN;
         let mut batch = self.prepare(items, !group);
         // 2. all the data at once

@@ -28,7 +28,7 @@
 //! ```
 //!
 //! (glommio runtime, 5 alternating runs per mode, the writer threads selected with
-//! `CYBERBACKUP_DIRECT_WRITES=threads`; 2-CPU VM, generator on the same machine, medians):
+//! `--direct-writes threads`; 2-CPU VM, generator on the same machine, medians):
 //!
 //! | scenario | core-s/GiB ring | threads | ring | MB/s ring | threads | ring |
 //! |---|---|---|---|---|---|---|
