@@ -191,7 +191,7 @@ pub struct Args {
     pub v4_window: Option<u32>,
 
     /// v4: seconds between collections of unreferenced chunks while serving; 0 turns
-    /// collection off (then run `cyberbackup-server gc` on a stopped server)
+    /// collection off (then run `cyberbackup-server gc` when it suits)
     /// [default: 86400].
     #[arg(long, env = "CYBERBACKUP_GC_INTERVAL")]
     pub gc_interval: Option<u64>,
@@ -256,7 +256,7 @@ pub struct Args {
     pub admin_listen: Option<String>,
 
     /// Unix socket of the admin commands (mode 0600: the server's user and root)
-    /// [default: <repository>/admin.sock].
+    /// [default: admin.sock in the --repository directory].
     #[arg(long, env = "CYBERBACKUP_ADMIN_SOCKET")]
     pub admin_socket: Option<PathBuf>,
 

@@ -352,3 +352,44 @@ fn sigint_mid_upload_drains_and_a_late_second_signal_forces() {
         kept
     );
 }
+
+/// JSON logs: every line of a v4 connection carries its connection id, and every line
+/// from its login on (its ops' lines included) the account.
+#[test]
+fn log_lines_carry_the_connection_and_the_account() {
+    let srv = Server::start(Runtime::Glommio, &["--log-format", "json"]);
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("cfg");
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), data(1 << 20, 9)).unwrap();
+    let account = unique_name("logs");
+    ok(cli(
+        &cfg,
+        &["init", "-s", &srv.addr.to_string(), "-a", &account],
+    ));
+    ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
+    let log = srv.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let mine: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["span"]["account"] == account.as_str())
+        .collect();
+    assert!(
+        mine.iter().any(|v| v["message"] == "disconnected"),
+        "the connection's last line has the account:\n{log}"
+    );
+    for v in &mine {
+        assert_eq!(v["span"]["name"], "conn", "{v}");
+        assert!(v["span"]["conn"].is_u64(), "{v}");
+    }
+    // Lines logged by the ops (on other threads) of that connection have it too.
+    assert!(
+        mine.iter()
+            .any(|v| v["message"] != "disconnected" && v["message"] != "logged in"),
+        "{log}"
+    );
+}
