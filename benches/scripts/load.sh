@@ -22,7 +22,8 @@ trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir
 # Start from a quiet disk: what earlier runs left dirty would be flushed during this one.
 sync
 ./target/release/cyberbackup-server --runtime "$runtime" --bind 127.0.0.1 --port 0 \
-  --storage "$dir/files" --database "$dir/registry.db" "${server_flags[@]}" >"$dir/out" 2>"$dir/log" &
+  --storage "$dir/files" --database "$dir/registry.db" --repository "$dir/repository" \
+  --admin-listen 127.0.0.1:0 "${server_flags[@]}" >"$dir/out" 2>"$dir/log" &
 pid=$!
 for _ in $(seq 100); do grep -q listening "$dir/out" 2>/dev/null && break; sleep 0.05; done
 addr=$(sed -n 's/^cyberbackup-server listening on //p' "$dir/out")

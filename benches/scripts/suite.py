@@ -89,7 +89,9 @@ class Server:
         self.p = subprocess.Popen(
             [os.path.join(REL, "cyberbackup-server"), "--runtime", runtime, "--bind", "127.0.0.1",
              "--port", "0", "--storage", storage or os.path.join(self.dir, "files"),
-             "--database", os.path.join(self.dir, "registry.db"), "--log", "warn", *extra],
+             "--database", os.path.join(self.dir, "registry.db"),
+             "--repository", os.path.join(self.dir, "repository"),
+             "--admin-listen", "127.0.0.1:0", "--log", "warn", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.p.stdout.readline()
         m = re.search(r"listening on (\S+)", line)

@@ -44,7 +44,7 @@ class Server:
         os.makedirs(base, exist_ok=True)
         self.log = open(os.path.join(base, "server.log"), "a")
         self.p = subprocess.Popen(
-            [SERVER, "--bind", "127.0.0.1", "--port", "0", "--log", "warn"],
+            [SERVER, "--bind", "127.0.0.1", "--port", "0", "--admin-listen", "127.0.0.1:0", "--log", "warn"],
             cwd=base, stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.p.stdout.readline()
         self.addr = line.strip().rsplit(" ", 1)[-1]
