@@ -84,9 +84,35 @@ fn metrics_follow_uploads_and_pass_promtool(rt: Runtime) {
         &["init", "-s", &srv.addr.to_string(), "-a", &account],
     ));
     ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
-    // v3: one file.
+    // v3: one file; a scrape in the middle of it already shows its bytes.
     let mut c = Conn::login(srv.addr, &unique_name("m3"));
-    c.upload("f.bin", &data(300_000, 2), 65536, Order::InOrder);
+    let f = data(300_000, 2);
+    let ps = c.packets("f.bin", &f, 65536);
+    c.send(&ps[0]).unwrap();
+    c.send(&ps[1]).unwrap();
+    let mid_v3 = |m: &str| metric(m, "cyberbackup_received_bytes_total{protocol=\"3\"}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        mid_v3(&scrape(&srv)) - mid_v3(&before) >= 2.0 * 65536.0
+    }));
+    let during = scrape(&srv);
+    assert!(
+        metric(&during, "cyberbackup_connections_open") >= 1.0,
+        "{during}"
+    );
+    for p in &ps[2..] {
+        c.send(p).unwrap();
+    }
+    assert!(matches!(
+        c.recv().unwrap(),
+        cyberbackup_protocol::v3::message::Response::FileReceived(_)
+    ));
+    assert_eq!(
+        c.request_name(
+            cyberbackup_protocol::v3::header::RequestCode::CrcOk,
+            "f.bin"
+        ),
+        cyberbackup_protocol::v3::message::Response::Ack { client_id: c.id }
+    );
     drop(c);
     // v4: a restore serves the chunks back.
     let out = work.path().join("out");
