@@ -48,6 +48,7 @@ impl Shutdown {
                         signal = sig,
                         "shutting down: no new connections, finishing in-flight files"
                     );
+                    crate::notify::stopping();
                     me.trigger();
                 }
             })?;
@@ -88,6 +89,7 @@ pub fn serve_until_stopped(
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %addr, shards, runtime, "listening");
     println!("cyberbackup-server listening on {addr}");
+    crate::notify::ready();
     let mut panicked = Vec::new();
     for (i, t) in threads.into_iter().enumerate() {
         if t.join().is_err() {
