@@ -529,6 +529,87 @@ mod tests {
             .is_err());
     }
 
+    /// The package's default config (`contrib/server.toml`, installed as
+    /// /etc/cyberbackup/server.toml).
+    const PACKAGED: &str = include_str!("../../contrib/server.toml");
+
+    /// `contrib/server.toml` with every `# key = value` line uncommented, but `skip`.
+    fn packaged_uncommented(skip: &[&str]) -> String {
+        let mut out = String::new();
+        for line in PACKAGED.lines() {
+            let setting = line
+                .strip_prefix("# ")
+                .and_then(|rest| Some((rest, rest.split_once(" = ")?.0)))
+                .filter(|(_, key)| {
+                    key.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                });
+            match setting {
+                Some((_, key)) if skip.contains(&key) => {}
+                Some((rest, _)) => out.push_str(rest),
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The keys a TOML file may set: the long flags but --config (and --help and
+    /// --version), with underscores.
+    fn accepted_keys() -> Vec<String> {
+        use clap::CommandFactory;
+        Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !matches!(*l, "config" | "help" | "version"))
+            .map(|l| l.replace('-', "_"))
+            .collect()
+    }
+
+    #[test]
+    fn packaged_config_lists_every_key_with_its_default() {
+        let accepted = accepted_keys();
+        // Every line, uncommented, is a key the server knows with a value it takes.
+        let text = packaged_uncommented(&[]);
+        let parsed: Args = toml::from_str(&text)
+            .unwrap_or_else(|e| panic!("contrib/server.toml, uncommented: {e}"));
+        // ... and every key the server knows is in the file.
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        for key in &accepted {
+            assert!(
+                table.contains_key(key),
+                "contrib/server.toml does not document {key}"
+            );
+        }
+        // The data paths are set for the package; the rest stays commented out.
+        let as_is: toml::Table = toml::from_str(PACKAGED).unwrap();
+        let mut set: Vec<&str> = as_is.keys().map(String::as_str).collect();
+        set.sort_unstable();
+        assert_eq!(set, ["database", "repository", "storage"]);
+        assert_eq!(
+            parsed.repository.as_deref(),
+            Some(Path::new("/var/lib/cyberbackup/repository"))
+        );
+
+        // The commented values are the defaults: the file uncommented resolves to the
+        // same configuration as the file as shipped. (Not shards, whose default is the
+        // CPU count, nor log, which RUST_LOG may change.)
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |text: &str| {
+            let path = dir.path().join("server.toml");
+            std::fs::write(&path, text).unwrap();
+            let args = Args {
+                config: Some(path),
+                ..Args::default()
+            };
+            format!("{:?}", args.resolve(dir.path()).unwrap())
+        };
+        assert_eq!(
+            resolve(&packaged_uncommented(&["shards", "log"])),
+            resolve(PACKAGED)
+        );
+    }
+
     #[test]
     fn impossible_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -17,6 +17,7 @@
 //! - [`storage`]: temp files for reassembly (direct I/O for large ones), atomic and
 //!   durable finalize, the run marker that tells a crash.
 //! - [`registry`]: the SQLite registry of clients and files, on its own thread.
+//! - [`notify`]: readiness and stopping notifications to systemd (sd_notify).
 //! - [`shutdown`]: the shutdown flag, the connection count, shard start-up and end.
 //! - [`queue`]: draining a channel in batches (group commit).
 //! - [`repo`]: the protocol v4 repository: encrypted chunks and snapshots in a blob
@@ -38,6 +39,7 @@ pub mod glommio_rt;
 pub mod legacy;
 pub mod metrics;
 pub mod mio_rt;
+pub mod notify;
 pub mod ops;
 pub mod queue;
 pub mod registry;

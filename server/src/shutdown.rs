@@ -56,6 +56,7 @@ impl Shutdown {
                                 signal = sig,
                                 "shutting down: no new connections, finishing in-flight files (a second signal after 2 s forces)"
                             );
+                            crate::notify::stopping();
                             me.trigger();
                         }
                         Some(t) if t.elapsed() < FORCE_AFTER => {
@@ -112,6 +113,7 @@ pub fn serve_until_stopped(
     if let Some(a) = crate::admin_http::ADDR.get() {
         println!("cyberbackup-server admin on http://{a}/");
     }
+    crate::notify::ready();
     let mut panicked = Vec::new();
     for (i, t) in threads.into_iter().enumerate() {
         if t.join().is_err() {
