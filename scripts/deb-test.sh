@@ -247,6 +247,22 @@ diff -r "$tmp/src" "$restored" || fail "the restored tree differs"
 [ -z "$(find "$STATE" ! -user "$USER_NAME")" ] || fail "files in $STATE not owned by $USER_NAME: $(find "$STATE" ! -user "$USER_NAME")"
 echo "backup and restore: ok; the data in $STATE belongs to $USER_NAME"
 
+step "the operator's side of the packaged server"
+# The admin listener on its default address, the admin socket for root.
+python3 - <<'PY' || fail "the admin listener on 127.0.0.1:9256"
+import urllib.request
+for path, want in (("/healthz", "ok"), ("/readyz", "ready")):
+    body = urllib.request.urlopen("http://127.0.0.1:9256" + path, timeout=10).read().decode()
+    assert body.strip() == want, (path, body)
+metrics = urllib.request.urlopen("http://127.0.0.1:9256/metrics", timeout=10).read().decode()
+assert "cyberbackup_snapshots_committed_total 1" in metrics, metrics
+PY
+status=$(/usr/bin/cyberbackup-server status) || fail "cyberbackup-server status"
+echo "$status" | grep -q "running: pid" || fail "status: $status"
+/usr/bin/cyberbackup-server accounts | grep -q deb-test || fail "accounts does not list deb-test"
+/usr/bin/cyberbackup-server check-config >/dev/null || fail "check-config"
+echo "healthz, readyz, metrics, status, accounts, check-config: ok"
+
 step "stopping the server with SIGTERM"
 marker="$STATE/received_files/.incoming/RUNNING"
 [ -e "$marker" ] || fail "no RUNNING marker at $marker while the server runs (has storage.rs moved it?)"
