@@ -45,15 +45,15 @@ pub struct Args {
     /// Open loop: this many files (or handshakes) per second in all, at a constant rate.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Measured time in seconds (after the warm-up).
-    #[arg(short, long, default_value_t = 10.0)]
-    pub duration: f64,
+    /// Measured time after the warm-up: "10s", "500ms", "2m", "1h", or seconds ("10").
+    #[arg(short, long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
     /// Stop after this many measured files (or handshakes) instead of after --duration.
     #[arg(short = 'n', long)]
     pub files: Option<u64>,
-    /// Seconds of load before the measured window; excluded from the results.
-    #[arg(long, default_value_t = 1.0)]
-    pub warmup: f64,
+    /// Load before the measured window, excluded from the results ("1s", "0", ...).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
     /// Share of new sessions (after --files-per-session) that register a new user
     /// instead of reconnecting, 0 to 1.
     #[arg(long, default_value_t = 0.0)]
@@ -65,9 +65,9 @@ pub struct Args {
     /// RSA key pairs generated before the run and shared by the clients.
     #[arg(long, default_value_t = 4)]
     pub keys: usize,
-    /// Seconds to wait for the server on any read or write.
-    #[arg(long, default_value_t = 30)]
-    pub timeout: u64,
+    /// How long to wait for the server on any connect, read or write ("30s", ...).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
     /// Exit with status 1 when errors / (files + errors) is above this.
     #[arg(long, default_value_t = 0.0)]
     pub max_error_rate: f64,
@@ -126,6 +126,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v.round() as u64)
 }
 
+/// Parses "10s", "500ms", "1.5s", "2m", "1h", "100us", or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m, 1h)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => n,
+        "ms" => n / 1e3,
+        "us" | "µs" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        u => {
+            return Err(format!(
+                "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
 /// Parses a size or "MIN..MAX".
 pub fn parse_size_range(s: &str) -> Result<SizeRange, String> {
     match s.split_once("..") {
@@ -157,14 +182,11 @@ impl Args {
                 bail!("--rate must be a positive number of files per second, not {r}");
             }
         }
-        if !(self.duration.is_finite() && self.duration > 0.0) && self.files.is_none() {
+        if self.duration.is_zero() && self.files.is_none() {
             bail!("--duration must be positive");
         }
         if self.files == Some(0) {
             bail!("--files must be at least 1");
-        }
-        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
-            bail!("--warmup must be zero or more seconds");
         }
         if !(0.0..=1.0).contains(&self.register_ratio) {
             bail!("--register-ratio must be between 0 and 1");
@@ -183,8 +205,8 @@ impl Args {
         if self.keys == 0 {
             bail!("--keys must be at least 1");
         }
-        if self.timeout == 0 {
-            bail!("--timeout must be at least 1 second");
+        if self.timeout < Duration::from_millis(10) {
+            bail!("--timeout must be at least 10ms");
         }
         if let Some(name) = &self.congestion {
             if let Err(e) = cyberbackup_client::session::check_congestion(name) {
@@ -235,7 +257,7 @@ impl Args {
     }
 
     pub fn io_timeout(&self) -> Duration {
-        Duration::from_secs(self.timeout)
+        self.timeout
     }
 }
 
@@ -271,6 +293,20 @@ mod tests {
             .contains("reversed"));
     }
 
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5x").unwrap_err().contains("unit"));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(args(&["--duration", "5s"]).duration, Duration::from_secs(5));
+    }
+
     fn args(v: &[&str]) -> Args {
         Args::try_parse_from(std::iter::once("lg").chain(v.iter().copied())).unwrap()
     }
@@ -285,6 +321,8 @@ mod tests {
             &["--register-ratio", "2"],
             &["--packet-size", "100"],
             &["--files", "0"],
+            &["--duration", "0s"],
+            &["--timeout", "0"],
             &["--connections", "100000000"],
             &["--connections", "1000", "--size", "1GiB"],
         ] {

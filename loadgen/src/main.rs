@@ -92,6 +92,8 @@ fn run(args: Args) -> Result<i32> {
         next_slot: Default::default(),
         started: Default::default(),
         finished: Default::default(),
+        setup_failed: Default::default(),
+        setup_error: Default::default(),
         plain,
         keys,
         user_prefix,
@@ -111,10 +113,36 @@ fn run(args: Args) -> Result<i32> {
     }
     drop(tx);
     shared.ready.wait();
+    let setup_failed = shared.setup_failed.load(Ordering::Relaxed);
+    let setup_error = shared
+        .setup_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    if setup_failed as usize == connections {
+        // Nothing can be measured: say why, and fail (exit 2), rather than report a run
+        // of no files and no errors.
+        shared.stop.store(true, Ordering::Relaxed);
+        let _ = shared.start.set(Instant::now());
+        shared.go.wait();
+        for t in threads {
+            let _ = t.join();
+        }
+        anyhow::bail!(
+            "none of the {connections} clients could set up against {}: {setup_error}",
+            shared.args.server
+        );
+    }
+    if setup_failed > 0 {
+        eprintln!(
+            "cyberbackup-loadgen: {setup_failed} of {connections} clients could not set up (counted as errors): {setup_error}"
+        );
+    }
     let start = Instant::now();
     let _ = shared.start.set(start);
     let a = &shared.args;
-    let window = start + Duration::from_secs_f64(a.warmup);
+    let window = start + a.warmup;
     let open = a.rate.is_some();
     let collector = std::thread::spawn(move || stats::collect(rx, window, live, open));
     shared.go.wait();
@@ -124,7 +152,7 @@ fn run(args: Args) -> Result<i32> {
     let cpu0 = cpu_seconds();
     let measured_end = match a.files {
         None => {
-            std::thread::sleep(Duration::from_secs_f64(a.duration));
+            std::thread::sleep(a.duration);
             Instant::now()
         }
         Some(n) => {
@@ -140,7 +168,7 @@ fn run(args: Args) -> Result<i32> {
     // Let what was due in the window finish (at a constant rate, the backlog of a
     // server that stalled near the end), for at most the I/O timeout; what is still
     // unstarted after that is dropped and shows in the files/s.
-    let drain_until = Instant::now() + Duration::from_secs(a.timeout.min(10));
+    let drain_until = Instant::now() + a.timeout.min(Duration::from_secs(10));
     while Instant::now() < drain_until && threads.iter().any(|t| !t.is_finished()) {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -153,13 +181,20 @@ fn run(args: Args) -> Result<i32> {
         .join()
         .map_err(|_| anyhow::anyhow!("the collector panicked"))?;
     let measured = match a.files {
-        None => Duration::from_secs_f64(a.duration),
+        None => a.duration,
         Some(_) => totals
             .last
             .unwrap_or(measured_end)
             .saturating_duration_since(window),
     };
-    let report = stats::Report::build(a, &totals, measured, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1));
+    let report = stats::Report::build(
+        a,
+        &totals,
+        measured,
+        (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1),
+        setup_failed,
+        &shared.user_prefix,
+    );
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -308,9 +308,13 @@ pub struct Report {
     pub handshakes: u64,
     pub handshakes_per_sec: f64,
     pub checksum_mismatches: u64,
+    /// Errors by kind; "setup" is the clients that could not connect or register
+    /// before the run (they never started).
     pub errors: BTreeMap<&'static str, u64>,
     pub error_count: u64,
     pub error_rate: f64,
+    /// What the run left on the server, and how to remove it.
+    pub left_on_server: String,
     /// Microseconds from the first byte sent to the 1603 received (from when the file
     /// was due, in open loop).
     pub file_latency_us: Percentiles,
@@ -330,9 +334,16 @@ impl Report {
         t: &Totals,
         measured: Duration,
         cpu: (f64, f64),
+        setup_failed: u64,
+        user_prefix: &str,
     ) -> Report {
         let secs = measured.as_secs_f64().max(1e-9);
-        let error_count: u64 = t.errors.values().sum::<u64>() + t.mismatches;
+        let mut errors = t.errors.clone();
+        if setup_failed > 0 {
+            *errors.entry("setup").or_default() += setup_failed;
+        }
+        let error_count: u64 = errors.values().sum::<u64>() + t.mismatches;
+        let users = args.connections as u64 - setup_failed;
         let done = t.files + t.handshakes_in_mode(args.mode);
         let open = args.rate.is_some();
         Report {
@@ -357,8 +368,16 @@ impl Report {
             handshakes: t.handshakes,
             handshakes_per_sec: t.handshakes as f64 / secs,
             checksum_mismatches: t.mismatches,
-            errors: t.errors.clone(),
+            errors,
             error_count,
+            left_on_server: format!(
+                "{users} v3 users named {user_prefix}-*{} and their files (lg-0 .. lg-63); protocol v3 cannot delete them. With the server stopped: cyberbackup-server remove-v3-clients --name-prefix {user_prefix}-",
+                if args.register_ratio > 0.0 {
+                    " (and more from --register-ratio)"
+                } else {
+                    ""
+                }
+            ),
             error_rate: if done + error_count == 0 {
                 0.0
             } else {
@@ -475,6 +494,7 @@ impl Report {
             self.generator_cpu_system_s,
             (self.generator_cpu_user_s + self.generator_cpu_system_s) / self.measured_seconds
         );
+        let _ = writeln!(s, "left on server {}", self.left_on_server);
         s
     }
 }

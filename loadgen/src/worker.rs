@@ -40,17 +40,21 @@ pub struct Shared {
     pub started: AtomicU64,
     /// Measured ones finished, for --files.
     pub finished: AtomicU64,
+    /// Clients whose set-up (connect, register) failed: they never start.
+    pub setup_failed: AtomicU64,
+    /// The first set-up failure's message.
+    pub setup_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
     fn window(&self) -> Instant {
-        *self.start.get().expect("set before go") + Duration::from_secs_f64(self.args.warmup)
+        *self.start.get().expect("set before go") + self.args.warmup
     }
     fn end(&self) -> Option<Instant> {
         if self.args.files.is_some() {
             None
         } else {
-            Some(self.window() + Duration::from_secs_f64(self.args.duration))
+            Some(self.window() + self.args.duration)
         }
     }
 }
@@ -114,14 +118,13 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
     let mut session = match setup {
         Ok((s, _)) => Some(s),
         Err(e) => {
-            let _ = tx.send(Event::Error {
-                at: Instant::now(),
-                kind: "setup",
-            });
-            eprintln!(
-                "cyberbackup-loadgen: client {idx}: setting up: {}",
-                e.report()
-            );
+            // Counted apart (and in the error rate) by the caller: before the window,
+            // an error event would not be measured.
+            sh.setup_failed.fetch_add(1, Ordering::Relaxed);
+            let mut first = sh.setup_error.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(format!("{} ({})", e.report(), kind(&e)));
+            }
             None
         }
     };

@@ -180,6 +180,10 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
     match &cmd {
         Admin::CheckConfig => return check_config(cfg),
         Admin::Key => return key(cfg),
+        Admin::RemoveV3Clients {
+            name_prefix,
+            dry_run,
+        } => return remove_v3_clients(cfg, name_prefix, *dry_run),
         Admin::Quota { bytes, .. } if parse_bytes(bytes).is_none() => {
             eprintln!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none");
             return Ok(2);
@@ -485,7 +489,7 @@ fn execute(
         }
         // Answered without the repository (see `run`); a server asked for them answers
         // the same way.
-        Admin::Key | Admin::CheckConfig => {
+        Admin::Key | Admin::CheckConfig | Admin::RemoveV3Clients { .. } => {
             bail!("this command runs where it is typed, not in the server")
         }
     }
@@ -540,6 +544,74 @@ fn with_progress<T: Send + 'static>(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(RepoError::Stopped),
         }
     }
+}
+
+/// Removes the v3 clients named `prefix*`: rows and files, on a stopped server (the
+/// data directory's lock proves it is stopped, and keeps one from starting meanwhile).
+fn remove_v3_clients(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
+    if prefix.chars().count() < 3 {
+        eprintln!("--name-prefix must have at least 3 characters (it selects clients to delete)");
+        return Ok(2);
+    }
+    let _lock = crate::datadir::lock(&cfg.storage)
+        .context("remove-v3-clients runs only while the server is stopped")?;
+    if !cfg.database.exists() {
+        bail!(
+            "{}: no v3 registry here (check --database)",
+            cfg.database.display()
+        );
+    }
+    let mut db = rusqlite::Connection::open(&cfg.database)
+        .with_context(|| format!("opening {}", cfg.database.display()))?;
+    let tx = db.transaction()?;
+    let victims: Vec<(Vec<u8>, String, u64, u64)> = {
+        let mut st = tx.prepare(
+            "SELECT c.id, c.name, count(f.id), coalesce(sum(f.size), 0)
+             FROM clients c LEFT JOIN files f ON f.client_id = c.id
+             WHERE substr(c.name, 1, length(?1)) = ?1 GROUP BY c.id ORDER BY c.name",
+        )?;
+        let rows = st.query_map([prefix], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let (files, bytes) = victims.iter().fold((0, 0), |(f, b), v| (f + v.2, b + v.3));
+    if dry_run {
+        for (_, name, n, b) in &victims {
+            println!("would remove {name}: {n} files, {}", human(*b));
+        }
+        println!(
+            "would remove {} v3 clients, {files} files, {}",
+            victims.len(),
+            human(bytes)
+        );
+        return Ok(0);
+    }
+    for (id, ..) in &victims {
+        tx.execute("DELETE FROM files WHERE client_id = ?1", [id])?;
+        tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
+    }
+    tx.commit()?;
+    // Rows first: a crash between leaves files no row names, which nobody serves.
+    for (id, name, ..) in &victims {
+        let dir = cfg.storage.join(hex(id));
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("{name}: removing {}: {e}", dir.display()),
+        }
+    }
+    println!(
+        "removed {} v3 clients, {files} files, {}",
+        victims.len(),
+        human(bytes)
+    );
+    Ok(0)
 }
 
 /// Prints the server's v4 key fingerprint (what clients pin).

@@ -106,6 +106,17 @@ pub enum Admin {
         #[arg(long)]
         bytes: String,
     },
+    /// Remove the v3 clients whose names start with a prefix (such as the load
+    /// generator's users): their registry rows and stored files. Only while the server
+    /// is stopped.
+    RemoveV3Clients {
+        /// The names' prefix (at least 3 characters).
+        #[arg(long)]
+        name_prefix: String,
+        /// List what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a one-time enrolment code for a new device of an account: the recovery
     /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
     /// the passphrase still decides who can read the data).

@@ -233,3 +233,91 @@ fn impossible_options_are_refused_before_any_load() {
         assert!(!err.contains("setting up"), "no load started: {err}");
     }
 }
+
+/// Against an address nobody serves, the generator fails (exit 2) and says why,
+/// instead of reporting a run of no files and no errors.
+#[test]
+fn a_dead_server_is_an_error_not_an_empty_success() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = loadgen(&[
+        "-s",
+        &addr,
+        "-c",
+        "3",
+        "-d",
+        "1s",
+        "--warmup",
+        "0ms",
+        "--timeout",
+        "2s",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("none of the 3 clients could set up"), "{err}");
+    assert!(err.contains("connect"), "{err}");
+}
+
+/// The users a run leaves are named in its report, with the command that removes them;
+/// that command refuses while the server runs and removes them (rows and files) once
+/// it is stopped.
+#[test]
+fn the_users_a_run_leaves_are_named_and_removable() {
+    let mut srv = Server::start(Runtime::Mio, &[]);
+    let prefix = unique_name("lgclean");
+    let out = loadgen(&[
+        "-s",
+        &srv.addr.to_string(),
+        "-c",
+        "2",
+        "--size",
+        "4KiB",
+        "-d",
+        "1s",
+        "--warmup",
+        "0ms",
+        "--user-prefix",
+        &prefix,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out);
+    let left = r["left_on_server"].as_str().unwrap();
+    let cmd = format!("remove-v3-clients --name-prefix {prefix}-");
+    assert!(left.contains(&cmd), "{left}");
+    assert!(left.starts_with("2 v3 users"), "{left}");
+    let client_dirs = |srv: &Server| {
+        std::fs::read_dir(srv.storage())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    assert_eq!(client_dirs(&srv), 2);
+    let args: Vec<&str> = cmd.split(' ').collect();
+    let busy = srv.admin_cmd(&args);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stopped"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(srv.stop().success());
+    let dry = srv.admin_cmd(&[&args[..], &["--dry-run"]].concat());
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would remove 2 v3 clients"));
+    assert_eq!(client_dirs(&srv), 2, "a dry run removes nothing");
+    let done = srv.admin_cmd(&args);
+    let text = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success() && text.contains("removed 2 v3 clients"),
+        "{text}"
+    );
+    assert_eq!(client_dirs(&srv), 0);
+    let again = srv.admin_cmd(&args);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("removed 0 v3 clients"));
+}
