@@ -15,12 +15,34 @@ pub enum Mode {
     Upload,
     /// Connect, RECONNECT, disconnect: connection-rate tests.
     Handshake,
+    /// Protocol v4: snapshots of --files-per-snapshot files of --size bytes each, back
+    /// to back, through the client library's whole backup pipeline (new content each
+    /// time, or the same with --dedup).
+    #[value(name = "v4-backup")]
+    #[serde(rename = "v4-backup")]
+    V4Backup,
+    /// Protocol v4: connect, Noise handshake, login, close.
+    #[value(name = "v4-handshake")]
+    #[serde(rename = "v4-handshake")]
+    V4Handshake,
 }
 
-/// Load generator for CyberBackup servers (protocol v3).
+impl Mode {
+    /// A mode whose unit of work is a handshake.
+    pub fn is_handshake(self) -> bool {
+        matches!(self, Mode::Handshake | Mode::V4Handshake)
+    }
+
+    pub fn is_v4(self) -> bool {
+        matches!(self, Mode::V4Backup | Mode::V4Handshake)
+    }
+}
+
+/// Load generator for CyberBackup servers (protocols v3 and v4).
 ///
 /// Virtual clients register (before the measured window, with a pool of RSA keys made
-/// once) and then upload files back to back over their own connections. Closed loop by
+/// once) and then upload files back to back over their own connections; in the v4
+/// modes each client creates an account and takes snapshots (or handshakes). Closed loop by
 /// default (each client starts its next file when the last one is acknowledged); with
 /// --rate, an open loop at a constant rate whose latencies are measured from when each
 /// file was due (coordinated omission corrected, as wrk2 does).
@@ -80,9 +102,16 @@ pub struct Args {
     /// No live line each second.
     #[arg(short, long)]
     pub quiet: bool,
-    /// Prefix of the user names the clients register.
+    /// Prefix of the user (v3) or account (v4) names the clients register.
     #[arg(long)]
     pub user_prefix: Option<String>,
+    /// v4-backup: files in each snapshot (each of --size bytes).
+    #[arg(long, default_value_t = 1)]
+    pub files_per_snapshot: u64,
+    /// v4-backup: every snapshot holds the same content as the client's first (the
+    /// deduplicated path: chunks the server holds are not sent again).
+    #[arg(long)]
+    pub dedup: bool,
     /// TCP congestion control of the upload connections (e.g. "cubic"; default: the
     /// system's). On 127.0.0.1 a pacing algorithm such as BBR sends the generator's
     /// data from kernel timers that fire on whichever CPU armed them, often the
@@ -196,6 +225,29 @@ impl Args {
         }
         if self.size.max > MAX_FILE_SIZE {
             bail!("--size is at most {MAX_FILE_SIZE} bytes in protocol v3");
+        }
+        if self.mode == Mode::V4Backup {
+            if self.size.min != self.size.max {
+                bail!("--mode v4-backup takes a fixed --size");
+            }
+            if !(1..=10_000).contains(&self.files_per_snapshot) {
+                bail!("--files-per-snapshot must be between 1 and 10000");
+            }
+            // Each client holds its snapshot's content in memory.
+            let held = self
+                .size
+                .max
+                .saturating_mul(self.files_per_snapshot)
+                .saturating_mul(self.connections as u64);
+            if held > 8 << 30 {
+                bail!(
+                    "{} connections x {} files of {} bytes hold {} MiB in memory, over the 8192 MiB budget",
+                    self.connections,
+                    self.files_per_snapshot,
+                    self.size.max,
+                    held >> 20
+                );
+            }
         }
         if !(16..=16 * 1024 * 1024).contains(&self.packet_size)
             || !self.packet_size.is_multiple_of(16)

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`config`]: options and the checks that refuse impossible ones up front.
-//! - [`worker`]: one virtual client (a thread with its own connection).
+//! - [`worker`]: one virtual client of protocol v3 (a thread with its own connection).
+//! - [`worker_v4`]: one virtual client of protocol v4 (its own account).
 //! - [`stats`]: the collector thread, HdrHistograms, timeline and report.
 //!
 //! Exit codes: 0 done and the error rate within `--max-error-rate`; 1 the error rate
@@ -12,6 +13,7 @@
 mod config;
 mod stats;
 mod worker;
+mod worker_v4;
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Barrier, OnceLock};
@@ -55,9 +57,10 @@ fn run(args: Args) -> Result<i32> {
             args.connections, args.server, args.keys, args.size.max
         );
     }
-    // Key generation and payload, before anything is measured.
+    // Key generation and payload, before anything is measured (v3 only).
+    let v3_keys = if args.mode.is_v4() { 0 } else { args.keys };
     let keys: Vec<ClientKeypair> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..args.keys)
+        let hs: Vec<_> = (0..v3_keys)
             .map(|_| s.spawn(|| ClientKeypair::generate(&mut rand::thread_rng())))
             .collect();
         hs.into_iter()
@@ -106,8 +109,18 @@ fn run(args: Args) -> Result<i32> {
         threads.push(
             std::thread::Builder::new()
                 .name(format!("client-{i}"))
-                .stack_size(256 * 1024)
-                .spawn(move || worker::run(i, sh, tx))
+                .stack_size(if shared.args.mode == Mode::V4Backup {
+                    4 << 20
+                } else {
+                    256 * 1024
+                })
+                .spawn(move || {
+                    if sh.args.mode.is_v4() {
+                        worker_v4::run(i, sh, tx)
+                    } else {
+                        worker::run(i, sh, tx)
+                    }
+                })
                 .context("starting a client thread")?,
         );
     }

@@ -370,14 +370,20 @@ impl Report {
             checksum_mismatches: t.mismatches,
             errors,
             error_count,
-            left_on_server: format!(
-                "{users} v3 users named {user_prefix}-*{} and their files (lg-0 .. lg-63); protocol v3 cannot delete them. With the server stopped: cyberbackup-server remove-v3-clients --name-prefix {user_prefix}-",
-                if args.register_ratio > 0.0 {
-                    " (and more from --register-ratio)"
-                } else {
-                    ""
-                }
-            ),
+            left_on_server: if args.mode.is_v4() {
+                format!(
+                    "{users} v4 accounts named {user_prefix}-*, their snapshots forgotten at the end (the server's collection frees the chunks after its grace); the accounts stay"
+                )
+            } else {
+                format!(
+                    "{users} v3 users named {user_prefix}-*{} and their files (lg-0 .. lg-63); protocol v3 cannot delete them. With the server stopped: cyberbackup-server remove-v3-clients --name-prefix {user_prefix}-",
+                    if args.register_ratio > 0.0 {
+                        " (and more from --register-ratio)"
+                    } else {
+                        ""
+                    }
+                )
+            },
             error_rate: if done + error_count == 0 {
                 0.0
             } else {
@@ -405,9 +411,11 @@ impl Report {
         };
         let _ = writeln!(
             s,
-            "cyberbackup-loadgen: {} | {:?} | {} connections | {} | {}{}",
+            "cyberbackup-loadgen: {} | {} | {} connections | {} | {}{}",
             self.server,
-            self.mode,
+            clap::ValueEnum::to_possible_value(&self.mode)
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default(),
             self.connections,
             size,
             self.schedule,
@@ -416,11 +424,16 @@ impl Report {
                 .unwrap_or_default()
         );
         let _ = writeln!(s, "measured      {:.2} s", self.measured_seconds);
-        let upload = self.mode == crate::config::Mode::Upload;
+        let upload = !self.mode.is_handshake();
+        let unit = if self.mode == crate::config::Mode::V4Backup {
+            "snapshots"
+        } else {
+            "files"
+        };
         if upload {
             let _ = writeln!(
                 s,
-                "files         {} ({:.1} files/s)",
+                "{unit:<13} {} ({:.1} {unit}/s)",
                 self.files, self.files_per_sec
             );
             let _ = writeln!(
@@ -468,11 +481,12 @@ impl Report {
                 p.count
             );
         };
-        if self.mode == crate::config::Mode::Upload {
-            let name = if self.rate_target.is_some() {
-                "file latency (from due time)"
-            } else {
-                "file latency (first byte -> 1603)"
+        if !self.mode.is_handshake() {
+            let name = match (self.mode, self.rate_target.is_some()) {
+                (crate::config::Mode::V4Backup, false) => "snapshot latency (start -> committed)",
+                (crate::config::Mode::V4Backup, true) => "snapshot latency (from due time)",
+                (_, true) => "file latency (from due time)",
+                (_, false) => "file latency (first byte -> 1603)",
             };
             row(&mut s, name, &self.file_latency_us);
             if let Some(p) = &self.file_latency_uncorrected_us {
@@ -483,7 +497,7 @@ impl Report {
             row(&mut s, "handshake latency", &self.handshake_latency_us);
         }
         if let Some(p) = &self.handshake_latency_uncorrected_us {
-            if self.mode == crate::config::Mode::Handshake {
+            if self.mode.is_handshake() {
                 row(&mut s, "handshake latency (uncorrected)", p);
             }
         }
@@ -501,7 +515,7 @@ impl Report {
 
 impl Totals {
     fn handshakes_in_mode(&self, mode: crate::config::Mode) -> u64 {
-        if mode == crate::config::Mode::Handshake {
+        if mode.is_handshake() {
             self.handshakes
         } else {
             0

@@ -46,7 +46,79 @@ pub struct Shared {
     pub setup_error: std::sync::Mutex<Option<String>>,
 }
 
+/// One unit of work's place in the schedule.
+pub struct Slot {
+    /// When it was due (open loop only).
+    pub due: Option<Instant>,
+    pub began: Instant,
+    /// Whether it counts in the results (begun, or due, inside the window).
+    pub measured: bool,
+}
+
+impl Slot {
+    /// Microseconds from when it was due to `now` (open loop only).
+    pub fn corrected(&self, now: Instant) -> Option<u64> {
+        self.due
+            .map(|d| now.saturating_duration_since(d).as_micros() as u64)
+    }
+}
+
 impl Shared {
+    /// The next unit of work of a client, once it may start (at a constant rate, when
+    /// it is due); None when the run is over for this client.
+    pub fn next_slot(&self) -> Option<Slot> {
+        let a = &self.args;
+        let end = self.end();
+        let due = match a.rate {
+            Some(rate) => {
+                let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+                let start = *self.start.get().expect("set before go");
+                let due = start + Duration::from_secs_f64(slot as f64 / rate);
+                if end.is_some_and(|e| due >= e) {
+                    return None;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                Some(due)
+            }
+            None => None,
+        };
+        let began = Instant::now();
+        // Closed loop: nothing starts after the window. Open loop: what was due in the
+        // window still starts (late, which its latency shows).
+        if due.is_none() && end.is_some_and(|e| began >= e) {
+            return None;
+        }
+        let measured = due.unwrap_or(began) >= self.window();
+        if measured {
+            if let Some(n) = a.files {
+                if self.started.fetch_add(1, Ordering::Relaxed) >= n {
+                    return None;
+                }
+            }
+        }
+        Some(Slot {
+            due,
+            began,
+            measured,
+        })
+    }
+
+    /// Whether a unit that finished at `done` still counts: in a closed loop it must
+    /// end inside the window; in an open loop being due in it is enough (as wrk2).
+    pub fn counts(&self, slot: &Slot, done: Instant) -> bool {
+        slot.measured && (self.args.rate.is_some() || self.end().is_none_or(|e| done <= e))
+    }
+
+    /// A measured unit is over (for --files).
+    pub fn finished(&self, slot: &Slot) {
+        if slot.measured && self.args.files.is_some() {
+            self.finished.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn window(&self) -> Instant {
         *self.start.get().expect("set before go") + self.args.warmup
     }
@@ -140,47 +212,15 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
     sh.go.wait();
     let Some(id) = identity.clone() else { return };
     let mut rng = rand::rngs::StdRng::seed_from_u64(idx as u64 ^ 0x5eed);
-    let window = sh.window();
-    let end = sh.end();
-    let start = *sh.start.get().expect("set");
     let mut in_session = 0u64;
     let mut sessions = 0u64;
     let fixed_cksum = (a.mode == Mode::Upload && a.size.min == a.size.max)
         .then(|| cyberbackup_protocol::v3::cksum(&sh.plain[..a.size.min as usize]));
 
     while !sh.stop.load(Ordering::Relaxed) {
-        // When is the next one due?
-        let due = match a.rate {
-            Some(rate) => {
-                let slot = sh.next_slot.fetch_add(1, Ordering::Relaxed);
-                let due = start + Duration::from_secs_f64(slot as f64 / rate);
-                if end.is_some_and(|e| due >= e) {
-                    break;
-                }
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                Some(due)
-            }
-            None => None,
-        };
-        let began = Instant::now();
-        // Closed loop: nothing starts after the window. Open loop: what was due in the
-        // window still starts (late, which its latency shows).
-        if due.is_none() && end.is_some_and(|e| began >= e) {
-            break;
-        }
-        let measured = due.unwrap_or(began) >= window;
-        if measured {
-            if let Some(n) = a.files {
-                if sh.started.fetch_add(1, Ordering::Relaxed) >= n {
-                    break;
-                }
-            }
-        }
-        let corrected =
-            |now: Instant| due.map(|d| now.saturating_duration_since(d).as_micros() as u64);
+        let Some(slot) = sh.next_slot() else { break };
+        let began = slot.began;
+        let corrected = |now: Instant| slot.corrected(now);
 
         if a.mode == Mode::Handshake {
             match handshake(&a.server, &id, &copts) {
@@ -200,9 +240,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
-            if measured && a.files.is_some() {
-                sh.finished.fetch_add(1, Ordering::Relaxed);
-            }
+            sh.finished(&slot);
             continue;
         }
 
@@ -280,7 +318,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
         // end. Open loop: counted when it was due in the window (as wrk2 does); files
         // due but not started when the window closes are dropped, so a server that
         // falls behind the rate shows it in files/s, and its lateness in the latency.
-        let measured = measured && (a.rate.is_some() || end.is_none_or(|e| Instant::now() <= e));
+        let measured = sh.counts(&slot, Instant::now());
         match outcome {
             Ok(true) => {
                 let _ = tx.send(Event::File {
@@ -306,9 +344,7 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        if measured && a.files.is_some() {
-            sh.finished.fetch_add(1, Ordering::Relaxed);
-        }
+        sh.finished(&slot);
     }
 }
 

@@ -239,7 +239,7 @@ impl Metrics {
         );
         r.register(
             "chunks_deduplicated",
-            "v4 chunk uploads answered without writing: the account held the chunk already",
+            "v4 chunks the account held already when a client asked (HAS_CHUNKS, so they were not sent) or sent them (so they were not written again)",
             m.chunks_deduplicated.clone(),
         );
         r.register(

@@ -361,7 +361,12 @@ fn blocking_answer(
     request: Request,
 ) -> Result<Answer, RepoError> {
     Ok(match request {
-        Request::HasChunks(ids) => Answer::ChunksHeld(repo.chunks_held(account, &ids)?),
+        Request::HasChunks(ids) => {
+            let held = repo.chunks_held(account, &ids)?;
+            let n = held.iter().filter(|h| **h).count();
+            crate::metrics::metrics().chunks_deduplicated.inc_by(n as u64);
+            Answer::ChunksHeld(held)
+        }
         Request::GetChunk(id) => match repo.get_chunk(account, &id)? {
             Some(b) => {
                 let m = crate::metrics::metrics();

@@ -192,6 +192,7 @@ both_runtimes!(
     a_light_constant_rate_is_held_within_5_percent,
     handshake_mode_counts_reconnects,
     a_server_that_stops_is_counted_as_errors_not_a_hang,
+    v4_modes_move_what_they_say,
 );
 
 #[test]
@@ -320,4 +321,85 @@ fn the_users_a_run_leaves_are_named_and_removable() {
     assert_eq!(client_dirs(&srv), 0);
     let again = srv.admin_cmd(&args);
     assert!(String::from_utf8_lossy(&again.stdout).contains("removed 0 v3 clients"));
+}
+
+/// The v4 modes against the real server: snapshots of new content are ingested,
+/// snapshots of the same content are deduplicated (the server's metrics say which),
+/// handshakes are counted, and each client's snapshots are forgotten at the end.
+fn v4_modes_move_what_they_say(rt: Runtime) {
+    let srv = Server::start(rt, &[]);
+    let addr = srv.addr.to_string();
+    let scrape = || srv.http_get("/metrics").unwrap().1;
+    let run = |extra: &[&str]| {
+        let out = loadgen(
+            &[
+                &[
+                    "-s", &addr, "-c", "2", "-d", "1s", "--warmup", "0ms", "--json",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        report(&out)
+    };
+    let m0 = scrape();
+    let prefix = unique_name("lgv4");
+    let r = run(&[
+        "--mode",
+        "v4-backup",
+        "--size",
+        "256KiB",
+        "--files-per-snapshot",
+        "2",
+        "--user-prefix",
+        &prefix,
+    ]);
+    let snapshots = r["files"].as_u64().unwrap();
+    assert!(snapshots > 0, "{r}");
+    assert_eq!(
+        r["bytes"].as_u64().unwrap(),
+        snapshots * 2 * 256 * 1024,
+        "{r}"
+    );
+    let m1 = scrape();
+    let grew = |a: &str, b: &str, name: &str| metric(b, name) - metric(a, name);
+    assert!(grew(&m0, &m1, "cyberbackup_snapshots_committed_total") >= snapshots as f64);
+    assert!(
+        grew(&m0, &m1, "cyberbackup_ingested_bytes_total{protocol=\"4\"}")
+            >= (snapshots * 2 * 256 * 1024) as f64
+    );
+    // The same content again and again: deduplicated, not ingested twice.
+    let r = run(&["--mode", "v4-backup", "--size", "256KiB", "--dedup"]);
+    let again = r["files"].as_u64().unwrap();
+    assert!(again > 1, "{r}");
+    let m2 = scrape();
+    assert!(grew(&m1, &m2, "cyberbackup_chunks_deduplicated_total") >= (again - 1) as f64);
+    assert!(
+        grew(&m1, &m2, "cyberbackup_ingested_bytes_total{protocol=\"4\"}")
+            < (again * 256 * 1024) as f64 / 2.0,
+        "dedup runs store little"
+    );
+    // Handshakes.
+    let r = run(&["--mode", "v4-handshake"]);
+    assert!(r["handshakes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["left_on_server"]
+        .as_str()
+        .unwrap()
+        .contains("v4 accounts"));
+    // The first run's snapshots were forgotten when it ended.
+    let accounts = String::from_utf8_lossy(&srv.admin_cmd(&["accounts"]).stdout).into_owned();
+    let rows: Vec<&str> = accounts.lines().filter(|l| l.contains(&prefix)).collect();
+    assert_eq!(rows.len(), 2, "{accounts}");
+    for row in rows {
+        assert_eq!(
+            row.split_whitespace().nth(3),
+            Some("0"),
+            "no snapshots left: {row}"
+        );
+    }
 }
