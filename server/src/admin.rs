@@ -188,6 +188,17 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
             eprintln!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none");
             return Ok(2);
         }
+        Admin::EnrolCode { ttl_hours, .. } if *ttl_hours == 0 || *ttl_hours > 24 * 30 => {
+            eprintln!("--ttl-hours must be between 1 and 720");
+            return Ok(2);
+        }
+        Admin::EnrolCode { capabilities, .. }
+            if crate::repo::Capabilities::parse(capabilities)
+                .is_none_or(|c| c == crate::repo::Capabilities::NONE) =>
+        {
+            eprintln!("--capabilities {capabilities:?}: expected all, or backup,read,forget,admin");
+            return Ok(2);
+        }
         _ => {}
     }
     match UnixStream::connect(&cfg.admin_socket) {
@@ -631,7 +642,47 @@ fn key(cfg: &Config) -> Result<i32> {
     Ok(0)
 }
 
+/// Whether a file or directory could be made at `p`: the nearest existing ancestor
+/// is a directory this process may write (for the user it runs as, and not on a
+/// read-only file system).
+fn creatable(p: &Path) -> Result<(), String> {
+    let parent = p
+        .ancestors()
+        .skip(1)
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .find(|a| a.exists())
+        .ok_or_else(|| "no existing parent directory".to_owned())?;
+    if !parent.is_dir() {
+        return Err(format!("{} is not a directory", parent.display()));
+    }
+    nix::unistd::access(parent, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| format!("cannot write in {}: {e}", parent.display()))
+}
+
+/// The pid of a server holding `<storage>/.lock` now, if one does (without making
+/// anything).
+fn running_server(storage: &Path) -> Option<String> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(storage.join(crate::datadir::LOCK)).ok()?;
+    match nix::fcntl::flock(f.as_raw_fd(), nix::fcntl::FlockArg::LockSharedNonblock) {
+        Err(nix::errno::Errno::EWOULDBLOCK) => {
+            let pid =
+                std::fs::read_to_string(storage.join(crate::datadir::LOCK)).unwrap_or_default();
+            Some(pid.trim().to_owned())
+        }
+        _ => None,
+    }
+}
+
 /// Checks the configuration and the data paths, and prints the settings in effect.
+/// Exit 0 when a server could start with them (once the one running on this data, if
+/// any, stops), 1 with one `problem:` line each otherwise.
 fn check_config(cfg: &Config) -> Result<i32> {
     let mut problems = Vec::new();
     println!(
@@ -641,30 +692,41 @@ fn check_config(cfg: &Config) -> Result<i32> {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "none (flags, environment and defaults)".into())
     );
+    let running = running_server(&cfg.storage);
+    if let Some(pid) = &running {
+        println!("a server (pid {pid}) runs on this data now: the ports and data it holds are not problems");
+    }
     println!("listen: {}", cfg.listen);
+    if running.is_none() {
+        if let Err(e) = crate::datadir::check_port(cfg.listen) {
+            problems.push(format!("listen {}: {e:#}", cfg.listen));
+        }
+    }
     println!(
         "admin listener: {}",
         cfg.admin_listen
             .map(|a| format!("http://{a}/metrics"))
             .unwrap_or_else(|| "off".into())
     );
+    if let (Some(a), None) = (cfg.admin_listen, &running) {
+        if let Err(e) = std::net::TcpListener::bind(a) {
+            problems.push(format!("admin listener {a}: {e}"));
+        }
+    }
     println!("admin socket: {}", cfg.admin_socket.display());
-    println!("runtime: {:?}, shards: {}", cfg.runtime, cfg.shards);
+    let runtime = format!("{:?}", cfg.runtime).to_lowercase();
+    println!("runtime: {runtime}, shards: {}", cfg.shards);
     for (what, p) in [
         ("storage (v3 files)", &cfg.storage),
         ("repository (v4)", &cfg.repository),
     ] {
         let state = match std::fs::metadata(p) {
             Ok(m) if m.is_dir() => {
-                let probe = p.join(format!(".check-config-{}", std::process::id()));
-                match std::fs::write(&probe, b"") {
-                    Ok(()) => {
-                        let _ = std::fs::remove_file(&probe);
-                        "a writable directory".to_owned()
-                    }
+                match nix::unistd::access(p.as_path(), nix::unistd::AccessFlags::W_OK) {
+                    Ok(()) => "a writable directory".to_owned(),
                     Err(e) => {
                         problems.push(format!("{what} {}: not writable: {e}", p.display()));
-                        format!("not writable ({e})")
+                        format!("not writable: {e}")
                     }
                 }
             }
@@ -672,20 +734,16 @@ fn check_config(cfg: &Config) -> Result<i32> {
                 problems.push(format!("{what} {}: not a directory", p.display()));
                 "not a directory".to_owned()
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match p.ancestors().skip(1).find(|a| a.exists()) {
-                    Some(a) if std::fs::metadata(a).is_ok_and(|m| !m.permissions().readonly()) => {
-                        "missing (made on first start)".to_owned()
-                    }
-                    _ => {
-                        problems.push(format!(
-                            "{what} {}: missing, and cannot be made",
-                            p.display()
-                        ));
-                        "missing".to_owned()
-                    }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match creatable(p) {
+                Ok(()) => "missing: made on first start".to_owned(),
+                Err(why) => {
+                    problems.push(format!(
+                        "{what} {}: missing, and cannot be made: {why}",
+                        p.display()
+                    ));
+                    format!("missing, and cannot be made: {why}")
                 }
-            }
+            },
             Err(e) => {
                 problems.push(format!("{what} {}: {e}", p.display()));
                 e.to_string()
@@ -693,7 +751,32 @@ fn check_config(cfg: &Config) -> Result<i32> {
         };
         println!("{what}: {} ({state})", p.display());
     }
-    println!("database (v3): {}", cfg.database.display());
+    let db = &cfg.database;
+    let state = match std::fs::metadata(db) {
+        Ok(m) if m.is_dir() => {
+            problems.push(format!(
+                "database (v3) {}: a directory, not a database file",
+                db.display()
+            ));
+            "a directory, not a database file".to_owned()
+        }
+        Ok(_) => "exists".to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match creatable(db) {
+            Ok(()) => "missing: made on first start".to_owned(),
+            Err(why) => {
+                problems.push(format!(
+                    "database (v3) {}: cannot be made: {why}",
+                    db.display()
+                ));
+                format!("cannot be made: {why}")
+            }
+        },
+        Err(e) => {
+            problems.push(format!("database (v3) {}: {e}", db.display()));
+            e.to_string()
+        }
+    };
+    println!("database (v3): {} ({state})", db.display());
     println!(
         "v4: registration {}, collection {}, grace {} s",
         if cfg.registration { "open" } else { "closed" },
@@ -703,9 +786,10 @@ fn check_config(cfg: &Config) -> Result<i32> {
         cfg.gc_grace.as_secs()
     );
     println!(
-        "limits: {} connections, idle {} s, shutdown grace {} s",
+        "limits: {} connections, idle {} s, header {} s, shutdown grace {} s",
         cfg.max_connections,
         cfg.session.idle_timeout.as_secs(),
+        cfg.session.header_timeout.as_secs(),
         cfg.shutdown_grace.as_secs()
     );
     if problems.is_empty() {

@@ -9,8 +9,8 @@
 //! It is read-only and answers GET and HEAD only; the administrative commands that
 //! change things go through the admin socket ([`crate::admin`]), which file
 //! permissions protect. One thread accepts; each request gets its own short-lived
-//! thread (at most [`MAX_CLIENTS`] at once), a few seconds to send its head (at most
-//! [`MAX_HEAD`] bytes), and the connection closes after the answer.
+//! thread (at most [`MAX_CLIENTS`] at once), five seconds in all to send its head (at
+//! most [`MAX_HEAD`] bytes), and the connection closes after the answer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -28,7 +28,7 @@ use crate::shutdown::Shutdown;
 /// Longest request head read.
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Requests served at once; more get 503 at once.
-pub const MAX_CLIENTS: usize = 16;
+pub const MAX_CLIENTS: usize = 64;
 /// Time a client has to send its head, and a check has to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,14 +54,19 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-/// Binds `addr` and serves it on its own thread until the process exits. Returns the
-/// bound address (port 0 picks one).
-pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).with_context(|| {
+/// Binds the admin listener (before the server touches its data, so that a taken
+/// address stops a start cleanly).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).with_context(|| {
         format!(
             "cannot open the admin listener on {addr} (another server's? set --admin-listen to another address, or off)"
         )
-    })?;
+    })
+}
+
+/// Serves `listener` on its own thread until the process exits. Returns the bound
+/// address (port 0 picks one).
+pub fn start(listener: TcpListener, state: Arc<AdminState>) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let _ = ADDR.set(bound);
     let busy = Arc::new(AtomicUsize::new(0));
@@ -96,8 +101,8 @@ pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<SocketAddr> {
 
 /// Reads one request head and answers it.
 fn serve(mut stream: TcpStream, state: &AdminState) {
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
     let _ = stream.set_write_timeout(Some(TIMEOUT));
+    let deadline = std::time::Instant::now() + TIMEOUT;
     let mut buf = vec![0u8; MAX_HEAD];
     let mut len = 0;
     let (method, path, openmetrics) = loop {
@@ -109,6 +114,11 @@ fn serve(mut stream: TcpStream, state: &AdminState) {
                 "request head too large\n",
                 false,
             );
+            return;
+        }
+        // The whole head within the deadline: a byte now and then does not keep a slot.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return;
         }
         match stream.read(&mut buf[len..]) {
@@ -198,8 +208,13 @@ fn respond(
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -269,8 +284,9 @@ pub fn readiness(state: &AdminState) -> Vec<String> {
     if state.shutdown.is_triggered() {
         failed.push("draining: the server is shutting down".to_owned());
     }
+    // Where new files go: v3 temp files, v4 blobs.
     for (what, dir) in [
-        ("storage", state.storage.clone()),
+        ("storage", state.storage.join(".incoming")),
         ("repository", state.repository.join("blobs")),
     ] {
         match within(move || writable(&dir)) {

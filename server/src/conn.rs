@@ -33,6 +33,13 @@ use cyberbackup_protocol::v4::wire::{detect, Detected, PREAMBLE_LEN};
 use crate::metrics::metrics;
 use crate::storage::PendingFile;
 
+/// A process-wide connection id for the logs (each shard keys its own table apart):
+/// one connection's lines are found by it alone.
+pub fn next_conn_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Size of a thread's read buffer: the most one read takes from a socket.
 pub const READ_BUF: usize = 512 * 1024;
 
@@ -220,8 +227,11 @@ pub struct Driver {
 impl Driver {
     pub fn new(cfg: &SessionConfig, v4: &Arc<v4::server::ServerConfig>, now: Instant) -> Self {
         Self {
+            // A new connection has the header timeout to send its first bytes (a real
+            // client sends at once): silent or trickling sockets cannot hold the
+            // connection slots for the idle timeout.
             session: Session::Detect {
-                deadline: now + cfg.idle_timeout,
+                deadline: now + cfg.header_timeout,
                 v3: cfg.clone(),
                 v4: v4.clone(),
                 closing: false,

@@ -191,8 +191,8 @@ async fn shard_main(
         let span = tracing::info_span!(
             "conn",
             shard,
-            conn = id,
-            peer = ?peer,
+            conn = crate::conn::next_conn_id(),
+            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
             account = tracing::field::Empty
         );
         // The guard exists before the task does, so even a task cancelled before its
@@ -230,6 +230,10 @@ fn bind_listener(addr: SocketAddr) -> io::Result<(TcpListener, std::os::fd::RawF
     use std::os::fd::{FromRawFd, IntoRawFd};
     let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sk.set_reuse_port(true)?;
+    // Also SO_REUSEADDR: the connections this listener accepts inherit it, so their
+    // TIME_WAIT after a drain does not keep a restarted server (or its port check,
+    // `datadir::check_port`) from binding the port for a minute.
+    sk.set_reuse_address(true)?;
     sk.bind(&addr.into())?;
     sk.listen(1024)?;
     let fd = sk.into_raw_fd();

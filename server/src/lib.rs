@@ -60,9 +60,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
     // Before anything touches the data: a second server on it exits here.
     let _lock = datadir::lock(&cfg.storage)?;
     datadir::check_port(cfg.listen)?;
-    let storage = storage::Storage::open(&cfg.storage, cfg.max_pending_bytes)
-        .with_context(|| format!("opening storage {}", cfg.storage.display()))?
-        .with_direct_io(cfg.direct_io_min_size);
+    let admin_listener = cfg.admin_listen.map(admin_http::bind).transpose()?;
+    let storage = Arc::new(
+        storage::Storage::open(&cfg.storage, cfg.max_pending_bytes)
+            .with_context(|| format!("opening storage {}", cfg.storage.display()))?
+            .with_direct_io(cfg.direct_io_min_size),
+    );
     let (registry, registry_thread) = registry::Registry::open(&cfg.database)?;
     if storage.unclean_start() {
         let r = registry::reconcile(&cfg.database, storage.root())?;
@@ -72,6 +75,9 @@ pub fn run(cfg: config::Config) -> Result<()> {
             "the last run did not end cleanly; checked the registry against the stored files"
         );
     }
+    // From here until the shards start nothing is in flight: a start that fails
+    // removes the run marker, so that the next start does not take it for a crash.
+    let mut setup = CloseIfSetupFails(Some(storage.clone()));
     let shutdown = Arc::new(shutdown::Shutdown::default());
     shutdown
         .install_signal_handlers()
@@ -93,7 +99,6 @@ pub fn run(cfg: config::Config) -> Result<()> {
     );
     let mut v4_session = cyberbackup_protocol::v4::server::ServerConfig::new(key);
     v4_session.window = cfg.v4_window;
-    let storage = Arc::new(storage);
     let svc_storage = storage.clone();
     let admin_registry = registry.clone();
     let svc = ops::Services {
@@ -117,8 +122,8 @@ pub fn run(cfg: config::Config) -> Result<()> {
         repository: cfg.repository.clone(),
         per_account: cfg.metrics_per_account,
     });
-    let admin_http = match cfg.admin_listen {
-        Some(addr) => Some(admin_http::start(addr, admin_state.clone())?),
+    let admin_http = match admin_listener {
+        Some(l) => Some(admin_http::start(l, admin_state.clone())?),
         None => None,
     };
     let _admin_socket = admin::serve(
@@ -160,6 +165,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
         },
     };
     let cfg = Arc::new(cfg);
+    setup.0 = None;
     let result = match runtime {
         RuntimeKind::Mio => mio_rt::run(cfg, svc, shutdown),
         _ => glommio_rt::run(cfg, svc, shutdown),
@@ -184,6 +190,18 @@ pub fn run(cfg: config::Config) -> Result<()> {
         tracing::info!("stopped");
     }
     result
+}
+
+/// Removes the run marker when dropped while still holding the storage: the start
+/// failed before anything could be in flight.
+struct CloseIfSetupFails(Option<Arc<storage::Storage>>);
+
+impl Drop for CloseIfSetupFails {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.close();
+        }
+    }
 }
 
 /// Collects the v4 repository's unreferenced chunks every `every` while the server

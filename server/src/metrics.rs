@@ -426,7 +426,7 @@ impl Metrics {
             self.account_last_backup.clear();
             for a in &now.accounts {
                 let l = AccountLabel {
-                    account: a.name.clone(),
+                    account: escape_label(&a.name),
                 };
                 self.account_stored
                     .get_or_create(&l)
@@ -445,6 +445,22 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
+}
+
+/// A label value as the text formats want it: backslash, double quote and line feed
+/// escaped (prometheus-client writes values as they are, and an account's name is the
+/// user's choice: one quote would break every scrape).
+pub fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// What a scrape reads at the moment it asks.
@@ -476,4 +492,14 @@ pub fn volume(path: &std::path::Path) -> Option<(u64, u64)> {
         st.blocks_available() as u64 * frsize,
         st.blocks() as u64 * frsize,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::escape_label(r#"ev"il\x"#), r#"ev\"il\\x"#);
+        assert_eq!(super::escape_label("a\nb"), "a\\nb");
+        assert_eq!(super::escape_label("plain"), "plain");
+    }
 }

@@ -339,8 +339,8 @@ impl Shard {
             let span = tracing::info_span!(
                 "conn",
                 shard = self.id,
-                conn = token - FIRST_CONN,
-                peer = ?Some(peer),
+                conn = crate::conn::next_conn_id(),
+                peer = %peer,
                 account = tracing::field::Empty
             );
             span.in_scope(|| tracing::debug!("connected"));

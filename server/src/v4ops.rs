@@ -37,8 +37,17 @@ impl std::fmt::Debug for V4Services {
     }
 }
 
-/// The answer for a repository error.
+/// The answer for a repository error. Refusals are logged at info (the connection's
+/// span names the account), failures at error.
 pub fn answer_for(e: &RepoError) -> ErrorAnswer {
+    let a = answer_inner(e);
+    if a.code != ErrorCode::INTERNAL {
+        tracing::info!(code = a.code.0, reason = %a.message, "refused");
+    }
+    a
+}
+
+fn answer_inner(e: &RepoError) -> ErrorAnswer {
     match e {
         RepoError::Forbidden { .. } => ErrorAnswer::new(ErrorCode::FORBIDDEN, e.to_string()),
         RepoError::NameTaken => {
@@ -115,6 +124,9 @@ pub async fn run_v4_op<B: Blocking>(svc: &V4Services, blocking: &B, op: Op) -> C
             let r = blocking
                 .run(move || login_blocking(&repo, registration, device_key, login))
                 .await;
+            if let Err(e) = &r {
+                tracing::info!(code = e.code.0, reason = %e.message, "login refused");
+            }
             Completion::LoggedIn(r)
         }
         Op::Request {
@@ -148,7 +160,7 @@ fn login_blocking(
             let (account, device) = repo
                 .create_account(&login.account, &key, &login.device)
                 .map_err(|e| answer_for(&e))?;
-            tracing::info!(account = %login.account, account_id = account, device, "account created");
+            tracing::info!(account_name = %login.account, account_id = account, device, "account created");
             Ok(Welcome {
                 account_id: account as u64,
                 device_id: device as u64,
@@ -231,7 +243,7 @@ async fn request_answer<B: Blocking>(
             {
                 CommitOutcome::Committed => {
                     tracing::info!(
-                        account,
+                        account_id = account,
                         files = header.files,
                         size = header.size,
                         "snapshot committed"
@@ -262,7 +274,7 @@ async fn request_answer<B: Blocking>(
                 .await;
             match found {
                 Ok(Some(a)) => {
-                    tracing::info!(account, legacy = %a.name, "v3 identity proven");
+                    tracing::info!(account_id = account, legacy = %a.name, "v3 identity proven");
                     Answer::LegacyAccount {
                         name: a.name,
                         files: a.files,
@@ -364,7 +376,9 @@ fn blocking_answer(
         Request::HasChunks(ids) => {
             let held = repo.chunks_held(account, &ids)?;
             let n = held.iter().filter(|h| **h).count();
-            crate::metrics::metrics().chunks_deduplicated.inc_by(n as u64);
+            crate::metrics::metrics()
+                .chunks_deduplicated
+                .inc_by(n as u64);
             Answer::ChunksHeld(held)
         }
         Request::GetChunk(id) => match repo.get_chunk(account, &id)? {
@@ -395,7 +409,7 @@ fn blocking_answer(
         }
         Request::ForgetSnapshot(id) => {
             if repo.forget_snapshot(account, &id)? {
-                tracing::info!(account, "snapshot forgotten");
+                tracing::info!(account_id = account, "snapshot forgotten");
                 Answer::Forgotten
             } else {
                 not_found("snapshot")
@@ -432,7 +446,7 @@ fn blocking_answer(
             }
             let (code, expires) =
                 repo.new_enrolment(account, caps, std::time::Duration::from_secs(ttl_s as u64))?;
-            tracing::info!(account, caps = %caps.names(), device_name = %name, "enrolment code issued");
+            tracing::info!(account_id = account, caps = %caps.names(), device_name = %name, "enrolment code issued");
             Answer::Enrolment {
                 code,
                 expires_ms: expires.max(0) as u64,
@@ -459,7 +473,7 @@ fn blocking_answer(
                 )));
             }
             if repo.revoke_device(account, id as i64)? {
-                tracing::info!(account, device = id, "device revoked");
+                tracing::info!(account_id = account, device = id, "device revoked");
                 Answer::DeviceRevoked
             } else {
                 not_found("device")

@@ -84,6 +84,12 @@ fn metrics_follow_uploads_and_pass_promtool(rt: Runtime) {
         &["init", "-s", &srv.addr.to_string(), "-a", &account],
     ));
     ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
+    // A name with a quote and a backslash is the user's choice: the scrape stays valid.
+    let odd = format!("ev\"il\\{}", unique_name("x"));
+    ok(cli(
+        &work.path().join("odd"),
+        &["init", "-s", &srv.addr.to_string(), "-a", &odd],
+    ));
     // v3: one file; a scrape in the middle of it already shows its bytes.
     let mut c = Conn::login(srv.addr, &unique_name("m3"));
     let f = data(300_000, 2);
@@ -320,7 +326,9 @@ fn admin_commands_against_a_running_server(rt: Runtime) {
 both_runtimes!(
     metrics_follow_uploads_and_pass_promtool,
     readyz_turns_false_while_draining,
-    admin_commands_against_a_running_server
+    admin_commands_against_a_running_server,
+    restart_on_the_same_port_right_after_a_drain,
+    a_trickling_new_connection_is_closed_after_the_header_timeout
 );
 
 /// SIGINT in the middle of an upload: what was acknowledged stays, the upload in flight
@@ -418,4 +426,34 @@ fn log_lines_carry_the_connection_and_the_account() {
             .any(|v| v["message"] != "disconnected" && v["message"] != "logged in"),
         "{log}"
     );
+}
+
+/// A server restarted on its port right after a drain starts at once: the drained
+/// connections' TIME_WAIT is not taken for another server on the port.
+fn restart_on_the_same_port_right_after_a_drain(rt: Runtime) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Server::start_in(rt, dir.path(), &["--port", &port]);
+    let mut c = Conn::login(srv.addr, &unique_name("tw"));
+    c.upload("a.bin", &data(1000, 1), 65536, Order::InOrder);
+    assert!(srv.stop().success());
+    // The server closed the idle connection first: its side is in TIME_WAIT now.
+    assert!(c.is_closed_by_server());
+    drop(srv);
+    let again = Server::start_in(rt, dir.path(), &["--port", &port]);
+    assert_eq!(again.addr.port().to_string(), port);
+}
+
+/// A connection that sends a byte and stops is closed after the header timeout, not
+/// held for the idle timeout.
+fn a_trickling_new_connection_is_closed_after_the_header_timeout(rt: Runtime) {
+    let srv = Server::start(rt, &["--header-timeout", "1", "--idle-timeout", "300"]);
+    let t0 = Instant::now();
+    let mut c = Conn::connect(srv.addr);
+    c.send(&[0]).unwrap();
+    assert!(wait_until(Duration::from_secs(15), || c.is_closed_by_server()));
+    assert!(t0.elapsed() < Duration::from_secs(15));
 }

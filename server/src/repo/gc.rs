@@ -336,7 +336,7 @@ impl Repo {
                     self.shared
                         .registry()
                         .mark_damaged(account, &rec.id, &rec.hash, now)?;
-                    tracing::error!(account, chunk = %super::hex(&rec.id), "a damaged or missing chunk, marked for upload");
+                    tracing::error!(account_id = account, chunk = %super::hex(&rec.id), "a damaged or missing chunk, marked for upload");
                 }
             }
         }
@@ -351,7 +351,7 @@ impl Repo {
                 .is_some_and(|b| *blake3::hash(&b).as_bytes() == snap.body_hash);
             if !sound {
                 report.damaged_bodies.push((account, h.id));
-                tracing::error!(account, snapshot = %super::hex(&h.id), "a snapshot body is damaged or missing");
+                tracing::error!(account_id = account, snapshot = %super::hex(&h.id), "a snapshot body is damaged or missing");
             }
         }
         Ok(())
