@@ -7,6 +7,14 @@
 //! - `<root>/LOCK`: held (`flock`) while a store is open, so that two servers never
 //!   share a root (the second would sweep the first one's temp files).
 //!
+//! Blobs of [`DIRECT_MIN`] bytes or more are written with `O_DIRECT` from one
+//! page-aligned staging buffer (padded to whole pages, then cut to size), bypassing the
+//! page cache; where the file system refuses `O_DIRECT` every blob goes through the
+//! cache. Measured with the load generator (`--mode v4-backup -c 16 --size 1MiB
+//! --files-per-snapshot 4 -d 8s`, 3 alternated runs against the release server): 276
+//! against 214 MB/s, 2.48 against 3.53 server core-seconds per GiB, the committer's
+//! system time 2.0 against 3.7 s.
+//!
 //! A batch is made durable the way the v3 storage commits files
 //! ([`crate::storage`]): each blob is written to its own temp file; their data is made
 //! durable (an `fdatasync` each, or from [`GROUP_MIN`] blobs on one `syncfs` for all);
@@ -32,6 +40,15 @@ use super::{hex, io_err, unhex, AccountId, RepoError};
 /// From this many blobs in a batch on, one `syncfs` replaces the per-file syncs.
 pub const GROUP_MIN: usize = 3;
 
+/// Blobs of at least this many bytes are written with `O_DIRECT` from a page-aligned
+/// staging buffer (padded to whole pages, then cut to size), bypassing the page cache.
+/// A profile of the committer under 16 clients put 39% of its time in the kernel's
+/// copy into the page cache (`copy_folio_from_iter_atomic`).
+pub const DIRECT_MIN: usize = 64 * 1024;
+
+/// The alignment and size granule of direct writes.
+const PAGE: usize = 4096;
+
 const TMP: &str = "tmp";
 const LOCK: &str = "LOCK";
 
@@ -45,6 +62,10 @@ pub struct FsBlobStore {
     durable_dirs: Mutex<HashSet<PathBuf>>,
     /// Holds the `flock` on `<root>/LOCK` while open.
     _lock: File,
+    /// The page-aligned staging buffer of direct writes (grown as needed; `None` once
+    /// the file system refused `O_DIRECT`).
+    stage: Mutex<Option<memmap2::MmapMut>>,
+    direct: std::sync::atomic::AtomicBool,
 }
 
 impl FsBlobStore {
@@ -95,7 +116,75 @@ impl FsBlobStore {
             durable_dirs: Mutex::new(durable),
             root,
             _lock: lock,
+            stage: Mutex::new(None),
+            direct: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Writes `data` into the new file `path`: with `O_DIRECT` from the staging buffer
+    /// when it is large enough and the file system takes it, else through the cache.
+    /// The caller syncs.
+    fn write_new(&self, path: &Path, data: &[u8]) -> Result<(), RepoError> {
+        if data.len() >= DIRECT_MIN && self.direct.load(Ordering::Relaxed) {
+            match self.write_direct(path, data) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {} // refused: the cache below
+                Err(e) => return Err(e),
+            }
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("creating", path))?;
+        f.write_all(data).map_err(io_err("writing", path))
+    }
+
+    /// `Ok(false)` when the file system refuses `O_DIRECT` (then never tried again).
+    fn write_direct(&self, path: &Path, data: &[u8]) -> Result<bool, RepoError> {
+        let padded = data.len().div_ceil(PAGE) * PAGE;
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if stage.as_ref().is_none_or(|m| m.len() < padded) {
+            // An anonymous mapping is page-aligned, as O_DIRECT wants.
+            *stage = Some(
+                memmap2::MmapMut::map_anon(padded.max(1 << 20))
+                    .map_err(io_err("allocating a write buffer for", path))?,
+            );
+        }
+        let Some(buf) = stage.as_mut() else {
+            return Ok(false);
+        };
+        buf[..data.len()].copy_from_slice(data);
+        buf[data.len()..padded].fill(0);
+        let f = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct.store(false, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(io_err("creating", path)(e)),
+        };
+        match f.write_all_at(&buf[..padded], 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Opened but refused: the cache from now on, for this file too.
+                self.direct.store(false, Ordering::Relaxed);
+                drop(f);
+                fs::remove_file(path).map_err(io_err("removing", path))?;
+                return Ok(false);
+            }
+            Err(e) => return Err(io_err("writing", path)(e)),
+        }
+        f.set_len(data.len() as u64)
+            .map_err(io_err("truncating", path))?;
+        Ok(true)
     }
 
     /// The root directory.
@@ -193,20 +282,21 @@ impl BlobStore for FsBlobStore {
         // 1. each blob in a temp file (synced one by one for a small batch)
         let mut temps = Vec::with_capacity(items.len());
         for (_, data) in items {
-            let path = self.temp_path();
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err("creating", &path))?;
-            let temp = Temp(Some(path));
+            let temp = Temp(Some(self.temp_path()));
             let path = temp.0.as_deref().unwrap_or(Path::new(""));
-            f.write_all(data).map_err(io_err("writing", path))?;
-            if !group {
-                f.sync_data().map_err(io_err("syncing", path))?;
-            }
+            let written = self.write_new(path, data);
+            // Registered before the error check: a half-written temp file goes too.
             temps.push(temp);
+            written?;
+            if !group {
+                let path = temps
+                    .last()
+                    .and_then(|t| t.0.as_deref())
+                    .unwrap_or(Path::new(""));
+                File::open(path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(io_err("syncing", path))?;
+            }
         }
         // 2. their directories
         let mut to_sync = BTreeSet::new();
@@ -354,6 +444,41 @@ pub(crate) mod tests {
     /// A store on a temp dir; reopening drops the old store first.
     pub(crate) struct FsHarness {
         pub dir: tempfile::TempDir,
+    }
+
+    /// Blobs on both sides of the direct-write threshold and of page boundaries come
+    /// back exactly (a direct write is padded to whole pages, then cut to size), in
+    /// grouped and single puts, and no temp file is left.
+    #[test]
+    fn direct_and_cached_writes_keep_exact_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let sizes = [
+            1,
+            4095,
+            DIRECT_MIN - 1,
+            DIRECT_MIN,
+            DIRECT_MIN + 1,
+            200_000,
+            (4 << 20) + 3,
+        ];
+        let blobs: Vec<(BlobKey, Vec<u8>)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let data: Vec<u8> = (0..n).map(|j| (j * 31 + i) as u8).collect();
+                (BlobKey::Chunk(1, [i as u8; 32]), data)
+            })
+            .collect();
+        // Grouped (one batch), then one at a time (each synced on its own).
+        let items: Vec<(BlobKey, &[u8])> = blobs.iter().map(|(k, d)| (*k, &d[..])).collect();
+        store.put_batch(&items).unwrap();
+        let single = (BlobKey::Chunk(2, [9; 32]), vec![7u8; 300_001]);
+        store.put_batch(&[(single.0, &single.1[..])]).unwrap();
+        for (k, d) in blobs.iter().chain(std::iter::once(&single)) {
+            assert_eq!(store.get(k).unwrap().as_deref(), Some(&d[..]), "{k:?}");
+        }
+        assert_eq!(fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
     }
 
     impl BlobHarness for FsHarness {
