@@ -128,17 +128,21 @@ pub struct SizeRange {
     pub max: u64,
 }
 
-/// Parses "4096", "4KiB", "4KB", "1.5MiB", "16M".
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// "1.5MiB" as (1.5, "MiB"); `what` names the kind of value in the error.
+fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(f64, &'a str), String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 4KiB, 16MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let n = num.parse().map_err(|_| format!("{s:?} is not a {what}"))?;
+    Ok((n, unit.trim()))
+}
+
+/// Parses "4096", "4KiB", "4KB", "1.5MiB", "16M".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (n, unit) = number_and_unit(s, "size (e.g. 4096, 4KiB, 16MiB)")?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
         "kb" => 1e3,
@@ -157,15 +161,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses "10s", "500ms", "1.5s", "2m", "1h", "100us", or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m, 1h)"))?;
-    let secs = match unit.trim() {
+    let (n, unit) = number_and_unit(s, "duration (e.g. 10s, 500ms, 2m, 1h)")?;
+    let secs = match unit {
         "" | "s" | "sec" => n,
         "ms" => n / 1e3,
         "us" | "µs" => n / 1e6,

@@ -61,6 +61,25 @@ impl Slot {
         self.due
             .map(|d| now.saturating_duration_since(d).as_micros() as u64)
     }
+
+    /// Reports a handshake of this slot that ended now, or its failure (and pauses
+    /// briefly after one, so that a refusing server is not hammered).
+    pub fn handshake_done(&self, tx: &mpsc::Sender<Event>, r: Result<(), &'static str>) {
+        let now = Instant::now();
+        match r {
+            Ok(()) => {
+                let _ = tx.send(Event::Handshake {
+                    at: now,
+                    latency_us: (now - self.began).as_micros() as u64,
+                    corrected_us: self.corrected(now),
+                });
+            }
+            Err(kind) => {
+                let _ = tx.send(Event::Error { at: now, kind });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -219,27 +238,10 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
 
     while !sh.stop.load(Ordering::Relaxed) {
         let Some(slot) = sh.next_slot() else { break };
-        let began = slot.began;
         let corrected = |now: Instant| slot.corrected(now);
 
         if a.mode == Mode::Handshake {
-            match handshake(&a.server, &id, &copts) {
-                Ok(()) => {
-                    let now = Instant::now();
-                    let _ = tx.send(Event::Handshake {
-                        at: now,
-                        latency_us: (now - began).as_micros() as u64,
-                        corrected_us: corrected(now),
-                    });
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::Error {
-                        at: Instant::now(),
-                        kind: e,
-                    });
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
+            slot.handshake_done(&tx, handshake(&a.server, &id, &copts));
             sh.finished(&slot);
             continue;
         }

@@ -131,27 +131,10 @@ pub fn run(idx: usize, sh: Arc<Shared>, tx: mpsc::Sender<Event>) {
     let mut n = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
         let Some(slot) = sh.next_slot() else { break };
-        let began = slot.began;
         let corrected = |now: Instant| slot.corrected(now);
         if a.mode == Mode::V4Handshake {
-            match connect(&a.server, &device, device_login(), &opts) {
-                Ok(c) => {
-                    drop(c);
-                    let now = Instant::now();
-                    let _ = tx.send(Event::Handshake {
-                        at: now,
-                        latency_us: (now - began).as_micros() as u64,
-                        corrected_us: corrected(now),
-                    });
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::Error {
-                        at: Instant::now(),
-                        kind: kind(&e),
-                    });
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
+            let r = connect(&a.server, &device, device_login(), &opts);
+            slot.handshake_done(&tx, r.map(drop).map_err(|e| kind(&e)));
             sh.finished(&slot);
             continue;
         }

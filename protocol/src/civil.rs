@@ -1,6 +1,6 @@
-//! Calendar arithmetic on the proleptic Gregorian calendar in UTC (Howard Hinnant's
-//! algorithms), for the dates people read: retention buckets, listings, logs. No time
-//! zones: every date shown is UTC.
+//! What people read: calendar dates on the proleptic Gregorian calendar in UTC
+//! (Howard Hinnant's algorithms) for retention buckets, listings and logs, and byte
+//! sizes in IEC units. No time zones: every date shown is UTC.
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -40,6 +40,22 @@ pub fn format_utc_ms(ms: i64) -> String {
     )
 }
 
+/// Bytes in IEC units with one decimal ("12 B", "1.5 KiB", "3.0 GiB").
+pub fn iec_bytes(n: u64) -> String {
+    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -51,5 +67,7 @@ mod tests {
         );
         assert_eq!(super::days_from_civil(2000, 2, 29), 11_016);
         assert_eq!(super::civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(super::iec_bytes(12), "12 B");
+        assert_eq!(super::iec_bytes(1536), "1.5 KiB");
     }
 }

@@ -6,7 +6,7 @@
 //! runtimes, the client, the load generator and the bridge all build on it.
 //!
 //! # Layout
-//! - [`civil`]: UTC calendar dates from epoch times (retention, listings).
+//! - [`civil`]: UTC calendar dates from epoch times, and byte sizes, as people read them.
 //! - [`common`]: what every protocol version shares: the [`ClientId`](common::ClientId)
 //!   and its hex form ([`common::hex`]).
 //! - [`v3`]: version 3, the wire format of the CyberBackup 3.0 deployments:

@@ -270,21 +270,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Bytes in IEC units, one decimal.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
+use cyberbackup_protocol::civil::iec_bytes as human;
 
 /// Parses "10G", "512M", "1048576", or "none".
 fn parse_bytes(s: &str) -> Option<Option<u64>> {
@@ -665,6 +651,23 @@ fn creatable(p: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", parent.display()))
 }
 
+/// What is at `p`, which must be (or could become) a writable directory (`dir`) or a
+/// file: a description, or the problem.
+fn path_state(p: &Path, dir: bool) -> Result<&'static str, String> {
+    match std::fs::metadata(p) {
+        Ok(m) if dir && !m.is_dir() => Err("not a directory".into()),
+        Ok(m) if !dir && m.is_dir() => Err("a directory, not a database file".into()),
+        Ok(_) if !dir => Ok("exists"),
+        Ok(_) => nix::unistd::access(p, nix::unistd::AccessFlags::W_OK)
+            .map(|()| "a writable directory")
+            .map_err(|e| format!("not writable: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => creatable(p)
+            .map(|()| "missing: made on first start")
+            .map_err(|why| format!("missing, and cannot be made: {why}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The pid of a server holding `<storage>/.lock` now, if one does (without making
 /// anything).
 fn running_server(storage: &Path) -> Option<String> {
@@ -716,67 +719,20 @@ fn check_config(cfg: &Config) -> Result<i32> {
     println!("admin socket: {}", cfg.admin_socket.display());
     let runtime = format!("{:?}", cfg.runtime).to_lowercase();
     println!("runtime: {runtime}, shards: {}", cfg.shards);
-    for (what, p) in [
-        ("storage (v3 files)", &cfg.storage),
-        ("repository (v4)", &cfg.repository),
+    for (what, p, dir) in [
+        ("storage (v3 files)", &cfg.storage, true),
+        ("repository (v4)", &cfg.repository, true),
+        ("database (v3)", &cfg.database, false),
     ] {
-        let state = match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => {
-                match nix::unistd::access(p.as_path(), nix::unistd::AccessFlags::W_OK) {
-                    Ok(()) => "a writable directory".to_owned(),
-                    Err(e) => {
-                        problems.push(format!("{what} {}: not writable: {e}", p.display()));
-                        format!("not writable: {e}")
-                    }
-                }
-            }
-            Ok(_) => {
-                problems.push(format!("{what} {}: not a directory", p.display()));
-                "not a directory".to_owned()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match creatable(p) {
-                Ok(()) => "missing: made on first start".to_owned(),
-                Err(why) => {
-                    problems.push(format!(
-                        "{what} {}: missing, and cannot be made: {why}",
-                        p.display()
-                    ));
-                    format!("missing, and cannot be made: {why}")
-                }
-            },
-            Err(e) => {
-                problems.push(format!("{what} {}: {e}", p.display()));
-                e.to_string()
+        let state = match path_state(p, dir) {
+            Ok(state) => state.to_owned(),
+            Err(problem) => {
+                problems.push(format!("{what} {}: {problem}", p.display()));
+                problem
             }
         };
         println!("{what}: {} ({state})", p.display());
     }
-    let db = &cfg.database;
-    let state = match std::fs::metadata(db) {
-        Ok(m) if m.is_dir() => {
-            problems.push(format!(
-                "database (v3) {}: a directory, not a database file",
-                db.display()
-            ));
-            "a directory, not a database file".to_owned()
-        }
-        Ok(_) => "exists".to_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match creatable(db) {
-            Ok(()) => "missing: made on first start".to_owned(),
-            Err(why) => {
-                problems.push(format!(
-                    "database (v3) {}: cannot be made: {why}",
-                    db.display()
-                ));
-                format!("cannot be made: {why}")
-            }
-        },
-        Err(e) => {
-            problems.push(format!("database (v3) {}: {e}", db.display()));
-            e.to_string()
-        }
-    };
-    println!("database (v3): {} ({state})", db.display());
     println!(
         "v4: registration {}, collection {}, grace {} s",
         if cfg.registration { "open" } else { "closed" },
@@ -813,7 +769,5 @@ mod tests {
         assert_eq!(super::parse_bytes("4096"), Some(Some(4096)));
         assert_eq!(super::parse_bytes("ten"), None);
         assert_eq!(super::parse_bytes("99999999999T"), None);
-        assert_eq!(super::human(1536), "1.5 KiB");
-        assert_eq!(super::human(12), "12 B");
     }
 }

@@ -265,9 +265,7 @@ impl Driver {
     fn count_errors(&mut self) {
         if let Session::V4(s) = &mut self.session {
             for (code, n) in s.take_errors() {
-                for _ in 0..n {
-                    metrics().error(4, code.0.to_string());
-                }
+                metrics().errors_n(4, code.0.to_string(), n);
             }
         }
     }
@@ -283,8 +281,9 @@ impl Driver {
         match &self.session {
             Session::V3(s) => {
                 // v3 answers every error with 1607 GENERAL_ERROR.
-                for _ in 0..s.stats().errors {
-                    metrics().error(3, "1607");
+                let n = s.stats().errors;
+                if n > 0 {
+                    metrics().errors_n(3, "1607", n);
                 }
             }
             Session::V4(s) => match s.ended() {

@@ -364,12 +364,17 @@ impl Metrics {
     }
 
     pub fn error(&self, v: u8, reason: impl Into<String>) {
+        self.errors_n(v, reason, 1);
+    }
+
+    /// `n` errors of one reason.
+    pub fn errors_n(&self, v: u8, reason: impl Into<String>, n: u64) {
         self.errors
             .get_or_create(&ProtoReason {
                 protocol: proto(v),
                 reason: reason.into(),
             })
-            .inc();
+            .inc_by(n);
     }
 
     pub fn ingested(&self, v: u8, bytes: u64) {

@@ -33,6 +33,28 @@ fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Under `work`: an account of `srv` (config dir `cfg`) named `prefix`-unique, and a
+/// first backup of `src/a.bin` (`bytes` of `seed`'s data). Returns (cfg, account).
+fn account_with_backup(
+    srv: &Server,
+    work: &Path,
+    prefix: &str,
+    bytes: usize,
+    seed: u64,
+) -> (std::path::PathBuf, String) {
+    let cfg = work.join("cfg");
+    let src = work.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), data(bytes, seed)).unwrap();
+    let account = unique_name(prefix);
+    ok(cli(
+        &cfg,
+        &["init", "-s", &srv.addr.to_string(), "-a", &account],
+    ));
+    ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
+    (cfg, account)
+}
+
 fn scrape(srv: &Server) -> String {
     let (status, body) = srv.http_get("/metrics").expect("GET /metrics");
     assert_eq!(status, 200, "{body}");
@@ -74,16 +96,7 @@ fn metrics_follow_uploads_and_pass_promtool(rt: Runtime) {
 
     // v4: a backup of 3 MiB of random data.
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("cfg");
-    let src = work.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("a.bin"), data(3 << 20, 1)).unwrap();
-    let account = unique_name("metrics");
-    ok(cli(
-        &cfg,
-        &["init", "-s", &srv.addr.to_string(), "-a", &account],
-    ));
-    ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
+    let (cfg, account) = account_with_backup(&srv, work.path(), "metrics", 3 << 20, 1);
     // A name with a quote and a backslash is the user's choice: the scrape stays valid.
     let odd = format!("ev\"il\\{}", unique_name("x"));
     ok(cli(
@@ -393,16 +406,7 @@ fn sigint_mid_upload_drains_and_a_late_second_signal_forces() {
 fn log_lines_carry_the_connection_and_the_account() {
     let srv = Server::start(Runtime::Glommio, &["--log-format", "json"]);
     let work = tempfile::tempdir().unwrap();
-    let cfg = work.path().join("cfg");
-    let src = work.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("a.bin"), data(1 << 20, 9)).unwrap();
-    let account = unique_name("logs");
-    ok(cli(
-        &cfg,
-        &["init", "-s", &srv.addr.to_string(), "-a", &account],
-    ));
-    ok(cli(&cfg, &["backup", src.to_str().unwrap()]));
+    let (_, account) = account_with_backup(&srv, work.path(), "logs", 1 << 20, 9);
     let log = srv.log();
     let lines: Vec<serde_json::Value> = log
         .lines()
