@@ -1,14 +1,17 @@
 //! A v4 backup: walk the paths, cut files into chunks, send what the server does not
 //! hold, and commit one snapshot.
 //!
-//! The pipeline: worker threads take files from a shared queue, read and cut them with
-//! FastCDC, name each chunk by its keyed hash, and gather chunks (of one or many
-//! files) into batches. For a batch they ask the server which chunks it holds
-//! (HAS_CHUNKS; chunks named by the parent snapshot or already sent in this run are
-//! not asked about), then compress, encrypt and send the others (PUT_CHUNK) without
-//! waiting: answers come back while the next batch is read. The window of the
-//! connection bounds what is in flight. The snapshot is committed only after every
-//! chunk was acknowledged as durable.
+//! The pipeline has two pools of threads. Readers take files from a shared queue,
+//! read and cut them with FastCDC, name each chunk by its keyed hash, and gather
+//! chunks (of one or many files) into batches. For a batch they ask the server which
+//! chunks it holds (HAS_CHUNKS; chunks named by the parent snapshot or already sent in
+//! this run are not asked about) and hand the others to the sealers through a bounded
+//! queue ([`SealQueue`]). Sealers compress, encrypt and send them (PUT_CHUNK) without
+//! waiting for the answers, which they take as they come. So one large file is read
+//! and cut on one core while its chunks are sealed on the others, and a reader never
+//! waits for the server's acknowledgements. The window of the connection bounds what
+//! is in flight. The snapshot is committed only after every chunk was acknowledged as
+//! durable.
 //!
 //! A file whose size and modification time match the parent snapshot's entry (the
 //! last snapshot of this host with the same paths) is not read again: its chunks are
@@ -21,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cyberbackup_protocol::v4::format::{Entry, EntryKind, RepoKey, Root};
@@ -46,6 +49,14 @@ const READ_BUF: usize = 16 << 20;
 const BATCH_BYTES: usize = 8 << 20;
 /// Chunks a worker gathers before it asks.
 const BATCH_CHUNKS: usize = 512;
+
+/// Plaintext bytes waiting for a sealer, at most (one item is always taken).
+const SEAL_QUEUE_BYTES: usize = 32 << 20;
+/// A sealer takes chunks in items of at most this many bytes (a chunk is never split)
+/// or [`SEAL_ITEM_CHUNKS`] chunks: large chunks go one by one to any free sealer, tiny
+/// ones in groups, so the queue's lock is not taken once per tiny file.
+const SEAL_ITEM_BYTES: usize = 1 << 20;
+const SEAL_ITEM_CHUNKS: usize = 64;
 
 /// Backup errors.
 #[derive(Debug, thiserror::Error)]
@@ -384,6 +395,171 @@ struct Shared<'a> {
     held: AtomicU64,
     bytes_sent: AtomicU64,
     progress: &'a BackupProgress,
+    /// Chunks the server does not hold, on their way to the sealers.
+    seal: SealQueue,
+}
+
+/// Chunks waiting to be sealed and sent: readers put, sealers take. Bounded in
+/// bytes, so a fast reader waits for the sealers rather than filling memory.
+#[derive(Default)]
+struct SealQueue {
+    st: Mutex<SealState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SealState {
+    items: VecDeque<Vec<(ChunkId, Vec<u8>)>>,
+    bytes: usize,
+    /// No more items will come: sealers finish what is queued and stop.
+    closed: bool,
+    /// A sealer failed: readers and sealers stop at once.
+    aborted: bool,
+}
+
+impl SealQueue {
+    /// Queues an item, waiting for room; false once the queue was aborted.
+    fn put(&self, item: Vec<(ChunkId, Vec<u8>)>) -> bool {
+        let len: usize = item.iter().map(|(_, d)| d.len()).sum();
+        let mut st = lock(&self.st);
+        while !st.aborted && !st.items.is_empty() && st.bytes + len > SEAL_QUEUE_BYTES {
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if st.aborted {
+            return false;
+        }
+        st.bytes += len;
+        st.items.push_back(item);
+        self.cv.notify_all();
+        true
+    }
+
+    /// The next item; None once the queue is closed and empty, or aborted.
+    fn take(&self) -> Option<Vec<(ChunkId, Vec<u8>)>> {
+        let mut st = lock(&self.st);
+        loop {
+            if st.aborted {
+                return None;
+            }
+            if let Some(item) = st.items.pop_front() {
+                st.bytes -= item.iter().map(|(_, d)| d.len()).sum::<usize>();
+                self.cv.notify_all();
+                return Some(item);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn finish(&self, abort: bool) {
+        let mut st = lock(&self.st);
+        st.closed = true;
+        st.aborted |= abort;
+        self.cv.notify_all();
+    }
+
+    fn reopen(&self) {
+        let mut st = lock(&self.st);
+        *st = SealState::default();
+    }
+}
+
+/// Runs `body` (which queues chunks with [`Worker::flush`]) beside `n` sealer threads,
+/// and returns once every chunk queued was sent and acknowledged as durable. The
+/// first failure of a sealer or a reader wins over `body`'s own result.
+fn with_sealers<R>(
+    sh: &Shared<'_>,
+    n: usize,
+    body: impl FnOnce() -> Result<R, BackupError>,
+) -> Result<R, BackupError> {
+    sh.seal.reopen();
+    let r = std::thread::scope(|s| {
+        let sealers: Vec<_> = (0..n.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    if let Err(e) = sealer(sh) {
+                        sh.seal.finish(true);
+                        let mut f = lock(&sh.failed);
+                        if f.is_none() {
+                            *f = Some(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let r = body();
+        sh.seal.finish(false);
+        for h in sealers {
+            if h.join().is_err() {
+                let mut f = lock(&sh.failed);
+                if f.is_none() {
+                    *f = Some(BackupError::Cancelled);
+                }
+            }
+        }
+        r
+    });
+    match lock(&sh.failed).take() {
+        Some(e) => Err(e),
+        None => r,
+    }
+}
+
+/// A sealer: compresses, encrypts and sends queued chunks, taking the answers as
+/// they come, and waits for the last ones before it returns.
+fn sealer(sh: &Shared<'_>) -> Result<(), BackupError> {
+    let mut rng = rand::thread_rng();
+    let mut puts = VecDeque::new();
+    while let Some(item) = sh.seal.take() {
+        for (id, data) in item {
+            if sh.progress.cancel.load(Ordering::Relaxed) {
+                return Err(BackupError::Cancelled);
+            }
+            let blob = sh.key.seal_chunk_with_id(&id, &data, sh.compress, &mut rng);
+            drop(data);
+            let len = blob.len() as u64;
+            let p = sh.conn.submit(&Request::PutChunk { id, blob })?;
+            puts.push_back(p);
+            sh.sent.fetch_add(1, Ordering::Relaxed);
+            sh.bytes_sent.fetch_add(len, Ordering::Relaxed);
+            sh.progress.bytes_sent.fetch_add(len, Ordering::Relaxed);
+            reap(&mut puts, false)?;
+        }
+    }
+    reap(&mut puts, true)
+}
+
+/// Takes the answers to PUT_CHUNK that are here (all of them with `all`).
+fn reap(puts: &mut VecDeque<Pending>, all: bool) -> Result<(), BackupError> {
+    while let Some(p) = puts.front() {
+        let r = if all {
+            match puts.pop_front() {
+                Some(p) => p.wait(),
+                None => break,
+            }
+        } else {
+            match p.try_wait() {
+                Some(r) => {
+                    puts.pop_front();
+                    r
+                }
+                None => break,
+            }
+        };
+        match r? {
+            Answer::ChunkStored { .. } => {}
+            _ => return Err(ConnError::UnexpectedAnswer("PUT_CHUNK").into()),
+        }
+    }
+    Ok(())
 }
 
 /// Chunks gathered and not yet asked about.
@@ -398,8 +574,6 @@ struct Worker<'s, 'a> {
     /// The read buffer, kept across files.
     buf: Vec<u8>,
     batch: Batch,
-    puts: VecDeque<Pending>,
-    rng: rand::rngs::ThreadRng,
 }
 
 impl<'s, 'a> Worker<'s, 'a> {
@@ -408,8 +582,6 @@ impl<'s, 'a> Worker<'s, 'a> {
             sh,
             buf: Vec::new(),
             batch: Batch::default(),
-            puts: VecDeque::new(),
-            rng: rand::thread_rng(),
         }
     }
 
@@ -432,10 +604,8 @@ impl<'s, 'a> Worker<'s, 'a> {
             };
             self.sh.progress.files_done.fetch_add(1, Ordering::Relaxed);
             lock(&self.sh.results).push((idx, r));
-            self.reap(false)?;
         }
-        self.flush()?;
-        self.reap(true)
+        self.flush()
     }
 
     /// Reads and cuts one file. The file is read into the worker's buffer in large
@@ -547,53 +717,35 @@ impl<'s, 'a> Worker<'s, 'a> {
                 _ => return Err(ConnError::UnexpectedAnswer("HAS_CHUNKS").into()),
             }
         }
+        let mut item = Vec::new();
+        let mut item_bytes = 0;
         for ((id, data), h) in batch.chunks.into_iter().zip(held) {
             if h {
                 self.sh.held.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let blob = self
-                .sh
-                .key
-                .seal_chunk_with_id(&id, &data, self.sh.compress, &mut self.rng);
-            drop(data);
-            let len = blob.len() as u64;
-            let p = self.sh.conn.submit(&Request::PutChunk { id, blob })?;
-            self.puts.push_back(p);
-            self.sh.sent.fetch_add(1, Ordering::Relaxed);
-            self.sh.bytes_sent.fetch_add(len, Ordering::Relaxed);
-            self.sh
-                .progress
-                .bytes_sent
-                .fetch_add(len, Ordering::Relaxed);
-            self.reap(false)?;
+            if !item.is_empty()
+                && (item_bytes + data.len() > SEAL_ITEM_BYTES || item.len() >= SEAL_ITEM_CHUNKS)
+            {
+                self.queue(std::mem::take(&mut item))?;
+                item_bytes = 0;
+            }
+            item_bytes += data.len();
+            item.push((id, data));
+        }
+        if !item.is_empty() {
+            self.queue(item)?;
         }
         Ok(())
     }
 
-    /// Takes the answers that are here (all of them with `all`).
-    fn reap(&mut self, all: bool) -> Result<(), BackupError> {
-        while let Some(p) = self.puts.front() {
-            let r = if all {
-                match self.puts.pop_front() {
-                    Some(p) => p.wait(),
-                    None => break,
-                }
-            } else {
-                match p.try_wait() {
-                    Some(r) => {
-                        self.puts.pop_front();
-                        r
-                    }
-                    None => break,
-                }
-            };
-            match r? {
-                Answer::ChunkStored { .. } => {}
-                _ => return Err(ConnError::UnexpectedAnswer("PUT_CHUNK").into()),
-            }
+    fn queue(&self, item: Vec<(ChunkId, Vec<u8>)>) -> Result<(), BackupError> {
+        if self.sh.seal.put(item) {
+            Ok(())
+        } else {
+            // A sealer failed; its error is the one reported.
+            Err(BackupError::Cancelled)
         }
-        Ok(())
     }
 }
 
@@ -763,25 +915,41 @@ fn backup_inner(
     } else {
         opts.workers
     };
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut w = Worker::new(&shared);
-                if let Err(e) = w.run() {
-                    let mut f = lock(&shared.failed);
-                    if f.is_none() {
-                        *f = Some(e);
+    let results = with_sealers(&shared, workers, || {
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    let mut w = Worker::new(&shared);
+                    if let Err(e) = w.run() {
+                        shared.seal.finish(true);
+                        let mut f = lock(&shared.failed);
+                        if f.is_none() {
+                            *f = Some(e);
+                        }
                     }
-                }
-            });
+                });
+            }
+        });
+        if lock(&shared.failed).is_some() {
+            return Err(BackupError::Cancelled);
         }
-    });
-    if let Some(e) = lock(&shared.failed).take() {
-        return Err(e);
-    }
+        let results = std::mem::take(&mut *lock(&shared.results));
+        if from_streams {
+            let mut w = Worker::new(&shared);
+            for (i, mut s) in streams.into_iter().enumerate() {
+                progress.files_total.fetch_add(1, Ordering::Relaxed);
+                let (chunks, size) = w.chunks_of(&mut s.reader, Path::new(&s.path))?;
+                walked.entries[i].kind = EntryKind::File { chunks };
+                walked.entries[i].size = size;
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+            }
+            w.flush()?;
+        }
+        Ok(results)
+    })?;
     // Files that could not be read are left out of the snapshot (and reported).
     let mut drop_idx = HashSet::new();
-    for (idx, r) in std::mem::take(&mut *lock(&shared.results)) {
+    for (idx, r) in results {
         match r {
             Ok((chunks, size)) => {
                 let e = &mut walked.entries[idx];
@@ -800,18 +968,6 @@ fn backup_inner(
                 drop_idx.insert(idx);
             }
         }
-    }
-    if from_streams {
-        let mut w = Worker::new(&shared);
-        for (i, mut s) in streams.into_iter().enumerate() {
-            progress.files_total.fetch_add(1, Ordering::Relaxed);
-            let (chunks, size) = w.chunks_of(&mut s.reader, Path::new(&s.path))?;
-            walked.entries[i].kind = EntryKind::File { chunks };
-            walked.entries[i].size = size;
-            progress.files_done.fetch_add(1, Ordering::Relaxed);
-        }
-        w.flush()?;
-        w.reap(true)?;
     }
     let entries: Vec<Entry> = walked
         .entries
@@ -864,6 +1020,7 @@ fn shared<'a>(
         held: AtomicU64::new(0),
         bytes_sent: AtomicU64::new(0),
         progress,
+        seal: SealQueue::default(),
     }
 }
 
@@ -880,21 +1037,17 @@ pub fn upload_stream(
     progress: &BackupProgress,
 ) -> Result<StreamUpload, BackupError> {
     let sh = shared(conn, key, compress, progress);
-    let mut w = Worker::new(&sh);
-    let (chunks, size) = match w.chunks_of(reader, name) {
-        Ok(r) => r,
-        Err(e) => {
-            // The stream broke off (a dropped upload): the chunks cut before the break
-            // are whole, so they still go to the server, and a resend of the stream
-            // finds them held.
-            if w.flush().is_ok() {
-                let _ = w.reap(true);
-            }
-            return Err(e);
-        }
-    };
-    w.flush()?;
-    w.reap(true)?;
+    let sealers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (chunks, size) = with_sealers(&sh, sealers, || {
+        let mut w = Worker::new(&sh);
+        // A stream that broke off (a dropped upload) still sends the chunks cut
+        // before the break: they are whole, and a resend of the stream finds them
+        // held.
+        let r = w.chunks_of(reader, name);
+        let flushed = w.flush();
+        let r = r?;
+        flushed.map(|()| r)
+    })?;
     Ok(StreamUpload {
         chunks,
         size,
@@ -1025,7 +1178,7 @@ fn commit_with(
         e.encode(&mut manifest);
     }
     let mut manifest_chunks = Vec::new();
-    {
+    with_sealers(shared, 1, || {
         let mut w = Worker::new(shared);
         for c in fastcdc::v2020::FastCDC::new(&manifest, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
             let data = manifest[c.offset..c.offset + c.length].to_vec();
@@ -1033,9 +1186,8 @@ fn commit_with(
             manifest_chunks.push(id);
             w.add(id, data)?;
         }
-        w.flush()?;
-        w.reap(true)?;
-    }
+        w.flush()
+    })?;
     refs.extend(manifest_chunks.iter().copied());
     summary.chunks_sent = shared.sent.load(Ordering::Relaxed);
     summary.chunks_held = shared.held.load(Ordering::Relaxed);

@@ -117,7 +117,7 @@ struct State {
 /// A logged-in connection.
 pub struct Connection {
     shared: Arc<Shared>,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Writer>,
     reader: Option<thread::JoinHandle<()>>,
     welcome: Welcome,
     server_key: [u8; 32],
@@ -254,7 +254,10 @@ impl Connection {
             .spawn(move || read_loop(read_half, sh, io_timeout))?;
         Ok(Connection {
             shared,
-            writer: Mutex::new(stream.try_clone()?),
+            writer: Mutex::new(Writer {
+                stream: stream.try_clone()?,
+                out: Vec::new(),
+            }),
             reader: Some(reader),
             welcome,
             server_key,
@@ -298,7 +301,7 @@ impl Connection {
         let (tx, rx) = mpsc::channel();
         let body_len = req.body_len();
         let mut w = lock(&self.writer);
-        let out = {
+        {
             let mut st = lock(&self.shared.session);
             loop {
                 if let Some(e) = &st.failed {
@@ -315,9 +318,10 @@ impl Connection {
             }
             let id = st.session.send(req)?;
             st.replies.insert(id, tx);
-            st.session.take_output()
+            st.session.swap_output(&mut w.out);
         };
-        if let Err(e) = w.write_all(&out) {
+        let Writer { stream, out } = &mut *w;
+        if let Err(e) = stream.write_all(out) {
             let e = Arc::new(ConnError::Io(e));
             fail(&self.shared, e.clone());
             return Err(clone_err(&e));
@@ -343,6 +347,13 @@ impl Drop for Connection {
             let _ = r.join();
         }
     }
+}
+
+/// The write half and the buffer its records are sealed into (kept, so that a
+/// large request does not fault in fresh memory each time).
+struct Writer {
+    stream: TcpStream,
+    out: Vec<u8>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -123,6 +123,14 @@ impl ClientSession {
         std::mem::take(&mut self.out)
     }
 
+    /// Takes all the output into `buf` (cleared first), leaving `buf`'s old
+    /// allocation to the session: a writer that keeps one buffer swaps it back and
+    /// forth, and a large request's frame is not written into fresh memory each time.
+    pub fn swap_output(&mut self, buf: &mut Vec<u8>) {
+        buf.clear();
+        std::mem::swap(&mut self.out, buf);
+    }
+
     /// `n` bytes of the output were written.
     pub fn consume_output(&mut self, n: usize) {
         self.out.drain(..n.min(self.out.len()));
