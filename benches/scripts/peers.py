@@ -37,7 +37,8 @@ bytes sent where the tool says (CyberBackup's --json `bytes_sent`, restic's --js
 summary `data_added`, borg's --json `deduplicated_size`, which is bytes added to its
 local repository).
 
-Writes Markdown (--out, default standard output) and JSON next to it (FILE.json).
+Writes Markdown (--out, default benches/results/latest.md, the report this repository
+keeps; `--out -` for standard output) and JSON next to it (FILE.json, e.g. latest.json).
 """
 import argparse
 import json
@@ -928,7 +929,8 @@ def main():
     ap.add_argument("--only", default="1,2,3,4,6", help="scenarios, e.g. 1,2 (3 and 4 imply 2)")
     ap.add_argument("--tools", default=",".join(ALL_TOOLS))
     ap.add_argument("--workdir", default="/var/tmp/cyberbackup-peers")
-    ap.add_argument("--out")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "latest.md"),
+                    help="Markdown report (JSON next to it); - for standard output")
     ap.add_argument("--keep", action="store_true", help="keep the generated workloads (reused by the next run at the same scale)")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
@@ -1002,7 +1004,7 @@ def main():
           "drop_caches": DROP_CACHES, "info": info, "workloads": data, "medians": S, "targets": T,
           "raw": {sc: {k: v for k, v in rows.items() if v} for sc, rows in R.items()},
           "not_measured": ["(5) 16 concurrent clients: the load generator has no v4 mode yet"]}
-    if args.out:
+    if args.out and args.out != "-":
         with open(args.out, "w") as f:
             f.write(md)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
