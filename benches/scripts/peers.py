@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """CyberBackup v4 against restic, borg, sftp and dd on the same data in one run (issue 21).
 
-    python3 benches/scripts/peers.py [--scale 1] [--runs 3] [--only 1,2,3,4,6]
+    python3 benches/scripts/peers.py [--scale 1] [--runs 3] [--only 1,2,3,4,5,6]
                                      [--tools cyberbackup,restic,borg,sftp]
                                      [--workdir DIR] [--out FILE.md] [--keep]
 
 Installs nothing. Needs, and names what is missing of: release binaries
-(cargo build --release -p cyberbackup-server -p cyberbackup-client; CARGO_TARGET_DIR is
-honoured), restic, rclone, borg, sshd + sftp + ssh-keygen (openssh-server), dd.
+(cargo build --release -p cyberbackup-server -p cyberbackup-client -p cyberbackup-loadgen;
+CARGO_TARGET_DIR is honoured), restic, rclone, borg, sshd + sftp + ssh-keygen
+(openssh-server), dd.
 On Debian: apt-get install restic rclone borgbackup openssh-server.
 
 Workloads (made here from fixed seeds, in --workdir, on the disk being measured):
@@ -18,12 +19,21 @@ Workloads (made here from fixed seeds, in --workdir, on the disk being measured)
   3. the same tree backed up again unchanged; then again with 1% of its files changed
      (4 KiB overwritten at a seeded offset, the whole file when smaller);
   4. restore of (2)'s snapshot into an empty directory; restore of one 256 MiB file;
-  5. 16 concurrent clients through the load generator's v4 mode: not measured (that
-     mode does not exist yet);
+  5. 16 clients backing up their own trees at once, each 16 random files of 4 MiB (64 MiB a
+     client, 1 GiB in all): CyberBackup through the load generator's v4 mode
+     (`cyberbackup-loadgen --mode v4-backup -c 16 --files-per-snapshot 16 -n 16`, one
+     snapshot a client, its content made in memory, no disk read); restic as 16 `restic
+     backup` processes to one `rclone serve restic` repository; borg as 16 `borg create`
+     processes, each to a repository of its own (borg locks a repository); sftp as 16
+     sessions putting a tree each. The peers read 16 trees of the same shape generated
+     on disk (one seed a client). An error in any client, the generator's included,
+     fails the run;
   6. a tree of 1,000,000 empty and tiny (1-100 byte) files, 1,000 a directory: first
      backup, time and client peak RSS.
 --scale F multiplies every file count and the sizes of the 1 GiB and 256 MiB files by F
-(the 1-64 KiB and 1-10 MiB size ranges stay), so each workload's bytes scale by about F.
+(the 1-64 KiB and 1-10 MiB size ranges stay), so each workload's bytes scale by about F;
+in (5) the 16 clients and their 16 files each stay, and the 4 MiB file size is scaled
+(at least 64 KiB).
 
 Every figure is the median of --runs runs (tools in a rotated order each run). Before
 each measured command: sync, then drop the page cache when /proc/sys/vm/drop_caches can
@@ -35,9 +45,13 @@ children, from os.wait4); client peak RSS (ru_maxrss); server CPU (user + system
 /proc/PID/stat, before and after) for cyberbackup-server and `rclone serve restic`;
 bytes sent where the tool says (CyberBackup's --json `bytes_sent`, restic's --json
 summary `data_added`, borg's --json `deduplicated_size`, which is bytes added to its
-local repository).
+local repository). In (5), wall is from the first client's start to the last one's
+exit, client CPU and peak RSS are summed over the 16 processes (the load generator is
+one process), and each client's own wall (the generator: its snapshot latency) is given
+as p50 and max.
 
-Writes Markdown (--out, default standard output) and JSON next to it (FILE.json).
+Writes Markdown (--out, default benches/results/latest.md, the report this repository
+keeps; `--out -` for standard output) and JSON next to it (FILE.json, e.g. latest.json).
 """
 import argparse
 import json
@@ -51,17 +65,20 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
 SERVER = os.path.join(TARGET, "release/cyberbackup-server")
 CLI = os.path.join(TARGET, "release/cyberbackup")
+LOADGEN = os.path.join(TARGET, "release/cyberbackup-loadgen")
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 TICK = os.sysconf("SC_CLK_TCK")
 PASSWORD = "peers-bench-passphrase"
 SSH_CIPHER = "aes256-gcm@openssh.com"
 ALL_TOOLS = ["cyberbackup", "restic", "borg", "sftp"]
+CLIENTS, CLIENT_FILES, CLIENT_FILE_BYTES = 16, 16, 4 * MIB  # scenario 5, at scale 1
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at "
          "which but have an they you were her she there been one all we their has would when if "
          "backup server client chunk snapshot restore repository encrypted storage network file "
@@ -125,6 +142,73 @@ def measure(cmd, env=None, cwd=None, servers=(), scratch=None, ok_codes=(0,), st
         raise Failed(f"{' '.join(map(str, cmd[:6]))} exited {p.returncode}: {stderr[-1500:]}")
     return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_kib": ru.ru_maxrss,
             "server_cpu": (s1 - s0) if servers else None, "stdout": stdout}
+
+
+def measure_many(jobs, servers=(), scratch=None, ok_codes=(0,)):
+    """Runs jobs (dicts of cmd, env, cwd) all at once after settle(); returns the wall from
+    the first start to the last exit, their client CPU and peak RSS summed, each one's own
+    wall (client_p50, client_max), server CPU and each one's stdout (stdouts). Fails, naming
+    every job that failed, once all have ended."""
+    settle()
+    s0 = sum(proc_cpu(p) for p in servers)
+    procs, files = [], []
+    ended = [None] * len(jobs)
+
+    def reap(i, began, p):
+        _, status, ru = os.wait4(p.pid, 0)
+        now = time.perf_counter()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        ended[i] = (now - began, now, ru)
+
+    t0 = time.perf_counter()
+    try:
+        for i, j in enumerate(jobs):
+            out = open(os.path.join(scratch, f"cmd{i:02d}.out"), "wb")
+            err = open(os.path.join(scratch, f"cmd{i:02d}.err"), "wb")
+            files += [out, err]
+            began = time.perf_counter()
+            procs.append((began, subprocess.Popen(j["cmd"], env=j.get("env"), cwd=j.get("cwd"), stdout=out,
+                                                  stderr=err, stdin=subprocess.DEVNULL)))
+    except BaseException:
+        for _, p in procs:
+            p.kill()
+            p.wait()
+        raise
+    finally:
+        for f in files:
+            f.close()
+    waiters = [threading.Thread(target=reap, args=(i, b, p)) for i, (b, p) in enumerate(procs)]
+    for t in waiters:
+        t.start()
+    for t in waiters:
+        t.join()
+    s1 = sum(proc_cpu(p) for p in servers)
+    stdouts, stderrs, bad = [], [], []
+    for i, (_, p) in enumerate(procs):
+        with open(os.path.join(scratch, f"cmd{i:02d}.out"), errors="replace") as f:
+            stdouts.append(f.read())
+        with open(os.path.join(scratch, f"cmd{i:02d}.err"), errors="replace") as f:
+            stderrs.append(f.read())
+        if p.returncode not in ok_codes:
+            bad.append(f"[{i}] {' '.join(map(str, jobs[i]['cmd'][:6]))} exited {p.returncode}: {stderrs[-1][-600:]}")
+    if bad:
+        raise Failed(f"{len(bad)} of {len(jobs)} concurrent commands failed:\n" + "\n".join(bad[:4]))
+    walls = [e[0] for e in ended]
+    return {"wall": max(e[1] for e in ended) - t0, "cpu": sum(e[2].ru_utime + e[2].ru_stime for e in ended),
+            "rss_kib": sum(e[2].ru_maxrss for e in ended), "server_cpu": (s1 - s0) if servers else None,
+            "client_p50": statistics.median(walls), "client_max": max(walls), "stdouts": stdouts,
+            "stderrs": stderrs, "codes": [p.returncode for _, p in procs]}
+
+
+def run_all(cmds, env=None):
+    """Runs commands at once, unmeasured (set-up); fails when any fails."""
+    ps = [subprocess.Popen(c, env=env(i) if env else None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL, text=True) for i, c in enumerate(cmds)]
+    errs = [(c, p.communicate()[1]) for c, p in zip(cmds, ps)]
+    errs = [(c, p.returncode, e) for (c, e), p in zip(errs, ps)]
+    bad = [f"{' '.join(map(str, c[:6]))} exited {rc}: {e[-600:]}" for c, rc, e in errs if rc != 0]
+    if bad:
+        raise Failed("\n".join(bad[:4]))
 
 
 def run(cmd, **kw):
@@ -274,6 +358,26 @@ def gen_many(w, scale):
     return {"path": root, "files": n, "bytes": total, "generate_s": gen_s}
 
 
+def gen_clients(w, scale):
+    """Scenario 5's trees for restic, borg and sftp: CLIENTS directories of CLIENT_FILES
+    random files, one seed a client (the load generator makes the same shape in memory)."""
+    root = os.path.join(w, "clients")
+    size = max(64 * KIB, int(CLIENT_FILE_BYTES * scale) // KIB * KIB)
+    marker = os.path.join(w, f"clients.done.{scale}")
+    trees = [f"clients/c{c:02d}" for c in range(CLIENTS)]
+    if not os.path.exists(marker):
+        rmtree(root)
+        for c, t in enumerate(trees):
+            rnd = random.Random(500 + c)
+            os.makedirs(os.path.join(w, t))
+            for i in range(CLIENT_FILES):
+                write_random(os.path.join(w, t, f"f{i:02d}.bin"), size, rnd)
+        open(marker, "w").close()
+    return {"path": root, "trees": trees, "clients": CLIENTS, "files_per_client": CLIENT_FILES,
+            "file_bytes": size, "client_bytes": CLIENT_FILES * size, "files": CLIENTS * CLIENT_FILES,
+            "bytes": CLIENTS * CLIENT_FILES * size}
+
+
 class Change:
     """Overwrites 4 KiB (or the whole file) of 1% of the tree's files; revert() undoes it."""
 
@@ -312,7 +416,8 @@ class Change:
 # ---------------------------------------------------------------- the tools
 # Each tool: start(base) -> sets up a fresh repository (and server); backup(path, label,
 # kind) -> measurement with "bytes_sent" and "snap"; restore(snap, target, one=None);
-# stop(). `path` is relative to the workdir (cwd), `kind` is "random" or "mixed".
+# many(clients) -> scenario 5's measurement (16 clients at once; start(base, init=False)
+# before it); stop(). `path` is relative to the workdir (cwd), `kind` is "random" or "mixed".
 
 class CyberBackup:
     name = "cyberbackup"
@@ -320,7 +425,7 @@ class CyberBackup:
     def __init__(self, w):
         self.w = w
 
-    def start(self, base):
+    def start(self, base, init=True):
         self.base = base
         os.makedirs(base)
         self.log = open(os.path.join(base, "server.log"), "w")
@@ -336,7 +441,8 @@ class CyberBackup:
         self.env = dict(os.environ, CYBERBACKUP_PASSWORD=PASSWORD,
                         CYBERBACKUP_CONFIG_DIR=os.path.join(base, "client-config"))
         self.env.pop("CYBERBACKUP_PROTOCOL", None)
-        run([CLI, "init", "--server", self.addr, "--account", "bench"], env=self.env)
+        if init:
+            run([CLI, "init", "--server", self.addr, "--account", "bench"], env=self.env)
 
     def backup(self, path, kind):
         m = measure([CLI, "--json", "backup", path], env=self.env, cwd=self.w,
@@ -350,6 +456,33 @@ class CyberBackup:
         cmd = [CLI, "restore", snap] + ([one] if one else []) + ["--target", target]
         return measure(cmd, env=self.env, cwd=self.w, servers=[self.proc.pid], scratch=self.base)
 
+    @staticmethod
+    def loadgen_cmd(addr, cl):
+        return [LOADGEN, "-s", addr, "--mode", "v4-backup", "-c", str(cl["clients"]),
+                "--files-per-snapshot", str(cl["files_per_client"]), "--size", str(cl["file_bytes"]),
+                "-n", str(cl["clients"]), "--warmup", "0", "--timeout", "120s", "--user-prefix", "peers",
+                "--json", "-q"]
+
+    def many(self, cl):
+        # The generator exits 1 on any error (--max-error-rate 0, its default): measure fails.
+        m = measure(self.loadgen_cmd(self.addr, cl), cwd=self.base, servers=[self.proc.pid], scratch=self.base)
+        try:
+            rep = json.loads(m["stdout"])
+        except ValueError:
+            raise Failed(f"cyberbackup-loadgen printed no JSON report: {m['stdout'][-1500:]}")
+        want_bytes = cl["clients"] * cl["client_bytes"]
+        if (rep.get("error_count") or rep.get("checksum_mismatches") or rep.get("files") != cl["clients"]
+                or rep.get("bytes") != want_bytes):
+            raise Failed(f"cyberbackup-loadgen: {rep.get('files')} snapshots of {rep.get('bytes')} bytes "
+                         f"(expected {cl['clients']} of {want_bytes}), errors {rep.get('errors')}, "
+                         f"mismatches {rep.get('checksum_mismatches')}")
+        lat = rep["file_latency_us"]
+        m.update({"bytes_sent": None, "snap": None, "client_p50": lat["p50"] / 1e6, "client_max": lat["max"] / 1e6,
+                  "lg_window_s": rep["measured_seconds"], "lg_mb_s": rep["mb_per_sec"],
+                  "lg_cpu": rep["generator_cpu_user_s"] + rep["generator_cpu_system_s"],
+                  "lg_p90": lat["p90"] / 1e6, "lg_snapshots": rep["files"], "lg_errors": rep["error_count"]})
+        return m
+
     def stop(self):
         stop(self.proc)
         self.proc.stdout.close()
@@ -362,7 +495,7 @@ class Restic:
     def __init__(self, w):
         self.w = w
 
-    def start(self, base):
+    def start(self, base, init=True):
         self.base = base
         os.makedirs(os.path.join(base, "repo"))
         open(os.path.join(base, "rclone.conf"), "w").close()
@@ -389,6 +522,21 @@ class Restic:
         cmd = ["restic", "restore", snap, "--target", target] + (["--include", os.path.join(self.w, one)] if one else [])
         return measure(cmd, env=self.env, cwd=self.w, servers=[self.proc.pid], scratch=self.base)
 
+    def many(self, cl):
+        # One repository for all (restic's backup lock is not exclusive); a cache each, as
+        # 16 machines would have.
+        jobs = [{"cmd": ["restic", "backup", "--json", os.path.join(self.w, t)], "cwd": self.w,
+                 "env": dict(self.env, RESTIC_CACHE_DIR=os.path.join(self.base, f"cache{i:02d}"))}
+                for i, t in enumerate(cl["trees"])]
+        m = measure_many(jobs, servers=[self.proc.pid], scratch=self.base)
+        sums = [last_json(o, lambda o: o.get("message_type") == "summary") for o in m["stdouts"]]
+        m["bytes_sent"] = sum(o.get("data_added", 0) for o in sums) if all(sums) else None
+        # restic 0.14 retries, with a growing back-off, loading a lock file that another
+        # backup removed between listing and loading it (restic issue #1523); counted.
+        retries = [e.count("returned error, retrying") for e in m["stderrs"]]
+        m["lock_retries"], m["clients_retrying"] = sum(retries), sum(1 for r in retries if r)
+        return m
+
     def stop(self):
         stop(self.proc)
         self.log.close()
@@ -400,13 +548,14 @@ class Borg:
     def __init__(self, w):
         self.w = w
 
-    def start(self, base):
+    def start(self, base, init=True):
         self.base = base
         os.makedirs(base)
         self.repo = os.path.join(base, "repo")
         self.env = dict(os.environ, BORG_PASSPHRASE=PASSWORD, BORG_BASE_DIR=os.path.join(base, "home"),
                         BORG_RELOCATED_REPO_ACCESS_IS_OK="yes")
-        run(["borg", "init", "--encryption", "repokey-blake2", self.repo], env=self.env)
+        if init:
+            run(["borg", "init", "--encryption", "repokey-blake2", self.repo], env=self.env)
         self.n = 0
 
     def backup(self, path, kind):
@@ -427,6 +576,23 @@ class Borg:
         os.makedirs(target, exist_ok=True)
         cmd = ["borg", "extract", f"{self.repo}::{snap}"] + ([one] if one else [])
         return measure(cmd, env=self.env, cwd=target, scratch=self.base)
+
+    def many(self, cl):
+        # A repository each (borg locks a repository for a backup), made at once outside
+        # the timing; a BORG_BASE_DIR (cache, keys) each.
+        n = len(cl["trees"])
+        repos = [os.path.join(self.base, f"repo{i:02d}") for i in range(n)]
+        envs = [dict(self.env, BORG_BASE_DIR=os.path.join(self.base, f"home{i:02d}")) for i in range(n)]
+        run_all([["borg", "init", "--encryption", "repokey-blake2", r] for r in repos], env=lambda i: envs[i])
+        jobs = [{"cmd": ["borg", "create", "--json", "--compression", "none", f"{r}::s1", t], "env": e, "cwd": self.w}
+                for r, e, t in zip(repos, envs, cl["trees"])]
+        m = measure_many(jobs, scratch=self.base, ok_codes=(0, 1))
+        m["warned"] = sum(1 for c in m["codes"] if c == 1)  # borg's exit 1: warnings, data saved
+        try:
+            m["bytes_sent"] = sum(json.loads(o)["archive"]["stats"]["deduplicated_size"] for o in m["stdouts"])
+        except (ValueError, KeyError):
+            m["bytes_sent"] = None
+        return m
 
     def stop(self):
         pass
@@ -453,26 +619,43 @@ class Sftp:
             f.write(f"ListenAddress 127.0.0.1\nPort {cls.port}\nHostKey {d}/host\n"
                     f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
                     f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\n"
-                    f"UsePAM no\nPidFile none\nSubsystem sftp /usr/lib/openssh/sftp-server\n")
+                    f"UsePAM no\nPidFile none\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+                    # scenario 5's 16 sessions connect at once; the default (10:30:100)
+                    # drops some of more than 10 unauthenticated connections
+                    f"MaxStartups 100\n")
         os.makedirs("/run/sshd", exist_ok=True)
         cls.sshd = subprocess.Popen([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", f"{d}/sshd_config"],
                                     stdout=subprocess.DEVNULL, stderr=open(f"{d}/sshd.log", "w"))
         wait_port(cls.port, cls.sshd)
         cls.key = f"{d}/client"
 
-    def start(self, base):
+    def start(self, base, init=True):
         self.base = base
         os.makedirs(os.path.join(base, "remote"))
         self.n = 0
 
-    def _batch(self, lines, cwd):
-        batch = os.path.join(self.base, "batch")
+    def _cmd(self, lines, name="batch"):
+        batch = os.path.join(self.base, name)
         with open(batch, "w") as f:
             f.write("\n".join(lines) + "\n")
-        return measure(["sftp", "-q", "-b", batch, "-i", self.key, "-P", str(self.port),
-                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                        "-o", f"Ciphers={SSH_CIPHER}", "-o", "LogLevel=ERROR", "root@127.0.0.1"],
-                       cwd=cwd, scratch=self.base)
+        return ["sftp", "-q", "-b", batch, "-i", self.key, "-P", str(self.port),
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", f"Ciphers={SSH_CIPHER}", "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+
+    def _batch(self, lines, cwd):
+        return measure(self._cmd(lines), cwd=cwd, scratch=self.base)
+
+    def many(self, cl):
+        jobs = [{"cmd": self._cmd([f"put -R -f {os.path.join(self.w, t)} {os.path.join(self.base, 'remote', f'c{i:02d}')}"],
+                                  name=f"batch{i:02d}"), "cwd": self.w}
+                for i, t in enumerate(cl["trees"])]
+        m = measure_many(jobs, scratch=self.base)
+        m["bytes_sent"] = None
+        got = count_tree(os.path.join(self.base, "remote"))
+        if got != (cl["files"], cl["bytes"]):
+            raise Failed(f"sftp: the 16 sessions left {got[0]} files of {got[1]} bytes on the server, "
+                         f"expected {cl['files']} of {cl['bytes']}")
+        return m
 
     def backup(self, path, kind):
         self.n += 1
@@ -512,7 +695,7 @@ def dd(args, scratch):
 # ---------------------------------------------------------------- scenarios
 
 def slim(m):
-    return {k: v for k, v in m.items() if k not in ("stdout", "snap")}
+    return {k: v for k, v in m.items() if k not in ("stdout", "stdouts", "stderrs", "codes", "snap")}
 
 
 def rotate(tools, i):
@@ -601,6 +784,26 @@ def scenario234(w, tools, runs, R, data, only):
         rmtree(s)
 
 
+def scenario5(w, tools, runs, R, data):
+    cl = data["clients"]
+    for r in range(runs):
+        log(f"scenario 5, run {r + 1}/{runs}")
+        s = os.path.join(w, "run")
+        rmtree(s)
+        os.makedirs(s)
+        for name in rotate(tools, r):
+            t = TOOL_CLASSES[name](w)
+            base = os.path.join(s, name)
+            t.start(base, init=False)
+            try:
+                log(f"  {name}: {cl['clients']} clients at once")
+                R["5"][name].append(slim(t.many(cl)))
+            finally:
+                t.stop()
+                rmtree(base)
+        rmtree(s)
+
+
 def count_tree(root):
     n = b = 0
     for dp, _, ns in os.walk(root):
@@ -661,6 +864,7 @@ def versions():
     commit = first(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
     return {"cyberbackup": first([CLI, "--version"]) + f" (commit {commit})",
             "cyberbackup-server": first([SERVER, "--version"]),
+            "cyberbackup-loadgen": first([LOADGEN, "--version"]),
             "restic": first(["restic", "version"]), "rclone": first(["rclone", "version"]),
             "borg": first(["borg", "--version"]), "openssh": first(["ssh", "-V"]),
             "dd": first(["dd", "--version"])}
@@ -677,7 +881,10 @@ def summarize(R):
         S[sc] = {}
         for name, runs in rows.items():
             if runs:
-                S[sc][name] = {k: med(runs, k) for k in ("wall", "cpu", "rss_kib", "server_cpu", "bytes_sent")}
+                S[sc][name] = {k: med(runs, k) for k in ("wall", "cpu", "rss_kib", "server_cpu", "bytes_sent",
+                                                         "client_p50", "client_max", "lg_window_s", "lg_mb_s",
+                                                         "lg_cpu", "lg_p90", "lg_snapshots", "lg_errors",
+                                                         "lock_retries", "clients_retrying", "warned")}
                 S[sc][name]["runs"] = len(runs)
     return S
 
@@ -763,6 +970,15 @@ def targets(S, data):
         add("(4) one-file restore / dd read", ratio(cbo, ddr), ">= 0.8x", lambda v: v >= 0.8)
         add("(4) tree restore / restic", ratio(cbt, rate("4", "restic tree", b)), ">= 3x", lambda v: v >= 3)
         add("(4) one-file restore / restic", ratio(cbo, rate("4", "restic one file", one)), ">= 3x", lambda v: v >= 3)
+    if "clients" in data and S.get("5"):
+        b = data["clients"]["bytes"]
+        cb = rate("5", "cyberbackup", b)
+        for peer in ("restic", "borg", "sftp"):
+            add(f"(5) 16 clients at once, CyberBackup / {peer} (information)", ratio(cb, rate("5", peer, b)),
+                "none", lambda v: True)
+        m = S["5"].get("cyberbackup")
+        add("(5) server CPU core-s/GiB, 16 clients at once (information)", m and m["server_cpu"] / (b / GIB),
+            "none", lambda v: True)
     if S.get("6"):
         cb, rs = S["6"].get("cyberbackup"), S["6"].get("restic")
         add("(6) client peak RSS MiB", cb and cb["rss_kib"] / 1024, "< 512", lambda v: v < 512)
@@ -817,7 +1033,31 @@ def report(args, data, R, S, T, info, started, elapsed):
       "figures; it is left out of scenario 6 (a million file creations on the server per run). Client CPU "
       "includes the `ssh` process sftp runs; sshd's CPU is not measured.")
     P("- **dd**: `dd if=/dev/zero of=F bs=1M count=N oflag=direct` and `... conv=fdatasync` (writes), "
-      "`dd if=F of=/dev/null bs=1M iflag=direct` (reads: the 1 GiB file in (1), one large tree file in (4)).\n")
+      "`dd if=F of=/dev/null bs=1M iflag=direct` (reads: the 1 GiB file in (1), one large tree file in (4)).")
+    cl5 = data.get("clients")
+    if cl5:
+        lg = " ".join(CyberBackup.loadgen_cmd("ADDR", cl5)[1:])
+        P(f"- **(5), {cl5['clients']} clients at once**: CyberBackup: a fresh server as above (no `init`), then "
+          f"`cyberbackup-loadgen {lg}`: {cl5['clients']} threads in one process, each with a connection and an "
+          "account of its own (created inside the timing), take one snapshot each of "
+          f"{cl5['files_per_client']} files of {cl5['file_bytes']:,} bytes through the client library's pipeline "
+          "(chunk, hash, ask, encrypt, send, commit; compression off, one worker a client), then forget it. "
+          "`-n` counts snapshots across all clients: they start together, so each takes one in practice, but the "
+          "generator does not enforce it. **The generator reads no disk**: its content is made in memory (seeded "
+          "StdRng, new for every snapshot, so nothing deduplicates) and that generation is part of its client CPU, "
+          "while restic, borg and sftp read their trees from the disk with a cold page cache. Any error, set-up "
+          "failure or checksum mismatch (the generator then exits 1), or a snapshot or byte count other than "
+          "expected, fails the run. The generator's `--congestion` applies to its v3 uploads only, so its v4 "
+          "connections, like the CLI's, use the system's congestion control. "
+          f"restic: {cl5['clients']} `restic backup --json TREE` processes at once to one repository behind one "
+          "`rclone serve restic` (restic's backup lock is not exclusive), a cache directory each. borg: "
+          f"{cl5['clients']} `borg create --json --compression none` at once, each to a repository of its own "
+          "(borg locks a repository for a backup; the repositories are made beforehand, outside the timing), a "
+          f"`BORG_BASE_DIR` each. sftp: {cl5['clients']} `sftp -b` sessions at once, each `put -R -f TREE DIR` "
+          "(sshd with `MaxStartups 100`, so none is turned away; the files are counted on arrival). Wall is from "
+          "the first start to the last exit; client CPU s and peak RSS are summed over the processes (RSS: an "
+          "upper bound of what they held at once; the generator is one process).")
+    P("")
     P("Columns: MB/s is the workload's logical bytes (10^6) per wall second; client CPU is user + system "
       "of the client process and its children; server CPU is user + system of cyberbackup-server or rclone "
       "over the command; per GiB is per GiB of the workload (logical); bytes sent is CyberBackup's "
@@ -840,8 +1080,13 @@ def report(args, data, R, S, T, info, started, elapsed):
               f"{ch['bytes_of_changed_files']:,} bytes.")
         P(f"- (4) restore of (2)'s first snapshot into an empty directory; restore of `tree/large/l0.img` "
           f"({t['one_bytes'] / MIB:.0f} MiB).")
-    P("- (5) 16 concurrent clients through the load generator's v4 mode: **not measured** (the load "
-      "generator has no v4 mode yet).")
+    if "clients" in data:
+        c = data["clients"]
+        P(f"- (5) `clients/c00` .. `c{c['clients'] - 1:02d}`: {c['clients']} trees of {c['files_per_client']} random "
+          f"files of {c['file_bytes']:,} bytes ({c['client_bytes'] / MIB:.1f} MiB a client, {c['bytes']:,} bytes or "
+          f"{c['bytes'] / GIB:.2f} GiB in all), one seed a client, backed up at once by restic, borg and sftp; "
+          "CyberBackup's 16 clients are the load generator's, whose snapshots have the same shape (as many files "
+          "of the same size, random) made in memory.")
     if "many" in data:
         mn = data["many"]
         P(f"- (6) `many/`: {mn['files']:,} files (half empty, half 1-100 random bytes; {mn['bytes']:,} bytes), "
@@ -878,7 +1123,40 @@ def report(args, data, R, S, T, info, started, elapsed):
         if bad:
             P("\n**A restore did not reproduce the tree's file count and bytes:** " + ", ".join(bad) + ".")
         P("\n(files/s is per the tree's files, so meaningless on the one-file rows; per GiB is per the bytes restored.)\n")
-    P("## (5) 16 concurrent clients\n\nNot measured: the load generator has no v4 mode yet.\n")
+    if "5" in S:
+        c = data["clients"]
+        b = c["bytes"]
+        P(f"## (5) {c['clients']} clients at once, each {c['client_bytes'] / MIB:.1f} MiB of random files, "
+          f"{b / GIB:.2f} GiB in all\n")
+        P(table([(k, k, b) for k in tools], S["5"], b, files=c["files"]))
+        P("\n(MB/s is all clients' bytes over the wall from the first start to the last exit; client CPU and peak "
+          "RSS are summed over the clients' processes; CyberBackup's clients are the load generator's threads, "
+          "which read no disk.)\n")
+        P("| tool | per client: wall p50 s | max s | notes |")
+        P("|---|---|---|---|")
+        for k in tools:
+            m = S["5"].get(k)
+            if not m:
+                P(f"| {k} | not measured | | |")
+                continue
+            note = ""
+            if k == "cyberbackup":
+                note = (f"snapshot latency (start to commit), p90 {fmt(m['lg_p90'])} s; the generator's own window "
+                        f"(its clients' first start to last commit, without the accounts' set-up and the forgets): "
+                        f"{fmt(m['lg_window_s'])} s, {fmt(m['lg_mb_s'], '.1f')} MB/s, generator CPU in it "
+                        f"{fmt(m['lg_cpu'])} s; {fmt(m['lg_snapshots'], '.0f')} snapshots, "
+                        f"{fmt(m['lg_errors'], '.0f')} errors")
+            else:
+                note = "each process's wall, start to exit"
+            if k == "restic" and m.get("clients_retrying"):
+                note += (f"; {m['clients_retrying']:.0f} of {c['clients']} processes retried (median of the runs), "
+                         f"{m['lock_retries']:.0f} times in all with a growing back-off, loading a lock file that a "
+                         "finished backup had removed (restic 0.14's behaviour, restic issue #1523, changed by "
+                         "restic PR #4520 in October 2023): that wait, not data, makes the max and the wall")
+            if k == "borg" and m.get("warned"):
+                note += f"; {m['warned']:.0f} processes exited 1 (warnings; the data is saved)"
+            P(f"| {k} | {fmt(m['client_p50'])} | {fmt(m['client_max'])} | {note} |")
+        P("")
     if "6" in S:
         mn = data["many"]
         P(f"## (6) {mn['files']:,} empty and tiny files, first backup\n")
@@ -896,7 +1174,6 @@ def report(args, data, R, S, T, info, started, elapsed):
                                                         else ("**met**" if t["met"] else "**not met**"))
         note = f" ({t['note']})" if t.get("note") and t["note"] != "as a fraction" else ""
         P(f"| {t['target']}{note} | {vs} | {t['goal']} | {met} |")
-    P("| (5) 16 concurrent clients | – | – | not measured |")
     P("")
     P("Raw runs are in the JSON file next to this report.")
     return "\n".join(L) + "\n"
@@ -904,11 +1181,12 @@ def report(args, data, R, S, T, info, started, elapsed):
 
 # ---------------------------------------------------------------- main
 
-def check_tools(tools):
+def check_tools(tools, only):
     missing = []
-    for b in (SERVER, CLI):
+    for b in (SERVER, CLI) + ((LOADGEN,) if "5" in only else ()):
         if "cyberbackup" in tools and not os.path.exists(b):
-            missing.append(f"{b} (cargo build --release -p cyberbackup-server -p cyberbackup-client)")
+            missing.append(f"{b} (cargo build --release -p cyberbackup-server -p cyberbackup-client"
+                           f"{' -p cyberbackup-loadgen' if b == LOADGEN else ''})")
     need = {"restic": ["restic", "rclone"], "borg": ["borg"], "sftp": ["sftp", "ssh-keygen", "sshd"]}
     for t in tools:
         for exe in need.get(t, []):
@@ -925,10 +1203,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="1,2,3,4,6", help="scenarios, e.g. 1,2 (3 and 4 imply 2)")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="scenarios, e.g. 1,2 (3 and 4 imply 2)")
     ap.add_argument("--tools", default=",".join(ALL_TOOLS))
     ap.add_argument("--workdir", default="/var/tmp/cyberbackup-peers")
-    ap.add_argument("--out")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "latest.md"),
+                    help="Markdown report (JSON next to it); - for standard output")
     ap.add_argument("--keep", action="store_true", help="keep the generated workloads (reused by the next run at the same scale)")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
@@ -937,18 +1216,16 @@ def main():
     for t in args.tools:
         if t not in TOOL_CLASSES:
             sys.exit(f"unknown tool {t}; known: {', '.join(ALL_TOOLS)}")
-    missing = check_tools(args.tools)
+    missing = check_tools(args.tools, only)
     if missing:
         sys.exit("missing: " + ", ".join(missing) +
                  "\n(on Debian: apt-get install restic rclone borgbackup openssh-server; or leave tools out with --tools)")
-    if "5" in only:
-        log("scenario 5 (16 concurrent v4 clients) does not exist yet: it is listed as not measured")
     w = os.path.abspath(args.workdir)
     os.makedirs(w, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t_start = time.perf_counter()
     data = {}
-    R = {"1": {}, "2": {}, "3": {}, "4": {}, "6": {}}
+    R = {"1": {}, "2": {}, "3": {}, "4": {}, "5": {}, "6": {}}
     for sc in R:
         for k in ["dd oflag=direct", "dd conv=fdatasync", "dd iflag=direct (read)",
                   "dd iflag=direct (read, one large file)"] + ALL_TOOLS:
@@ -957,7 +1234,7 @@ def main():
             for suffix in (" unchanged", " 1% changed", " tree", " one file"):
                 R[sc][t + suffix] = []
     try:
-        if "sftp" in args.tools and only & {"1", "2", "3", "4"}:
+        if "sftp" in args.tools and only & {"1", "2", "3", "4", "5"}:
             Sftp.start_sshd(w)
         if "1" in only:
             log("generating workload 1")
@@ -968,6 +1245,10 @@ def main():
             data["tree"] = gen_tree(w, args.scale)
             only.add("2")
             scenario234(w, args.tools, args.runs, R, data, only)
+        if "5" in only:
+            log("generating workload 5")
+            data["clients"] = gen_clients(w, args.scale)
+            scenario5(w, args.tools, args.runs, R, data)
         if "6" in only:
             log("generating workload 6")
             data["many"] = gen_many(w, args.scale)
@@ -977,7 +1258,8 @@ def main():
         rmtree(os.path.join(w, "run"))
         if not args.keep:
             for name in os.listdir(w):
-                if name in ("big.bin", "tree", "many", "sshd") or name.startswith(("tree.done.", "many.done.")):
+                if name in ("big.bin", "tree", "many", "clients", "sshd") or name.startswith(
+                        ("tree.done.", "many.done.", "clients.done.")):
                     p = os.path.join(w, name)
                     rmtree(p) if os.path.isdir(p) else os.remove(p)
             try:
@@ -1000,9 +1282,8 @@ def main():
         d.pop("file_list", None)
     js = {"started": started, "elapsed_s": elapsed, "argv": args.argv, "scale": args.scale, "runs": args.runs,
           "drop_caches": DROP_CACHES, "info": info, "workloads": data, "medians": S, "targets": T,
-          "raw": {sc: {k: v for k, v in rows.items() if v} for sc, rows in R.items()},
-          "not_measured": ["(5) 16 concurrent clients: the load generator has no v4 mode yet"]}
-    if args.out:
+          "raw": {sc: {k: v for k, v in rows.items() if v} for sc, rows in R.items()}}
+    if args.out and args.out != "-":
         with open(args.out, "w") as f:
             f.write(md)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The performance suite: the server under the load generator, beside the physical
-baselines of this machine, measured in one run, written as Markdown and JSON.
+baselines of this machine, measured in one run, written as Markdown and JSON
+(v3.md and v3.json in --out: protocol v3's figures; benches/results/latest.md is
+peers.py's report, v4 against restic, borg and sftp).
 
     python3 benches/scripts/suite.py [--out benches/results] [--quick]
 
@@ -477,7 +479,7 @@ def run_all(a, r, b, small_base):
         "idle_bytes_per_connection_mio": r["memory"]["idle_1000_mio"]["per_connection_bytes"],
     }
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "latest.json"), "w") as f:
+    with open(os.path.join(a.out, "v3.json"), "w") as f:
         json.dump(r, f, indent=2)
     md = [f"# CyberBackup performance report", "",
           f"Machine: {r['machine']['cpus']} CPUs ({r['machine']['cpu']}), kernel {r['machine']['kernel']}, {r['machine']['date']}.",
@@ -544,13 +546,13 @@ def run_all(a, r, b, small_base):
         ("glommio ahead of mio in scenario 2 or 3 (medians of 3)", max(1 / max(ra["mio_vs_glommio_s2"], 1e-9), 1 / max(ra["mio_vs_glommio_s3"], 1e-9)), lambda v: v > 1),
     ]
     r["targets"] = {name: {"value": v, "met": None if v is None else bool(ok(v))} for name, v, ok in targets}
-    with open(os.path.join(a.out, "latest.json"), "w") as f:
+    with open(os.path.join(a.out, "v3.json"), "w") as f:
         json.dump(r, f, indent=2)
     md += ["", "## Targets (issue 7)", "", "| target | this run | met |", "|---|---|---|"]
     for name, t in r["targets"].items():
         v = t["value"]
         md.append(f"| {name} | {'n/a' if v is None else f'{v:.2f}'} | {'n/a' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
-    with open(os.path.join(a.out, "latest.md"), "w") as f:
+    with open(os.path.join(a.out, "v3.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -19,7 +19,7 @@
 //! fresh cache page per 4 KiB (a mapping faults each page in, and ext4 zero-fills it
 //! first; `pwrite` copies into it): 3-4 core-seconds per GiB through the mapping. The
 //! direct stage is reused and the device reads it by DMA, which cut that to about a
-//! quarter (benches/results/latest.md; the closing note of issue 7).
+//! quarter (benches/results/v3.md; the closing note of issue 7).
 //!
 //! Every function here but the
 //! [`FileSink`](cyberbackup_protocol::v3::session::FileSink) methods blocks: runtimes

@@ -40,7 +40,7 @@
 //! removes. The rate went the other way: every ring run moved less than the threads'
 //! median (6-11% less in the first scenario, 8-18% in the second). Why was not
 //! investigated in this run; both modes stay well above what the disk takes
-//! synchronously (`dd` with `fdatasync`, 434 MB/s in benches/results/latest.md).
+//! synchronously (`dd` with `fdatasync`, 434 MB/s in benches/results/v3.md).
 //! Re-run the script when touching this path.
 
 use std::cell::RefCell;

@@ -8,7 +8,7 @@
 //! elsewhere) and is tested against the `aes` + `cbc` crates, block for block, and
 //! against the FIPS-197 AES-256 example.
 //!
-//! Measured on the 2-vCPU AMD EPYC (Zen 4) VM of `benches/results/latest.md`, 64
+//! Measured on the 2-vCPU AMD EPYC (Zen 4) VM of `benches/results/v3.md`, 64
 //! buffers of 1 MiB decrypted in turn (so out of cache, as in the server): 12.5-14.9
 //! GiB/s, against 7.3-7.5 GiB/s for `aes` 0.8 + `cbc` 0.1 and 3.5-4.7 GiB/s for `aes`
 //! 0.9.4 + `cbc` 0.2 in the same runs.
