@@ -636,8 +636,11 @@ fn collection_while_serving(rt: Runtime) {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The line is logged just after the registry commits what usage reads.
     assert!(
-        srv.log().contains("v4 collection freed space"),
+        wait_until(Duration::from_secs(10), || srv
+            .log()
+            .contains("v4 collection freed space")),
         "{}",
         srv.log()
     );

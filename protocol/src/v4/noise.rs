@@ -296,6 +296,22 @@ impl Transport {
         Ok(())
     }
 
+    /// Decrypts one record (without its length prefix) straight into `frames`.
+    pub fn open_into(
+        &mut self,
+        record: &[u8],
+        frames: &mut super::wire::FrameReader,
+    ) -> Result<(), NoiseError> {
+        if record.len() < TAG_LEN {
+            return Err(NoiseError::ShortRecord(record.len()));
+        }
+        let state = &mut self.state;
+        frames.push_with(record.len() - TAG_LEN, |out| {
+            state.read_message(record, out)
+        })?;
+        Ok(())
+    }
+
     /// The peer's static key.
     pub fn remote_static(&self) -> Option<[u8; 32]> {
         self.state.get_remote_static()?.try_into().ok()

@@ -144,7 +144,6 @@ pub struct ServerSession {
     phase: Phase,
     messages: MessageReader,
     frames: FrameReader,
-    plain: Vec<u8>,
     out: Vec<u8>,
     ops: VecDeque<Op>,
     /// Unanswered requests and their weight.
@@ -180,7 +179,6 @@ impl ServerSession {
             phase: Phase::Message1(hs),
             messages: MessageReader::default(),
             frames: FrameReader::new(),
-            plain: Vec::new(),
             out: Vec::new(),
             ops: VecDeque::new(),
             unanswered: HashMap::new(),
@@ -302,7 +300,18 @@ impl ServerSession {
         // Take bytes one Noise message at a time, so that a session that starts to
         // wait stops taking input at a message boundary.
         while taken < input.len() && !self.is_closing() && !self.is_waiting() {
-            let n = self.take_message_bytes(&input[taken..]);
+            // A whole message at the front of the input, with none begun before it, is
+            // handled where it lies (the common case), not copied first.
+            let rest = &input[taken..];
+            if self.messages.buffered() == 0 && rest.len() >= 2 && self.takes_messages() {
+                let n = 2 + u16::from_le_bytes([rest[0], rest[1]]) as usize;
+                if rest.len() >= n {
+                    taken += n;
+                    self.process_message(&rest[2..n], now);
+                    continue;
+                }
+            }
+            let n = self.take_message_bytes(rest);
             if n == 0 {
                 break;
             }
@@ -358,88 +367,97 @@ impl ServerSession {
 
     fn process_messages_from(&mut self, messages: &mut MessageReader, now: Instant) {
         loop {
-            if self.is_closing() || matches!(self.phase, Phase::LoggingIn(..)) {
+            if !self.takes_messages() {
                 return;
             }
             let Some(msg) = messages.next_message() else {
                 break;
             };
-            match std::mem::replace(&mut self.phase, Phase::Moving) {
-                Phase::Message1(mut hs) => {
-                    let r = hs.read(msg).and_then(|_| {
-                        let hello = ServerHello {
-                            window: self.cfg.window,
-                            max_chunk: self.cfg.max_chunk,
-                            server: self.cfg.server_name.clone(),
-                        };
-                        hs.write(&hello.encode(), &mut self.out)
-                    });
-                    self.phase = match r {
-                        Ok(()) => Phase::Message3(hs),
-                        Err(e) => Phase::Closing(Ended::Handshake(e.to_string())),
-                    };
-                }
-                Phase::Message3(mut hs) => {
-                    let payload = match hs.read(msg) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            self.phase = Phase::Closing(Ended::Handshake(e.to_string()));
-                            return;
-                        }
-                    };
-                    let key = hs.remote_static();
-                    let handshake_hash = hs.handshake_hash();
-                    let transport = match hs.into_transport() {
-                        Ok(t) => t,
-                        Err(e) => {
-                            self.phase = Phase::Closing(Ended::Handshake(e.to_string()));
-                            return;
-                        }
-                    };
-                    self.phase = Phase::LoggingIn(transport, handshake_hash);
-                    let (Some(device_key), Ok(login)) = (key, Login::decode(&payload)) else {
-                        self.refuse(0, ErrorCode::BAD_FRAME, "the login message is malformed");
-                        return;
-                    };
-                    let bad = match login.mode {
-                        LoginMode::Create => check_name(&login.account, false)
-                            .err()
-                            .or_else(|| check_name(&login.device, true).err()),
-                        LoginMode::Enrol => check_name(&login.device, true).err(),
-                        LoginMode::Device => None,
-                    };
-                    if let Some(why) = bad {
-                        self.refuse(0, ErrorCode::BAD_NAME, why);
-                        return;
-                    }
-                    self.ops.push_back(Op::Login { device_key, login });
-                    return;
-                }
-                Phase::Ready {
-                    mut transport,
-                    principal,
-                } => {
-                    self.plain.clear();
-                    if transport.open(msg, &mut self.plain).is_err() {
-                        self.phase = Phase::Closing(Ended::Record);
-                        return;
-                    }
-                    self.phase = Phase::Ready {
-                        transport,
-                        principal,
-                    };
-                    let plain = std::mem::take(&mut self.plain);
-                    self.frames.push(&plain);
-                    self.plain = plain;
-                    self.process_frames(now);
-                }
-                other => {
-                    // LoggingIn and Closing return above; Moving is never left.
-                    self.phase = other;
-                    return;
-                }
+            if !self.process_message(msg, now) {
+                return;
             }
         }
+    }
+
+    /// False while logging in or closing: messages wait.
+    fn takes_messages(&self) -> bool {
+        !self.is_closing() && !matches!(self.phase, Phase::LoggingIn(..))
+    }
+
+    /// Handles one Noise message; false when no more may follow now.
+    fn process_message(&mut self, msg: &[u8], now: Instant) -> bool {
+        match std::mem::replace(&mut self.phase, Phase::Moving) {
+            Phase::Message1(mut hs) => {
+                let r = hs.read(msg).and_then(|_| {
+                    let hello = ServerHello {
+                        window: self.cfg.window,
+                        max_chunk: self.cfg.max_chunk,
+                        server: self.cfg.server_name.clone(),
+                    };
+                    hs.write(&hello.encode(), &mut self.out)
+                });
+                self.phase = match r {
+                    Ok(()) => Phase::Message3(hs),
+                    Err(e) => Phase::Closing(Ended::Handshake(e.to_string())),
+                };
+            }
+            Phase::Message3(mut hs) => {
+                let payload = match hs.read(msg) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.phase = Phase::Closing(Ended::Handshake(e.to_string()));
+                        return false;
+                    }
+                };
+                let key = hs.remote_static();
+                let handshake_hash = hs.handshake_hash();
+                let transport = match hs.into_transport() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.phase = Phase::Closing(Ended::Handshake(e.to_string()));
+                        return false;
+                    }
+                };
+                self.phase = Phase::LoggingIn(transport, handshake_hash);
+                let (Some(device_key), Ok(login)) = (key, Login::decode(&payload)) else {
+                    self.refuse(0, ErrorCode::BAD_FRAME, "the login message is malformed");
+                    return false;
+                };
+                let bad = match login.mode {
+                    LoginMode::Create => check_name(&login.account, false)
+                        .err()
+                        .or_else(|| check_name(&login.device, true).err()),
+                    LoginMode::Enrol => check_name(&login.device, true).err(),
+                    LoginMode::Device => None,
+                };
+                if let Some(why) = bad {
+                    self.refuse(0, ErrorCode::BAD_NAME, why);
+                    return false;
+                }
+                self.ops.push_back(Op::Login { device_key, login });
+                return false;
+            }
+            Phase::Ready {
+                mut transport,
+                principal,
+            } => {
+                if transport.open_into(msg, &mut self.frames).is_err() {
+                    self.phase = Phase::Closing(Ended::Record);
+                    return false;
+                }
+                self.phase = Phase::Ready {
+                    transport,
+                    principal,
+                };
+                self.process_frames(now);
+            }
+            other => {
+                // LoggingIn and Closing return above; Moving is never left.
+                self.phase = other;
+                return false;
+            }
+        }
+        true
     }
 
     fn process_frames(&mut self, _now: Instant) {

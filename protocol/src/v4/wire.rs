@@ -1353,8 +1353,11 @@ fn encode_frame(kind: u16, request_id: u32, out: &mut Vec<u8>, body: impl FnOnce
 /// each frame's body by a limit function before buffering it.
 #[derive(Debug)]
 pub struct FrameReader {
+    /// `buf[head..end]` is what was pushed and not taken. Past `end` the buffer keeps
+    /// old bytes, so that a record decrypted into it does not zero memory first.
     buf: Vec<u8>,
     head: usize,
+    end: usize,
 }
 
 impl Default for FrameReader {
@@ -1368,29 +1371,57 @@ impl FrameReader {
         FrameReader {
             buf: Vec::new(),
             head: 0,
+            end: 0,
         }
     }
 
     /// Appends decrypted bytes.
     pub fn push(&mut self, b: &[u8]) {
-        if self.head == self.buf.len() {
-            self.buf.clear();
+        self.push_with(b.len(), |out| {
+            out.copy_from_slice(b);
+            Ok::<_, std::convert::Infallible>(b.len())
+        })
+        .unwrap_or_else(|never| match never {});
+    }
+
+    /// Appends at most `max` bytes that `fill` writes into the buffer itself (and
+    /// says how many it wrote): a record is decrypted straight into the frame
+    /// buffer, with no copy between. On an error nothing is appended.
+    pub fn push_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), E> {
+        self.compact();
+        if self.buf.len() < self.end + max {
+            self.buf.resize(self.end + max, 0);
+        }
+        let n = fill(&mut self.buf[self.end..self.end + max])?;
+        self.end += n.min(max);
+        Ok(())
+    }
+
+    /// Drops what was taken: all of it when nothing is left, or the front once it
+    /// is over 1 MiB and more than half of what is held.
+    fn compact(&mut self) {
+        if self.head == self.end {
             self.head = 0;
-        } else if self.head > 1 << 20 && self.head * 2 > self.buf.len() {
-            self.buf.drain(..self.head);
+            self.end = 0;
+        } else if self.head > 1 << 20 && self.head * 2 > self.end {
+            self.buf.copy_within(self.head..self.end, 0);
+            self.end -= self.head;
             self.head = 0;
         }
-        self.buf.extend_from_slice(b);
     }
 
     /// Bytes buffered and not yet taken.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.head
+        self.end - self.head
     }
 
     /// The next frame's header, if all 16 bytes are here (without taking it).
     pub fn peek_header(&self) -> Option<FrameHeader> {
-        let b = self.buf.get(self.head..self.head + FRAME_HEADER_LEN)?;
+        let b = self.buf[self.head..self.end].get(..FRAME_HEADER_LEN)?;
         Some(FrameHeader::parse(b.try_into().ok()?))
     }
 
@@ -1416,7 +1447,7 @@ impl FrameReader {
         }
         let len = h.len as usize;
         let start = self.head + FRAME_HEADER_LEN;
-        if self.buf.len() - start < len {
+        if self.end - start < len {
             return Ok(None);
         }
         self.head = start + len;
