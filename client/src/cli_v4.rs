@@ -325,14 +325,17 @@ fn run_backup(
     cancel_on_sigint(cancel.clone());
     let show = !c.quiet && !c.json && std::io::stderr().is_terminal();
     let json = c.json && !c.quiet;
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, stop) = std::sync::mpsc::channel::<()>();
     let ticker = {
-        let (p, done, cancel) = (progress.clone(), done.clone(), cancel.clone());
+        let (p, cancel) = (progress.clone(), cancel.clone());
         std::thread::spawn(move || {
             let start = std::time::Instant::now();
             let mut ticks = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
+            // Every 200 ms, until the backup ends (then at once: its end is not
+            // delayed to the next tick).
+            while stop.recv_timeout(Duration::from_millis(200))
+                == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
                 ticks += 1;
                 if cancel.load(Ordering::Relaxed) {
                     p.cancel.store(true, Ordering::Relaxed);
@@ -381,7 +384,7 @@ fn run_backup(
         })
     };
     let r = run(&progress);
-    done.store(true, Ordering::Relaxed);
+    drop(done);
     let _ = ticker.join();
     let s = r?;
     for (p, why) in &s.skipped {
@@ -539,13 +542,14 @@ pub fn restore(
     // Ctrl-C stops after the file being written is removed (a second one exits).
     let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     cancel_on_sigint(cancel.clone());
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done, stop) = std::sync::mpsc::channel::<()>();
     let show = !c.quiet && !c.json && std::io::stderr().is_terminal();
     let watcher = {
-        let (p, done, cancel) = (progress.clone(), done.clone(), cancel.clone());
+        let (p, cancel) = (progress.clone(), cancel.clone());
         std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
+            while stop.recv_timeout(Duration::from_millis(200))
+                == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
                 if cancel.load(Ordering::Relaxed) {
                     p.cancel.store(true, Ordering::Relaxed);
                 }
@@ -565,7 +569,7 @@ pub fn restore(
         })
     };
     let r = restore::restore(&conn, &key, &tree, target, &ropts, &progress);
-    done.store(true, Ordering::Relaxed);
+    drop(done);
     let _ = watcher.join();
     let s = r?;
     if c.json {

@@ -1,6 +1,11 @@
 //! A v4 backup: walk the paths, cut files into chunks, send what the server does not
 //! hold, and commit one snapshot.
 //!
+//! The walk runs on several threads at once (a tree not in the page cache costs a
+//! disk wait per directory and inode, and those overlap), and hands each file it finds
+//! to the readers at once, so reading starts with the walk rather than after it. The
+//! entries are put in manifest order when the walk ends.
+//!
 //! The pipeline has two pools of threads. Readers take files from a shared queue,
 //! read and cut them with FastCDC, name each chunk by its keyed hash, and gather
 //! chunks (of one or many files) into batches. For a batch they ask the server which
@@ -163,6 +168,8 @@ struct Walked {
     entries: Vec<Entry>,
     /// For each file entry: its index in `entries` and where it is on disk.
     files: Vec<(usize, PathBuf)>,
+    /// A file's index in `entries` by its number (the readers' name for it).
+    file_index: Vec<usize>,
     skipped: Vec<(PathBuf, String)>,
     /// The paths as the user named them, for the snapshot root.
     named: Vec<Vec<u8>>,
@@ -268,21 +275,19 @@ pub fn read_patterns(path: &Path) -> std::io::Result<Vec<String>> {
         .collect())
 }
 
-fn walk(paths: &[PathBuf], filter: &Filter) -> Result<Walked, BackupError> {
-    let mut w = Walked {
-        entries: Vec::new(),
-        files: Vec::new(),
-        skipped: Vec::new(),
-        named: Vec::new(),
-    };
-    // (manifest path, disk path, device of the path named)
-    let mut todo: Vec<(Vec<u8>, PathBuf, u64)> = Vec::new();
+/// A path still to look at: (manifest path, disk path, device of the path named).
+type WalkItem = (Vec<u8>, PathBuf, u64);
+
+/// The walk's starting points, and the paths as the user named them.
+fn walk_roots(paths: &[PathBuf]) -> Result<(Vec<WalkItem>, Vec<Vec<u8>>), BackupError> {
+    let mut named = Vec::new();
+    let mut todo: Vec<WalkItem> = Vec::new();
     for p in paths {
         let base = manifest_base(p).map_err(|source| BackupError::Io {
             path: p.clone(),
             source,
         })?;
-        w.named.push(p.as_os_str().as_bytes().to_vec());
+        named.push(p.as_os_str().as_bytes().to_vec());
         let dev = std::fs::metadata(p).map_or(0, |m| m.dev());
         if base.is_empty() {
             // "." or "/": its contents go at the top.
@@ -290,9 +295,7 @@ fn walk(paths: &[PathBuf], filter: &Filter) -> Result<Walked, BackupError> {
                 path: p.clone(),
                 source,
             })?;
-            let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.file_name()).collect();
-            names.sort();
-            for n in names {
+            for n in rd.filter_map(Result::ok).map(|e| e.file_name()) {
                 todo.push((n.as_bytes().to_vec(), p.join(&n), dev));
             }
         } else {
@@ -301,34 +304,150 @@ fn walk(paths: &[PathBuf], filter: &Filter) -> Result<Walked, BackupError> {
     }
     todo.sort();
     todo.dedup_by(|a, b| a.0 == b.0);
-    // Depth-first in path order: a directory, then its contents.
-    let mut stack: Vec<(Vec<u8>, PathBuf, u64)> = todo.into_iter().rev().collect();
-    while let Some((mpath, disk, dev)) = stack.pop() {
-        if filter.excluded(&disk) {
-            continue;
-        }
-        let md = match std::fs::symlink_metadata(&disk) {
-            Ok(m) => m,
-            Err(e) => {
-                w.skipped.push((disk, e.to_string()));
-                continue;
+    Ok((todo, named))
+}
+
+/// Threads that look at paths at once: the walk of a tree not in the page cache
+/// waits on the disk for each directory and inode, so several in flight overlap.
+const WALKERS: usize = 16;
+
+/// The walk's shared work: paths to look at, and how many are queued or being
+/// looked at (the walk ends when that reaches zero).
+struct WalkQueue {
+    st: Mutex<(Vec<WalkItem>, usize)>,
+    cv: Condvar,
+}
+
+/// One thing the walk found; `file`: its number and where it is on disk.
+struct Found {
+    entry: Entry,
+    file: Option<(usize, PathBuf)>,
+}
+
+/// Manifest order: component by component, so a directory comes just before its
+/// contents (as a depth-first walk in name order gives).
+fn manifest_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
+/// Walks from `roots` on [`WALKERS`] threads. Each file found is numbered and given
+/// to `on_file`, which may fill its chunks (unchanged since the parent) or queue it
+/// to be read, while the walk goes on. Returns the entries in manifest order, each
+/// file's number and index, and what could not be read.
+fn walk(
+    roots: Vec<WalkItem>,
+    named: Vec<Vec<u8>>,
+    filter: &Filter,
+    on_file: &(dyn Fn(usize, &Path, &mut Entry) + Sync),
+) -> Walked {
+    let pending = roots.len();
+    let q = WalkQueue {
+        st: Mutex::new((roots, pending)),
+        cv: Condvar::new(),
+    };
+    let next_file = AtomicU64::new(0);
+    let mut found: Vec<Found> = Vec::new();
+    let mut skipped: Vec<(PathBuf, String)> = Vec::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WALKERS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut found = Vec::new();
+                    let mut skipped = Vec::new();
+                    loop {
+                        let item = {
+                            let mut st = lock(&q.st);
+                            loop {
+                                if let Some(it) = st.0.pop() {
+                                    break Some(it);
+                                }
+                                if st.1 == 0 {
+                                    break None;
+                                }
+                                st =
+                                    q.cv.wait(st)
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            }
+                        };
+                        let Some(item) = item else { break };
+                        let kids =
+                            walk_one(item, filter, &next_file, on_file, &mut found, &mut skipped);
+                        let mut st = lock(&q.st);
+                        st.1 += kids.len();
+                        st.1 -= 1;
+                        st.0.extend(kids);
+                        q.cv.notify_all();
+                    }
+                    (found, skipped)
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Ok((f, sk)) = h.join() {
+                found.extend(f);
+                skipped.extend(sk);
             }
-        };
-        let ft = md.file_type();
-        let mode = md.permissions().mode() & 0o7777;
-        let mtime = mtime_ns(&md);
-        if ft.is_file() {
+        }
+    });
+    found.sort_by(|a, b| manifest_order(&a.entry.path, &b.entry.path));
+    skipped.sort();
+    let mut w = Walked {
+        entries: Vec::with_capacity(found.len()),
+        files: Vec::new(),
+        file_index: vec![usize::MAX; next_file.load(Ordering::Relaxed) as usize],
+        skipped,
+        named,
+    };
+    for f in found {
+        if let Some((no, disk)) = f.file {
+            w.file_index[no] = w.entries.len();
             w.files.push((w.entries.len(), disk));
-            w.entries.push(Entry {
-                path: mpath,
-                kind: EntryKind::File { chunks: Vec::new() },
-                mode,
-                mtime_ns: mtime,
-                size: md.len(),
-            });
-        } else if ft.is_symlink() {
-            match std::fs::read_link(&disk) {
-                Ok(t) => w.entries.push(Entry {
+        }
+        w.entries.push(f.entry);
+    }
+    w
+}
+
+/// Looks at one path: records it, and returns a directory's contents to look at.
+fn walk_one(
+    (mpath, disk, dev): WalkItem,
+    filter: &Filter,
+    next_file: &AtomicU64,
+    on_file: &(dyn Fn(usize, &Path, &mut Entry) + Sync),
+    found: &mut Vec<Found>,
+    skipped: &mut Vec<(PathBuf, String)>,
+) -> Vec<WalkItem> {
+    if filter.excluded(&disk) {
+        return Vec::new();
+    }
+    let md = match std::fs::symlink_metadata(&disk) {
+        Ok(m) => m,
+        Err(e) => {
+            skipped.push((disk, e.to_string()));
+            return Vec::new();
+        }
+    };
+    let ft = md.file_type();
+    let mode = md.permissions().mode() & 0o7777;
+    let mtime = mtime_ns(&md);
+    if ft.is_file() {
+        let no = next_file.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut entry = Entry {
+            path: mpath,
+            kind: EntryKind::File { chunks: Vec::new() },
+            mode,
+            mtime_ns: mtime,
+            size: md.len(),
+        };
+        on_file(no, &disk, &mut entry);
+        found.push(Found {
+            entry,
+            file: Some((no, disk)),
+        });
+    } else if ft.is_symlink() {
+        match std::fs::read_link(&disk) {
+            Ok(t) => found.push(Found {
+                entry: Entry {
                     path: mpath,
                     kind: EntryKind::Symlink {
                         target: t.as_os_str().as_bytes().to_vec(),
@@ -336,45 +455,47 @@ fn walk(paths: &[PathBuf], filter: &Filter) -> Result<Walked, BackupError> {
                     mode,
                     mtime_ns: mtime,
                     size: 0,
-                }),
-                Err(e) => w.skipped.push((disk, e.to_string())),
-            }
-        } else if ft.is_dir() {
-            w.entries.push(Entry {
+                },
+                file: None,
+            }),
+            Err(e) => skipped.push((disk, e.to_string())),
+        }
+    } else if ft.is_dir() {
+        found.push(Found {
+            entry: Entry {
                 path: mpath.clone(),
                 kind: EntryKind::Dir,
                 mode,
                 mtime_ns: mtime,
                 size: 0,
-            });
-            if filter.one_file_system && md.dev() != dev {
-                // A mount point: recorded, not entered.
-                continue;
-            }
-            let cache = filter.is_cache(&disk);
-            match std::fs::read_dir(&disk) {
-                Ok(rd) => {
-                    let mut kids: Vec<_> = rd
-                        .filter_map(Result::ok)
-                        .map(|e| e.file_name())
-                        .filter(|k| !cache || k == "CACHEDIR.TAG")
-                        .collect();
-                    kids.sort();
-                    for k in kids.into_iter().rev() {
+            },
+            file: None,
+        });
+        if filter.one_file_system && md.dev() != dev {
+            // A mount point: recorded, not entered.
+            return Vec::new();
+        }
+        let cache = filter.is_cache(&disk);
+        match std::fs::read_dir(&disk) {
+            Ok(rd) => {
+                return rd
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .filter(|k| !cache || k == "CACHEDIR.TAG")
+                    .map(|k| {
                         let mut mp = mpath.clone();
                         mp.push(b'/');
                         mp.extend_from_slice(k.as_bytes());
-                        stack.push((mp, disk.join(&k), dev));
-                    }
-                }
-                Err(e) => w.skipped.push((disk, e.to_string())),
+                        (mp, disk.join(&k), dev)
+                    })
+                    .collect();
             }
-        } else {
-            w.skipped
-                .push((disk, "not a regular file, directory or symlink".into()));
+            Err(e) => skipped.push((disk, e.to_string())),
         }
+    } else {
+        skipped.push((disk, "not a regular file, directory or symlink".into()));
     }
-    Ok(w)
+    Vec::new()
 }
 
 /// A file's chunks and size as read, or why it could not be read.
@@ -387,7 +508,8 @@ struct Shared<'a> {
     compress: bool,
     /// Chunks known to be on the server or on their way (this run's puts).
     known: Mutex<HashSet<ChunkId>>,
-    queue: Mutex<VecDeque<(usize, PathBuf)>>,
+    /// Files to read.
+    jobs: Jobs,
     /// Results: entry index -> chunks (or an error text for a skipped file).
     results: Mutex<Vec<(usize, FileResult)>>,
     failed: Mutex<Option<BackupError>>,
@@ -397,6 +519,43 @@ struct Shared<'a> {
     progress: &'a BackupProgress,
     /// Chunks the server does not hold, on their way to the sealers.
     seal: SealQueue,
+}
+
+/// Files to read, by number, as the walk finds them: the walk pushes, readers pop.
+#[derive(Default)]
+struct Jobs {
+    /// The files, and whether the walk has ended.
+    st: Mutex<(VecDeque<(usize, PathBuf)>, bool)>,
+    cv: Condvar,
+}
+
+impl Jobs {
+    fn push(&self, job: (usize, PathBuf)) {
+        lock(&self.st).0.push_back(job);
+        self.cv.notify_one();
+    }
+
+    /// The next file; None once the walk has ended and every file was taken.
+    fn pop(&self) -> Option<(usize, PathBuf)> {
+        let mut st = lock(&self.st);
+        loop {
+            if let Some(job) = st.0.pop_front() {
+                return Some(job);
+            }
+            if st.1 {
+                return None;
+            }
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn finish(&self) {
+        lock(&self.st).1 = true;
+        self.cv.notify_all();
+    }
 }
 
 /// Chunks waiting to be sealed and sent: readers put, sealers take. Bounded in
@@ -593,8 +752,9 @@ impl<'s, 'a> Worker<'s, 'a> {
             if lock(&self.sh.failed).is_some() {
                 return Ok(());
             }
-            let job = lock(&self.sh.queue).pop_front();
-            let Some((idx, path)) = job else { break };
+            let Some((idx, path)) = self.sh.jobs.pop() else {
+                break;
+            };
             lock(&self.sh.progress.current).clone_from(&path);
             let r = self.file(&path);
             let r = match r {
@@ -831,6 +991,7 @@ pub fn backup_streams(
     let walked = Walked {
         entries,
         files: Vec::new(),
+        file_index: Vec::new(),
         skipped: Vec::new(),
         named,
     };
@@ -846,27 +1007,15 @@ fn backup_inner(
     progress: &BackupProgress,
 ) -> Result<BackupSummary, BackupError> {
     let started = Instant::now();
-    let (mut walked, streams) = match streams {
-        None => (walk(paths, &opts.filter)?, Vec::new()),
-        Some((w, s)) => (w, s),
+    let (roots, named, given) = match streams {
+        None => {
+            let (roots, named) = walk_roots(paths)?;
+            (roots, named, None)
+        }
+        Some((w, s)) => (Vec::new(), w.named.clone(), Some((w, s))),
     };
-    let from_streams = !streams.is_empty();
-    if walked.entries.is_empty() {
-        let why: Vec<String> = walked
-            .skipped
-            .iter()
-            .map(|(p, w)| format!("{}: {w}", p.display()))
-            .collect();
-        return Err(BackupError::Empty(if why.is_empty() {
-            "no paths".into()
-        } else {
-            why.join("; ")
-        }));
-    }
-    let mut summary = BackupSummary {
-        skipped: std::mem::take(&mut walked.skipped),
-        ..Default::default()
-    };
+    let from_streams = given.is_some();
+    let mut summary = BackupSummary::default();
     // The parent: the newest snapshot of this host with the same paths.
     // A device without the read capability (backup-only) cannot read the parent: it
     // reads every file, and the server's HAS_CHUNKS still spares what it holds.
@@ -875,7 +1024,7 @@ fn backup_inner(
     let parent = if opts.force || !can_read || from_streams {
         None
     } else {
-        snapshots::find_parent(conn, key, &opts.host, &walked.named)?
+        snapshots::find_parent(conn, key, &opts.host, &named)?
     };
     let mut known = HashSet::new();
     let mut reuse: HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)> = HashMap::new();
@@ -888,9 +1037,21 @@ fn backup_inner(
             }
         }
     }
-    let mut queue = VecDeque::new();
-    for (idx, disk) in &walked.files {
-        let e = &mut walked.entries[*idx];
+    let shared = Shared {
+        known: Mutex::new(known),
+        ..shared(conn, key, opts.compress, progress)
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let readers = if opts.workers == 0 {
+        cpus
+    } else {
+        opts.workers
+    };
+    let unchanged = AtomicU64::new(0);
+    // Each file the walk finds is taken from the parent when its size and time match,
+    // else queued for the readers, which start at once: the walk and the reading
+    // overlap.
+    let on_file = |no: usize, disk: &Path, e: &mut Entry| {
         progress.files_total.fetch_add(1, Ordering::Relaxed);
         progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
         match reuse.get(&e.path) {
@@ -898,26 +1059,16 @@ fn backup_inner(
                 e.kind = EntryKind::File {
                     chunks: chunks.clone(),
                 };
-                summary.files_unchanged += 1;
+                unchanged.fetch_add(1, Ordering::Relaxed);
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
                 progress.bytes_done.fetch_add(e.size, Ordering::Relaxed);
             }
-            _ => queue.push_back((*idx, disk.clone())),
+            _ => shared.jobs.push((no, disk.to_owned())),
         }
-    }
-    let shared = Shared {
-        known: Mutex::new(known),
-        queue: Mutex::new(queue),
-        ..shared(conn, key, opts.compress, progress)
     };
-    let workers = if opts.workers == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.workers
-    };
-    let results = with_sealers(&shared, workers, || {
-        std::thread::scope(|s| {
-            for _ in 0..workers {
+    let (mut walked, results) = with_sealers(&shared, cpus, || {
+        let walked = std::thread::scope(|s| {
+            for _ in 0..readers {
                 s.spawn(|| {
                     let mut w = Worker::new(&shared);
                     if let Err(e) = w.run() {
@@ -929,27 +1080,53 @@ fn backup_inner(
                     }
                 });
             }
+            let walked = match &given {
+                None => Some(walk(roots, named, &opts.filter, &on_file)),
+                Some(_) => None,
+            };
+            shared.jobs.finish();
+            walked
         });
         if lock(&shared.failed).is_some() {
             return Err(BackupError::Cancelled);
         }
         let results = std::mem::take(&mut *lock(&shared.results));
-        if from_streams {
-            let mut w = Worker::new(&shared);
-            for (i, mut s) in streams.into_iter().enumerate() {
-                progress.files_total.fetch_add(1, Ordering::Relaxed);
-                let (chunks, size) = w.chunks_of(&mut s.reader, Path::new(&s.path))?;
-                walked.entries[i].kind = EntryKind::File { chunks };
-                walked.entries[i].size = size;
-                progress.files_done.fetch_add(1, Ordering::Relaxed);
+        let walked = match (walked, given) {
+            (Some(w), _) => w,
+            (None, Some((mut w, streams))) => {
+                let mut worker = Worker::new(&shared);
+                for (i, mut s) in streams.into_iter().enumerate() {
+                    progress.files_total.fetch_add(1, Ordering::Relaxed);
+                    let (chunks, size) = worker.chunks_of(&mut s.reader, Path::new(&s.path))?;
+                    w.entries[i].kind = EntryKind::File { chunks };
+                    w.entries[i].size = size;
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                }
+                worker.flush()?;
+                w
             }
-            w.flush()?;
-        }
-        Ok(results)
+            (None, None) => unreachable!("either walked or given"),
+        };
+        Ok((walked, results))
     })?;
+    summary.files_unchanged = unchanged.load(Ordering::Relaxed);
+    summary.skipped = std::mem::take(&mut walked.skipped);
+    if walked.entries.is_empty() {
+        let why: Vec<String> = summary
+            .skipped
+            .iter()
+            .map(|(p, w)| format!("{}: {w}", p.display()))
+            .collect();
+        return Err(BackupError::Empty(if why.is_empty() {
+            "no paths".into()
+        } else {
+            why.join("; ")
+        }));
+    }
     // Files that could not be read are left out of the snapshot (and reported).
     let mut drop_idx = HashSet::new();
-    for (idx, r) in results {
+    for (no, r) in results {
+        let idx = walked.file_index[no];
         match r {
             Ok((chunks, size)) => {
                 let e = &mut walked.entries[idx];
@@ -1013,7 +1190,7 @@ fn shared<'a>(
         key,
         compress,
         known: Mutex::new(HashSet::new()),
-        queue: Mutex::new(VecDeque::new()),
+        jobs: Jobs::default(),
         results: Mutex::new(Vec::new()),
         failed: Mutex::new(None),
         sent: AtomicU64::new(0),
@@ -1248,4 +1425,69 @@ fn commit_with(
     }
     summary.snapshot = id;
     Ok(Committed::Done(summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel walk's order is the order of a depth-first walk in name order: a
+    /// directory just before its contents, even where a sibling's name sorts between
+    /// the directory's name and `/` ("a-c" comes after all of "a/").
+    #[test]
+    fn manifest_order_is_depth_first_in_name_order() {
+        let mut paths: Vec<&[u8]> = vec![b"b", b"a/b/c", b"a-c", b"a", b"a/b", b"a/a-", b"a/b-"];
+        paths.sort_by(|a, b| manifest_order(a, b));
+        let want: Vec<&[u8]> = vec![b"a", b"a/a-", b"a/b", b"a/b/c", b"a/b-", b"a-c", b"b"];
+        assert_eq!(paths, want);
+    }
+
+    /// The walk finds the same tree, in the same order, whatever the threads did first.
+    #[test]
+    fn walk_finds_every_path_in_manifest_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("t");
+        for d in ["a/b/c", "a-c", "a/b-", "z"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in ["a/1", "a/b/c/2", "a-c/3", "a/b-/4", "z/5", "top"] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink("top", root.join("link")).unwrap();
+        let (roots, named) = walk_roots(std::slice::from_ref(&root)).unwrap();
+        let seen = Mutex::new(Vec::new());
+        let w = walk(roots, named, &Filter::default(), &|no, disk, _| {
+            lock(&seen).push((no, disk.to_owned()))
+        });
+        let base = root.strip_prefix("/").unwrap().to_str().unwrap().to_owned();
+        let got: Vec<String> = w
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).replacen(&base, "T", 1))
+            .collect();
+        let want = [
+            "T",
+            "T/a",
+            "T/a/1",
+            "T/a/b",
+            "T/a/b/c",
+            "T/a/b/c/2",
+            "T/a/b-",
+            "T/a/b-/4",
+            "T/a-c",
+            "T/a-c/3",
+            "T/link",
+            "T/top",
+            "T/z",
+            "T/z/5",
+        ];
+        assert_eq!(got, want);
+        // Every file was handed over once, and its number finds its entry.
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 6);
+        for (no, disk) in seen {
+            let idx = w.file_index[no];
+            assert!(w.files.contains(&(idx, disk)));
+        }
+    }
 }
