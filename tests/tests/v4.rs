@@ -1450,6 +1450,93 @@ fn prune_reclaims_space(rt: Runtime) {
     assert_exit(&r, 2);
 }
 
+/// Temporary names a restore writes under, anywhere below `dir`.
+fn temp_names(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if e.file_name().to_string_lossy().contains(".cyberbackup-") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// A restore of more files than one durable batch puts every file in place whole and
+/// leaves no temporary name; one that meets a damaged chunk stops with exit code 8,
+/// leaves no temporary name either, and every file it did put in place is whole.
+#[test]
+fn batched_restore_is_whole_or_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Server::start_in(Runtime::Mio, dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for i in 0..700u64 {
+        let d = src.join(format!("d{}", i % 7));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("f{i}")),
+            data(100 + (i as usize * 37) % 3000, i),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("d3").join("m.bin"), data(2 << 20, 9)).unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("land"));
+    u.backup(&[&src], &[]);
+    let rel = src.strip_prefix("/").unwrap();
+    let whole = work.path().join("whole");
+    u.ok(&["restore", "latest", "--target", whole.to_str().unwrap()]);
+    assert_eq!(describe(&src), describe(&whole.join(rel)));
+    assert_eq!(temp_names(&whole), Vec::<PathBuf>::new());
+    // The 2 MiB file's chunk is the largest blob: damage it.
+    srv.stop();
+    let victim = blobs(dir.path())
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut b = fs::read(&victim).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    fs::write(&victim, &b).unwrap();
+    let srv = Server::start_in(Runtime::Mio, dir.path(), &[]);
+    let out = work.path().join("out");
+    let r = u.cli(&[
+        "restore",
+        "latest",
+        "-s",
+        &srv.addr.to_string(),
+        "--target",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(temp_names(&out), Vec::<PathBuf>::new());
+    assert!(!out.join(rel).join("d3/m.bin").exists());
+    let mut placed = 0;
+    for (path, what) in describe(&out.join(rel)) {
+        if what.starts_with("file") {
+            placed += 1;
+            assert_eq!(
+                fs::read(out.join(rel).join(&path)).unwrap(),
+                fs::read(src.join(&path)).unwrap(),
+                "{path:?} is in place but not whole"
+            );
+        }
+    }
+    assert!(placed < 701, "{placed} files in place");
+}
+
 both_runtimes!(
     legacy_list_restore_and_import,
     prune_reclaims_space,

@@ -5,10 +5,14 @@
 //! never replaced unless the caller asks.
 //!
 //! Directories and links are made first, in order; then the regular files, several at
-//! once over the one connection (`FILE_WORKERS`, 4); then the directories' modes and
-//! times, deepest first. A tree of 3,000 files of 1-64 KiB and eight of 4 MiB (132
-//! MiB) restored from a cold page cache in 1.25 s against 2.64 s one file at a time
-//! (medians of 4 alternated runs, release build, server on the same machine).
+//! once over the one connection (`FILE_WORKERS`, 16), made durable in batches (one
+//! `syncfs` for up to 512 files or 256 MiB, then their renames into place, and one
+//! more at the end); then the directories' modes and times, deepest first. A tree of
+//! 3,000 files of 1-64 KiB and eight of 4 MiB (132 MiB) restored from a cold page
+//! cache in 1.25 s against 2.64 s one file at a time (4 at once, each synced; medians
+//! of 4 alternated runs, release build, server on the same machine); the 0.7 GiB tree
+//! of `peers.py --scale 0.25` in about 2.0 s against 2.9 s with 16 at once and
+//! batched syncs.
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
@@ -261,7 +265,7 @@ pub fn restore(
             EntryKind::File { chunks } => files.push((e, chunks, dest)),
         }
     }
-    restore_files(conn, key, &files, progress)?;
+    restore_files(conn, key, &files, target, progress)?;
     for (e, ..) in &files {
         summary.files += 1;
         summary.bytes += e.size;
@@ -275,22 +279,134 @@ pub fn restore(
     Ok(summary)
 }
 
-/// Files restored at once. Each one waits on its own chunks' round trips and on the
-/// file system (create, write, rename, mode, time), so several overlap those waits: a
-/// tree of small files is bound by them, not by the CPU.
-const FILE_WORKERS: usize = 4;
+/// Files restored at once. Each one waits on its own chunks' round trips, on the
+/// server's read of them, and on the file system (create, write, mode, time), so
+/// several overlap those waits: a tree of small files is bound by them, not by the
+/// CPU.
+const FILE_WORKERS: usize = 16;
 
-/// Restores `files` on up to [`FILE_WORKERS`] threads sharing the connection. The
-/// first failure (by position) is returned; the other workers stop at their next file.
+/// Chunks requested and not yet written, over all the files being restored at once
+/// (each file also has at most [`AHEAD`]): bounds the memory answers wait in.
+const TOTAL_AHEAD: usize = 64;
+
+/// Restored files are made durable together: once this many are written (or
+/// [`LAND_BYTES`] of them), one `syncfs` covers them all, and then they are renamed
+/// into place. A file under its own name is always whole, and a tree of small files
+/// does not pay one sync per file.
+const LAND_FILES: usize = 512;
+const LAND_BYTES: u64 = 256 << 20;
+
+/// A file written under its temporary name: (position, temporary path, destination).
+type Written = (usize, PathBuf, PathBuf);
+
+/// Files written and waiting for the sync that lets them be renamed, and their bytes.
+#[derive(Default)]
+struct Landing {
+    st: std::sync::Mutex<(Vec<Written>, u64)>,
+}
+
+impl Landing {
+    /// Adds a written file; returns the batch to land when it is full.
+    fn add(
+        &self,
+        file: (usize, PathBuf, PathBuf),
+        size: u64,
+    ) -> Option<Vec<(usize, PathBuf, PathBuf)>> {
+        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.0.push(file);
+        st.1 += size;
+        if st.0.len() >= LAND_FILES || st.1 >= LAND_BYTES {
+            st.1 = 0;
+            Some(std::mem::take(&mut st.0))
+        } else {
+            None
+        }
+    }
+
+    fn take(&self) -> Vec<Written> {
+        let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = 0;
+        std::mem::take(&mut st.0)
+    }
+}
+
+/// Makes a batch of written files durable (one `syncfs` of the target's file system,
+/// or a sync of each where that is refused) and renames them into place. On an
+/// error the batch's files not yet in place are removed; the error names the
+/// position of the first file it concerns.
+fn land(root: &File, batch: Vec<(usize, PathBuf, PathBuf)>) -> Result<(), (usize, RestoreError)> {
+    let Some(first) = batch.first().map(|f| f.0) else {
+        return Ok(());
+    };
+    let synced = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(root)).is_ok()
+        || batch
+            .iter()
+            .all(|(_, tmp, _)| File::open(tmp).and_then(|f| f.sync_all()).is_ok());
+    if !synced {
+        let err = batch
+            .iter()
+            .find_map(|(_, tmp, _)| File::open(tmp).and_then(|f| f.sync_all()).err())
+            .unwrap_or_else(|| std::io::Error::other("syncing the restored files failed"));
+        for (_, tmp, _) in &batch {
+            let _ = fs::remove_file(tmp);
+        }
+        return Err((
+            first,
+            RestoreError::Io {
+                path: batch[0].2.clone(),
+                source: err,
+            },
+        ));
+    }
+    let mut failed = None;
+    for (i, tmp, dest) in batch {
+        if failed.is_some() {
+            let _ = fs::remove_file(&tmp);
+            continue;
+        }
+        if let Err(source) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            failed = Some((
+                i,
+                RestoreError::Io {
+                    path: dest.clone(),
+                    source,
+                },
+            ));
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Restores `files` on up to [`FILE_WORKERS`] threads sharing the connection, and
+/// returns once every file is durable in place. The first failure (by position) is
+/// returned; the other workers stop at their next file.
 fn restore_files(
     conn: &Connection,
     key: &RepoKey,
     files: &[(&Entry, &[ChunkId], PathBuf)],
+    target: &Path,
     progress: &RestoreProgress,
 ) -> Result<(), RestoreError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let root = File::open(target).map_err(|source| RestoreError::Io {
+        path: target.to_owned(),
+        source,
+    })?;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
+    let inflight = std::sync::atomic::AtomicUsize::new(0);
+    let landing = Landing::default();
     let failed: std::sync::Mutex<Option<(usize, RestoreError)>> = std::sync::Mutex::new(None);
+    let fail = |i: usize, err: RestoreError| {
+        stop.store(true, Ordering::Relaxed);
+        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+        if f.as_ref().is_none_or(|(j, _)| i < *j) {
+            *f = Some((i, err));
+        }
+    };
     let work = || loop {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -299,16 +415,18 @@ fn restore_files(
         let Some((e, chunks, dest)) = files.get(i) else {
             break;
         };
-        match restore_file(conn, key, e, chunks, dest, progress) {
-            Ok(()) => {
+        match restore_file(conn, key, e, chunks, dest, &inflight, progress) {
+            Ok(tmp) => {
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
+                if let Some(batch) = landing.add((i, tmp, dest.clone()), e.size) {
+                    if let Err((j, err)) = land(&root, batch) {
+                        fail(j, err);
+                        break;
+                    }
+                }
             }
             Err(err) => {
-                stop.store(true, Ordering::Relaxed);
-                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                if f.as_ref().is_none_or(|(j, _)| i < *j) {
-                    *f = Some((i, err));
-                }
+                fail(i, err);
                 break;
             }
         }
@@ -323,20 +441,43 @@ fn restore_files(
             }
         });
     }
+    let rest = landing.take();
+    if stop.load(Ordering::Relaxed) {
+        // Written but not landed: not left behind under temporary names.
+        for (_, tmp, _) in rest {
+            let _ = fs::remove_file(tmp);
+        }
+    } else if let Err((j, err)) = land(&root, rest) {
+        fail(j, err);
+    } else if let Err(e) = nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) {
+        // The renames durable too (where the file system syncs at all).
+        if e != nix::errno::Errno::ENOSYS && e != nix::errno::Errno::EINVAL {
+            fail(
+                files.len(),
+                RestoreError::Io {
+                    path: target.to_owned(),
+                    source: e.into(),
+                },
+            );
+        }
+    }
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some((_, e)) => Err(e),
         None => Ok(()),
     }
 }
 
+/// Writes one file under a temporary name next to `dest`, with its mode and time,
+/// and returns that name (the file is not synced: see [`land`]).
 fn restore_file(
     conn: &Connection,
     key: &RepoKey,
     e: &Entry,
     chunks: &[ChunkId],
     dest: &Path,
+    inflight: &std::sync::atomic::AtomicUsize,
     progress: &RestoreProgress,
-) -> Result<(), RestoreError> {
+) -> Result<PathBuf, RestoreError> {
     let name = String::from_utf8_lossy(&e.path).into_owned();
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -350,7 +491,7 @@ fn restore_file(
         .open(&tmp)
         .map_err(io(&tmp))?;
     let result = (|| {
-        let mut stream = VerifiedChunks::new(conn, key, chunks, &name);
+        let mut stream = VerifiedChunks::new(conn, key, chunks, &name).sharing(inflight);
         let mut written = 0u64;
         let mut hole = false;
         loop {
@@ -385,23 +526,14 @@ fn restore_file(
         }
         f.set_permissions(fs::Permissions::from_mode(e.mode))
             .map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
         Ok(())
     })();
     drop(f);
-    if let Err(err) = result {
+    if let Err(err) = result.and_then(|()| set_mtime(&tmp, e.mtime_ns, true).map_err(io(&tmp))) {
         let _ = fs::remove_file(&tmp);
         return Err(err);
     }
-    set_mtime(&tmp, e.mtime_ns, true).map_err(io(&tmp))?;
-    fs::rename(&tmp, dest).map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        RestoreError::Io {
-            path: dest.to_owned(),
-            source,
-        }
-    })?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// Whether a chunk is all zeros (then it becomes a hole).
@@ -465,6 +597,8 @@ struct VerifiedChunks<'a> {
     /// Next chunk to request, next to hand out.
     requested: usize,
     index: usize,
+    /// Chunks in flight over every stream sharing the budget ([`TOTAL_AHEAD`]).
+    shared: Option<&'a std::sync::atomic::AtomicUsize>,
 }
 
 impl<'a> VerifiedChunks<'a> {
@@ -477,7 +611,23 @@ impl<'a> VerifiedChunks<'a> {
             pending: VecDeque::new(),
             requested: 0,
             index: 0,
+            shared: None,
         }
+    }
+
+    /// Shares a budget of chunks in flight with other streams: this one asks for more
+    /// only while the total is under [`TOTAL_AHEAD`] (or it has none in flight).
+    fn sharing(mut self, inflight: &'a std::sync::atomic::AtomicUsize) -> Self {
+        self.shared = Some(inflight);
+        self
+    }
+
+    fn room(&self) -> bool {
+        self.pending.len() < AHEAD
+            && (self.pending.is_empty()
+                || self
+                    .shared
+                    .is_none_or(|n| n.load(Ordering::Relaxed) < TOTAL_AHEAD))
     }
 
     /// The next chunk's plaintext, or `None` after the last.
@@ -485,16 +635,23 @@ impl<'a> VerifiedChunks<'a> {
         let Some(id) = self.ids.get(self.index) else {
             return Ok(None);
         };
-        while self.requested < self.ids.len() && self.pending.len() < AHEAD {
+        while self.requested < self.ids.len() && self.room() {
             let p = self
                 .conn
                 .submit(&Request::GetChunk(self.ids[self.requested]))?;
             self.pending.push_back(p);
             self.requested += 1;
+            if let Some(n) = self.shared {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let index = self.index;
         self.index += 1;
-        let blob = match self.pending.pop_front().map(Pending::wait) {
+        let next = self.pending.pop_front();
+        if let (Some(n), Some(_)) = (self.shared, &next) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+        let blob = match next.map(Pending::wait) {
             Some(Ok(Answer::Chunk(b))) => b,
             Some(Ok(_)) => return Err(ConnError::UnexpectedAnswer("GET_CHUNK").into()),
             Some(Err(ConnError::Server(a))) => {
@@ -515,6 +672,15 @@ impl<'a> VerifiedChunks<'a> {
                 index,
                 source,
             })
+    }
+}
+
+impl Drop for VerifiedChunks<'_> {
+    fn drop(&mut self) {
+        // Requests left unanswered (a stream given up) leave the shared budget.
+        if let Some(n) = self.shared {
+            n.fetch_sub(self.pending.len(), Ordering::Relaxed);
+        }
     }
 }
 
