@@ -11,7 +11,7 @@
 //! chunks (of one or many files) into batches. For a batch they ask the server which
 //! chunks it holds (HAS_CHUNKS; chunks named by the parent snapshot or already sent in
 //! this run are not asked about) and hand the others to the sealers through a bounded
-//! queue ([`SealQueue`]). Sealers compress, encrypt and send them (PUT_CHUNK) without
+//! queue (`SealQueue`). Sealers compress, encrypt and send them (PUT_CHUNK) without
 //! waiting for the answers, which they take as they come. So one large file is read
 //! and cut on one core while its chunks are sealed on the others, and a reader never
 //! waits for the server's acknowledgements. The window of the connection bounds what
