@@ -166,8 +166,6 @@ pub struct BackupProgress {
 struct Walked {
     /// Manifest entries in path order; files' chunk lists filled later.
     entries: Vec<Entry>,
-    /// For each file entry: its index in `entries` and where it is on disk.
-    files: Vec<(usize, PathBuf)>,
     /// A file's index in `entries` by its number (the readers' name for it).
     file_index: Vec<usize>,
     skipped: Vec<(PathBuf, String)>,
@@ -321,8 +319,11 @@ struct WalkQueue {
 /// One thing the walk found; `file`: its number and where it is on disk.
 struct Found {
     entry: Entry,
-    file: Option<(usize, PathBuf)>,
+    /// A file's number ([`NOT_A_FILE`] for the rest).
+    file: usize,
 }
+
+const NOT_A_FILE: usize = usize::MAX;
 
 /// Manifest order: component by component, so a directory comes just before its
 /// contents (as a depth-first walk in name order gives).
@@ -339,6 +340,7 @@ fn walk(
     named: Vec<Vec<u8>>,
     filter: &Filter,
     on_file: &(dyn Fn(usize, &Path, &mut Entry) + Sync),
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Walked {
     let pending = roots.len();
     let q = WalkQueue {
@@ -346,7 +348,9 @@ fn walk(
         cv: Condvar::new(),
     };
     let next_file = AtomicU64::new(0);
-    let mut found: Vec<Found> = Vec::new();
+    // One list for every thread, filled in batches: a million files' entries are not
+    // gathered per thread and then copied into one.
+    let all: Mutex<Vec<Found>> = Mutex::new(Vec::new());
     let mut skipped: Vec<(PathBuf, String)> = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..WALKERS)
@@ -358,6 +362,13 @@ fn walk(
                         let item = {
                             let mut st = lock(&q.st);
                             loop {
+                                if stop() {
+                                    // Cancelled, or the backup failed: the walk ends here.
+                                    st.0.clear();
+                                    st.1 = 0;
+                                    q.cv.notify_all();
+                                    break None;
+                                }
                                 if let Some(it) = st.0.pop() {
                                     break Some(it);
                                 }
@@ -372,10 +383,16 @@ fn walk(
                         let Some(item) = item else { break };
                         let kids =
                             walk_one(item, filter, &next_file, on_file, &mut found, &mut skipped);
+                        if found.len() >= 1024 {
+                            lock(&all).append(&mut found);
+                        }
                         let mut st = lock(&q.st);
-                        st.1 += kids.len();
-                        st.1 -= 1;
-                        st.0.extend(kids);
+                        if st.1 > 0 {
+                            // (0 once a stop emptied the queue.)
+                            st.1 += kids.len();
+                            st.1 -= 1;
+                            st.0.extend(kids);
+                        }
                         q.cv.notify_all();
                     }
                     (found, skipped)
@@ -383,29 +400,36 @@ fn walk(
             })
             .collect();
         for h in handles {
-            if let Ok((f, sk)) = h.join() {
-                found.extend(f);
+            if let Ok((mut f, sk)) = h.join() {
+                lock(&all).append(&mut f);
                 skipped.extend(sk);
             }
         }
     });
+    let mut found = all
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     found.sort_by(|a, b| manifest_order(&a.entry.path, &b.entry.path));
     skipped.sort();
-    let mut w = Walked {
-        entries: Vec::with_capacity(found.len()),
-        files: Vec::new(),
-        file_index: vec![usize::MAX; next_file.load(Ordering::Relaxed) as usize],
+    let mut file_index = vec![usize::MAX; next_file.load(Ordering::Relaxed) as usize];
+    // Collected in place (an entry is smaller than what it is found in): a million
+    // files' entries are not held twice.
+    let entries = found
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if let Some(slot) = file_index.get_mut(f.file) {
+                *slot = i;
+            }
+            f.entry
+        })
+        .collect();
+    Walked {
+        entries,
+        file_index,
         skipped,
         named,
-    };
-    for f in found {
-        if let Some((no, disk)) = f.file {
-            w.file_index[no] = w.entries.len();
-            w.files.push((w.entries.len(), disk));
-        }
-        w.entries.push(f.entry);
     }
-    w
 }
 
 /// Looks at one path: records it, and returns a directory's contents to look at.
@@ -440,10 +464,7 @@ fn walk_one(
             size: md.len(),
         };
         on_file(no, &disk, &mut entry);
-        found.push(Found {
-            entry,
-            file: Some((no, disk)),
-        });
+        found.push(Found { entry, file: no });
     } else if ft.is_symlink() {
         match std::fs::read_link(&disk) {
             Ok(t) => found.push(Found {
@@ -456,7 +477,7 @@ fn walk_one(
                     mtime_ns: mtime,
                     size: 0,
                 },
-                file: None,
+                file: NOT_A_FILE,
             }),
             Err(e) => skipped.push((disk, e.to_string())),
         }
@@ -469,7 +490,7 @@ fn walk_one(
                 mtime_ns: mtime,
                 size: 0,
             },
-            file: None,
+            file: NOT_A_FILE,
         });
         if filter.one_file_system && md.dev() != dev {
             // A mount point: recorded, not entered.
@@ -499,7 +520,7 @@ fn walk_one(
 }
 
 /// A file's chunks and size as read, or why it could not be read.
-type FileResult = Result<(Vec<ChunkId>, u64), String>;
+type FileResult = Result<(Vec<ChunkId>, u64), (PathBuf, String)>;
 
 /// State the workers share.
 struct Shared<'a> {
@@ -526,13 +547,32 @@ struct Shared<'a> {
 struct Jobs {
     /// The files, and whether the walk has ended.
     st: Mutex<(VecDeque<(usize, PathBuf)>, bool)>,
-    cv: Condvar,
+    /// Readers wait here for a file, walkers for room.
+    queued: Condvar,
+    room: Condvar,
 }
 
+/// Files found and not yet taken by a reader, at most: the walk waits for the readers
+/// beyond that, so a tree of a million files does not queue a million paths.
+const JOBS_MAX: usize = 4096;
+
 impl Jobs {
-    fn push(&self, job: (usize, PathBuf)) {
-        lock(&self.st).0.push_back(job);
-        self.cv.notify_one();
+    /// Queues a file, waiting while [`JOBS_MAX`] are queued; gives up (the file is
+    /// not queued) once `stop` says the backup is over.
+    fn push(&self, job: (usize, PathBuf), stop: &dyn Fn() -> bool) {
+        let mut st = lock(&self.st);
+        while st.0.len() >= JOBS_MAX {
+            if stop() {
+                return;
+            }
+            st = self
+                .room
+                .wait_timeout(st, std::time::Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        st.0.push_back(job);
+        self.queued.notify_one();
     }
 
     /// The next file; None once the walk has ended and every file was taken.
@@ -540,13 +580,16 @@ impl Jobs {
         let mut st = lock(&self.st);
         loop {
             if let Some(job) = st.0.pop_front() {
+                if st.0.len() + 1 == JOBS_MAX {
+                    self.room.notify_one();
+                }
                 return Some(job);
             }
             if st.1 {
                 return None;
             }
             st = self
-                .cv
+                .queued
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
@@ -554,7 +597,7 @@ impl Jobs {
 
     fn finish(&self) {
         lock(&self.st).1 = true;
-        self.cv.notify_all();
+        self.queued.notify_all();
     }
 }
 
@@ -579,7 +622,7 @@ struct SealState {
 impl SealQueue {
     /// Queues an item, waiting for room; false once the queue was aborted.
     fn put(&self, item: Vec<(ChunkId, Vec<u8>)>) -> bool {
-        let len: usize = item.iter().map(|(_, d)| d.len()).sum();
+        let len = weight(&item);
         let mut st = lock(&self.st);
         while !st.aborted && !st.items.is_empty() && st.bytes + len > SEAL_QUEUE_BYTES {
             st = self
@@ -604,7 +647,7 @@ impl SealQueue {
                 return None;
             }
             if let Some(item) = st.items.pop_front() {
-                st.bytes -= item.iter().map(|(_, d)| d.len()).sum::<usize>();
+                st.bytes -= weight(&item);
                 self.cv.notify_all();
                 return Some(item);
             }
@@ -629,6 +672,12 @@ impl SealQueue {
         let mut st = lock(&self.st);
         *st = SealState::default();
     }
+}
+
+/// What an item costs the queue: its bytes, a tiny chunk counted as 512 (its
+/// bookkeeping), so that a million tiny files cannot queue a million chunks.
+fn weight(item: &[(ChunkId, Vec<u8>)]) -> usize {
+    item.iter().map(|(_, d)| d.len().max(512)).sum()
 }
 
 /// Runs `body` (which queues chunks with [`Worker::flush`]) beside `n` sealer threads,
@@ -759,7 +808,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             let r = self.file(&path);
             let r = match r {
                 Ok(ids) => Ok(ids),
-                Err(BackupError::Io { source, .. }) => Err(source.to_string()),
+                Err(BackupError::Io { source, .. }) => Err((path, source.to_string())),
                 Err(e) => return Err(e),
             };
             self.sh.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -990,7 +1039,6 @@ pub fn backup_streams(
     }
     let walked = Walked {
         entries,
-        files: Vec::new(),
         file_index: Vec::new(),
         skipped: Vec::new(),
         named,
@@ -1048,6 +1096,7 @@ fn backup_inner(
         opts.workers
     };
     let unchanged = AtomicU64::new(0);
+    let stopped = || progress.cancel.load(Ordering::Relaxed) || lock(&shared.failed).is_some();
     // Each file the walk finds is taken from the parent when its size and time match,
     // else queued for the readers, which start at once: the walk and the reading
     // overlap.
@@ -1063,7 +1112,7 @@ fn backup_inner(
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
                 progress.bytes_done.fetch_add(e.size, Ordering::Relaxed);
             }
-            _ => shared.jobs.push((no, disk.to_owned())),
+            _ => shared.jobs.push((no, disk.to_owned()), &stopped),
         }
     };
     let (mut walked, results) = with_sealers(&shared, cpus, || {
@@ -1081,7 +1130,7 @@ fn backup_inner(
                 });
             }
             let walked = match &given {
-                None => Some(walk(roots, named, &opts.filter, &on_file)),
+                None => Some(walk(roots, named, &opts.filter, &on_file, &stopped)),
                 Some(_) => None,
             };
             shared.jobs.finish();
@@ -1134,13 +1183,7 @@ fn backup_inner(
                 e.kind = EntryKind::File { chunks };
                 e.size = size;
             }
-            Err(msg) => {
-                let disk = walked
-                    .files
-                    .iter()
-                    .find(|(i, _)| *i == idx)
-                    .map(|(_, d)| d.clone())
-                    .unwrap_or_default();
+            Err((disk, msg)) => {
                 summary.skipped.push((disk, msg));
                 drop_idx.insert(idx);
             }
@@ -1337,7 +1380,10 @@ fn commit_with(
     mut summary: BackupSummary,
     opts: &BackupOptions,
 ) -> Result<Committed, BackupError> {
-    let mut refs: HashSet<ChunkId> = HashSet::new();
+    // What the walk's and reads' bookkeeping held is not needed any more: a tree of a
+    // million files holds a lot of it, and the manifest below is as large again.
+    *lock(&shared.known) = HashSet::new();
+    let mut refs: Vec<ChunkId> = Vec::new();
     for e in &entries {
         match &e.kind {
             EntryKind::File { chunks } => {
@@ -1349,11 +1395,14 @@ fn commit_with(
             EntryKind::Symlink { .. } => summary.symlinks += 1,
         }
     }
-    // The manifest: chunked and sent like a file.
+    refs.sort_unstable();
+    refs.dedup();
+    // The manifest: chunked and sent like a file (the entries go once it is encoded).
     let mut manifest = Vec::new();
     for e in &entries {
         e.encode(&mut manifest);
     }
+    drop(entries);
     let mut manifest_chunks = Vec::new();
     with_sealers(shared, 1, || {
         let mut w = Worker::new(shared);
@@ -1403,8 +1452,8 @@ fn commit_with(
             t
         },
     };
-    let mut refs: Vec<ChunkId> = refs.into_iter().collect();
     refs.sort_unstable();
+    refs.dedup();
     match shared.conn.call(&Request::CommitSnapshot {
         header,
         refs,
@@ -1456,9 +1505,13 @@ mod tests {
         std::os::unix::fs::symlink("top", root.join("link")).unwrap();
         let (roots, named) = walk_roots(std::slice::from_ref(&root)).unwrap();
         let seen = Mutex::new(Vec::new());
-        let w = walk(roots, named, &Filter::default(), &|no, disk, _| {
-            lock(&seen).push((no, disk.to_owned()))
-        });
+        let w = walk(
+            roots,
+            named,
+            &Filter::default(),
+            &|no, disk, _| lock(&seen).push((no, disk.to_owned())),
+            &|| false,
+        );
         let base = root.strip_prefix("/").unwrap().to_str().unwrap().to_owned();
         let got: Vec<String> = w
             .entries
@@ -1486,8 +1539,11 @@ mod tests {
         let seen = seen.into_inner().unwrap();
         assert_eq!(seen.len(), 6);
         for (no, disk) in seen {
-            let idx = w.file_index[no];
-            assert!(w.files.contains(&(idx, disk)));
+            let e = &w.entries[w.file_index[no]];
+            assert_eq!(
+                disk.strip_prefix("/").unwrap(),
+                Path::new(std::ffi::OsStr::from_bytes(&e.path))
+            );
         }
     }
 }
