@@ -372,7 +372,7 @@ impl Report {
             error_count,
             left_on_server: if args.mode.is_v4() {
                 format!(
-                    "{users} v4 accounts named {user_prefix}-*, their snapshots forgotten at the end (the server's collection frees the chunks after its grace); the accounts stay"
+                    "{users} v4 accounts named {user_prefix}-*, their snapshots forgotten at the end (the server's collection frees the chunks after its grace); the accounts stay. With the server stopped: cyberbackup-server remove-accounts --name-prefix {user_prefix}-"
                 )
             } else {
                 format!(

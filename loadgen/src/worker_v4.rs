@@ -11,7 +11,8 @@
 //! handshake is a connection, the Noise handshake and the login, then a close.
 //!
 //! At the end each client forgets its snapshots, so that the server's next collection
-//! frees their chunks; the accounts stay (see the report's `left_on_server`).
+//! frees their chunks; the accounts stay (see the report's `left_on_server`, which
+//! names the command that removes them: `cyberbackup-server remove-accounts`).
 
 use std::io::Cursor;
 use std::sync::atomic::Ordering;

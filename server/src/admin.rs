@@ -184,6 +184,10 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
             name_prefix,
             dry_run,
         } => return remove_v3_clients(cfg, name_prefix, *dry_run),
+        Admin::RemoveAccounts {
+            name_prefix,
+            dry_run,
+        } => return remove_accounts(cfg, name_prefix, *dry_run),
         Admin::Quota { bytes, .. } if parse_bytes(bytes).is_none() => {
             eprintln!("--bytes {bytes:?}: expected e.g. 50G, 1048576, or none");
             return Ok(2);
@@ -486,7 +490,10 @@ fn execute(
         }
         // Answered without the repository (see `run`); a server asked for them answers
         // the same way.
-        Admin::Key | Admin::CheckConfig | Admin::RemoveV3Clients { .. } => {
+        Admin::Key
+        | Admin::CheckConfig
+        | Admin::RemoveV3Clients { .. }
+        | Admin::RemoveAccounts { .. } => {
             bail!("this command runs where it is typed, not in the server")
         }
     }
@@ -609,6 +616,93 @@ fn remove_v3_clients(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
         human(bytes)
     );
     Ok(0)
+}
+
+/// Removes the v4 accounts named `prefix*` with everything they hold, on a stopped
+/// server (the repository's lock, taken by opening it, proves it is stopped and keeps
+/// one from starting meanwhile): their rows in one transaction, then their blob
+/// directories.
+fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
+    if prefix.chars().count() < 3 {
+        eprintln!("--name-prefix must have at least 3 characters (it selects accounts to delete)");
+        return Ok(2);
+    }
+    let db_path = cfg.repository.join("repo.db");
+    if !db_path.exists() {
+        bail!(
+            "{}: no v4 repository here (check --repository or the config file)",
+            db_path.display()
+        );
+    }
+    let _repo = match Repo::open_local(&cfg.repository) {
+        Ok(r) => r,
+        Err(RepoError::Locked { path }) => bail!(
+            "remove-accounts runs only while the server is stopped ({} is held)",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))
+        }
+    };
+    let mut db = rusqlite::Connection::open(&db_path)
+        .with_context(|| format!("opening {}", db_path.display()))?;
+    db.busy_timeout(Duration::from_secs(10))?;
+    db.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    let tx = db.transaction()?;
+    let victims: Vec<(i64, String, u64, u64)> = {
+        let mut st = tx.prepare(
+            "SELECT id, name, snapshot_count, stored_bytes FROM accounts
+             WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+        )?;
+        let rows = st.query_map([prefix], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)?.max(0) as u64,
+                r.get::<_, i64>(3)?.max(0) as u64,
+            ))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let (snapshots, bytes) = victims.iter().fold((0, 0), |(n, b), v| (n + v.2, b + v.3));
+    if dry_run {
+        for (_, name, n, b) in &victims {
+            println!("would remove {name}: {n} snapshots, {}", human(*b));
+        }
+        println!(
+            "would remove {} v4 accounts, {snapshots} snapshots, {}",
+            victims.len(),
+            human(bytes)
+        );
+        return Ok(0);
+    }
+    for (id, ..) in &victims {
+        for table in ["enrolments", "snapshots", "chunks", "devices"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE account = ?1"), [id])?;
+        }
+        tx.execute("DELETE FROM accounts WHERE id = ?1", [id])?;
+    }
+    tx.commit()?;
+    // Rows first: a crash between leaves blobs no row names, which nobody serves.
+    let mut code = 0;
+    for (id, name, ..) in &victims {
+        let dir = cfg.repository.join("blobs").join(id.to_string());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                eprintln!("{name}: removing {}: {e}", dir.display());
+                code = 1;
+            }
+        }
+    }
+    println!(
+        "removed {} v4 accounts, {snapshots} snapshots, {}",
+        victims.len(),
+        human(bytes)
+    );
+    Ok(code)
 }
 
 /// Prints the server's v4 key fingerprint (what clients pin).

@@ -117,6 +117,17 @@ pub enum Admin {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Remove the v4 accounts whose names start with a prefix (such as the load
+    /// generator's), with their devices, snapshots, chunks and enrolment codes: their
+    /// registry rows and blobs. Only while the server is stopped.
+    RemoveAccounts {
+        /// The names' prefix (at least 3 characters).
+        #[arg(long)]
+        name_prefix: String,
+        /// List what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a one-time enrolment code for a new device of an account: the recovery
     /// path when every device is lost (`cyberbackup enrol CODE` on the new machine;
     /// the passphrase still decides who can read the data).

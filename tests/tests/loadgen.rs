@@ -327,7 +327,7 @@ fn the_users_a_run_leaves_are_named_and_removable() {
 /// snapshots of the same content are deduplicated (the server's metrics say which),
 /// handshakes are counted, and each client's snapshots are forgotten at the end.
 fn v4_modes_move_what_they_say(rt: Runtime) {
-    let srv = Server::start(rt, &[]);
+    let mut srv = Server::start(rt, &[]);
     let addr = srv.addr.to_string();
     let scrape = || srv.http_get("/metrics").unwrap().1;
     let run = |extra: &[&str]| {
@@ -361,6 +361,11 @@ fn v4_modes_move_what_they_say(rt: Runtime) {
     ]);
     let snapshots = r["files"].as_u64().unwrap();
     assert!(snapshots > 0, "{r}");
+    let remove = format!("remove-accounts --name-prefix {prefix}-");
+    assert!(
+        r["left_on_server"].as_str().unwrap().contains(&remove),
+        "{r}"
+    );
     assert_eq!(
         r["bytes"].as_u64().unwrap(),
         snapshots * 2 * 256 * 1024,
@@ -402,4 +407,54 @@ fn v4_modes_move_what_they_say(rt: Runtime) {
             "no snapshots left: {row}"
         );
     }
+    // What the report says removes them: refused while the server runs, listed by a
+    // dry run, then gone with their blobs; the other runs' accounts stay.
+    let args: Vec<&str> = remove.split(' ').collect();
+    let busy = srv.admin_cmd(&args);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stopped"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(srv.stop().success());
+    let listed = |srv: &Server| {
+        String::from_utf8_lossy(&srv.admin_cmd(&["accounts"]).stdout)
+            .lines()
+            .filter(|l| l.contains(&prefix))
+            .count()
+    };
+    let dry = srv.admin_cmd(&[&args[..], &["--dry-run"]].concat());
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("would remove 2 v4 accounts"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert_eq!(listed(&srv), 2, "a dry run removes nothing");
+    let all = String::from_utf8_lossy(&srv.admin_cmd(&["accounts"]).stdout)
+        .lines()
+        .count();
+    let blob_dirs = || {
+        std::fs::read_dir(srv.dir.join("repository/blobs"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
+            .count()
+    };
+    let dirs = blob_dirs();
+    let done = srv.admin_cmd(&args);
+    let text = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success() && text.contains("removed 2 v4 accounts"),
+        "{text}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(listed(&srv), 0);
+    let left = String::from_utf8_lossy(&srv.admin_cmd(&["accounts"]).stdout)
+        .lines()
+        .count();
+    assert_eq!(left, all - 2, "only the prefix's accounts go");
+    assert_eq!(blob_dirs(), dirs - 2, "their blobs went with them");
+    let short = srv.admin_cmd(&["remove-accounts", "--name-prefix", "lo"]);
+    assert_eq!(short.status.code(), Some(2));
 }
