@@ -694,11 +694,9 @@ fn with_sealers<R>(
             .map(|_| {
                 s.spawn(|| {
                     if let Err(e) = sealer(sh) {
-                        sh.seal.finish(true);
-                        let mut f = lock(&sh.failed);
-                        if f.is_none() {
-                            *f = Some(e);
-                        }
+                        // The error first, then the abort: a reader the abort wakes
+                        // fails as "cancelled", which must not be what is reported.
+                        fail(sh, e);
                     }
                 })
             })
@@ -719,6 +717,17 @@ fn with_sealers<R>(
         Some(e) => Err(e),
         None => r,
     }
+}
+
+/// Records the backup's first error, then stops the readers and sealers.
+fn fail(sh: &Shared<'_>, e: BackupError) {
+    {
+        let mut f = lock(&sh.failed);
+        if f.is_none() {
+            *f = Some(e);
+        }
+    }
+    sh.seal.finish(true);
 }
 
 /// A sealer: compresses, encrypts and sends queued chunks, taking the answers as
@@ -1121,11 +1130,7 @@ fn backup_inner(
                 s.spawn(|| {
                     let mut w = Worker::new(&shared);
                     if let Err(e) = w.run() {
-                        shared.seal.finish(true);
-                        let mut f = lock(&shared.failed);
-                        if f.is_none() {
-                            *f = Some(e);
-                        }
+                        fail(&shared, e);
                     }
                 });
             }
@@ -1136,7 +1141,8 @@ fn backup_inner(
             shared.jobs.finish();
             walked
         });
-        if lock(&shared.failed).is_some() {
+        // A walk cut short by a failure or Ctrl-C is not committed.
+        if lock(&shared.failed).is_some() || progress.cancel.load(Ordering::Relaxed) {
             return Err(BackupError::Cancelled);
         }
         let results = std::mem::take(&mut *lock(&shared.results));
