@@ -55,7 +55,8 @@ macro_rules! registry_conformance {
     ($h:ty) => {
         $crate::registry_conformance!(@tests $h;
             reg_accounts_and_devices, reg_wrapped_key_quota_and_usage,
-            reg_chunks_held_is_per_account_and_touches, reg_insert_chunks_is_all_or_nothing,
+            reg_chunks_held_is_per_account_and_touches, reg_chunks_sound_reads_only,
+            reg_insert_chunks_is_all_or_nothing,
             reg_commit_requires_every_chunk, reg_commit_is_idempotent_and_never_replaces,
             reg_snapshots_are_per_account, reg_unreferenced_chunks_and_their_deletion,
             reg_damaged_chunk_is_not_held_until_put_again, reg_chunk_records_page,
@@ -388,6 +389,31 @@ pub(crate) fn reg_chunks_held_is_per_account_and_touches<H: RegistryHarness>(mut
         .unwrap()
         .iter()
         .all(|c| c.touched_ms == 500));
+}
+
+pub(crate) fn reg_chunks_sound_reads_only<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    let d = chunk([2; 32], 10, 10);
+    r.insert_chunks(&[(a, chunk([1; 32], 10, 10)), (a, d.clone())])
+        .unwrap();
+    assert!(r.mark_damaged(a, &d.id, &d.hash, 20).unwrap());
+    assert_eq!(
+        r.chunks_sound(a, &[[1; 32], [2; 32], [3; 32]]).unwrap(),
+        vec![true, false, false],
+        "held, damaged, absent"
+    );
+    assert_eq!(
+        r.chunks_sound(b, &[[1; 32]]).unwrap(),
+        vec![false],
+        "per account"
+    );
+    // Neither the check nor a commit naming the chunk touches it.
+    r.commit_snapshot(a, &header(1, 0), &[[1; 32]], &[0; 32], 500)
+        .unwrap();
+    let recs = r.chunk_records(a, None, 10).unwrap();
+    assert!(recs.iter().all(|c| c.touched_ms == 10), "{recs:?}");
 }
 
 pub(crate) fn reg_insert_chunks_is_all_or_nothing<H: RegistryHarness>(mut h: H) {

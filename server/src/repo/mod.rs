@@ -34,14 +34,15 @@
 //! A backup asks which chunks are held ([`Repo::chunks_held`]) and sends only the others,
 //! then commits a snapshot naming all of them; [`gc`] must never delete a chunk in
 //! between. Three rules make that hold:
-//! 1. Asking (`chunks_held`), putting, and committing a snapshot set the chunk's
+//! 1. Asking (`chunks_held`) and putting set the chunk's
 //!    `touched_at` to now, in the same registry statement that answers; collection only
 //!    deletes rows untouched for a grace period, and it checks "unreferenced and
 //!    untouched" again in the transaction that deletes. The registry serialises the two:
 //!    either the touch comes first (the row survives) or the delete does (the answer is
 //!    "not held", or the commit is refused naming the chunk, and the client sends it
 //!    again). A snapshot commit itself is atomic with its check that every chunk has a
-//!    row, so it never names a chunk collected before it.
+//!    row, so it never names a chunk collected before it; it touches nothing, since
+//!    its row then names the chunks, and rule 2 keeps collection out until it is in.
 //! 2. The committer holds a shared lock for a whole round (held check, blob writes, row
 //!    inserts, snapshot body and row), and collection holds it exclusively from deleting
 //!    rows until their blobs are gone. Without it, a put of a chunk whose row was just

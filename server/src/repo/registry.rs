@@ -179,6 +179,12 @@ pub trait Registry: Send {
         now_ms: i64,
     ) -> Result<Vec<bool>, RepoError>;
 
+    /// For each id, whether the account holds that chunk, sound (not damaged), without
+    /// touching it: the check before a snapshot's body is written, inside a commit
+    /// round, where collection cannot delete rows (`super` module docs, rule 2).
+    fn chunks_sound(&mut self, account: AccountId, ids: &[ChunkId])
+        -> Result<Vec<bool>, RepoError>;
+
     /// For each id, whether the account has a record of that chunk (damaged or not),
     /// without touching it (for the sweep of orphan blobs).
     fn chunks_recorded(
@@ -196,7 +202,9 @@ pub trait Registry: Send {
     /// of `chunks` the account does not hold (or holds damaged), unless all are held;
     /// for an id that exists, [`CommitOutcome::AlreadyCommitted`] if its body hash and
     /// chunk list are these, else [`RepoError::SnapshotExists`]. The named chunks are
-    /// touched.
+    /// not touched: once the row is in, the snapshot names them, and until then the
+    /// commit round keeps collection out (`super` module docs, rule 2). So a commit
+    /// that names tens of thousands of held chunks writes one row, not as many.
     fn commit_snapshot(
         &mut self,
         account: AccountId,

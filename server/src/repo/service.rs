@@ -647,7 +647,7 @@ fn commit_snapshot(
                 Err(RepoError::SnapshotExists)
             };
         }
-        let held = reg.chunks_held(account, chunks, now)?;
+        let held = reg.chunks_sound(account, chunks)?;
         let mut missing: Vec<ChunkId> = Vec::new();
         for (id, held) in chunks.iter().zip(held) {
             if !held && !missing.contains(id) {

@@ -645,6 +645,21 @@ impl Registry for SqliteRegistry {
         Ok(held)
     }
 
+    fn chunks_sound(
+        &mut self,
+        account: AccountId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<bool>, RepoError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM chunks WHERE account = ?1 AND id = ?2 AND damaged_ms IS NULL",
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(st.exists(params![account, &id[..]])?);
+        }
+        Ok(out)
+    }
+
     fn chunks_recorded(
         &mut self,
         account: AccountId,
@@ -718,13 +733,13 @@ impl Registry for SqliteRegistry {
         }
         let mut missing = Vec::new();
         {
-            let mut touch = tx.prepare_cached(
-                "UPDATE chunks SET touched_ms = max(touched_ms, ?3)
-                 WHERE account = ?1 AND id = ?2 AND damaged_ms IS NULL",
+            // Checked, not touched (`Registry::commit_snapshot`): reads only.
+            let mut sound = tx.prepare_cached(
+                "SELECT 1 FROM chunks WHERE account = ?1 AND id = ?2 AND damaged_ms IS NULL",
             )?;
             let mut seen = HashSet::with_capacity(chunks.len());
             for id in chunks {
-                if seen.insert(id) && touch.execute(params![account, &id[..], now_ms])? == 0 {
+                if seen.insert(id) && !sound.exists(params![account, &id[..]])? {
                     missing.push(*id);
                 }
             }
