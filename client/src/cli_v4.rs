@@ -135,6 +135,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if let Some(b) = cause.downcast_ref::<BackupError>() {
             return match b {
                 BackupError::Conn(c) => conn_code(c),
+                BackupError::Key(FormatError::Passphrase) => code::KEY,
+                BackupError::Key(_) => code::INTEGRITY,
                 BackupError::Cancelled => code::CANCELLED,
                 BackupError::Empty(_) => code::USAGE,
                 BackupError::Snapshot(s) => snapshot_code(s),
@@ -296,7 +298,10 @@ fn cancel_on_sigint(flag: Arc<std::sync::atomic::AtomicBool>) {
 
 /// `backup PATH...`: one snapshot of the paths.
 pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::Result<i32> {
-    let (conn, key) = open(c)?;
+    // The key is unwrapped (Argon2id) while the walk starts.
+    let profile = c.profile()?;
+    let pass = c.passphrase(false)?;
+    let (conn, key) = v4::open_unlocking(&profile, &pass, c.server.as_deref())?;
     // An account at its quota is told so before any data is sent.
     if let Ok(Answer::UsageInfo(u)) = conn.call(&Request::Usage) {
         if u.quota > 0 && u.stored_bytes >= u.quota {
@@ -311,7 +316,9 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
             .into());
         }
     }
-    run_backup(c, |p| backup::backup(&conn, &key, paths, &opts, p))
+    run_backup(c, |p| {
+        backup::backup_unlocking(&conn, &key, paths, &opts, p)
+    })
 }
 
 /// Runs a backup with progress on standard error (or JSON lines), then prints its

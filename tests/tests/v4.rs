@@ -1555,3 +1555,97 @@ both_runtimes!(
     tampering_is_found_by_restore_and_scrub,
     wrong_passphrase_and_server_key,
 );
+
+/// With a real Argon2id cost, the key unlocks while the walk runs, so the files of an
+/// unchanged backup are found before the parent snapshot is known: they are still
+/// taken from it, changed ones are read, and the snapshot restores whole. A wrong
+/// passphrase stops the backup with exit code 7, sending and committing nothing.
+#[test]
+fn a_backup_walks_while_the_key_unlocks() {
+    let srv = Server::start(Runtime::Mio, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for i in 0..300u64 {
+        let d = src.join(format!("d{}", i % 10));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join(format!("f{i}")),
+            data(50 + (i as usize * 13) % 900, i),
+        )
+        .unwrap();
+    }
+    let u = User::new();
+    // The default cost, not the tests' cheap one (the key is wrapped at init).
+    let cli = |args: &[&str], pass: &str| {
+        Command::new(client_binary())
+            .env("CYBERBACKUP_CONFIG_DIR", u.cfg.path())
+            .env("CYBERBACKUP_PASSWORD", pass)
+            .env_remove("CYBERBACKUP_KDF")
+            .env_remove("CYBERBACKUP_SERVER")
+            .env_remove("CYBERBACKUP_PROTOCOL")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(
+        &[
+            "init",
+            "-s",
+            &srv.addr.to_string(),
+            "-a",
+            &unique_name("kdf"),
+        ],
+        PASS,
+    );
+    assert_exit(&out, 0);
+    let key = u.ok(&["--json", "key", "list"]);
+    assert!(key.contains("\"memory_kib\":65536"), "{key}");
+    let backup = |pass: &str| {
+        let out = cli(&["--json", "backup", src.to_str().unwrap()], pass);
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string();
+        (out, serde_json::from_str::<serde_json::Value>(&last).ok())
+    };
+    let (out, first) = backup(PASS);
+    assert_exit(&out, 0);
+    assert_eq!(first.unwrap()["files"], 300);
+    let (out, second) = backup(PASS);
+    assert_exit(&out, 0);
+    let second = second.unwrap();
+    assert_eq!(second["files_unchanged"], 300, "{second}");
+    assert_eq!(second["chunks_sent"], 0, "{second}");
+    fs::write(src.join("d3/f3"), b"changed while nobody looked").unwrap();
+    let (out, third) = backup(PASS);
+    assert_exit(&out, 0);
+    let third = third.unwrap();
+    assert_eq!(third["files_unchanged"], 299, "{third}");
+    // The changed file's chunk, and the manifest's.
+    assert_eq!(third["chunks_sent"], 2, "{third}");
+    // A wrong passphrase: exit 7, and no fourth snapshot.
+    let (out, _) = backup("not the passphrase");
+    assert_exit(&out, 7);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("passphrase"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = cli(&["--json", "snapshots"], PASS);
+    assert_exit(&list, 0);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let back = work.path().join("back");
+    assert_exit(
+        &cli(
+            &["restore", "latest", "--target", back.to_str().unwrap()],
+            PASS,
+        ),
+        0,
+    );
+    assert_eq!(
+        describe(&src),
+        describe(&back.join(src.strip_prefix("/").unwrap()))
+    );
+}

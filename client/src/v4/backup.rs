@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cyberbackup_protocol::v4::format::{Entry, EntryKind, RepoKey, Root};
+use cyberbackup_protocol::v4::format::{Entry, EntryKind, FormatError, RepoKey, Root};
 use cyberbackup_protocol::v4::wire::{
     Answer, ChunkId, ErrorCode, Request, SnapshotHeader, SnapshotId, MAX_HAS_CHUNKS,
 };
@@ -41,6 +41,7 @@ use rand::RngCore;
 
 use super::conn::{ConnError, Connection, Pending};
 use super::snapshots::{self, SnapshotError};
+use super::PendingKey;
 
 /// FastCDC sizes (`docs/PROTOCOL-V4.md` §7).
 pub const CHUNK_MIN: u32 = 256 * 1024;
@@ -76,6 +77,10 @@ pub enum BackupError {
     Conn(#[from] ConnError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The repository key could not be opened (a wrong passphrase, with
+    /// [`backup_unlocking`]).
+    #[error("{0}")]
+    Key(#[from] FormatError),
     #[error("{0}: not a file, directory or symbolic link that can be backed up")]
     Unsupported(PathBuf),
     #[error("nothing to back up: {0}")]
@@ -525,7 +530,7 @@ type FileResult = Result<(Vec<ChunkId>, u64), (PathBuf, String)>;
 /// State the workers share.
 struct Shared<'a> {
     conn: &'a Connection,
-    key: &'a RepoKey,
+    key: &'a PendingKey<'a>,
     compress: bool,
     /// Chunks known to be on the server or on their way (this run's puts).
     known: Mutex<HashSet<ChunkId>>,
@@ -540,6 +545,18 @@ struct Shared<'a> {
     progress: &'a BackupProgress,
     /// Chunks the server does not hold, on their way to the sealers.
     seal: SealQueue,
+}
+
+/// The parent snapshot's files: path -> (size, mtime, chunks).
+type ParentFiles = HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)>;
+
+/// A file the walk found before the parent snapshot was known.
+struct Early {
+    no: usize,
+    disk: PathBuf,
+    path: Vec<u8>,
+    size: u64,
+    mtime_ns: i64,
 }
 
 /// Files to read, by number, as the walk finds them: the walk pushes, readers pop.
@@ -733,6 +750,7 @@ fn fail(sh: &Shared<'_>, e: BackupError) {
 /// A sealer: compresses, encrypts and sends queued chunks, taking the answers as
 /// they come, and waits for the last ones before it returns.
 fn sealer(sh: &Shared<'_>) -> Result<(), BackupError> {
+    let key = sh.key.get()?;
     let mut rng = rand::thread_rng();
     let mut puts = VecDeque::new();
     while let Some(item) = sh.seal.take() {
@@ -740,7 +758,7 @@ fn sealer(sh: &Shared<'_>) -> Result<(), BackupError> {
             if sh.progress.cancel.load(Ordering::Relaxed) {
                 return Err(BackupError::Cancelled);
             }
-            let blob = sh.key.seal_chunk_with_id(&id, &data, sh.compress, &mut rng);
+            let blob = key.seal_chunk_with_id(&id, &data, sh.compress, &mut rng);
             drop(data);
             let len = blob.len() as u64;
             let p = sh.conn.submit(&Request::PutChunk { id, blob })?;
@@ -850,6 +868,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             path: path.to_owned(),
             source,
         };
+        let key = self.sh.key.get()?;
         let mut ids = Vec::new();
         let mut total = 0u64;
         let mut buf = std::mem::take(&mut self.buf);
@@ -879,7 +898,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     break;
                 }
                 let data = &buf[c.offset..end];
-                let id = self.sh.key.chunk_id(data);
+                let id = key.chunk_id(data);
                 ids.push(id);
                 total += data.len() as u64;
                 self.sh
@@ -990,6 +1009,19 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &BackupProgress,
 ) -> Result<BackupSummary, BackupError> {
+    backup_unlocking(conn, &PendingKey::ready(key), paths, opts, progress)
+}
+
+/// [`backup`] with a key that may still be being unwrapped
+/// ([`open_unlocking`](super::open_unlocking)): the walk starts at once, and the
+/// parent snapshot is looked up, and files read, once the key is open.
+pub fn backup_unlocking(
+    conn: &Connection,
+    key: &PendingKey<'_>,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupSummary, BackupError> {
     match &opts.stdin_name {
         None => backup_inner(conn, key, paths, None, opts, progress),
         Some(name) => {
@@ -1003,6 +1035,7 @@ pub fn backup(
                 reader: Box::new(std::io::stdin()),
             };
             let named = vec![format!("(stdin) {name}").into_bytes()];
+            let key = key.get()?;
             backup_streams(conn, key, vec![stream], named, opts, progress)
         }
     }
@@ -1052,12 +1085,19 @@ pub fn backup_streams(
         skipped: Vec::new(),
         named,
     };
-    backup_inner(conn, key, &[], Some((walked, streams)), opts, progress)
+    backup_inner(
+        conn,
+        &PendingKey::ready(key),
+        &[],
+        Some((walked, streams)),
+        opts,
+        progress,
+    )
 }
 
 fn backup_inner(
     conn: &Connection,
-    key: &RepoKey,
+    key: &PendingKey<'_>,
     paths: &[PathBuf],
     streams: Option<(Walked, Vec<NamedStream<'_>>)>,
     opts: &BackupOptions,
@@ -1078,26 +1118,8 @@ fn backup_inner(
     // reads every file, and the server's HAS_CHUNKS still spares what it holds.
     let can_read =
         conn.welcome().capabilities & cyberbackup_protocol::v4::Capabilities::READ.0 != 0;
-    let parent = if opts.force || !can_read || from_streams {
-        None
-    } else {
-        snapshots::find_parent(conn, key, &opts.host, &named)?
-    };
-    let mut known = HashSet::new();
-    let mut reuse: HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)> = HashMap::new();
-    if let Some((id, entries)) = parent {
-        summary.parent = Some(id);
-        for e in entries {
-            if let EntryKind::File { chunks } = e.kind {
-                known.extend(chunks.iter().copied());
-                reuse.insert(e.path, (e.size, e.mtime_ns, chunks));
-            }
-        }
-    }
-    let shared = Shared {
-        known: Mutex::new(known),
-        ..shared(conn, key, opts.compress, progress)
-    };
+    let look_for_parent = !(opts.force || !can_read || from_streams);
+    let shared = shared(conn, key, opts.compress, progress);
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let readers = if opts.workers == 0 {
         cpus
@@ -1106,26 +1128,94 @@ fn backup_inner(
     };
     let unchanged = AtomicU64::new(0);
     let stopped = || progress.cancel.load(Ordering::Relaxed) || lock(&shared.failed).is_some();
+    // The walk starts before the key is open and the parent known (the Argon2id
+    // unwrap and the parent's manifest take a while, and a cold tree's walk waits on
+    // the disk): files found before are held in `early` and sorted out when the
+    // parent is known.
+    let parent_files: std::sync::OnceLock<ParentFiles> = std::sync::OnceLock::new();
+    let early: Mutex<Vec<Early>> = Mutex::new(Vec::new());
+    // Files found before the parent was known that it holds unchanged: (file number,
+    // chunks), put in their entries after the walk.
+    let late_unchanged: Mutex<Vec<(usize, Vec<ChunkId>)>> = Mutex::new(Vec::new());
+    let reused = |size: u64| {
+        unchanged.fetch_add(1, Ordering::Relaxed);
+        progress.files_done.fetch_add(1, Ordering::Relaxed);
+        progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+    };
     // Each file the walk finds is taken from the parent when its size and time match,
-    // else queued for the readers, which start at once: the walk and the reading
-    // overlap.
+    // else queued for the readers: the walk and the reading overlap.
     let on_file = |no: usize, disk: &Path, e: &mut Entry| {
         progress.files_total.fetch_add(1, Ordering::Relaxed);
         progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
-        match reuse.get(&e.path) {
+        let parent = match parent_files.get() {
+            Some(p) => p,
+            None => {
+                let mut held = lock(&early);
+                // The parent is set under this lock: look again.
+                match parent_files.get() {
+                    Some(p) => p,
+                    None => {
+                        held.push(Early {
+                            no,
+                            disk: disk.to_owned(),
+                            path: e.path.clone(),
+                            size: e.size,
+                            mtime_ns: e.mtime_ns,
+                        });
+                        return;
+                    }
+                }
+            }
+        };
+        match parent.get(&e.path) {
             Some((size, mtime, chunks)) if *size == e.size && *mtime == e.mtime_ns => {
                 e.kind = EntryKind::File {
                     chunks: chunks.clone(),
                 };
-                unchanged.fetch_add(1, Ordering::Relaxed);
-                progress.files_done.fetch_add(1, Ordering::Relaxed);
-                progress.bytes_done.fetch_add(e.size, Ordering::Relaxed);
+                reused(e.size);
             }
             _ => shared.jobs.push((no, disk.to_owned()), &stopped),
         }
     };
-    let (mut walked, results) = with_sealers(&shared, cpus, || {
-        let walked = std::thread::scope(|s| {
+    // Opens the key, finds the parent, and lets the files found so far go on.
+    let find_parent = || -> Result<Option<SnapshotId>, BackupError> {
+        let key = shared.key.get()?;
+        let parent = if look_for_parent {
+            snapshots::find_parent(conn, key, &opts.host, &named)?
+        } else {
+            None
+        };
+        let mut files = ParentFiles::new();
+        let mut id = None;
+        if let Some((pid, entries)) = parent {
+            id = Some(pid);
+            let mut known = lock(&shared.known);
+            for e in entries {
+                if let EntryKind::File { chunks } = e.kind {
+                    known.extend(chunks.iter().copied());
+                    files.insert(e.path, (e.size, e.mtime_ns, chunks));
+                }
+            }
+        }
+        let held = {
+            let mut held = lock(&early);
+            let _ = parent_files.set(files);
+            std::mem::take(&mut *held)
+        };
+        let files = parent_files.get().expect("set just above");
+        for f in held {
+            match files.get(&f.path) {
+                Some((size, mtime, chunks)) if *size == f.size && *mtime == f.mtime_ns => {
+                    lock(&late_unchanged).push((f.no, chunks.clone()));
+                    reused(f.size);
+                }
+                _ => shared.jobs.push((f.no, f.disk), &stopped),
+            }
+        }
+        Ok(id)
+    };
+    let (mut walked, results, parent) = with_sealers(&shared, cpus, || {
+        let (walked, parent) = std::thread::scope(|s| {
             for _ in 0..readers {
                 s.spawn(|| {
                     let mut w = Worker::new(&shared);
@@ -1134,12 +1224,22 @@ fn backup_inner(
                     }
                 });
             }
+            let parent = s.spawn(|| match find_parent() {
+                Ok(id) => id,
+                Err(e) => {
+                    fail(&shared, e);
+                    None
+                }
+            });
             let walked = match &given {
-                None => Some(walk(roots, named, &opts.filter, &on_file, &stopped)),
+                None => Some(walk(roots, named.clone(), &opts.filter, &on_file, &stopped)),
                 Some(_) => None,
             };
+            // The files the walk found before the parent was known are queued by
+            // `find_parent`: the readers run out of work only after it.
+            let parent = parent.join().unwrap_or(None);
             shared.jobs.finish();
-            walked
+            (walked, parent)
         });
         // A walk cut short by a failure or Ctrl-C is not committed.
         if lock(&shared.failed).is_some() || progress.cancel.load(Ordering::Relaxed) {
@@ -1162,8 +1262,16 @@ fn backup_inner(
             }
             (None, None) => unreachable!("either walked or given"),
         };
-        Ok((walked, results))
+        Ok((walked, results, parent))
     })?;
+    summary.parent = parent;
+    for (no, chunks) in late_unchanged
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        let idx = walked.file_index[no];
+        walked.entries[idx].kind = EntryKind::File { chunks };
+    }
     summary.files_unchanged = unchanged.load(Ordering::Relaxed);
     summary.skipped = std::mem::take(&mut walked.skipped);
     if walked.entries.is_empty() {
@@ -1230,7 +1338,7 @@ pub struct StreamUpload {
 
 fn shared<'a>(
     conn: &'a Connection,
-    key: &'a RepoKey,
+    key: &'a PendingKey<'a>,
     compress: bool,
     progress: &'a BackupProgress,
 ) -> Shared<'a> {
@@ -1262,7 +1370,8 @@ pub fn upload_stream(
     compress: bool,
     progress: &BackupProgress,
 ) -> Result<StreamUpload, BackupError> {
-    let sh = shared(conn, key, compress, progress);
+    let key = PendingKey::ready(key);
+    let sh = shared(conn, &key, compress, progress);
     let sealers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (chunks, size) = with_sealers(&sh, sealers, || {
         let mut w = Worker::new(&sh);
@@ -1360,7 +1469,8 @@ pub fn commit_files(
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let progress = BackupProgress::default();
-    let sh = shared(conn, key, opts.compress, &progress);
+    let key = PendingKey::ready(key);
+    let sh = shared(conn, &key, opts.compress, &progress);
     match commit_with(&sh, entries, named, BackupSummary::default(), opts)? {
         Committed::Done(mut s) => {
             s.seconds = started.elapsed().as_secs_f64();
@@ -1409,12 +1519,13 @@ fn commit_with(
         e.encode(&mut manifest);
     }
     drop(entries);
+    let key = shared.key.get()?;
     let mut manifest_chunks = Vec::new();
     with_sealers(shared, 1, || {
         let mut w = Worker::new(shared);
         for c in fastcdc::v2020::FastCDC::new(&manifest, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
             let data = manifest[c.offset..c.offset + c.length].to_vec();
-            let id = shared.key.chunk_id(&data);
+            let id = key.chunk_id(&data);
             manifest_chunks.push(id);
             w.add(id, data)?;
         }
@@ -1436,7 +1547,7 @@ fn commit_with(
             .map(|(p, why)| (p.as_os_str().as_bytes().to_vec(), why.clone()))
             .collect(),
     };
-    let sealed = shared.key.seal_root(&id, &root, &mut rand::thread_rng());
+    let sealed = key.seal_root(&id, &root, &mut rand::thread_rng());
     let time_ms = opts.time_ms.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -173,14 +173,97 @@ pub fn open(
     server: Option<&str>,
 ) -> Result<(Connection, RepoKey), RepoError> {
     let conn = connect(profile, server)?;
-    let wrapped = match conn.call(&Request::GetKey) {
-        Ok(Answer::Key(k)) => k,
-        Ok(_) => return Err(ConnError::UnexpectedAnswer("GET_KEY").into()),
-        Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => return Err(RepoError::NoKey),
-        Err(e) => return Err(e.into()),
-    };
+    let wrapped = wrapped_key(&conn)?;
     let key = RepoKey::unwrap(&wrapped, passphrase)?;
     Ok((conn, key))
+}
+
+/// Like [`open`], but the key is unwrapped on a thread of its own: Argon2id costs a
+/// tenth of a second or more, which a backup spends walking its tree instead
+/// ([`backup::backup_unlocking`]). A wrong passphrase shows when the key is first
+/// needed.
+pub fn open_unlocking(
+    profile: &Profile,
+    passphrase: &[u8],
+    server: Option<&str>,
+) -> Result<(Connection, PendingKey<'static>), RepoError> {
+    let conn = connect(profile, server)?;
+    let wrapped = wrapped_key(&conn)?;
+    // The cost is checked here, so a key the client refuses fails at once.
+    RepoKey::wrapped_cost(&wrapped)?;
+    let passphrase = zeroize::Zeroizing::new(passphrase.to_vec());
+    let thread = std::thread::Builder::new()
+        .name("key".into())
+        .spawn(move || RepoKey::unwrap(&wrapped, &passphrase))
+        .map_err(|e| RepoError::Key(FormatError::Kdf(format!("no thread for the key: {e}"))))?;
+    Ok((
+        conn,
+        PendingKey {
+            borrowed: None,
+            cell: std::sync::OnceLock::new(),
+            thread: std::sync::Mutex::new(Some(thread)),
+        },
+    ))
+}
+
+/// The account's wrapped repository key, from the server.
+fn wrapped_key(conn: &Connection) -> Result<Vec<u8>, RepoError> {
+    match conn.call(&Request::GetKey) {
+        Ok(Answer::Key(k)) => Ok(k),
+        Ok(_) => Err(ConnError::UnexpectedAnswer("GET_KEY").into()),
+        Err(e) if e.code() == Some(ErrorCode::NOT_FOUND) => Err(RepoError::NoKey),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The repository key, or the thread still unwrapping it ([`open_unlocking`]). The
+/// first [`get`](PendingKey::get) waits for the thread; every later one answers at
+/// once.
+pub struct PendingKey<'a> {
+    borrowed: Option<&'a RepoKey>,
+    cell: std::sync::OnceLock<Result<RepoKey, FormatError>>,
+    #[allow(clippy::type_complexity)]
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<Result<RepoKey, FormatError>>>>,
+}
+
+impl<'a> PendingKey<'a> {
+    /// A key already open.
+    pub fn ready(key: &'a RepoKey) -> Self {
+        PendingKey {
+            borrowed: Some(key),
+            cell: std::sync::OnceLock::new(),
+            thread: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The key, once unwrapped (waiting for that), or why it could not be.
+    pub fn get(&self) -> Result<&RepoKey, FormatError> {
+        if let Some(k) = self.borrowed {
+            return Ok(k);
+        }
+        self.cell
+            .get_or_init(|| {
+                let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match t.map(std::thread::JoinHandle::join) {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => Err(FormatError::Kdf("the key thread failed".into())),
+                    None => Err(FormatError::Kdf("no key".into())),
+                }
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+impl std::fmt::Debug for PendingKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.borrowed.is_some() || self.cell.get().is_some() {
+            "open"
+        } else {
+            "unlocking"
+        };
+        f.debug_struct("PendingKey").field("state", &state).finish()
+    }
 }
 
 /// Connects with this device (no key needed: listings, usage).
