@@ -67,7 +67,6 @@ pub struct ClientSession {
     frames: FrameReader,
     events: VecDeque<Event>,
     out: Vec<u8>,
-    plain: Vec<u8>,
     frame_buf: Vec<u8>,
     unanswered: HashMap<u32, u64>,
     weight: u64,
@@ -98,7 +97,6 @@ impl ClientSession {
             frames: FrameReader::new(),
             events: VecDeque::new(),
             out,
-            plain: Vec::new(),
             frame_buf: Vec::new(),
             unanswered: HashMap::new(),
             weight: 0,
@@ -244,39 +242,62 @@ impl ClientSession {
 
     /// Takes bytes from the socket (all of them).
     pub fn handle_input(&mut self, input: &[u8]) -> Result<(), ClientError> {
-        self.messages.push(input);
-        loop {
-            if matches!(self.phase, Phase::Pin(_)) {
-                // Nothing more is read until the caller has checked the key.
-                return Ok(());
+        let mut rest = input;
+        // Whole messages at the front of the input, with none begun before them, are
+        // handled where they lie (the common case), not copied first.
+        while self.messages.buffered() == 0 && rest.len() >= 2 && !self.pinning() {
+            let n = 2 + u16::from_le_bytes([rest[0], rest[1]]) as usize;
+            if rest.len() < n {
+                break;
             }
-            let Some(msg) = self.messages.next_message().map(<[u8]>::to_vec) else {
-                return Ok(());
+            self.process_message(&rest[2..n])?;
+            rest = &rest[n..];
+        }
+        self.messages.push(rest);
+        // The reader is moved out while its messages are decrypted straight from its
+        // buffer, and put back on every way out.
+        let mut messages = std::mem::take(&mut self.messages);
+        let r = self.process_messages_from(&mut messages);
+        self.messages = messages;
+        r
+    }
+
+    /// Nothing more is read until the caller has checked the server's key.
+    fn pinning(&self) -> bool {
+        matches!(self.phase, Phase::Pin(_))
+    }
+
+    fn process_messages_from(&mut self, messages: &mut MessageReader) -> Result<(), ClientError> {
+        while !self.pinning() {
+            let Some(msg) = messages.next_message() else {
+                break;
             };
-            match std::mem::replace(&mut self.phase, Phase::Failed) {
-                Phase::Message2(mut hs) => {
-                    let payload = hs.read(&msg)?;
-                    let hello = ServerHello::decode(&payload)?;
-                    let key = hs.remote_static().ok_or(ClientError::Handshake)?;
-                    self.hello = Some(hello.clone());
-                    self.events.push_back(Event::ServerKey { key, hello });
-                    self.phase = Phase::Pin(hs);
-                }
-                phase @ (Phase::Welcome(_) | Phase::Ready(_)) => {
-                    self.phase = phase;
-                    self.plain.clear();
-                    if let Phase::Welcome(t) | Phase::Ready(t) = &mut self.phase {
-                        t.open(&msg, &mut self.plain)?;
-                    }
-                    let plain = std::mem::take(&mut self.plain);
-                    self.frames.push(&plain);
-                    self.plain = plain;
-                    self.process_frames()?;
-                }
-                Phase::Pin(_) | Phase::Failed => {
-                    return Err(ClientError::State("the connection has failed"));
-                }
+            self.process_message(msg)?;
+        }
+        Ok(())
+    }
+
+    /// Handles one Noise message (without its length prefix); a record is decrypted
+    /// straight into the frame reader.
+    fn process_message(&mut self, msg: &[u8]) -> Result<(), ClientError> {
+        match std::mem::replace(&mut self.phase, Phase::Failed) {
+            Phase::Message2(mut hs) => {
+                let payload = hs.read(msg)?;
+                let hello = ServerHello::decode(&payload)?;
+                let key = hs.remote_static().ok_or(ClientError::Handshake)?;
+                self.hello = Some(hello.clone());
+                self.events.push_back(Event::ServerKey { key, hello });
+                self.phase = Phase::Pin(hs);
+                Ok(())
             }
+            phase @ (Phase::Welcome(_) | Phase::Ready(_)) => {
+                self.phase = phase;
+                if let Phase::Welcome(t) | Phase::Ready(t) = &mut self.phase {
+                    t.open_into(msg, &mut self.frames)?;
+                }
+                self.process_frames()
+            }
+            Phase::Pin(_) | Phase::Failed => Err(ClientError::State("the connection has failed")),
         }
     }
 
