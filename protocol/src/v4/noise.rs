@@ -277,13 +277,49 @@ impl Transport {
     /// appending them length-prefixed to `out`.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         for part in plaintext.chunks(MAX_RECORD_PLAINTEXT) {
-            let start = out.len();
-            out.resize(start + 2 + part.len() + TAG_LEN, 0);
-            let n = self.state.write_message(part, &mut out[start + 2..])?;
-            out.truncate(start + 2 + n);
-            out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+            seal_record(&mut self.state, part, out)?;
         }
         Ok(())
+    }
+
+    /// Seals the concatenation of `parts` exactly as [`Self::seal`] would, without
+    /// concatenating them first: a record that lies within one part is sealed from
+    /// it, and only a record that spans parts is gathered (so a frame header and a
+    /// chunk are sent without copying the chunk into a frame).
+    pub fn seal_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        let mut left: usize = parts.iter().map(|p| p.len()).sum();
+        let (mut i, mut off) = (0, 0);
+        let mut gather = std::mem::take(&mut self.scratch);
+        let r = (|| {
+            while left > 0 {
+                while off == parts[i].len() {
+                    i += 1;
+                    off = 0;
+                }
+                let n = left.min(MAX_RECORD_PLAINTEXT);
+                if parts[i].len() - off >= n {
+                    seal_record(&mut self.state, &parts[i][off..off + n], out)?;
+                    off += n;
+                } else {
+                    gather.clear();
+                    while gather.len() < n {
+                        if off == parts[i].len() {
+                            i += 1;
+                            off = 0;
+                            continue;
+                        }
+                        let take = (n - gather.len()).min(parts[i].len() - off);
+                        gather.extend_from_slice(&parts[i][off..off + take]);
+                        off += take;
+                    }
+                    seal_record(&mut self.state, &gather, out)?;
+                }
+                left -= n;
+            }
+            Ok(())
+        })();
+        self.scratch = gather;
+        r
     }
 
     /// Decrypts one record (without its length prefix), appending its plaintext.
@@ -316,6 +352,20 @@ impl Transport {
     pub fn remote_static(&self) -> Option<[u8; 32]> {
         self.state.get_remote_static()?.try_into().ok()
     }
+}
+
+/// Seals one record (at most [`MAX_RECORD_PLAINTEXT`] bytes) with its length prefix.
+fn seal_record(
+    state: &mut snow::TransportState,
+    part: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), NoiseError> {
+    let start = out.len();
+    out.resize(start + 2 + part.len() + TAG_LEN, 0);
+    let n = state.write_message(part, &mut out[start + 2..])?;
+    out.truncate(start + 2 + n);
+    out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+    Ok(())
 }
 
 /// Splits a byte stream into length-prefixed Noise messages.
@@ -399,6 +449,50 @@ mod tests {
             *ck.public(),
             *sk.public(),
         )
+    }
+
+    #[test]
+    fn sealing_parts_is_sealing_their_concatenation() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let m = MAX_RECORD_PLAINTEXT;
+        let splits: [&[usize]; 6] = [
+            &[],
+            &[16],
+            &[16, 16 + m],
+            &[m],
+            &[1, 2, 3, m - 1, m + 5, 200_000],
+            &[0, 0, 299_999],
+        ];
+        let records = |w: &[u8], s: &mut Transport| {
+            let mut r = MessageReader::default();
+            r.push(w);
+            let (mut lens, mut out) = (Vec::new(), Vec::new());
+            while let Some(msg) = r.next_message() {
+                lens.push(msg.len());
+                s.open(msg, &mut out).unwrap();
+            }
+            (lens, out)
+        };
+        for cuts in splits {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &c in cuts {
+                parts.push(&data[at..c]);
+                at = c;
+            }
+            parts.push(&data[at..]);
+            let (mut c1, mut s1, _, _) = pair();
+            let mut a = Vec::new();
+            c1.seal_parts(&parts, &mut a).unwrap();
+            let (mut c2, mut s2, _, _) = pair();
+            let mut b = Vec::new();
+            c2.seal(&data, &mut b).unwrap();
+            let (la, pa) = records(&a, &mut s1);
+            let (lb, pb) = records(&b, &mut s2);
+            assert_eq!(pa, data, "{cuts:?}");
+            assert_eq!(pb, data, "{cuts:?}");
+            assert_eq!(la, lb, "the same records: {cuts:?}");
+        }
     }
 
     #[test]

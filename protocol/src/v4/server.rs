@@ -551,11 +551,12 @@ impl ServerSession {
         if let Answer::Error(e) = &answer {
             *self.errors.entry(e.code.0).or_default() += 1;
         }
+        // A chunk is sealed from where it lies, after its frame header.
         let mut frame = Vec::new();
-        wire::encode_answer(request_id, &answer, &mut frame);
+        let body = wire::encode_answer_split(request_id, &answer, &mut frame);
         let sealed = match &mut self.phase {
             Phase::Ready { transport, .. } | Phase::LoggingIn(transport, _) => {
-                transport.seal(&frame, &mut self.out)
+                transport.seal_parts(&[&frame, body], &mut self.out)
             }
             _ => return,
         };

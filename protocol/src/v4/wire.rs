@@ -1335,6 +1335,29 @@ pub fn encode_answer(request_id: u32, a: &Answer, out: &mut Vec<u8>) {
     encode_frame(a.kind(), request_id, out, |o| a.encode_body(o));
 }
 
+/// Encodes an answer as [`encode_answer`] does, except that an answer whose body is
+/// one byte string (a chunk, a key, v3 data) gets only its header in `out`, and its
+/// body is returned to be sent after it without a copy; any other answer is encoded
+/// whole and the returned body is empty.
+pub fn encode_answer_split<'a>(request_id: u32, a: &'a Answer, out: &mut Vec<u8>) -> &'a [u8] {
+    match a {
+        Answer::Chunk(b) | Answer::Key(b) | Answer::LegacyData(b) => {
+            let h = FrameHeader {
+                kind: a.kind(),
+                flags: 0,
+                request_id,
+                len: b.len() as u64,
+            };
+            out.extend_from_slice(&h.encode());
+            b
+        }
+        _ => {
+            encode_answer(request_id, a, out);
+            &[]
+        }
+    }
+}
+
 fn encode_frame(kind: u16, request_id: u32, out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);

@@ -369,3 +369,28 @@ fn error_codes_name_and_close_as_the_spec_says() {
     assert!(ErrorCode::SHUTTING_DOWN.closes());
     assert_eq!(ErrorCode(999).name(), "UNKNOWN");
 }
+
+#[test]
+fn a_split_answer_is_the_whole_one() {
+    let answers = [
+        Answer::Chunk((0..70_000u32).map(|i| i as u8).collect()),
+        Answer::Chunk(Vec::new()),
+        Answer::Key(vec![7; 73]),
+        Answer::LegacyData(vec![1, 2, 3]),
+        Answer::ChunksHeld(vec![true, false]),
+    ];
+    for a in &answers {
+        let mut whole = Vec::new();
+        encode_answer(42, a, &mut whole);
+        let mut head = Vec::new();
+        let body = encode_answer_split(42, a, &mut head);
+        let mut joined = head.clone();
+        joined.extend_from_slice(body);
+        assert_eq!(joined, whole, "{:?}", a.kind());
+        if matches!(a, Answer::ChunksHeld(_)) {
+            assert!(body.is_empty());
+        } else {
+            assert_eq!(head.len(), FRAME_HEADER_LEN);
+        }
+    }
+}
