@@ -27,6 +27,8 @@ use cyberbackup_protocol::v4::Capabilities;
 /// Exit codes of the v4 commands.
 pub mod code {
     pub const OK: i32 = 0;
+    /// An internal error (a bug); nothing was committed.
+    pub const INTERNAL: i32 = 1;
     pub const USAGE: i32 = 2;
     /// A backup finished but some files could not be read (they are not in it).
     pub const PARTIAL: i32 = 3;
@@ -138,6 +140,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 BackupError::Key(FormatError::Passphrase) => code::KEY,
                 BackupError::Key(_) => code::INTEGRITY,
                 BackupError::Cancelled => code::CANCELLED,
+                BackupError::Internal(_) => code::INTERNAL,
                 BackupError::Empty(_) => code::USAGE,
                 BackupError::Snapshot(s) => snapshot_code(s),
                 _ => code::PARTIAL,

@@ -1560,17 +1560,19 @@ both_runtimes!(
 /// unchanged backup are found before the parent snapshot is known: they are still
 /// taken from it, changed ones are read, and the snapshot restores whole. A wrong
 /// passphrase stops the backup with exit code 7, sending and committing nothing.
+/// More files than may wait for the parent (4,096) are found before it is known.
 #[test]
 fn a_backup_walks_while_the_key_unlocks() {
     let srv = Server::start(Runtime::Mio, &[]);
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
-    for i in 0..300u64 {
-        let d = src.join(format!("d{}", i % 10));
+    for i in 0..5000u64 {
+        let d = src.join(format!("d{}", i % 50));
         fs::create_dir_all(&d).unwrap();
         fs::write(
             d.join(format!("f{i}")),
-            data(50 + (i as usize * 13) % 900, i),
+            // 50 contents: the server stores 50 chunks, not 5,000 files.
+            data(50 + (i % 50) as usize * 13, i % 50),
         )
         .unwrap();
     }
@@ -1611,17 +1613,17 @@ fn a_backup_walks_while_the_key_unlocks() {
     };
     let (out, first) = backup(PASS);
     assert_exit(&out, 0);
-    assert_eq!(first.unwrap()["files"], 300);
+    assert_eq!(first.unwrap()["files"], 5000);
     let (out, second) = backup(PASS);
     assert_exit(&out, 0);
     let second = second.unwrap();
-    assert_eq!(second["files_unchanged"], 300, "{second}");
+    assert_eq!(second["files_unchanged"], 5000, "{second}");
     assert_eq!(second["chunks_sent"], 0, "{second}");
     fs::write(src.join("d3/f3"), b"changed while nobody looked").unwrap();
     let (out, third) = backup(PASS);
     assert_exit(&out, 0);
     let third = third.unwrap();
-    assert_eq!(third["files_unchanged"], 299, "{third}");
+    assert_eq!(third["files_unchanged"], 4999, "{third}");
     // The changed file's chunk, and the manifest's.
     assert_eq!(third["chunks_sent"], 2, "{third}");
     // A wrong passphrase: exit 7, and no fourth snapshot.

@@ -92,6 +92,9 @@ pub enum BackupError {
     Empty(String),
     #[error("cancelled")]
     Cancelled,
+    /// A bug: a thread of the backup panicked (nothing is committed).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 /// Backup settings.
@@ -910,7 +913,7 @@ impl<'s, 'a> Worker<'s, 'a> {
             pos: 0,
             hinted: 0,
         };
-        // The disk starts on the file before the key may even be open.
+        // The disk starts on the file's first pieces as it is opened.
         ahead.hint();
         self.chunks_of(&mut ahead, path)
     }
@@ -1191,6 +1194,7 @@ fn backup_inner(
     // parent is known.
     let parent_files: std::sync::OnceLock<ParentFiles> = std::sync::OnceLock::new();
     let early: Mutex<Vec<Early>> = Mutex::new(Vec::new());
+    let early_room = Condvar::new();
     // Files found before the parent was known that it holds unchanged: (file number,
     // chunks), put in their entries after the walk.
     let late_unchanged: Mutex<Vec<(usize, Vec<ChunkId>)>> = Mutex::new(Vec::new());
@@ -1208,10 +1212,14 @@ fn backup_inner(
             Some(p) => p,
             None => {
                 let mut held = lock(&early);
-                // The parent is set under this lock: look again.
-                match parent_files.get() {
-                    Some(p) => p,
-                    None => {
+                // The parent is set under this lock: look again. At most JOBS_MAX
+                // files wait for it (a million-file tree whose parent takes longer
+                // than its walk does not hold them all); the walk waits beyond that.
+                loop {
+                    if let Some(p) = parent_files.get() {
+                        break p;
+                    }
+                    if held.len() < JOBS_MAX {
                         held.push(Early {
                             no,
                             disk: disk.to_owned(),
@@ -1221,6 +1229,12 @@ fn backup_inner(
                         });
                         return;
                     }
+                    if stopped() {
+                        return;
+                    }
+                    held = early_room
+                        .wait_timeout(held, std::time::Duration::from_millis(50))
+                        .map_or_else(|p| p.into_inner().0, |r| r.0);
                 }
             }
         };
@@ -1259,6 +1273,7 @@ fn backup_inner(
             let _ = parent_files.set(files);
             std::mem::take(&mut *held)
         };
+        early_room.notify_all();
         let files = parent_files.get().expect("set just above");
         for f in held {
             match files.get(&f.path) {
@@ -1281,11 +1296,22 @@ fn backup_inner(
                     }
                 });
             }
-            let parent = s.spawn(|| match find_parent() {
-                Ok(id) => id,
-                Err(e) => {
-                    fail(&shared, e);
-                    None
+            // A panic there is caught and fails the backup at once: the walk may be
+            // waiting for the parent.
+            let parent = s.spawn(|| {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&find_parent)) {
+                    Ok(Ok(id)) => id,
+                    Ok(Err(e)) => {
+                        fail(&shared, e);
+                        None
+                    }
+                    Err(_) => {
+                        fail(
+                            &shared,
+                            BackupError::Internal("the parent snapshot's thread panicked"),
+                        );
+                        None
+                    }
                 }
             });
             let walked = match &given {
@@ -1294,7 +1320,17 @@ fn backup_inner(
             };
             // The files the walk found before the parent was known are queued by
             // `find_parent`: the readers run out of work only after it.
-            let parent = parent.join().unwrap_or(None);
+            let parent = match parent.join() {
+                Ok(id) => id,
+                // Its files would be neither read nor taken from the parent.
+                Err(_) => {
+                    fail(
+                        &shared,
+                        BackupError::Internal("the parent snapshot's thread panicked"),
+                    );
+                    None
+                }
+            };
             shared.jobs.finish();
             (walked, parent)
         });

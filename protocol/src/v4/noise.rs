@@ -256,6 +256,7 @@ impl Handshake {
         Ok(Transport {
             state: self.state.into_transport_mode()?,
             scratch: vec![0u8; MAX_NOISE_MESSAGE],
+            gather: Vec::new(),
         })
     }
 }
@@ -264,6 +265,8 @@ impl Handshake {
 pub struct Transport {
     state: snow::TransportState,
     scratch: Vec<u8>,
+    /// A record that spans the parts given to [`Transport::seal_parts`], gathered.
+    gather: Vec<u8>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -289,7 +292,7 @@ impl Transport {
     pub fn seal_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let mut left: usize = parts.iter().map(|p| p.len()).sum();
         let (mut i, mut off) = (0, 0);
-        let mut gather = std::mem::take(&mut self.scratch);
+        let mut gather = std::mem::take(&mut self.gather);
         let r = (|| {
             while left > 0 {
                 while off == parts[i].len() {
@@ -318,7 +321,7 @@ impl Transport {
             }
             Ok(())
         })();
-        self.scratch = gather;
+        self.gather = gather;
         r
     }
 
@@ -493,6 +496,21 @@ mod tests {
             assert_eq!(pb, data, "{cuts:?}");
             assert_eq!(la, lb, "the same records: {cuts:?}");
         }
+        // Gathering leaves the transport able to open full records.
+        let (mut c, mut s, _, _) = pair();
+        let mut w = Vec::new();
+        // (The last, short record spans the parts: it is the one gathered.)
+        c.seal_parts(&[&data[..299_995], &data[299_995..]], &mut w)
+            .unwrap();
+        let mut back = Vec::new();
+        s.seal(&data, &mut back).unwrap();
+        let mut r = MessageReader::default();
+        r.push(&back);
+        let mut out = Vec::new();
+        while let Some(msg) = r.next_message() {
+            c.open(msg, &mut out).unwrap();
+        }
+        assert_eq!(out, data);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Repo {
     }
 
     /// Deletes the chunks of the accounts in `scope` that no snapshot names and that
-    /// were not touched (held, put, or named by a commit) in the `grace` before
+    /// were not touched (asked about and held, or put) in the `grace` before
     /// `now_ms`, then the orphan blobs.
     pub fn collect_garbage(
         &self,

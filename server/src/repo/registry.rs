@@ -47,8 +47,9 @@ pub struct ChunkRecord {
     /// BLAKE3 of the stored bytes, computed by the server at ingest (for scrub).
     pub hash: Hash,
     pub stored_ms: i64,
-    /// Last time a client learned the chunk was held, put it or committed a snapshot
-    /// naming it: collection spares chunks touched within its grace period.
+    /// Last time a client learned the chunk was held or put it (a commit does not
+    /// touch: its snapshot names the chunk): collection spares chunks touched within
+    /// its grace period.
     pub touched_ms: i64,
     /// Set by scrub when the blob was missing or did not match `hash`: the chunk then
     /// counts as not held until it is put again.
