@@ -734,11 +734,15 @@ pub fn diff(c: &V4Common, a: &str, b: &str) -> anyhow::Result<i32> {
     }
     if !c.json && !c.quiet {
         println!(
-            "{} changes: {} added, {} removed, {} modified entries",
-            changes.len(),
+            "{}: {} added, {} removed, {} modified",
+            count(changes.len() as u64, "change"),
             iec(added),
             iec(removed),
-            modified
+            if modified == 1 {
+                "1 entry".to_string()
+            } else {
+                format!("{modified} entries")
+            }
         );
     }
     Ok(code::OK)

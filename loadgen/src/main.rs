@@ -52,10 +52,17 @@ fn run(args: Args) -> Result<i32> {
     args.check()?;
     let live = !args.quiet;
     if live {
-        eprintln!(
-            "setting up {} clients against {} ({} RSA keys, {} bytes of payload)...",
-            args.connections, args.server, args.keys, args.size.max
-        );
+        if args.mode.is_v4() {
+            eprintln!(
+                "setting up {} v4 clients against {} (an account and a device key each)...",
+                args.connections, args.server
+            );
+        } else {
+            eprintln!(
+                "setting up {} clients against {} ({} RSA keys, {} bytes of payload)...",
+                args.connections, args.server, args.keys, args.size.max
+            );
+        }
     }
     // Key generation and payload, before anything is measured (v3 only).
     let v3_keys = if args.mode.is_v4() { 0 } else { args.keys };
@@ -157,7 +164,13 @@ fn run(args: Args) -> Result<i32> {
     let a = &shared.args;
     let window = start + a.warmup;
     let open = a.rate.is_some();
-    let collector = std::thread::spawn(move || stats::collect(rx, window, live, open));
+    // What the live lines count: a v4 backup's unit is a snapshot of several files.
+    let unit = if a.mode == Mode::V4Backup {
+        "snapshots/s"
+    } else {
+        "files/s"
+    };
+    let collector = std::thread::spawn(move || stats::collect(rx, window, live, open, unit));
     shared.go.wait();
 
     // Wait out the warm-up, then measure.

@@ -123,7 +123,13 @@ pub struct Totals {
 
 /// Runs the collector until every sender is gone. `window` is when measuring starts;
 /// events before it are warm-up. `live` prints a line per second to stderr.
-pub fn collect(rx: mpsc::Receiver<Event>, window: Instant, live: bool, open_loop: bool) -> Totals {
+pub fn collect(
+    rx: mpsc::Receiver<Event>,
+    window: Instant,
+    live: bool,
+    open_loop: bool,
+    unit: &'static str,
+) -> Totals {
     let mut t = Totals {
         all_bytes: 0,
         files: 0,
@@ -221,7 +227,7 @@ pub fn collect(rx: mpsc::Receiver<Event>, window: Instant, live: bool, open_loop
                 .map(|(k, _)| *k)
                 .collect();
             for s in due {
-                print_live(s, &buckets[&s], open_loop);
+                print_live(s, &buckets[&s], open_loop, unit);
                 printed = s;
             }
         }
@@ -245,7 +251,7 @@ pub fn collect(rx: mpsc::Receiver<Event>, window: Instant, live: bool, open_loop
     t
 }
 
-fn print_live(s: i64, b: &Bucket, open_loop: bool) {
+fn print_live(s: i64, b: &Bucket, open_loop: bool, unit: &str) {
     let (p50, p99) = b
         .lat
         .as_ref()
@@ -259,7 +265,7 @@ fn print_live(s: i64, b: &Bucket, open_loop: bool) {
     };
     if b.files > 0 || b.handshakes == 0 {
         eprintln!(
-            "[{s:>4}s] {:>8} files/s {:>9.1} MB/s  errors {:<4} {lat} p50 {} p99 {}{tag}",
+            "[{s:>4}s] {:>8} {unit} {:>9.1} MB/s  errors {:<4} {lat} p50 {} p99 {}{tag}",
             b.files,
             b.bytes as f64 / 1e6,
             b.errors,
