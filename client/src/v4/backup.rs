@@ -601,6 +601,23 @@ impl Read for ReadAhead {
 /// The parent snapshot's files: path -> (size, mtime, chunks).
 type ParentFiles = HashMap<Vec<u8>, (u64, i64, Vec<ChunkId>)>;
 
+/// The parent's chunks of a file whose size and time are the parent's: it is not read
+/// again.
+fn unchanged_chunks<'p>(
+    parent: &'p ParentFiles,
+    path: &[u8],
+    size: u64,
+    mtime_ns: i64,
+) -> Option<&'p [ChunkId]> {
+    match parent.get(path) {
+        Some((s, m, chunks)) if *s == size && *m == mtime_ns => Some(chunks),
+        _ => None,
+    }
+}
+
+/// What a backup reports when the thread that finds the parent snapshot panicked.
+const PARENT_PANICKED: &str = "the parent snapshot's thread panicked";
+
 /// A file the walk found before the parent snapshot was known.
 struct Early {
     no: usize,
@@ -1238,14 +1255,14 @@ fn backup_inner(
                 }
             }
         };
-        match parent.get(&e.path) {
-            Some((size, mtime, chunks)) if *size == e.size && *mtime == e.mtime_ns => {
+        match unchanged_chunks(parent, &e.path, e.size, e.mtime_ns) {
+            Some(chunks) => {
                 e.kind = EntryKind::File {
-                    chunks: chunks.clone(),
+                    chunks: chunks.to_vec(),
                 };
                 reused(e.size);
             }
-            _ => shared.jobs.push((no, disk.to_owned()), &stopped),
+            None => shared.jobs.push((no, disk.to_owned()), &stopped),
         }
     };
     // Opens the key, finds the parent, and lets the files found so far go on.
@@ -1268,20 +1285,21 @@ fn backup_inner(
                 }
             }
         }
-        let held = {
+        let (files, held) = {
             let mut held = lock(&early);
-            let _ = parent_files.set(files);
-            std::mem::take(&mut *held)
+            (
+                parent_files.get_or_init(|| files),
+                std::mem::take(&mut *held),
+            )
         };
         early_room.notify_all();
-        let files = parent_files.get().expect("set just above");
         for f in held {
-            match files.get(&f.path) {
-                Some((size, mtime, chunks)) if *size == f.size && *mtime == f.mtime_ns => {
-                    lock(&late_unchanged).push((f.no, chunks.clone()));
+            match unchanged_chunks(files, &f.path, f.size, f.mtime_ns) {
+                Some(chunks) => {
+                    lock(&late_unchanged).push((f.no, chunks.to_vec()));
                     reused(f.size);
                 }
-                _ => shared.jobs.push((f.no, f.disk), &stopped),
+                None => shared.jobs.push((f.no, f.disk), &stopped),
             }
         }
         Ok(id)
@@ -1299,17 +1317,12 @@ fn backup_inner(
             // A panic there is caught and fails the backup at once: the walk may be
             // waiting for the parent.
             let parent = s.spawn(|| {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&find_parent)) {
-                    Ok(Ok(id)) => id,
-                    Ok(Err(e)) => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&find_parent))
+                    .unwrap_or(Err(BackupError::Internal(PARENT_PANICKED)))
+                {
+                    Ok(id) => id,
+                    Err(e) => {
                         fail(&shared, e);
-                        None
-                    }
-                    Err(_) => {
-                        fail(
-                            &shared,
-                            BackupError::Internal("the parent snapshot's thread panicked"),
-                        );
                         None
                     }
                 }
@@ -1320,17 +1333,11 @@ fn backup_inner(
             };
             // The files the walk found before the parent was known are queued by
             // `find_parent`: the readers run out of work only after it.
-            let parent = match parent.join() {
-                Ok(id) => id,
-                // Its files would be neither read nor taken from the parent.
-                Err(_) => {
-                    fail(
-                        &shared,
-                        BackupError::Internal("the parent snapshot's thread panicked"),
-                    );
-                    None
-                }
-            };
+            // (Its files would be neither read nor taken from the parent.)
+            let parent = parent.join().unwrap_or_else(|_| {
+                fail(&shared, BackupError::Internal(PARENT_PANICKED));
+                None
+            });
             shared.jobs.finish();
             (walked, parent)
         });

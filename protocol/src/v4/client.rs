@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::noise::{Handshake, MessageReader, NoiseError, StaticKey, Transport};
+use super::noise::{self, Handshake, MessageReader, NoiseError, StaticKey, Transport};
 use super::wire::{
     self, max_answer_len, Answer, ErrorAnswer, FrameReader, Login, Request, ServerHello, Welcome,
     WireError, FRAME_HEADER_LEN,
@@ -245,12 +245,11 @@ impl ClientSession {
         let mut rest = input;
         // Whole messages at the front of the input, with none begun before them, are
         // handled where they lie (the common case), not copied first.
-        while self.messages.buffered() == 0 && rest.len() >= 2 && !self.pinning() {
-            let n = 2 + u16::from_le_bytes([rest[0], rest[1]]) as usize;
-            if rest.len() < n {
+        while self.messages.buffered() == 0 && !self.pinning() {
+            let Some((msg, n)) = noise::whole_message(rest) else {
                 break;
-            }
-            self.process_message(&rest[2..n])?;
+            };
+            self.process_message(msg)?;
             rest = &rest[n..];
         }
         self.messages.push(rest);

@@ -279,10 +279,7 @@ impl Transport {
     /// Encrypts `plaintext` into records (at most 65,519 plaintext bytes each),
     /// appending them length-prefixed to `out`.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
-        for part in plaintext.chunks(MAX_RECORD_PLAINTEXT) {
-            seal_record(&mut self.state, part, out)?;
-        }
-        Ok(())
+        self.seal_parts(&[plaintext], out)
     }
 
     /// Seals the concatenation of `parts` exactly as [`Self::seal`] would, without
@@ -290,34 +287,30 @@ impl Transport {
     /// it, and only a record that spans parts is gathered (so a frame header and a
     /// chunk are sent without copying the chunk into a frame).
     pub fn seal_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), NoiseError> {
+        // Bytes not yet sealed: the current record is the next min(left, the limit).
         let mut left: usize = parts.iter().map(|p| p.len()).sum();
-        let (mut i, mut off) = (0, 0);
         let mut gather = std::mem::take(&mut self.gather);
+        gather.clear();
         let r = (|| {
-            while left > 0 {
-                while off == parts[i].len() {
-                    i += 1;
-                    off = 0;
-                }
-                let n = left.min(MAX_RECORD_PLAINTEXT);
-                if parts[i].len() - off >= n {
-                    seal_record(&mut self.state, &parts[i][off..off + n], out)?;
-                    off += n;
-                } else {
-                    gather.clear();
-                    while gather.len() < n {
-                        if off == parts[i].len() {
-                            i += 1;
-                            off = 0;
-                            continue;
-                        }
-                        let take = (n - gather.len()).min(parts[i].len() - off);
-                        gather.extend_from_slice(&parts[i][off..off + take]);
-                        off += take;
+            for &part in parts {
+                let mut p = part;
+                while !p.is_empty() {
+                    let n = left.min(MAX_RECORD_PLAINTEXT);
+                    if gather.is_empty() && p.len() >= n {
+                        seal_record(&mut self.state, &p[..n], out)?;
+                        p = &p[n..];
+                        left -= n;
+                        continue;
                     }
-                    seal_record(&mut self.state, &gather, out)?;
+                    let take = (n - gather.len()).min(p.len());
+                    gather.extend_from_slice(&p[..take]);
+                    p = &p[take..];
+                    if gather.len() == n {
+                        seal_record(&mut self.state, &gather, out)?;
+                        gather.clear();
+                        left -= n;
+                    }
                 }
-                left -= n;
             }
             Ok(())
         })();
@@ -371,6 +364,13 @@ fn seal_record(
     Ok(())
 }
 
+/// The length-prefixed Noise message at the front of `b`, if it is all there, and the
+/// bytes it takes (with its prefix).
+pub fn whole_message(b: &[u8]) -> Option<(&[u8], usize)> {
+    let n = 2 + u16::from_le_bytes([*b.first()?, *b.get(1)?]) as usize;
+    Some((b.get(2..n)?, n))
+}
+
 /// Splits a byte stream into length-prefixed Noise messages.
 #[derive(Debug, Default)]
 pub struct MessageReader {
@@ -405,17 +405,9 @@ impl MessageReader {
 
     /// The next whole message, if one is here.
     pub fn next_message(&mut self) -> Option<&[u8]> {
-        let b = &self.buf[self.head..];
-        if b.len() < 2 {
-            return None;
-        }
-        let n = u16::from_le_bytes([b[0], b[1]]) as usize;
-        if b.len() < 2 + n {
-            return None;
-        }
-        let start = self.head + 2;
-        self.head = start + n;
-        Some(&self.buf[start..start + n])
+        let (msg, taken) = whole_message(&self.buf[self.head..])?;
+        self.head += taken;
+        Some(msg)
     }
 }
 

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::noise::{Handshake, MessageReader, NoiseError, StaticKey, Transport};
+use super::noise::{self, Handshake, MessageReader, NoiseError, StaticKey, Transport};
 use super::wire::{
     self, check_name, max_request_len, Answer, ErrorAnswer, ErrorCode, FrameReader, Login,
     LoginMode, Request, ServerHello, Welcome, FRAME_HEADER_LEN,
@@ -303,11 +303,10 @@ impl ServerSession {
             // A whole message at the front of the input, with none begun before it, is
             // handled where it lies (the common case), not copied first.
             let rest = &input[taken..];
-            if self.messages.buffered() == 0 && rest.len() >= 2 && self.takes_messages() {
-                let n = 2 + u16::from_le_bytes([rest[0], rest[1]]) as usize;
-                if rest.len() >= n {
+            if self.messages.buffered() == 0 && self.takes_messages() {
+                if let Some((msg, n)) = noise::whole_message(rest) {
                     taken += n;
-                    self.process_message(&rest[2..n], now);
+                    self.process_message(msg, now);
                     continue;
                 }
             }
