@@ -10,11 +10,14 @@
 //! read and cut them with FastCDC, name each chunk by its keyed hash, and gather
 //! chunks (of one or many files) into batches. For a batch they ask the server which
 //! chunks it holds (HAS_CHUNKS; chunks named by the parent snapshot or already sent in
-//! this run are not asked about) and hand the others to the sealers through a bounded
-//! queue (`SealQueue`). Sealers compress, encrypt and send them (PUT_CHUNK) without
-//! waiting for the answers, which they take as they come. So one large file is read
-//! and cut on one core while its chunks are sealed on the others, and a reader never
-//! waits for the server's acknowledgements. The window of the connection bounds what
+//! this run are not asked about) and hand the batch with its question to the sealers
+//! through a bounded queue (`SealQueue`), without waiting for the answer. Sealers take
+//! the answer, then compress, encrypt and send the chunks the server does not hold
+//! (PUT_CHUNK) without waiting for the acknowledgements, which they take as they come.
+//! So one large file is read and cut on one core while its chunks are sealed on the
+//! others, and a reader waits neither for answers nor for acknowledgements (a reader
+//! that waited for each batch's answer, behind the chunks in flight, spent 0.5 s of a
+//! 2.5 s backup of a 1 GiB file waiting). The window of the connection bounds what
 //! is in flight. The snapshot is committed only after every chunk was acknowledged as
 //! durable.
 //!
@@ -34,7 +37,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cyberbackup_protocol::v4::format::{Entry, EntryKind, FormatError, RepoKey, Root};
@@ -694,9 +697,61 @@ struct SealQueue {
     cv: Condvar,
 }
 
+/// A batch's question to the server (HAS_CHUNKS, in parts of at most
+/// [`MAX_HAS_CHUNKS`]), asked by the reader and answered for the sealers: the reader
+/// goes on reading while the answer comes, and the first sealer to take one of the
+/// batch's items waits for it.
+struct Asked {
+    st: Mutex<AskedState>,
+}
+
+enum AskedState {
+    /// The answers to come, one a part, and how many ids each part asked about.
+    Waiting(Vec<(Pending, usize)>),
+    /// Held or not, one a chunk of the batch.
+    Known(Vec<bool>),
+    /// A sealer took the error (and reported it).
+    Failed,
+}
+
+impl Asked {
+    /// Whether the batch's chunks `at..at + n` are held.
+    fn held(&self, at: usize, n: usize) -> Result<Vec<bool>, BackupError> {
+        let mut st = lock(&self.st);
+        if let AskedState::Waiting(parts) = &mut *st {
+            let parts = std::mem::take(parts);
+            *st = AskedState::Failed;
+            let mut held = Vec::new();
+            for (p, asked) in parts {
+                match p.wait()? {
+                    Answer::ChunksHeld(h) if h.len() == asked => held.extend(h),
+                    _ => return Err(ConnError::UnexpectedAnswer("HAS_CHUNKS").into()),
+                }
+            }
+            *st = AskedState::Known(held);
+        }
+        match &*st {
+            AskedState::Known(h) => h
+                .get(at..at + n)
+                .map(<[bool]>::to_vec)
+                .ok_or(BackupError::Cancelled),
+            // Another sealer's error is the one reported.
+            _ => Err(BackupError::Cancelled),
+        }
+    }
+}
+
+/// Chunks for the sealers: a slice of a batch (its first chunk is the batch's `at`th),
+/// and the batch's question.
+struct SealItem {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    asked: Arc<Asked>,
+    at: usize,
+}
+
 #[derive(Default)]
 struct SealState {
-    items: VecDeque<Vec<(ChunkId, Vec<u8>)>>,
+    items: VecDeque<SealItem>,
     bytes: usize,
     /// No more items will come: sealers finish what is queued and stop.
     closed: bool,
@@ -706,8 +761,8 @@ struct SealState {
 
 impl SealQueue {
     /// Queues an item, waiting for room; false once the queue was aborted.
-    fn put(&self, item: Vec<(ChunkId, Vec<u8>)>) -> bool {
-        let len = weight(&item);
+    fn put(&self, item: SealItem) -> bool {
+        let len = weight(&item.chunks);
         let mut st = lock(&self.st);
         while !st.aborted && !st.items.is_empty() && st.bytes + len > SEAL_QUEUE_BYTES {
             st = self
@@ -725,14 +780,14 @@ impl SealQueue {
     }
 
     /// The next item; None once the queue is closed and empty, or aborted.
-    fn take(&self) -> Option<Vec<(ChunkId, Vec<u8>)>> {
+    fn take(&self) -> Option<SealItem> {
         let mut st = lock(&self.st);
         loop {
             if st.aborted {
                 return None;
             }
             if let Some(item) = st.items.pop_front() {
-                st.bytes -= weight(&item);
+                st.bytes -= weight(&item.chunks);
                 self.cv.notify_all();
                 return Some(item);
             }
@@ -822,7 +877,12 @@ fn sealer(sh: &Shared<'_>) -> Result<(), BackupError> {
     let mut rng = rand::thread_rng();
     let mut puts = VecDeque::new();
     while let Some(item) = sh.seal.take() {
-        for (id, data) in item {
+        let held = item.asked.held(item.at, item.chunks.len())?;
+        for ((id, data), h) in item.chunks.into_iter().zip(held) {
+            if h {
+                sh.held.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if sh.progress.cancel.load(Ordering::Relaxed) {
                 return Err(BackupError::Cancelled);
             }
@@ -1017,43 +1077,54 @@ impl<'s, 'a> Worker<'s, 'a> {
         Ok(())
     }
 
-    /// Asks which of the batch's chunks are held, and sends the rest.
+    /// Asks which of the batch's chunks are held, and hands the batch to the sealers
+    /// with the question: they send the chunks the server does not hold. The reader
+    /// does not wait for the answer.
     fn flush(&mut self) -> Result<(), BackupError> {
         let batch = std::mem::take(&mut self.batch);
         if batch.chunks.is_empty() {
             return Ok(());
         }
-        let mut held = Vec::with_capacity(batch.chunks.len());
+        let mut parts = Vec::new();
         for part in batch.chunks.chunks(MAX_HAS_CHUNKS as usize) {
             let ids = part.iter().map(|(id, _)| *id).collect();
-            match self.sh.conn.call(&Request::HasChunks(ids))? {
-                Answer::ChunksHeld(h) if h.len() == part.len() => held.extend(h),
-                _ => return Err(ConnError::UnexpectedAnswer("HAS_CHUNKS").into()),
-            }
+            parts.push((self.sh.conn.submit(&Request::HasChunks(ids))?, part.len()));
         }
+        let asked = Arc::new(Asked {
+            st: Mutex::new(AskedState::Waiting(parts)),
+        });
         let mut item = Vec::new();
         let mut item_bytes = 0;
-        for ((id, data), h) in batch.chunks.into_iter().zip(held) {
-            if h {
-                self.sh.held.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+        let mut at = 0;
+        for (id, data) in batch.chunks {
             if !item.is_empty()
                 && (item_bytes + data.len() > SEAL_ITEM_BYTES || item.len() >= SEAL_ITEM_CHUNKS)
             {
-                self.queue(std::mem::take(&mut item))?;
+                let n = item.len();
+                self.queue(std::mem::take(&mut item), &asked, at)?;
+                at += n;
                 item_bytes = 0;
             }
             item_bytes += data.len();
             item.push((id, data));
         }
         if !item.is_empty() {
-            self.queue(item)?;
+            self.queue(item, &asked, at)?;
         }
         Ok(())
     }
 
-    fn queue(&self, item: Vec<(ChunkId, Vec<u8>)>) -> Result<(), BackupError> {
+    fn queue(
+        &self,
+        chunks: Vec<(ChunkId, Vec<u8>)>,
+        asked: &Arc<Asked>,
+        at: usize,
+    ) -> Result<(), BackupError> {
+        let item = SealItem {
+            chunks,
+            asked: Arc::clone(asked),
+            at,
+        };
         if self.sh.seal.put(item) {
             Ok(())
         } else {

@@ -33,7 +33,7 @@ macro_rules! blob_store_conformance {
     ($h:ty) => {
         $crate::blob_store_conformance!(@tests $h;
             blob_round_trip, blob_put_replaces_and_is_idempotent, blob_namespaces_are_apart,
-            blob_list_and_delete, blob_group_batch, blob_survives_reopen);
+            blob_list_and_delete, blob_group_batch, blob_large_batch, blob_survives_reopen);
     };
     (@tests $h:ty; $($t:ident),*) => {
         mod blob_conformance {
@@ -204,6 +204,36 @@ pub(crate) fn blob_group_batch<H: BlobHarness>(mut h: H) {
     for (k, d) in &blobs {
         assert_eq!(s.get(k).unwrap().as_ref(), Some(d));
     }
+}
+
+/// A batch of large blobs (of odd sizes, one key twice with the same bytes), as a
+/// backup of large files sends: each reads back whole.
+pub(crate) fn blob_large_batch<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut blobs: Vec<(BlobKey, Vec<u8>)> = (0..12u32)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let len = (64 << 10) - 1 + i as usize * 111_111;
+            let data = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            (BlobKey::Chunk(1, id), data)
+        })
+        .collect();
+    blobs.push(blobs[5].clone());
+    let items: Vec<(BlobKey, &[u8])> = blobs.iter().map(|(k, d)| (*k, &d[..])).collect();
+    s.put_batch(&items).unwrap();
+    for (k, d) in &blobs {
+        assert_eq!(s.get(k).unwrap().as_ref(), Some(d));
+    }
+    assert_eq!(s.list(1, BlobKind::Chunk).unwrap().len(), 12);
 }
 
 pub(crate) fn blob_survives_reopen<H: BlobHarness>(mut h: H) {

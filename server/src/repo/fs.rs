@@ -7,10 +7,12 @@
 //! - `<root>/LOCK`: held (`flock`) while a store is open, so that two servers never
 //!   share a root (the second would sweep the first one's temp files).
 //!
-//! Blobs of [`DIRECT_MIN`] bytes or more are written with `O_DIRECT` from one
-//! page-aligned staging buffer (padded to whole pages, then cut to size), bypassing the
-//! page cache; where the file system refuses `O_DIRECT` every blob goes through the
-//! cache. Measured with the load generator (`--mode v4-backup -c 16 --size 1MiB
+//! Blobs of [`DIRECT_MIN`] bytes or more are written with `O_DIRECT` from page-aligned
+//! staging buffers (padded to whole pages, then cut to size), bypassing the page cache;
+//! where the file system refuses `O_DIRECT` every blob goes through the cache. A batch
+//! with several such blobs is written on up to [`WRITERS`] threads at once, so the
+//! disk has several writes in flight: a 1 GiB file backed up from a cold cache took
+//! 2.17-2.31 s against 2.40-2.52 s writing one blob at a time (3 alternated runs). Measured with the load generator (`--mode v4-backup -c 16 --size 1MiB
 //! --files-per-snapshot 4 -d 8s`, 3 alternated runs against the release server): 276
 //! against 214 MB/s, 2.48 against 3.53 server core-seconds per GiB, the committer's
 //! system time 2.0 against 3.7 s.
@@ -31,7 +33,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::blob::{BlobKey, BlobKind, BlobStore};
@@ -45,6 +47,11 @@ pub const GROUP_MIN: usize = 3;
 /// A profile of the committer under 16 clients put 39% of its time in the kernel's
 /// copy into the page cache (`copy_folio_from_iter_atomic`).
 pub const DIRECT_MIN: usize = 64 * 1024;
+
+/// Threads writing a batch's large blobs at once: the virtual disk here writes 1 GiB
+/// in 1 MiB direct writes at 1.4-1.5 GB/s one at a time and 1.9-2.0 GB/s four at a
+/// time (`dd oflag=direct`, four at once).
+pub const WRITERS: usize = 4;
 
 /// The alignment and size granule of direct writes.
 const PAGE: usize = 4096;
@@ -62,9 +69,9 @@ pub struct FsBlobStore {
     durable_dirs: Mutex<HashSet<PathBuf>>,
     /// Holds the `flock` on `<root>/LOCK` while open.
     _lock: File,
-    /// The page-aligned staging buffer of direct writes (grown as needed; `None` once
-    /// the file system refused `O_DIRECT`).
-    stage: Mutex<Option<memmap2::MmapMut>>,
+    /// Page-aligned staging buffers of direct writes, one a writer at once (each
+    /// grown as needed).
+    stages: Mutex<Vec<memmap2::MmapMut>>,
     direct: std::sync::atomic::AtomicBool,
 }
 
@@ -116,7 +123,7 @@ impl FsBlobStore {
             durable_dirs: Mutex::new(durable),
             root,
             _lock: lock,
-            stage: Mutex::new(None),
+            stages: Mutex::new(Vec::new()),
             direct: std::sync::atomic::AtomicBool::new(true),
         })
     }
@@ -144,17 +151,29 @@ impl FsBlobStore {
     /// `Ok(false)` when the file system refuses `O_DIRECT` (then never tried again).
     fn write_direct(&self, path: &Path, data: &[u8]) -> Result<bool, RepoError> {
         let padded = data.len().div_ceil(PAGE) * PAGE;
-        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-        if stage.as_ref().is_none_or(|m| m.len() < padded) {
+        let taken = self.stages.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = match taken {
+            Some(m) if m.len() >= padded => m,
             // An anonymous mapping is page-aligned, as O_DIRECT wants.
-            *stage = Some(
-                memmap2::MmapMut::map_anon(padded.max(1 << 20))
-                    .map_err(io_err("allocating a write buffer for", path))?,
-            );
-        }
-        let Some(buf) = stage.as_mut() else {
-            return Ok(false);
+            _ => memmap2::MmapMut::map_anon(padded.max(1 << 20))
+                .map_err(io_err("allocating a write buffer for", path))?,
         };
+        let r = self.write_staged(path, data, &mut buf, padded);
+        self.stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+        r
+    }
+
+    /// [`Self::write_direct`] with a staging buffer of at least `padded` bytes.
+    fn write_staged(
+        &self,
+        path: &Path,
+        data: &[u8],
+        buf: &mut [u8],
+        padded: usize,
+    ) -> Result<bool, RepoError> {
         buf[..data.len()].copy_from_slice(data);
         buf[data.len()..padded].fill(0);
         let f = match OpenOptions::new()
@@ -279,23 +298,58 @@ impl BlobStore for FsBlobStore {
             return Ok(());
         }
         let group = items.len() >= GROUP_MIN;
-        // 1. each blob in a temp file (synced one by one for a small batch)
-        let mut temps = Vec::with_capacity(items.len());
-        for (_, data) in items {
-            let temp = Temp(Some(self.temp_path()));
-            let path = temp.0.as_deref().unwrap_or(Path::new(""));
-            let written = self.write_new(path, data);
-            // Registered before the error check: a half-written temp file goes too.
-            temps.push(temp);
-            written?;
-            if !group {
-                let path = temps
-                    .last()
-                    .and_then(|t| t.0.as_deref())
-                    .unwrap_or(Path::new(""));
-                File::open(path)
-                    .and_then(|f| f.sync_data())
-                    .map_err(io_err("syncing", path))?;
+        // 1. each blob in a temp file (synced one by one for a small batch); a large
+        // batch on several threads, so that the disk has several writes at once
+        let mut temps: Vec<Temp> = items.iter().map(|_| Temp(Some(self.temp_path()))).collect();
+        let big = items.iter().filter(|(_, d)| d.len() >= DIRECT_MIN).count();
+        if group && big >= 2 {
+            let next = AtomicUsize::new(0);
+            let work = || -> Result<(), RepoError> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let (Some((_, data)), Some(temp)) = (items.get(i), temps.get(i)) else {
+                        return Ok(());
+                    };
+                    let path = temp.0.as_deref().unwrap_or(Path::new(""));
+                    if let Err(e) = self.write_new(path, data) {
+                        // The others stop at their next blob.
+                        next.store(items.len(), Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            };
+            std::thread::scope(|s| {
+                let helpers: Vec<_> = (1..WRITERS.min(big))
+                    .map(|_| {
+                        std::thread::Builder::new()
+                            .name("blob-writer".into())
+                            .spawn_scoped(s, work)
+                    })
+                    .collect();
+                let mut r = work();
+                for h in helpers {
+                    let hr = match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(io_err("a writer thread panicked writing in", &self.tmp)(
+                                io::Error::other("panicked"),
+                            ))
+                        }),
+                        // No thread: this one did its share.
+                        Err(_) => Ok(()),
+                    };
+                    r = r.and(hr);
+                }
+                r
+            })?;
+        } else {
+            for (i, (_, data)) in items.iter().enumerate() {
+                let path = temps[i].0.as_deref().unwrap_or(Path::new(""));
+                self.write_new(path, data)?;
+                if !group {
+                    File::open(path)
+                        .and_then(|f| f.sync_data())
+                        .map_err(io_err("syncing", path))?;
+                }
             }
         }
         // 2. their directories
