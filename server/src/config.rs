@@ -208,7 +208,8 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_REGISTRATION")]
     pub registration: Option<bool>,
 
-    /// v4: bytes of requests a client may have unanswered [default: 16777216].
+    /// v4: bytes of requests a client may have unanswered [default: 67108864]. The
+    /// server holds up to this much for each v4 connection.
     #[arg(long, env = "CYBERBACKUP_V4_WINDOW")]
     pub v4_window: Option<u32>,
 
@@ -461,7 +462,7 @@ impl Args {
                 g @ 0..=2_592_000 => Duration::from_secs(g),
                 g => bail!("--gc-grace is at most 2592000 seconds (30 days), not {g}"),
             },
-            v4_window: match pick!(v4_window).unwrap_or(16 << 20) {
+            v4_window: match pick!(v4_window).unwrap_or(64 << 20) {
                 w @ (65_536..=1_073_741_824) => w,
                 w => bail!("--v4-window must be between 65536 and 1073741824 bytes, not {w}"),
             },

@@ -50,11 +50,11 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults: a 16 MiB window, 4 MiB chunks (and their blob overhead).
+    /// Defaults: a 64 MiB window, 4 MiB chunks (and their blob overhead).
     pub fn new(key: StaticKey) -> Self {
         ServerConfig {
             key,
-            window: 16 << 20,
+            window: 64 << 20,
             max_chunk: super::MAX_CHUNK_BLOB,
             server_name: format!("cyberbackup-server {}", env!("CARGO_PKG_VERSION")),
             handshake_timeout: Duration::from_secs(10),

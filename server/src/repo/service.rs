@@ -580,31 +580,25 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
     if to_write.is_empty() {
         return;
     }
-    let records: Vec<(AccountId, ChunkRecord)> = to_write
-        .iter()
-        .map(|p| {
-            (
-                p.account,
-                ChunkRecord {
-                    id: p.id,
-                    stored_len: p.data.len() as u64,
-                    hash: *blake3::hash(&p.data).as_bytes(),
-                    stored_ms: now,
-                    touched_ms: now,
-                    damaged_ms: None,
-                },
-            )
-        })
-        .collect();
     let items: Vec<(BlobKey, &[u8])> = to_write
         .iter()
         .map(|p| (BlobKey::Chunk(p.account, p.id), &p.data[..]))
         .collect();
     let t0 = std::time::Instant::now();
-    let r = shared
-        .store
-        .put_batch(&items)
-        .and_then(|()| shared.registry().insert_chunks(&records));
+    // The scrub checksums are computed on a thread of their own while the blobs are
+    // written: the disk is not left waiting for them.
+    let (put, records) = std::thread::scope(|s| {
+        let hashing = std::thread::Builder::new()
+            .name("chunk-hash".into())
+            .spawn_scoped(s, || records_of(&to_write, now));
+        let put = shared.store.put_batch(&items);
+        let records = match hashing {
+            Ok(h) => h.join().unwrap_or_else(|_| records_of(&to_write, now)),
+            Err(_) => records_of(&to_write, now),
+        };
+        (put, records)
+    });
+    let r = put.and_then(|()| shared.registry().insert_chunks(&records));
     match &r {
         Ok(()) => {
             shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
@@ -623,6 +617,26 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
     for p in to_write {
         p.answer(&r);
     }
+}
+
+/// The registry's records of chunks about to be stored, with their scrub checksums.
+fn records_of(chunks: &[Pending], now: i64) -> Vec<(AccountId, ChunkRecord)> {
+    chunks
+        .iter()
+        .map(|p| {
+            (
+                p.account,
+                ChunkRecord {
+                    id: p.id,
+                    stored_len: p.data.len() as u64,
+                    hash: *blake3::hash(&p.data).as_bytes(),
+                    stored_ms: now,
+                    touched_ms: now,
+                    damaged_ms: None,
+                },
+            )
+        })
+        .collect()
 }
 
 /// One snapshot commit: checked before its body is written (a different snapshot's
