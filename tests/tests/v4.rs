@@ -1651,3 +1651,75 @@ fn a_backup_walks_while_the_key_unlocks() {
         describe(&back.join(src.strip_prefix("/").unwrap()))
     );
 }
+
+/// A file of 32 MiB or more is cut by two readers when two are free, one from its
+/// middle. Its chunks are the ones one reader cuts (so a backup with one reader sends
+/// nothing new), and it restores whole: random bytes (the readers' cuts meet near the
+/// middle), the same bytes one byte later, and zeros whose cuts, every 4 MiB from
+/// either start, meet only at the end of the file.
+#[test]
+fn large_files_are_cut_by_two_readers_as_by_one() {
+    use cyberbackup_client::v4::backup::{self, BackupOptions, BackupProgress};
+    let srv = Server::start(Runtime::Mio, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let random = data((72 << 20) + 12_345, 7);
+    let mut shifted = vec![0xab];
+    shifted.extend_from_slice(&random[..40 << 20]);
+    fs::write(src.join("random.bin"), &random).unwrap();
+    fs::write(src.join("shifted.bin"), &shifted).unwrap();
+    fs::write(src.join("zeros.bin"), vec![0u8; 50 << 20]).unwrap();
+    fs::write(src.join("small.bin"), data(3 << 20, 9)).unwrap();
+    let u = User::new();
+    u.init(&srv, &unique_name("split"));
+    let (conn, key) = v4::open(&u.profile(), PASS.as_bytes(), None).unwrap();
+    let run = |workers: usize| {
+        let opts = BackupOptions {
+            workers,
+            force: true,
+            ..BackupOptions::default()
+        };
+        backup::backup(
+            &conn,
+            &key,
+            std::slice::from_ref(&src),
+            &opts,
+            &BackupProgress::default(),
+        )
+        .unwrap()
+    };
+    let two = run(2);
+    assert_eq!(two.files, 4);
+    assert!(two.skipped.is_empty(), "{:?}", two.skipped);
+    assert_eq!(
+        two.size,
+        (72 << 20) + 12_345 + (40 << 20) + 1 + (50 << 20) + (3 << 20)
+    );
+    let t = snapshots::load(&conn, &key, &two.snapshot).unwrap();
+    let mut files = 0;
+    for e in &t.entries {
+        if let EntryKind::File { chunks } = &e.kind {
+            let name = String::from_utf8_lossy(&e.path).into_owned();
+            let name = name.rsplit('/').next().unwrap();
+            let one = backup::file_chunk_ids(&key, &src.join(name)).unwrap();
+            assert_eq!(chunks, &one, "{name}: the chunks one reader cuts");
+            files += 1;
+        }
+    }
+    assert_eq!(files, 4);
+    let one = run(1);
+    assert_eq!(one.chunks_sent, 0, "one reader cut the same chunks");
+    drop(conn);
+    let out = work.path().join("out");
+    let id: String = two.snapshot.iter().map(|b| format!("{b:02x}")).collect();
+    u.ok(&["restore", &id, "--target", out.to_str().unwrap()]);
+    let back = out.join(src.strip_prefix("/").unwrap());
+    for name in ["random.bin", "shifted.bin", "zeros.bin", "small.bin"] {
+        let (a, b) = (
+            fs::read(src.join(name)).unwrap(),
+            fs::read(back.join(name)).unwrap(),
+        );
+        assert!(a == b, "{name} restores whole");
+    }
+}

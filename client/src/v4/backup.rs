@@ -14,12 +14,18 @@
 //! through a bounded queue (`SealQueue`), without waiting for the answer. Sealers take
 //! the answer, then compress, encrypt and send the chunks the server does not hold
 //! (PUT_CHUNK) without waiting for the acknowledgements, which they take as they come.
-//! So one large file is read and cut on one core while its chunks are sealed on the
-//! others, and a reader waits neither for answers nor for acknowledgements (a reader
+//! So a file is read and cut on one core while its chunks are sealed on the others,
+//! and a reader waits neither for answers nor for acknowledgements (a reader
 //! that waited for each batch's answer, behind the chunks in flight, spent 0.5 s of a
 //! 2.5 s backup of a 1 GiB file waiting). The window of the connection bounds what
 //! is in flight. The snapshot is committed only after every chunk was acknowledged as
 //! durable.
+//!
+//! A file of 32 MiB or more is cut by two readers when another is free: one from its
+//! start, one from its middle, and the file's chunks are the first reader's up to
+//! where their cuts meet and the second's after, the same chunks one reader cuts
+//! (`Worker::split_file`). A cold backup of one 1 GiB file took 2.02-2.28 s (median
+//! 2.09) against 2.18-2.37 s (2.27) with one reader, 5 alternated runs.
 //!
 //! A file's next 64 MiB are asked of the disk ahead of its reader
 //! (`POSIX_FADV_WILLNEED`): a 1 GiB file backed up from a cold cache took 2.34-2.53 s
@@ -631,13 +637,29 @@ struct Early {
 }
 
 /// Files to read, by number, as the walk finds them: the walk pushes, readers pop.
+/// Second halves of large files ([`Half`]) go before them.
 #[derive(Default)]
 struct Jobs {
-    /// The files, and whether the walk has ended.
-    st: Mutex<(VecDeque<(usize, PathBuf)>, bool)>,
+    st: Mutex<JobsState>,
     /// Readers wait here for a file, walkers for room.
     queued: Condvar,
     room: Condvar,
+}
+
+#[derive(Default)]
+struct JobsState {
+    files: VecDeque<(usize, PathBuf)>,
+    halves: VecDeque<Arc<Half>>,
+    /// The walk has ended: no more files will come.
+    walked: bool,
+    /// Readers inside a file, which may still offer its second half.
+    busy: usize,
+}
+
+/// A reader's next work.
+enum Job {
+    File(usize, PathBuf),
+    Half(Arc<Half>),
 }
 
 /// Files found and not yet taken by a reader, at most: the walk waits for the readers
@@ -649,7 +671,7 @@ impl Jobs {
     /// not queued) once `stop` says the backup is over.
     fn push(&self, job: (usize, PathBuf), stop: &dyn Fn() -> bool) {
         let mut st = lock(&self.st);
-        while st.0.len() >= JOBS_MAX {
+        while st.files.len() >= JOBS_MAX {
             if stop() {
                 return;
             }
@@ -659,21 +681,32 @@ impl Jobs {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
-        st.0.push_back(job);
+        st.files.push_back(job);
         self.queued.notify_one();
     }
 
-    /// The next file; None once the walk has ended and every file was taken.
-    fn pop(&self) -> Option<(usize, PathBuf)> {
+    /// Offers the second half of a file a reader is cutting to the other readers.
+    fn offer(&self, half: Arc<Half>) {
+        lock(&self.st).halves.push_back(half);
+        self.queued.notify_one();
+    }
+
+    /// The next work; None once the walk has ended, every file was taken and no
+    /// reader is still in one. A file taken must be given back with [`Jobs::left`].
+    fn pop(&self) -> Option<Job> {
         let mut st = lock(&self.st);
         loop {
-            if let Some(job) = st.0.pop_front() {
-                if st.0.len() + 1 == JOBS_MAX {
+            if let Some(h) = st.halves.pop_front() {
+                return Some(Job::Half(h));
+            }
+            if let Some((no, path)) = st.files.pop_front() {
+                if st.files.len() + 1 == JOBS_MAX {
                     self.room.notify_one();
                 }
-                return Some(job);
+                st.busy += 1;
+                return Some(Job::File(no, path));
             }
-            if st.1 {
+            if st.walked && st.busy == 0 {
                 return None;
             }
             st = self
@@ -683,9 +716,134 @@ impl Jobs {
         }
     }
 
+    /// A reader is done with a file it took.
+    fn left(&self) {
+        let mut st = lock(&self.st);
+        st.busy -= 1;
+        if st.busy == 0 && st.walked {
+            self.queued.notify_all();
+        }
+    }
+
     fn finish(&self) {
-        lock(&self.st).1 = true;
+        lock(&self.st).walked = true;
         self.queued.notify_all();
+    }
+}
+
+/// Files of at least this many bytes are cut by two readers at once when one is free:
+/// one from the start, one from the middle (see [`Worker::split_file`]).
+const SPLIT_MIN: u64 = 32 << 20;
+
+/// The second reader's first chunks held back until the first reader finds where their
+/// cuts meet; from the next on it sends as it cuts. FastCDC's cuts depend only on the
+/// bytes since the chunk's start, so two cutters started at different places cut at
+/// the same place from the first cut they share; over a 1 GiB random file they
+/// shared one within the second reader's first two chunks.
+const HALF_HOLD: usize = 4;
+
+/// The second half of a large file, offered to another reader by the reader cutting
+/// it from the start.
+struct Half {
+    path: PathBuf,
+    /// Where the second reader starts.
+    mid: u64,
+    st: Mutex<HalfState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct HalfState {
+    claim: Claim,
+    /// The second reader's cut points: `cuts[0]` is `mid`, `cuts[i]` the end of its
+    /// `i`th chunk, named `ids[i - 1]`.
+    cuts: Vec<u64>,
+    ids: Vec<ChunkId>,
+    /// Its first chunks' bytes (at most [`HALF_HOLD`]), not sent until the meeting
+    /// point is known.
+    held: Vec<Vec<u8>>,
+    /// It stopped: at the end of the file, or with the error that stopped it.
+    ended: Option<Result<(), String>>,
+    /// The first reader's decision.
+    decided: Option<Meeting>,
+}
+
+#[derive(Default, PartialEq, Eq, Clone, Copy)]
+enum Claim {
+    #[default]
+    Open,
+    Taken,
+    /// The first reader came to the middle first: it cuts the whole file.
+    Withdrawn,
+}
+
+#[derive(Clone, Copy)]
+enum Meeting {
+    /// A chunk of the first reader ended at `cuts[j]`: the file's chunks are the first
+    /// reader's, then the second's from its `j + 1`th on.
+    At(usize),
+    /// The first reader cut the file to its end alone.
+    Alone,
+}
+
+impl Half {
+    fn state(&self) -> std::sync::MutexGuard<'_, HalfState> {
+        lock(&self.st)
+    }
+
+    fn wait<'g>(
+        &self,
+        g: std::sync::MutexGuard<'g, HalfState>,
+    ) -> std::sync::MutexGuard<'g, HalfState> {
+        self.cv
+            .wait(g)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The first reader's decision, unless it was made; wakes the second.
+    fn decide(&self, m: Meeting) {
+        let mut st = self.state();
+        if st.decided.is_none() {
+            st.decided = Some(m);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The second reader stopped, unless it said so already; wakes the first.
+    fn end(&self, r: Result<(), String>) {
+        let mut st = self.state();
+        if st.ended.is_none() {
+            st.ended = Some(r);
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// Makes sure the second reader hears a decision however the first one leaves.
+struct Decides<'h>(&'h Half);
+
+impl Drop for Decides<'_> {
+    fn drop(&mut self) {
+        self.0.decide(Meeting::Alone);
+    }
+}
+
+/// Makes sure the first reader hears that the second stopped, however it leaves.
+struct Ends<'h>(&'h Half);
+
+impl Drop for Ends<'_> {
+    fn drop(&mut self) {
+        self.0
+            .end(Err("the second reader of the file stopped".into()));
+    }
+}
+
+/// Gives a file back to [`Jobs`] however its reader leaves it.
+struct Left<'j>(&'j Jobs);
+
+impl Drop for Left<'_> {
+    fn drop(&mut self) {
+        self.0.left();
     }
 }
 
@@ -925,6 +1083,10 @@ fn reap(puts: &mut VecDeque<Pending>, all: bool) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// What a reader does with each chunk it cuts ([`Worker::cut`]): it takes the chunk's
+/// end in the file, its name and its bytes, and answers whether to go on.
+type OnChunk<'f, W> = dyn FnMut(&mut W, u64, ChunkId, &[u8]) -> Result<bool, BackupError> + 'f;
+
 /// Chunks gathered and not yet asked about.
 #[derive(Default)]
 struct Batch {
@@ -956,11 +1118,18 @@ impl<'s, 'a> Worker<'s, 'a> {
             if lock(&self.sh.failed).is_some() {
                 return Ok(());
             }
-            let Some((idx, path)) = self.sh.jobs.pop() else {
-                break;
+            let (idx, path) = match self.sh.jobs.pop() {
+                None => break,
+                Some(Job::Half(h)) => {
+                    self.second_half(&h)?;
+                    continue;
+                }
+                Some(Job::File(idx, path)) => (idx, path),
             };
+            let left = Left(&self.sh.jobs);
             lock(&self.sh.progress.current).clone_from(&path);
             let r = self.file(&path);
+            drop(left);
             let r = match r {
                 Ok(ids) => Ok(ids),
                 Err(BackupError::Io { source, .. }) => Err((path, source.to_string())),
@@ -972,11 +1141,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.flush()
     }
 
-    /// Reads and cuts one file. The file is read into the worker's buffer in large
-    /// pieces and cut there (FastCDC over a slice finds the same cut points as over the
-    /// stream, since a cut depends only on the bytes since the chunk's start); the last
-    /// chunk of a piece that is not the end of the file moves to the front of the
-    /// buffer and is cut again with the next piece.
+    /// Reads and cuts one file (a large one with the help of another reader).
     fn file(&mut self, path: &Path) -> Result<(Vec<ChunkId>, u64), BackupError> {
         let io = |source| BackupError::Io {
             path: path.to_owned(),
@@ -992,6 +1157,9 @@ impl<'s, 'a> Worker<'s, 'a> {
         };
         // The disk starts on the file's first pieces as it is opened.
         ahead.hint();
+        if len >= SPLIT_MIN {
+            return self.split_file(&mut ahead, path, len);
+        }
         self.chunks_of(&mut ahead, path)
     }
 
@@ -1001,18 +1169,233 @@ impl<'s, 'a> Worker<'s, 'a> {
         f: &mut dyn Read,
         path: &Path,
     ) -> Result<(Vec<ChunkId>, u64), BackupError> {
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        self.cut(f, path, 0, &mut |w, _, id, data| {
+            ids.push(id);
+            total += data.len() as u64;
+            w.count(data.len());
+            w.add(id, data.to_vec())?;
+            Ok(true)
+        })?;
+        Ok((ids, total))
+    }
+
+    fn count(&self, n: usize) {
+        self.sh
+            .progress
+            .bytes_done
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A large file, cut by this reader from the start and, if another reader is free
+    /// before this one reaches the middle, by that one from the middle (`second_half`).
+    /// Where one of this reader's chunks ends on one of the other's cuts, the two
+    /// readers' cuts are the same from there to the end of the file, so the file's
+    /// chunks are this reader's up to there and the other's after: the same chunks as
+    /// one reader would cut. The other's first [`HALF_HOLD`] chunks wait to be sent
+    /// until that place is known; if the readers meet later, what the other sent before
+    /// it is not part of the snapshot (the server collects it as unreferenced).
+    fn split_file(
+        &mut self,
+        f: &mut ReadAhead,
+        path: &Path,
+        len: u64,
+    ) -> Result<(Vec<ChunkId>, u64), BackupError> {
+        let mid = len / 2;
+        let half = Arc::new(Half {
+            path: path.to_owned(),
+            mid,
+            st: Mutex::new(HalfState {
+                cuts: vec![mid],
+                ..HalfState::default()
+            }),
+            cv: Condvar::new(),
+        });
+        let _decides = Decides(&half);
+        self.sh.jobs.offer(Arc::clone(&half));
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        let mut alone = false;
+        let mut met = None;
+        self.cut(f, path, 0, &mut |w, end, id, data| {
+            ids.push(id);
+            total += data.len() as u64;
+            w.count(data.len());
+            w.add(id, data.to_vec())?;
+            if alone || end < mid {
+                return Ok(true);
+            }
+            let mut st = half.state();
+            if st.claim == Claim::Open {
+                st.claim = Claim::Withdrawn;
+                alone = true;
+                return Ok(true);
+            }
+            loop {
+                if let Ok(j) = st.cuts.binary_search(&end) {
+                    met = Some(j);
+                    return Ok(false);
+                }
+                if st.cuts.last().is_some_and(|&c| c > end) {
+                    return Ok(true);
+                }
+                if st.ended.is_some() {
+                    // It stopped short of here (an error, or a file that shrank).
+                    alone = true;
+                    return Ok(true);
+                }
+                st = half.wait(st);
+            }
+        })?;
+        let Some(j) = met else {
+            half.decide(Meeting::Alone);
+            return Ok((ids, total));
+        };
+        half.decide(Meeting::At(j));
+        let mut st = half.state();
+        while st.ended.is_none() {
+            st = half.wait(st);
+        }
+        match &st.ended {
+            Some(Ok(())) => {
+                ids.extend_from_slice(&st.ids[j..]);
+                total += st.cuts.last().map_or(0, |&c| c - st.cuts[j]);
+                Ok((ids, total))
+            }
+            Some(Err(e)) => Err(BackupError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other(e.clone()),
+            }),
+            None => unreachable!("waited for above"),
+        }
+    }
+
+    /// Cuts a file's second half for the reader of its first (see `split_file`).
+    fn second_half(&mut self, h: &Half) -> Result<(), BackupError> {
+        {
+            let mut st = h.state();
+            if st.claim != Claim::Open {
+                return Ok(());
+            }
+            st.claim = Claim::Taken;
+        }
+        let _ends = Ends(h);
+        match self.cut_second_half(h) {
+            Ok(()) => h.end(Ok(())),
+            // The first reader reports it, as the file's own error.
+            Err(BackupError::Io { source, .. }) => {
+                h.end(Err(source.to_string()));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        // The held chunks from the meeting point on are the file's: sent now.
+        let mut st = h.state();
+        while st.decided.is_none() {
+            st = h.wait(st);
+        }
+        let release = self.release(&mut st);
+        drop(st);
+        for (id, data) in release {
+            self.count(data.len());
+            self.add(id, data)?;
+        }
+        Ok(())
+    }
+
+    /// The held chunks that are the file's, once the meeting point is known.
+    fn release(&self, st: &mut HalfState) -> Vec<(ChunkId, Vec<u8>)> {
+        let held = std::mem::take(&mut st.held);
+        match st.decided {
+            // Held chunk k is chunk k + 1, which is the file's when it starts at or
+            // after cuts[j].
+            Some(Meeting::At(j)) => held
+                .into_iter()
+                .enumerate()
+                .filter(|(k, _)| *k >= j)
+                .map(|(k, d)| (st.ids[k], d))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn cut_second_half(&mut self, h: &Half) -> Result<(), BackupError> {
+        use std::io::Seek;
+        let io = |source| BackupError::Io {
+            path: h.path.clone(),
+            source,
+        };
+        let mut f = File::open(&h.path).map_err(io)?;
+        let len = f.metadata().map_or(0, |m| m.len());
+        f.seek(std::io::SeekFrom::Start(h.mid)).map_err(io)?;
+        let mut ahead = ReadAhead {
+            f,
+            len,
+            pos: h.mid,
+            hinted: h.mid,
+        };
+        ahead.hint();
+        let cancel = &self.sh.progress.cancel;
+        self.cut(&mut ahead, &h.path, h.mid, &mut |w, end, id, data| {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(BackupError::Cancelled);
+            }
+            let mut st = h.state();
+            st.cuts.push(end);
+            st.ids.push(id);
+            let i = st.ids.len();
+            h.cv.notify_all();
+            let send = match st.decided {
+                Some(Meeting::Alone) => return Ok(false),
+                Some(Meeting::At(j)) => {
+                    let mut now = w.release(&mut st);
+                    if i > j {
+                        now.push((id, data.to_vec()));
+                    }
+                    now
+                }
+                None if i <= HALF_HOLD => {
+                    st.held.push(data.to_vec());
+                    Vec::new()
+                }
+                None => vec![(id, data.to_vec())],
+            };
+            drop(st);
+            for (id, data) in send {
+                w.count(data.len());
+                w.add(id, data)?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Reads `f` to its end, or until `on_chunk` answers false, cutting it into chunks
+    /// and naming them; `on_chunk` takes each chunk's end (as an offset from `start`,
+    /// where `f` stands), name and bytes. The file is read into the worker's buffer in
+    /// large pieces and cut there (FastCDC over a slice finds the same cut points as
+    /// over the stream, since a cut depends only on the bytes since the chunk's start);
+    /// the last chunk of a piece that is not the end of the file moves to the front of
+    /// the buffer and is cut again with the next piece.
+    fn cut(
+        &mut self,
+        f: &mut dyn Read,
+        path: &Path,
+        start: u64,
+        on_chunk: &mut OnChunk<'_, Self>,
+    ) -> Result<(), BackupError> {
         let io = |source| BackupError::Io {
             path: path.to_owned(),
             source,
         };
         let key = self.sh.key.get()?;
-        let mut ids = Vec::new();
-        let mut total = 0u64;
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(READ_BUF, 0);
         let mut len = 0;
         let mut eof = false;
         let mut read_err = None;
+        // Where buf[0] stands in the file.
+        let mut at = start;
         let r = loop {
             while len < buf.len() && !eof {
                 match f.read(&mut buf[len..]) {
@@ -1028,7 +1411,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                 }
             }
             let mut consumed = 0;
-            let mut failed = None;
+            let mut stop = None;
             for c in fastcdc::v2020::FastCDC::new(&buf[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
                 let end = c.offset + c.length;
                 if end == len && !eof {
@@ -1036,28 +1419,30 @@ impl<'s, 'a> Worker<'s, 'a> {
                 }
                 let data = &buf[c.offset..end];
                 let id = key.chunk_id(data);
-                ids.push(id);
-                total += data.len() as u64;
-                self.sh
-                    .progress
-                    .bytes_done
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if let Err(e) = self.add(id, data.to_vec()) {
-                    failed = Some(e);
-                    break;
-                }
                 consumed = end;
+                match on_chunk(self, at + end as u64, id, data) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        stop = Some(Ok(()));
+                        break;
+                    }
+                    Err(e) => {
+                        stop = Some(Err(e));
+                        break;
+                    }
+                }
             }
-            if let Some(e) = failed {
-                break Err(e);
+            if let Some(r) = stop {
+                break r;
             }
             buf.copy_within(consumed..len, 0);
             len -= consumed;
+            at += consumed as u64;
             if let Some(e) = read_err.take() {
                 break Err(io(e));
             }
             if eof && len == 0 {
-                break Ok((ids, total));
+                break Ok(());
             }
         };
         self.buf = buf;
