@@ -1723,3 +1723,39 @@ fn large_files_are_cut_by_two_readers_as_by_one() {
         assert!(a == b, "{name} restores whole");
     }
 }
+
+/// A file that holds more than its size says (as `/proc/kallsyms` does: size 0, some
+/// MiB of text) is read whole: the read buffer, sized to the file, grows when no chunk
+/// fits in it, and the snapshot holds every byte, cut as one reader cuts.
+#[test]
+fn a_file_longer_than_its_size_is_read_whole() {
+    use cyberbackup_client::v4::backup::{self, BackupOptions, BackupProgress};
+    let path = PathBuf::from("/proc/kallsyms");
+    let content = fs::read(&path).expect("/proc/kallsyms is readable (Linux, as on CI)");
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    assert!(content.len() > 1 << 20, "{} bytes", content.len());
+    let srv = Server::start(Runtime::Mio, &[]);
+    let u = User::new();
+    u.init(&srv, &unique_name("grows"));
+    let (conn, key) = v4::open(&u.profile(), PASS.as_bytes(), None).unwrap();
+    let s = backup::backup(
+        &conn,
+        &key,
+        std::slice::from_ref(&path),
+        &BackupOptions::default(),
+        &BackupProgress::default(),
+    )
+    .unwrap();
+    assert_eq!(s.size, content.len() as u64);
+    let t = snapshots::load(&conn, &key, &s.snapshot).unwrap();
+    let chunks: Vec<_> = t
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File { chunks } => Some(chunks.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks, vec![backup::file_chunk_ids(&key, &path).unwrap()]);
+    assert!(chunks[0].len() >= 2, "{} chunks", chunks[0].len());
+}

@@ -162,6 +162,66 @@ impl Pending {
     }
 }
 
+/// The answers to many requests through one channel ([`Connection::submit_to`]): for a
+/// caller that sends many requests and only needs each one's outcome, as they come in
+/// any order. (A [`Pending`] for each, taken in the order sent, held a million of them
+/// while the first one's answer was late.)
+#[derive(Debug)]
+pub struct AnswerQueue {
+    tx: Reply,
+    rx: mpsc::Receiver<Result<Answer, Arc<ConnError>>>,
+    outstanding: usize,
+}
+
+impl Default for AnswerQueue {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        AnswerQueue {
+            tx,
+            rx,
+            outstanding: 0,
+        }
+    }
+}
+
+impl AnswerQueue {
+    /// Requests sent and not answered.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// An answer that is here, if any (ERROR answers as [`ConnError::Server`]).
+    pub fn try_next(&mut self) -> Option<Result<Answer, ConnError>> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        let r = self.rx.try_recv().ok()?;
+        self.outstanding -= 1;
+        Some(unwrap_answer(r))
+    }
+
+    /// Waits for the next answer; None when none is outstanding. (Every request sent
+    /// is answered, or given the connection's error when it fails.)
+    pub fn wait_next(&mut self) -> Option<Result<Answer, ConnError>> {
+        if self.outstanding == 0 {
+            return None;
+        }
+        self.outstanding -= 1;
+        Some(match self.rx.recv() {
+            Ok(r) => unwrap_answer(r),
+            Err(_) => Err(ConnError::Closed),
+        })
+    }
+}
+
+fn unwrap_answer(r: Result<Answer, Arc<ConnError>>) -> Result<Answer, ConnError> {
+    match r {
+        Ok(Answer::Error(e)) => Err(ConnError::Server(e)),
+        Ok(a) => Ok(a),
+        Err(e) => Err(clone_err(&e)),
+    }
+}
+
 fn clone_err(e: &ConnError) -> ConnError {
     match e {
         ConnError::Server(a) => ConnError::Server(a.clone()),
@@ -299,6 +359,18 @@ impl Connection {
     /// returned [`Pending`].
     pub fn submit(&self, req: &Request) -> Result<Pending, ConnError> {
         let (tx, rx) = mpsc::channel();
+        self.send_with(req, tx)?;
+        Ok(Pending { rx })
+    }
+
+    /// Sends a request (waiting for room in the window); the answer comes to `q`.
+    pub fn submit_to(&self, req: &Request, q: &mut AnswerQueue) -> Result<(), ConnError> {
+        self.send_with(req, q.tx.clone())?;
+        q.outstanding += 1;
+        Ok(())
+    }
+
+    fn send_with(&self, req: &Request, tx: Reply) -> Result<(), ConnError> {
         let body_len = req.body_len();
         let mut w = lock(&self.writer);
         {
@@ -326,7 +398,7 @@ impl Connection {
             fail(&self.shared, e.clone());
             return Err(clone_err(&e));
         }
-        Ok(Pending { rx })
+        Ok(())
     }
 
     /// Sends a request and waits for its answer.
