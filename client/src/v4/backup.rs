@@ -1262,18 +1262,16 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.cut(f, path, 0, size, &mut |w, _, id, data| {
             ids.push(id);
             total += data.len() as u64;
-            w.count(data.len());
+            w.count(data.len() as u64);
             w.add(id, data.to_vec())?;
             Ok(true)
         })?;
         Ok((ids, total))
     }
 
-    fn count(&self, n: usize) {
-        self.sh
-            .progress
-            .bytes_done
-            .fetch_add(n as u64, Ordering::Relaxed);
+    /// Counts bytes of files as done, for the progress.
+    fn count(&self, n: u64) {
+        self.sh.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A large file, cut by this reader from the start and, if another reader is free
@@ -1311,7 +1309,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         self.cut(f, path, 0, Some(len), &mut |w, end, id, data| {
             ids.push(id);
             total += data.len() as u64;
-            w.count(data.len());
+            w.count(data.len() as u64);
             w.add(id, data.to_vec())?;
             if alone || end < mid {
                 return Ok(true);
@@ -1391,7 +1389,7 @@ impl<'s, 'a> Worker<'s, 'a> {
         let (release, mut counted) = st.settle();
         counted += release.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
         drop(st);
-        self.count(counted as usize);
+        self.count(counted);
         for (id, data) in release {
             self.add(id, data)?;
         }
@@ -1444,7 +1442,7 @@ impl<'s, 'a> Worker<'s, 'a> {
                     }
                 };
                 drop(st);
-                w.count(counted as usize);
+                w.count(counted);
                 for (id, data) in send {
                     w.add(id, data)?;
                 }

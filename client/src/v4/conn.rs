@@ -143,21 +143,8 @@ impl Pending {
     /// Waits for the answer; an ERROR answer is returned as [`ConnError::Server`].
     pub fn wait(self) -> Result<Answer, ConnError> {
         match self.rx.recv() {
-            Ok(Ok(Answer::Error(e))) => Err(ConnError::Server(e)),
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(clone_err(&e)),
+            Ok(r) => unwrap_answer(r),
             Err(_) => Err(ConnError::Closed),
-        }
-    }
-
-    /// The answer if it is here.
-    pub fn try_wait(&self) -> Option<Result<Answer, ConnError>> {
-        match self.rx.try_recv() {
-            Ok(Ok(Answer::Error(e))) => Some(Err(ConnError::Server(e))),
-            Ok(Ok(a)) => Some(Ok(a)),
-            Ok(Err(e)) => Some(Err(clone_err(&e))),
-            Err(mpsc::TryRecvError::Empty) => None,
-            Err(mpsc::TryRecvError::Disconnected) => Some(Err(ConnError::Closed)),
         }
     }
 }
@@ -185,11 +172,6 @@ impl Default for AnswerQueue {
 }
 
 impl AnswerQueue {
-    /// Requests sent and not answered.
-    pub fn outstanding(&self) -> usize {
-        self.outstanding
-    }
-
     /// An answer that is here, if any (ERROR answers as [`ConnError::Server`]).
     pub fn try_next(&mut self) -> Option<Result<Answer, ConnError>> {
         if self.outstanding == 0 {

@@ -580,25 +580,16 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
     if to_write.is_empty() {
         return;
     }
+    let records = records_of(&to_write, now);
     let items: Vec<(BlobKey, &[u8])> = to_write
         .iter()
         .map(|p| (BlobKey::Chunk(p.account, p.id), &p.data[..]))
         .collect();
     let t0 = std::time::Instant::now();
-    // The scrub checksums are computed on a thread of their own while the blobs are
-    // written: the disk is not left waiting for them.
-    let (put, records) = std::thread::scope(|s| {
-        let hashing = std::thread::Builder::new()
-            .name("chunk-hash".into())
-            .spawn_scoped(s, || records_of(&to_write, now));
-        let put = shared.store.put_batch(&items);
-        let records = match hashing {
-            Ok(h) => h.join().unwrap_or_else(|_| records_of(&to_write, now)),
-            Err(_) => records_of(&to_write, now),
-        };
-        (put, records)
-    });
-    let r = put.and_then(|()| shared.registry().insert_chunks(&records));
+    let r = shared
+        .store
+        .put_batch(&items)
+        .and_then(|()| shared.registry().insert_chunks(&records));
     match &r {
         Ok(()) => {
             shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
