@@ -269,7 +269,7 @@ pub fn check(
                     Ok(blob) => {
                         r.chunks_read += 1;
                         r.bytes_read += blob.len() as u64;
-                        if let Err(e) = key.open_chunk(&id, &blob) {
+                        if let Err(e) = key.open_chunk(&id, blob) {
                             r.errors.push(format!(
                                 "chunk {} does not verify: {e} (snapshot {s}, {p})",
                                 &hex(&id)[..16]

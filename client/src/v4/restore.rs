@@ -728,7 +728,7 @@ impl<'a> VerifiedChunks<'a> {
             None => return Err(ConnError::Closed.into()),
         };
         self.key
-            .open_chunk(id, &blob)
+            .open_chunk(id, blob)
             .map(Some)
             .map_err(|source| RestoreError::Chunk {
                 path: self.name.to_string(),

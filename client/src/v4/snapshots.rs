@@ -81,7 +81,7 @@ pub fn load(conn: &Connection, key: &RepoKey, id: &SnapshotId) -> Result<Tree, S
     let root = key.open_root(id, &sealed).map_err(fmt)?;
     let mut manifest = Vec::with_capacity(root.manifest_len.min(1 << 30) as usize);
     for (cid, blob) in fetch_chunks(conn, &root.manifest_chunks)? {
-        manifest.extend(key.open_chunk(&cid, &blob).map_err(fmt)?);
+        manifest.extend(key.open_chunk(&cid, blob).map_err(fmt)?);
     }
     if manifest.len() as u64 != root.manifest_len {
         return Err(SnapshotError::ManifestLength(idh));

@@ -70,6 +70,33 @@ impl Gcm {
             .map(|_| ())
             .map_err(|_| AuthError)
     }
+
+    /// Decrypts `buf[from..]` if `tag` authenticates it, leaving the plaintext at the
+    /// front of `buf` (`buf[..buf.len() - from]`): a header before the ciphertext is
+    /// dropped in the same pass, without a copy of its own.
+    pub fn open_shifted(
+        &self,
+        nonce: [u8; 12],
+        ad: &[u8],
+        buf: &mut [u8],
+        from: usize,
+        tag: &[u8],
+    ) -> Result<(), AuthError> {
+        let tag = Tag::try_from(tag).map_err(|_| AuthError)?;
+        if from > buf.len() {
+            return Err(AuthError);
+        }
+        self.0
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(ad),
+                tag,
+                buf,
+                from..,
+            )
+            .map(|_| ())
+            .map_err(|_| AuthError)
+    }
 }
 
 #[cfg(test)]

@@ -139,8 +139,10 @@ impl RepoKey {
     }
 
     /// Opens a chunk blob fetched for `id`: authenticates, decompresses (at most
-    /// [`MAX_CHUNK`] bytes) and checks the keyed hash against the id.
-    pub fn open_chunk(&self, id: &ChunkId, blob: &[u8]) -> Result<Vec<u8>, FormatError> {
+    /// [`MAX_CHUNK`] bytes) and checks the keyed hash against the id. The blob is
+    /// decrypted where it lies: an uncompressed chunk's plaintext is returned in the
+    /// blob's own buffer.
+    pub fn open_chunk(&self, id: &ChunkId, mut blob: Vec<u8>) -> Result<Vec<u8>, FormatError> {
         if blob.len() < BLOB_HEADER + 16 {
             return Err(FormatError::Malformed("a chunk blob"));
         }
@@ -152,23 +154,35 @@ impl RepoKey {
             return Err(FormatError::Malformed("a chunk blob's compression"));
         }
         let nonce: [u8; 12] = blob[2..14].try_into().unwrap_or_default();
-        let (ct, tag) = blob[BLOB_HEADER..].split_at(blob.len() - BLOB_HEADER - 16);
-        let mut body = ct.to_vec();
+        let mut tag = [0u8; 16];
+        let end = blob.len() - 16;
+        tag.copy_from_slice(&blob[end..]);
+        blob.truncate(end);
         let mut ad = [0u8; 34];
         ad[..32].copy_from_slice(id);
         ad[32] = FORMAT;
         ad[33] = method;
         self.data
-            .open(nonce, &ad, &mut body, tag)
+            .open_shifted(nonce, &ad, &mut blob, BLOB_HEADER, &tag)
             .map_err(|_| FormatError::Auth("a chunk"))?;
+        blob.truncate(end - BLOB_HEADER);
         let plain = if method == 1 {
+            // The frame says its size (the sealing side writes it): the output is
+            // allocated at that size, not at the largest a chunk may be.
+            let cap = match zstd::zstd_safe::get_frame_content_size(&blob) {
+                Ok(Some(n)) if n <= MAX_CHUNK as u64 => n as usize,
+                Ok(Some(_)) => {
+                    return Err(FormatError::Malformed("a chunk's compressed data"));
+                }
+                _ => MAX_CHUNK as usize,
+            };
             DCTX.with(|d| match d.borrow_mut().as_mut() {
-                Some(d) => d.decompress(&body, MAX_CHUNK as usize),
-                None => zstd::bulk::decompress(&body, MAX_CHUNK as usize),
+                Some(d) => d.decompress(&blob, cap),
+                None => zstd::bulk::decompress(&blob, cap),
             })
             .map_err(|_| FormatError::Malformed("a chunk's compressed data"))?
         } else {
-            body
+            blob
         };
         if self.chunk_id(&plain) != *id {
             return Err(FormatError::IdMismatch);
@@ -608,13 +622,13 @@ mod tests {
         let (id, blob) = k.seal_chunk(&text, &mut rng());
         assert_eq!(blob[1], 1, "repetitive text is compressed");
         assert!(blob.len() < text.len());
-        assert_eq!(k.open_chunk(&id, &blob).unwrap(), text);
+        assert_eq!(k.open_chunk(&id, blob.clone()).unwrap(), text);
         let mut noise = vec![0u8; 10_000];
         rng().fill_bytes(&mut noise);
         let (id2, blob2) = k.seal_chunk(&noise, &mut rng());
         assert_eq!(blob2[1], 0, "random bytes are not");
         assert_eq!(blob2.len(), noise.len() + BLOB_HEADER + 16);
-        assert_eq!(k.open_chunk(&id2, &blob2).unwrap(), noise);
+        assert_eq!(k.open_chunk(&id2, blob2.clone()).unwrap(), noise);
     }
 
     #[test]
@@ -625,13 +639,13 @@ mod tests {
         assert!(!looks_compressible(&noise));
         let (id, blob) = k.seal_chunk(&noise, &mut rng());
         assert_eq!(blob[1], 0);
-        assert_eq!(k.open_chunk(&id, &blob).unwrap(), noise);
+        assert_eq!(k.open_chunk(&id, blob.clone()).unwrap(), noise);
         let text = b"the quick brown fox jumps over the lazy dog ".repeat(30_000);
         assert!(looks_compressible(&text));
         let (id, blob) = k.seal_chunk(&text, &mut rng());
         assert_eq!(blob[1], 1);
         assert!(blob.len() < text.len() / 10);
-        assert_eq!(k.open_chunk(&id, &blob).unwrap(), text);
+        assert_eq!(k.open_chunk(&id, blob.clone()).unwrap(), text);
     }
 
     #[test]
@@ -641,14 +655,14 @@ mod tests {
         let mut other = id;
         other[0] ^= 1;
         assert_eq!(
-            k.open_chunk(&other, &blob),
+            k.open_chunk(&other, blob.clone()),
             Err(FormatError::Auth("a chunk"))
         );
         let mut bad = blob.clone();
         *bad.last_mut().unwrap() ^= 1;
-        assert!(k.open_chunk(&id, &bad).is_err());
+        assert!(k.open_chunk(&id, bad.clone()).is_err());
         let k2 = RepoKey::from_master([9; 32]);
-        assert!(k2.open_chunk(&id, &blob).is_err());
+        assert!(k2.open_chunk(&id, blob.clone()).is_err());
         // The same plaintext has another id under another key: no cross-account match.
         assert_ne!(k2.chunk_id(b"secret marker"), id);
         // The plaintext is not in the blob.
