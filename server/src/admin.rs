@@ -225,13 +225,13 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
         return Ok(3);
     }
     let db = cfg.repository.join("repo.db");
-    if !db.exists() {
+    if cfg.registry.is_none() && !db.exists() {
         bail!(
             "{}: no v4 repository here (check --repository or the config file)",
             db.display()
         );
     }
-    let repo = match Repo::open_local(&cfg.repository) {
+    let repo = match Repo::open(&cfg.repository, cfg.registry.as_deref()) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "{} is held by a running server whose admin socket {} does not answer",
@@ -628,13 +628,13 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
         return Ok(2);
     }
     let db_path = cfg.repository.join("repo.db");
-    if !db_path.exists() {
+    if cfg.registry.is_none() && !db_path.exists() {
         bail!(
             "{}: no v4 repository here (check --repository or the config file)",
             db_path.display()
         );
     }
-    let _repo = match Repo::open_local(&cfg.repository) {
+    let _repo = match Repo::open(&cfg.repository, cfg.registry.as_deref()) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "remove-accounts runs only while the server is stopped ({} is held)",

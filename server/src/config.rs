@@ -204,6 +204,12 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_REPOSITORY")]
     pub repository: Option<PathBuf>,
 
+    /// v4: the registry (accounts, devices, chunk records, snapshots) in PostgreSQL,
+    /// at this `postgres://` URL, shared by every node given the same one
+    /// [default: SQLite, repo.db in the --repository directory].
+    #[arg(long, env = "CYBERBACKUP_REGISTRY")]
+    pub registry: Option<String>,
+
     /// Whether v4 clients may create accounts (`cyberbackup init`) [default: true].
     #[arg(long, env = "CYBERBACKUP_REGISTRATION")]
     pub registration: Option<bool>,
@@ -317,6 +323,8 @@ pub struct Config {
     pub storage: PathBuf,
     pub database: PathBuf,
     pub repository: PathBuf,
+    /// The PostgreSQL registry's URL (None: SQLite in the repository directory).
+    pub registry: Option<String>,
     pub registration: bool,
     pub v4_window: u32,
     /// Collection interval (None: off).
@@ -453,6 +461,15 @@ impl Args {
             storage: pick!(storage).unwrap_or_else(|| "received_files".into()),
             database: pick!(database).unwrap_or_else(|| "defensive.db".into()),
             repository,
+            registry: match pick!(registry) {
+                Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                    Some(url)
+                }
+                Some(_) => {
+                    bail!("--registry takes a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)")
+                }
+                None => None,
+            },
             registration: pick!(registration).unwrap_or(true),
             gc_interval: match pick!(gc_interval).unwrap_or(86_400) {
                 0 => None,
@@ -628,7 +645,7 @@ mod tests {
             format!("{:?}", args.resolve(dir.path()).unwrap())
         };
         assert_eq!(
-            resolve(&packaged_uncommented(&["shards", "log"])),
+            resolve(&packaged_uncommented(&["shards", "log", "registry"])),
             resolve(PACKAGED)
         );
     }
@@ -644,6 +661,7 @@ mod tests {
             &["--idle-timeout", "0"],
             &["--max-file-size", "4294967295"],
             &["--min-rate", "0"],
+            &["--registry", "/var/lib/repo.db"],
         ] {
             assert!(
                 args(bad)

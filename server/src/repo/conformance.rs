@@ -23,6 +23,11 @@ pub(crate) trait BlobHarness {
 /// Opens a registry on the harness's backing.
 pub(crate) trait RegistryHarness {
     type Registry: Registry;
+    /// Whether the backing can be had here (a database server to reach); when not,
+    /// the suite's tests return at once. Every local harness always is.
+    fn available() -> bool {
+        true
+    }
     fn new() -> Self;
     fn open(&mut self) -> Self::Registry;
 }
@@ -69,7 +74,11 @@ macro_rules! registry_conformance {
             $(
                 #[test]
                 fn $t() {
-                    $crate::repo::conformance::$t(<$h as $crate::repo::conformance::RegistryHarness>::new());
+                    use $crate::repo::conformance::RegistryHarness as _;
+                    if !<$h>::available() {
+                        return;
+                    }
+                    $crate::repo::conformance::$t(<$h>::new());
                 }
             )*
         }

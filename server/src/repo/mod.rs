@@ -12,12 +12,13 @@
 //!   batch durable on return; [`fs`] is the local implementation (one file per blob).
 //! - [`registry`]: the [`Registry`] trait, the metadata (accounts, devices with their
 //!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
-//!   [`sqlite`] is the local implementation.
+//!   [`sqlite`] is the local implementation, [`pg`] the PostgreSQL one (several
+//!   server nodes sharing one database).
 //! - [`service`]: [`Repo`], the facade the server calls: group commit of chunk puts,
 //!   snapshot commits, reads, quotas; [`gc`] adds garbage collection and scrub to it.
 //! - `conformance` (tests only): one suite per trait, a generic function per test, run
-//!   against every implementation (today the local ones; PostgreSQL and S3 ones must
-//!   pass the same suite).
+//!   against every implementation (the registry suite against SQLite and PostgreSQL;
+//!   an S3 blob store must pass the blob suite too).
 //!
 //! # Durability
 //! A chunk is acknowledged only when its blob is durable ([`BlobStore::put_batch`]:
@@ -61,6 +62,7 @@ pub mod blob;
 pub(crate) mod conformance;
 pub mod fs;
 pub mod gc;
+pub mod pg;
 pub mod registry;
 pub mod service;
 pub mod sqlite;
@@ -72,6 +74,7 @@ use std::sync::Arc;
 pub use blob::{BlobKey, BlobKind, BlobStore};
 pub use fs::FsBlobStore;
 pub use gc::{GcReport, Progress, Scope, ScrubReport};
+pub use pg::PostgresRegistry;
 pub use registry::{
     ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage, MAX_NAME_LEN,
 };
@@ -163,6 +166,8 @@ pub enum RepoError {
     },
     #[error("database: {0}")]
     Db(#[source] Arc<rusqlite::Error>),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[source] Arc<::postgres::Error>),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("the database has schema version {found}; this server knows up to {supported}")]

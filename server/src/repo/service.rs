@@ -155,6 +155,18 @@ impl Repo {
         Repo::new(Box::new(store), Box::new(registry))
     }
 
+    /// The repository in `dir` as configured: blobs under `dir/blobs`; the registry in
+    /// PostgreSQL at `registry` when given, else in `dir/repo.db`.
+    pub fn open(dir: &Path, registry: Option<&str>) -> Result<Repo, RepoError> {
+        let Some(url) = registry else {
+            return Repo::open_local(dir);
+        };
+        std::fs::create_dir_all(dir).map_err(super::io_err("creating", dir))?;
+        let store = FsBlobStore::open(&dir.join("blobs"))?;
+        let registry = super::pg::PostgresRegistry::open(url)?;
+        Repo::new(Box::new(store), Box::new(registry))
+    }
+
     /// A repository with its own clock (tests move time with it).
     pub fn with_clock(
         store: Box<dyn BlobStore>,

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Starts a throwaway PostgreSQL (Debian's, any version the machine has; CI installs 15)
+# for the test suite on 127.0.0.1:${PGTEST_PORT:-54329}, its data in
+# ${PGTEST_DIR:-/tmp/cyberbackup-pgtest} (run as the system user `postgres` when called
+# by root, else as the caller), and prints the URL the tests take from
+# CYBERBACKUP_TEST_POSTGRES. Run again, it reuses a running one; the tests run it
+# themselves when that variable is not set, and leave the server running for the next
+# run (stop it with `bash scripts/postgres-test.sh stop`).
+#
+# The cluster runs with fsync off: it holds only the suite's scratch schemas, and the
+# suite tests the registry's logic against the real engine, not the disk's durability.
+#
+#   export CYBERBACKUP_TEST_POSTGRES=$(bash scripts/postgres-test.sh)
+#   bash scripts/postgres-test.sh stop
+set -euo pipefail
+port=${PGTEST_PORT:-54329}
+dir=${PGTEST_DIR:-/tmp/cyberbackup-pgtest}
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+if [ -z "$bin" ]; then
+  echo "postgres-test: no PostgreSQL server (apt-get install postgresql)" >&2
+  exit 1
+fi
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+if [ "${1:-}" = stop ]; then
+  [ -f "$dir/data/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null
+  exit 0
+fi
+# Test binaries run in parallel: one start at a time.
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"
+flock 9
+if ! as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+  mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres: "$dir"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+  fi
+  # The server must not hold the lock (fd 9) for its lifetime.
+  as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -t 60 9>&- \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    start >/dev/null
+fi
+echo "postgres://postgres@127.0.0.1:$port/postgres"
