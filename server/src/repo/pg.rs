@@ -167,7 +167,13 @@ fn ends_connection(e: &RepoError) -> bool {
 }
 
 fn connect(url: &str) -> Result<Client, RepoError> {
-    Ok(Client::connect(url, NoTls)?)
+    let mut client = Client::connect(url, NoTls)?;
+    // Plans made for each execution, with the array's real length and the table's
+    // real size. A cached generic plan made while `chunks` was nearly empty scanned
+    // the whole table for every batch once it had grown (11 ms a HAS_CHUNKS batch at
+    // 20,000 chunks: a 2.7 GiB tree backed up at 0.6x the SQLite registry's rate).
+    client.batch_execute("SET plan_cache_mode = force_custom_plan")?;
+    Ok(client)
 }
 
 impl PostgresRegistry {
