@@ -231,7 +231,7 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
             db.display()
         );
     }
-    let repo = match Repo::open(&cfg.repository, cfg.registry.as_deref()) {
+    let repo = match Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref()) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "{} is held by a running server whose admin socket {} does not answer",
@@ -634,7 +634,7 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
             db_path.display()
         );
     }
-    let _repo = match Repo::open(&cfg.repository, cfg.registry.as_deref()) {
+    let _repo = match Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref()) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "remove-accounts runs only while the server is stopped ({} is held)",

@@ -210,6 +210,33 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_REGISTRY")]
     pub registry: Option<String>,
 
+    /// v4: keep the blobs (encrypted chunks and snapshot bodies) in an S3-compatible
+    /// object store at this endpoint (http://HOST:PORT or https://HOST), shared by
+    /// every node given the same one [default: files under the --repository directory].
+    #[arg(long, env = "CYBERBACKUP_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// v4: the object store's bucket (with --s3-endpoint).
+    #[arg(long, env = "CYBERBACKUP_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// v4: the object store's region (with --s3-endpoint) [default: us-east-1].
+    #[arg(long, env = "CYBERBACKUP_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// v4: a prefix for every object's key (with --s3-endpoint) [default: none].
+    #[arg(long, env = "CYBERBACKUP_S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+
+    /// v4: the object store's access key id (with --s3-endpoint).
+    #[arg(long, env = "CYBERBACKUP_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+
+    /// v4: the object store's secret key (with --s3-endpoint; better in the
+    /// environment or the config file than on a command line others can read).
+    #[arg(long, env = "CYBERBACKUP_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+
     /// Whether v4 clients may create accounts (`cyberbackup init`) [default: true].
     #[arg(long, env = "CYBERBACKUP_REGISTRATION")]
     pub registration: Option<bool>,
@@ -325,6 +352,8 @@ pub struct Config {
     pub repository: PathBuf,
     /// The PostgreSQL registry's URL (None: SQLite in the repository directory).
     pub registry: Option<String>,
+    /// The S3 blob store (None: files in the repository directory).
+    pub s3: Option<crate::repo::s3::S3Config>,
     pub registration: bool,
     pub v4_window: u32,
     /// Collection interval (None: off).
@@ -469,6 +498,26 @@ impl Args {
                     bail!("--registry takes a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)")
                 }
                 None => None,
+            },
+            s3: match pick!(s3_endpoint) {
+                None => None,
+                Some(endpoint) => {
+                    let need = |v: Option<String>, flag: &str| match v {
+                        Some(v) if !v.is_empty() => Ok(v),
+                        _ => Err(anyhow::anyhow!("--s3-endpoint needs {flag} too")),
+                    };
+                    Some(crate::repo::s3::S3Config {
+                        endpoint,
+                        bucket: need(pick!(s3_bucket), "--s3-bucket")?,
+                        region: pick!(s3_region).unwrap_or_else(|| "us-east-1".into()),
+                        prefix: pick!(s3_prefix).unwrap_or_default(),
+                        access_key_id: need(pick!(s3_access_key_id), "--s3-access-key-id")?,
+                        secret_access_key: need(
+                            pick!(s3_secret_access_key),
+                            "--s3-secret-access-key",
+                        )?,
+                    })
+                }
             },
             registration: pick!(registration).unwrap_or(true),
             gc_interval: match pick!(gc_interval).unwrap_or(86_400) {
@@ -645,7 +694,17 @@ mod tests {
             format!("{:?}", args.resolve(dir.path()).unwrap())
         };
         assert_eq!(
-            resolve(&packaged_uncommented(&["shards", "log", "registry"])),
+            resolve(&packaged_uncommented(&[
+                "shards",
+                "log",
+                "registry",
+                "s3_endpoint",
+                "s3_bucket",
+                "s3_region",
+                "s3_prefix",
+                "s3_access_key_id",
+                "s3_secret_access_key",
+            ])),
             resolve(PACKAGED)
         );
     }
@@ -662,6 +721,7 @@ mod tests {
             &["--max-file-size", "4294967295"],
             &["--min-rate", "0"],
             &["--registry", "/var/lib/repo.db"],
+            &["--s3-endpoint", "http://127.0.0.1:3900"],
         ] {
             assert!(
                 args(bad)

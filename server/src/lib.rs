@@ -88,13 +88,14 @@ pub fn run(cfg: config::Config) -> Result<()> {
         max_connections = cfg.max_connections,
         "starting"
     );
-    let repo = repo::Repo::open(&cfg.repository, cfg.registry.as_deref())
+    let repo = repo::Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref())
         .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
     let started = std::time::Instant::now();
     let key = server_key::load_or_create(&cfg.repository.join("server.key"))?;
     tracing::info!(
         repository = %cfg.repository.display(),
         registry = if cfg.registry.is_some() { "postgresql" } else { "sqlite" },
+        blobs = if cfg.s3.is_some() { "s3" } else { "files" },
         key = %cyberbackup_protocol::v4::noise::fingerprint(key.public()),
         "v4 server key (clients pin it on first use)"
     );

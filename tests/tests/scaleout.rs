@@ -1,9 +1,12 @@
 //! Scale-out (issue 22), end to end: the real server with its registry in a real
 //! PostgreSQL (`scripts/postgres-test.sh` starts one; CI sets
-//! `CYBERBACKUP_TEST_POSTGRES`), driven by the real `cyberbackup` CLI over 127.0.0.1.
+//! `CYBERBACKUP_TEST_POSTGRES`) and its blobs in a real three-node Garage cluster
+//! (`scripts/garage-test.sh`; CI sets `CYBERBACKUP_TEST_S3`), driven by the real
+//! `cyberbackup` CLI over 127.0.0.1.
 //!
-//! Each test works in a scratch schema of its own, dropped at the end. Without a
-//! database URL the tests say so and pass, except under CI, where they fail.
+//! Each test works in a scratch schema and a bucket prefix of its own. Without a
+//! database or an object store the tests that need it say so and pass, except under
+//! CI, where they fail.
 
 use std::fs;
 use std::path::Path;
@@ -217,5 +220,145 @@ fn a_bad_registry_url_is_refused_clearly() {
         assert_eq!(out.status.code(), Some(1), "{url}: {err}");
         assert!(err.contains(says), "{url}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// The test object store, `ENDPOINT BUCKET REGION KEY_ID SECRET`: `CYBERBACKUP_TEST_S3`,
+/// else what `scripts/garage-test.sh` starts (or finds running) where Garage is
+/// installed; `None` when neither (a failure under CI).
+fn s3_line() -> Option<Vec<String>> {
+    static LINE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let line = LINE.get_or_init(|| {
+        if let Ok(v) = std::env::var("CYBERBACKUP_TEST_S3") {
+            if !v.is_empty() {
+                return Some(v);
+            }
+        }
+        let out = Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/garage-test.sh"
+            ))
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(String::from_utf8(out.stdout).ok()?.trim().to_owned())
+    });
+    match line {
+        Some(l) => Some(l.split_whitespace().map(String::from).collect()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("no S3 object store for the tests (CI runs them): set CYBERBACKUP_TEST_S3 or install garage")
+        }
+        None => {
+            eprintln!(
+                "no S3 object store here (CYBERBACKUP_TEST_S3 unset, no garage): test not run"
+            );
+            None
+        }
+    }
+}
+
+fn garage(args: &[&str]) {
+    let st = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/garage-test.sh"
+        ))
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "garage-test.sh {args:?}");
+}
+
+/// Two nodes at once on one PostgreSQL and one three-node Garage cluster, sharing the
+/// cluster's server key: a backup through node A restores byte for byte through node
+/// B; B's backup of the same tree sends nothing (A's chunks are B's); with one of the
+/// three Garage nodes stopped, backups and restores go on through either node. The
+/// nodes' own directories hold no blob and no registry.
+#[test]
+fn two_nodes_share_postgresql_and_s3() {
+    let (Some(base), Some(s3)) = (base_url(), s3_line()) else {
+        return;
+    };
+    let schema = Schema::new(base);
+    let url = schema.url();
+    let prefix = format!("{}/", schema.name);
+    let args: Vec<&str> = vec![
+        "--registry",
+        &url,
+        "--s3-endpoint",
+        &s3[0],
+        "--s3-bucket",
+        &s3[1],
+        "--s3-region",
+        &s3[2],
+        "--s3-access-key-id",
+        &s3[3],
+        "--s3-secret-access-key",
+        &s3[4],
+        "--s3-prefix",
+        &prefix,
+    ];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let work = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path());
+
+    let a = Server::start_in(Runtime::Mio, da.path(), &args);
+    // The cluster's key: node B gets node A's.
+    fs::create_dir_all(db.path().join("repository")).unwrap();
+    fs::copy(
+        da.path().join("repository/server.key"),
+        db.path().join("repository/server.key"),
+    )
+    .unwrap();
+    let b = Server::start_in(Runtime::Glommio, db.path(), &args);
+    assert!(b.log().contains("s3"), "{}", b.log());
+    let (sa, sb) = (a.addr.to_string(), b.addr.to_string());
+
+    ok(cfg.path(), &["init", "-s", &sa, "-a", "two-nodes"]);
+    ok(cfg.path(), &["backup", "-s", &sa, tree.to_str().unwrap()]);
+    let restored = |server: &str, name: &str| {
+        let out = work.path().join(name);
+        ok(
+            cfg.path(),
+            &[
+                "restore",
+                "-s",
+                server,
+                "latest",
+                "--target",
+                out.to_str().unwrap(),
+            ],
+        );
+        files(&out.join(tree.strip_prefix("/").unwrap()))
+    };
+    assert_eq!(restored(&sb, "via-b"), files(&tree));
+    let again = ok(
+        cfg.path(),
+        &["--json", "backup", "-s", &sb, tree.to_str().unwrap()],
+    );
+    assert!(again.contains("\"bytes_sent\":0"), "{again}");
+
+    // One of the three object-store nodes down: writes and reads go on (quorum 2).
+    garage(&["stop-node", "2"]);
+    let more = tree.join("added-while-a-node-is-down");
+    fs::write(&more, data(2 << 20, 99)).unwrap();
+    let r = std::panic::catch_unwind(|| {
+        ok(cfg.path(), &["backup", "-s", &sb, tree.to_str().unwrap()]);
+        assert_eq!(restored(&sa, "via-a"), files(&tree));
+    });
+    garage(&["start-node", "2"]);
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+    let list = ok(cfg.path(), &["snapshots", "-s", &sa]);
+    assert!(list.contains("3 snapshots"), "{list}");
+    for d in [da.path(), db.path()] {
+        assert!(!d.join("repository/blobs").exists());
+        assert!(!d.join("repository/repo.db").exists());
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! # Parts
 //! - [`blob`]: the [`BlobStore`] trait, bytes by [`BlobKey`] (account, kind, id), every
-//!   batch durable on return; [`fs`] is the local implementation (one file per blob).
+//!   batch durable on return; [`fs`] is the local implementation (one file per blob),
+//!   [`s3`] the S3-compatible one (one object per blob).
 //! - [`registry`]: the [`Registry`] trait, the metadata (accounts, devices with their
 //!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
 //!   [`sqlite`] is the local implementation, [`pg`] the PostgreSQL one (several
@@ -64,6 +65,7 @@ pub mod fs;
 pub mod gc;
 pub mod pg;
 pub mod registry;
+pub mod s3;
 pub mod service;
 pub mod sqlite;
 
@@ -168,6 +170,8 @@ pub enum RepoError {
     Db(#[source] Arc<rusqlite::Error>),
     #[error("PostgreSQL: {0}")]
     Postgres(#[source] Arc<::postgres::Error>),
+    #[error("object store: {0}")]
+    ObjectStore(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("the database has schema version {found}; this server knows up to {supported}")]

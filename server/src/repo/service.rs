@@ -155,16 +155,27 @@ impl Repo {
         Repo::new(Box::new(store), Box::new(registry))
     }
 
-    /// The repository in `dir` as configured: blobs under `dir/blobs`; the registry in
-    /// PostgreSQL at `registry` when given, else in `dir/repo.db`.
-    pub fn open(dir: &Path, registry: Option<&str>) -> Result<Repo, RepoError> {
-        let Some(url) = registry else {
+    /// The repository in `dir` as configured: the blobs in the S3 store `s3` when
+    /// given, else under `dir/blobs`; the registry in PostgreSQL at `registry` when
+    /// given, else in `dir/repo.db`.
+    pub fn open(
+        dir: &Path,
+        registry: Option<&str>,
+        s3: Option<&super::s3::S3Config>,
+    ) -> Result<Repo, RepoError> {
+        if registry.is_none() && s3.is_none() {
             return Repo::open_local(dir);
-        };
+        }
         std::fs::create_dir_all(dir).map_err(super::io_err("creating", dir))?;
-        let store = FsBlobStore::open(&dir.join("blobs"))?;
-        let registry = super::pg::PostgresRegistry::open(url)?;
-        Repo::new(Box::new(store), Box::new(registry))
+        let store: Box<dyn BlobStore> = match s3 {
+            Some(cfg) => Box::new(super::s3::S3BlobStore::open(cfg)?),
+            None => Box::new(FsBlobStore::open(&dir.join("blobs"))?),
+        };
+        let registry: Box<dyn Registry> = match registry {
+            Some(url) => Box::new(super::pg::PostgresRegistry::open(url)?),
+            None => Box::new(SqliteRegistry::open(&dir.join("repo.db"))?),
+        };
+        Repo::new(store, registry)
     }
 
     /// A repository with its own clock (tests move time with it).

@@ -1,0 +1,549 @@
+//! The scale-out [`BlobStore`]: an S3-compatible object store (Garage in the tests;
+//! anything that speaks S3's REST API with SigV4), shared by any number of server
+//! nodes.
+//!
+//! One object per blob, under `<prefix><account>/chunk/<hex id>` or
+//! `<prefix><account>/snapshot/<hex id>`: an account's blobs of one kind are one listing
+//! prefix, so collection's sweep and `remove-accounts` list only that account's, and
+//! isolation between accounts is in the key as on the file system.
+//!
+//! - **Durability.** [`BlobStore::put_batch`] returns once every object's `PUT` was
+//!   answered `200 OK`: S3's (and Garage's) acknowledgement that the object is stored
+//!   (Garage: on a quorum of its replicas; with its `data_fsync` and `metadata_fsync`
+//!   on, synced to their disks). The repository writes a chunk's registry row only
+//!   after that, and acknowledges the chunk after the row: the order of the local store.
+//!   A `PUT` replaces an object whole or not at all, so a crash never leaves half a blob.
+//! - **Retries.** A request that fails for the transport (refused, reset, timed out) or
+//!   is answered 5xx or 429 is sent again after a growing pause (50 ms doubling, up to
+//!   [`ATTEMPTS`] tries, about 3 s in all); other answers are final. Every request is
+//!   signed anew for each try.
+//! - **Parallelism.** A batch's objects are put by up to [`WRITERS`] threads at once:
+//!   an object store is slow per request and fast in aggregate.
+//! - **Bounds.** A `GET` reads at most [`MAX_OBJECT`] bytes; a longer object is an
+//!   error, never an allocation of what a misbehaving store announces.
+//!
+//! Requests are built and signed by `rusty-s3` (no I/O of its own) and carried by
+//! `ureq` with connect and request timeouts.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+
+use super::blob::{BlobKey, BlobKind, BlobStore};
+use super::{hex, unhex, AccountId, RepoError};
+
+/// Tries of one request (the first and the retries).
+pub const ATTEMPTS: u32 = 7;
+/// Objects of a batch put at once.
+pub const WRITERS: usize = 8;
+/// The largest object a `GET` reads: above any chunk or snapshot body the server
+/// stores.
+pub const MAX_OBJECT: u64 = 1 << 30;
+/// How long a signed request stays valid (it is sent at once).
+const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Where the store is and who it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// `http://host:port` or `https://host` (path-style requests: `endpoint/bucket/key`).
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    /// Put before every key (empty, or ending in `/`), so that several repositories
+    /// may share a bucket.
+    pub prefix: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The blob store in an S3 bucket.
+pub struct S3BlobStore {
+    bucket: Bucket,
+    creds: Credentials,
+    prefix: String,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for S3BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3BlobStore")
+            .field("bucket", &self.bucket.name())
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(what: impl std::fmt::Display) -> RepoError {
+    RepoError::ObjectStore(what.to_string())
+}
+
+/// How one request ended.
+enum Sent {
+    /// Answered with this status (2xx, or a final 4xx), and the response.
+    Answer(u16, Box<ureq::Response>),
+}
+
+impl S3BlobStore {
+    /// A store on `cfg`'s bucket; checks that the bucket answers (`HEAD`), so a wrong
+    /// endpoint, bucket or key fails at start, not at the first backup.
+    pub fn open(cfg: &S3Config) -> Result<S3BlobStore, RepoError> {
+        let endpoint = cfg
+            .endpoint
+            .parse()
+            .map_err(|e| store_err(format!("endpoint {}: {e}", cfg.endpoint)))?;
+        let bucket = Bucket::new(
+            endpoint,
+            UrlStyle::Path,
+            cfg.bucket.clone(),
+            cfg.region.clone(),
+        )
+        .map_err(|e| store_err(format!("bucket {} at {}: {e}", cfg.bucket, cfg.endpoint)))?;
+        let mut prefix = cfg.prefix.trim_start_matches('/').to_owned();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .max_idle_connections_per_host(2 * WRITERS)
+            .build();
+        let store = S3BlobStore {
+            bucket,
+            creds: Credentials::new(cfg.access_key_id.clone(), cfg.secret_access_key.clone()),
+            prefix,
+            agent,
+        };
+        match store.send("checking the bucket", |s| {
+            let url = s.bucket.head_bucket(Some(&s.creds)).sign(SIGNED_FOR);
+            s.agent.head(url.as_str()).call().map_err(Box::new)
+        })? {
+            Sent::Answer(200, _) => Ok(store),
+            Sent::Answer(code, _) => Err(store_err(format!(
+                "bucket {} at {}: answered {code} (does it exist, and may this key use it?)",
+                cfg.bucket, cfg.endpoint
+            ))),
+        }
+    }
+
+    fn object(&self, key: &BlobKey) -> String {
+        format!(
+            "{}{}/{}/{}",
+            self.prefix,
+            key.account(),
+            kind_name(key.kind()),
+            hex(key.id())
+        )
+    }
+
+    /// Sends a request (built and signed anew by `req` for each try) until it is
+    /// answered with something other than 5xx or 429, or the tries are spent.
+    fn send(
+        &self,
+        what: &str,
+        req: impl Fn(&Self) -> Result<ureq::Response, Box<ureq::Error>>,
+    ) -> Result<Sent, RepoError> {
+        let mut pause = Duration::from_millis(50);
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match req(self).map_err(|e| *e) {
+                Ok(r) => return Ok(Sent::Answer(r.status(), Box::new(r))),
+                Err(ureq::Error::Status(code, r)) if code < 500 && code != 429 => {
+                    return Ok(Sent::Answer(code, Box::new(r)));
+                }
+                Err(ureq::Error::Status(code, r)) => {
+                    last = format!("answered {code}: {}", brief(r));
+                }
+                Err(ureq::Error::Transport(t)) => last = t.to_string(),
+            }
+            if attempt < ATTEMPTS {
+                tracing::debug!(what, attempt, error = %last, "object store request failed; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+        Err(store_err(format!("{what}: {last} ({ATTEMPTS} tries)")))
+    }
+
+    fn put(&self, key: &BlobKey, data: &[u8]) -> Result<(), RepoError> {
+        let name = self.object(key);
+        match self.send("putting an object", |s| {
+            let url = s.bucket.put_object(Some(&s.creds), &name).sign(SIGNED_FOR);
+            s.agent.put(url.as_str()).send_bytes(data).map_err(Box::new)
+        })? {
+            Sent::Answer(200..=299, _) => Ok(()),
+            Sent::Answer(code, r) => Err(store_err(format!(
+                "putting {name}: answered {code}: {}",
+                brief(*r)
+            ))),
+        }
+    }
+
+    /// A `GET` of the object, whole or with a `Range`; `None` when it does not exist.
+    fn fetch(
+        &self,
+        key: &BlobKey,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let name = self.object(key);
+        let sent = self.send("reading an object", |s| {
+            let url = s.bucket.get_object(Some(&s.creds), &name).sign(SIGNED_FOR);
+            let mut r = s.agent.get(url.as_str());
+            if let Some((from, to)) = range {
+                r = r.set("Range", &format!("bytes={from}-{to}"));
+            }
+            r.call().map_err(Box::new)
+        })?;
+        match sent {
+            Sent::Answer(200 | 206, r) => {
+                let mut body = Vec::new();
+                if let Some(n) = r
+                    .header("Content-Length")
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    if n > MAX_OBJECT {
+                        return Err(store_err(format!("{name}: {n} bytes, over {MAX_OBJECT}")));
+                    }
+                    body.reserve_exact(n as usize);
+                }
+                r.into_reader()
+                    .take(MAX_OBJECT + 1)
+                    .read_to_end(&mut body)
+                    .map_err(|e| store_err(format!("reading {name}: {e}")))?;
+                if body.len() as u64 > MAX_OBJECT {
+                    return Err(store_err(format!("{name}: over {MAX_OBJECT} bytes")));
+                }
+                Ok(Some(body))
+            }
+            Sent::Answer(404, _) => Ok(None),
+            // A range from at or past the end of an object that exists.
+            Sent::Answer(416, _) => Ok(Some(Vec::new())),
+            Sent::Answer(code, r) => Err(store_err(format!(
+                "reading {name}: answered {code}: {}",
+                brief(*r)
+            ))),
+        }
+    }
+}
+
+/// The start of an error answer's body, for messages.
+fn brief(r: ureq::Response) -> String {
+    let mut s = String::new();
+    let _ = r.into_reader().take(300).read_to_string(&mut s);
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn kind_name(k: BlobKind) -> &'static str {
+    match k {
+        BlobKind::Chunk => "chunk",
+        BlobKind::SnapshotBody => "snapshot",
+    }
+}
+
+impl BlobStore for S3BlobStore {
+    fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
+        let workers = WRITERS.min(items.len());
+        if workers <= 1 {
+            return items.iter().try_for_each(|(k, d)| self.put(k, d));
+        }
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<RepoError>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((k, d)) = items.get(i) else { break };
+                    if let Err(e) = self.put(k, d) {
+                        // The others stop taking items; what is stored stays (the
+                        // trait allows it), and nothing is acknowledged.
+                        next.store(items.len(), Ordering::Relaxed);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
+        self.fetch(key, None)
+    }
+
+    fn get_range(
+        &self,
+        key: &BlobKey,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        if len == 0 {
+            return Ok(self.len(key)?.map(|_| Vec::new()));
+        }
+        let last = offset.saturating_add(len - 1);
+        let Some(mut got) = self.fetch(key, Some((offset, last)))? else {
+            return Ok(None);
+        };
+        // A store that ignores Range sends the whole object (200): cut it here.
+        if got.len() as u64 > len {
+            let from = (offset as usize).min(got.len());
+            let to = from.saturating_add(len as usize).min(got.len());
+            got = got[from..to].to_vec();
+        }
+        Ok(Some(got))
+    }
+
+    fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
+        let name = self.object(key);
+        match self.send("reading an object's length", |s| {
+            let url = s.bucket.head_object(Some(&s.creds), &name).sign(SIGNED_FOR);
+            s.agent.head(url.as_str()).call().map_err(Box::new)
+        })? {
+            Sent::Answer(200, r) => r
+                .header("Content-Length")
+                .and_then(|v| v.parse().ok())
+                .map(Some)
+                .ok_or_else(|| store_err(format!("{name}: no Content-Length"))),
+            Sent::Answer(404, _) => Ok(None),
+            Sent::Answer(code, r) => {
+                Err(store_err(format!("{name}: answered {code}: {}", brief(*r))))
+            }
+        }
+    }
+
+    fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
+        // S3 answers a DELETE alike whether the object was there: ask first.
+        if self.len(key)?.is_none() {
+            return Ok(false);
+        }
+        let name = self.object(key);
+        match self.send("deleting an object", |s| {
+            let url = s
+                .bucket
+                .delete_object(Some(&s.creds), &name)
+                .sign(SIGNED_FOR);
+            s.agent.delete(url.as_str()).call().map_err(Box::new)
+        })? {
+            Sent::Answer(200..=299 | 404, _) => Ok(true),
+            Sent::Answer(code, r) => Err(store_err(format!(
+                "deleting {name}: answered {code}: {}",
+                brief(*r)
+            ))),
+        }
+    }
+
+    fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
+        let dir = format!("{}{account}/{}/", self.prefix, kind_name(kind));
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let sent = self.send("listing objects", |s| {
+                let mut l = s.bucket.list_objects_v2(Some(&s.creds));
+                l.with_prefix(dir.as_str());
+                if let Some(t) = &token {
+                    l.with_continuation_token(t.as_str());
+                }
+                let url = l.sign(SIGNED_FOR);
+                s.agent.get(url.as_str()).call().map_err(Box::new)
+            })?;
+            let text = match sent {
+                Sent::Answer(200, r) => r
+                    .into_string()
+                    .map_err(|e| store_err(format!("listing {dir}: {e}")))?,
+                Sent::Answer(code, r) => {
+                    return Err(store_err(format!(
+                        "listing {dir}: answered {code}: {}",
+                        brief(*r)
+                    )))
+                }
+            };
+            let page = rusty_s3::actions::ListObjectsV2::parse_response(&text)
+                .map_err(|e| store_err(format!("listing {dir}: {e}")))?;
+            for o in &page.contents {
+                // The keys come URL-encoded (the listing asks for `encoding-type=url`).
+                let key = percent_encoding::percent_decode_str(&o.key).decode_utf8_lossy();
+                let Some(name) = key.strip_prefix(&dir) else {
+                    continue;
+                };
+                // Only names this store makes; anything else in the prefix is left.
+                match kind {
+                    BlobKind::Chunk => {
+                        if let Some(id) = unhex::<32>(name) {
+                            out.push(id.to_vec());
+                        }
+                    }
+                    BlobKind::SnapshotBody => {
+                        if let Some(id) = unhex::<16>(name) {
+                            out.push(id.to_vec());
+                        }
+                    }
+                }
+            }
+            match page.next_continuation_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::repo::conformance::BlobHarness;
+    use std::sync::atomic::AtomicU64;
+
+    /// The test object store (`scripts/garage-test.sh` starts three Garage nodes and
+    /// prints its settings; CI sets `CYBERBACKUP_TEST_S3`): `endpoint bucket region
+    /// key-id secret`, space-separated. `None` where there is none: the S3 tests then
+    /// say so and pass, except under CI, where they fail.
+    pub(crate) fn config() -> Option<S3Config> {
+        static CFG: std::sync::OnceLock<Option<S3Config>> = std::sync::OnceLock::new();
+        let cfg = CFG.get_or_init(|| {
+            let line = match std::env::var("CYBERBACKUP_TEST_S3") {
+                Ok(v) if !v.is_empty() => v,
+                _ => {
+                    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/garage-test.sh");
+                    let out = std::process::Command::new("bash")
+                        .arg(script)
+                        .output()
+                        .ok()?;
+                    if !out.status.success() {
+                        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+                        return None;
+                    }
+                    String::from_utf8(out.stdout).ok()?.trim().to_owned()
+                }
+            };
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [endpoint, bucket, region, key, secret] = f[..] else {
+                panic!("CYBERBACKUP_TEST_S3: want 'endpoint bucket region key-id secret'");
+            };
+            Some(S3Config {
+                endpoint: endpoint.into(),
+                bucket: bucket.into(),
+                region: region.into(),
+                prefix: String::new(),
+                access_key_id: key.into(),
+                secret_access_key: secret.into(),
+            })
+        });
+        match cfg {
+            Some(c) => Some(c.clone()),
+            None if std::env::var_os("CI").is_some() => {
+                panic!("no S3 object store for the tests (CI runs them): set CYBERBACKUP_TEST_S3 or install garage")
+            }
+            None => {
+                eprintln!(
+                    "no S3 object store here (CYBERBACKUP_TEST_S3 unset, no garage): test not run"
+                );
+                None
+            }
+        }
+    }
+
+    /// A prefix of the test bucket of its own, emptied at the end.
+    pub(crate) struct S3Harness {
+        cfg: S3Config,
+    }
+
+    impl BlobHarness for S3Harness {
+        type Store = S3BlobStore;
+        fn available() -> bool {
+            config().is_some()
+        }
+        fn new() -> Self {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let mut cfg = config().expect("an S3 store");
+            cfg.prefix = format!(
+                "test-{}-{}-{}/",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed),
+                rand::random::<u32>()
+            );
+            S3Harness { cfg }
+        }
+        fn open(&mut self) -> S3BlobStore {
+            S3BlobStore::open(&self.cfg).unwrap()
+        }
+    }
+
+    impl Drop for S3Harness {
+        fn drop(&mut self) {
+            let Ok(s) = S3BlobStore::open(&self.cfg) else {
+                return;
+            };
+            for account in 0..8 {
+                for kind in [BlobKind::Chunk, BlobKind::SnapshotBody] {
+                    for id in s.list(account, kind).unwrap_or_default() {
+                        let key = match kind {
+                            BlobKind::Chunk => BlobKey::Chunk(account, id.try_into().unwrap()),
+                            BlobKind::SnapshotBody => {
+                                BlobKey::SnapshotBody(account, id.try_into().unwrap())
+                            }
+                        };
+                        let _ = s.delete(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    crate::blob_store_conformance!(S3Harness);
+
+    #[test]
+    fn a_wrong_bucket_or_key_fails_at_open_with_the_stores_answer() {
+        let Some(cfg) = config() else { return };
+        let mut wrong = cfg.clone();
+        wrong.bucket = "no-such-bucket-here".into();
+        let e = S3BlobStore::open(&wrong).unwrap_err().to_string();
+        assert!(
+            e.contains("no-such-bucket-here") && e.contains("answered"),
+            "{e}"
+        );
+        let mut wrong = cfg.clone();
+        wrong.secret_access_key = "0".repeat(64);
+        let e = S3BlobStore::open(&wrong).unwrap_err().to_string();
+        assert!(e.contains("answered 403"), "{e}");
+    }
+
+    #[test]
+    fn an_unreachable_store_is_an_error_after_its_retries() {
+        let cfg = S3Config {
+            endpoint: "http://127.0.0.1:1".into(),
+            bucket: "b".into(),
+            region: "garage".into(),
+            prefix: String::new(),
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+        };
+        let t = std::time::Instant::now();
+        let e = S3BlobStore::open(&cfg).unwrap_err().to_string();
+        assert!(e.contains(&format!("{ATTEMPTS} tries")), "{e}");
+        // The pauses between tries were taken (50 ms doubling, up to 1 s).
+        assert!(
+            t.elapsed() >= Duration::from_millis(50 + 100 + 200 + 400),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
