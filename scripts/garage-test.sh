@@ -35,6 +35,8 @@ metadata_dir = "$dir/n$i/meta"
 data_dir = "$dir/n$i/data"
 db_engine = "lmdb"
 lmdb_map_size = "4G"
+# The blobs are ciphertext: compressing them only costs CPU.
+compression_level = "none"
 replication_factor = 3
 consistency_mode = "consistent"
 metadata_fsync = true

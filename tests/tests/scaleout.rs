@@ -362,3 +362,124 @@ fn two_nodes_share_postgresql_and_s3() {
         assert!(!d.join("repository/repo.db").exists());
     }
 }
+
+/// Collection on node A (every second, no grace period) while node B ingests: B backs
+/// a changing tree up five times and forgets all but the newest snapshot each time,
+/// so A keeps finding garbage to delete while B's rounds write. Nothing a snapshot
+/// names is lost: the last one restores byte for byte through A and a full `check
+/// --read-data` finds every chunk. (A chunk collected between B's "held?" and its
+/// commit is refused by the commit and sent again by the client, by design.)
+#[test]
+fn collection_on_one_node_while_another_ingests_loses_nothing() {
+    let (Some(base), Some(s3)) = (base_url(), s3_line()) else {
+        return;
+    };
+    let schema = Schema::new(base);
+    let url = schema.url();
+    let prefix = format!("{}/", schema.name);
+    let common: Vec<&str> = vec![
+        "--registry",
+        &url,
+        "--s3-endpoint",
+        &s3[0],
+        "--s3-bucket",
+        &s3[1],
+        "--s3-region",
+        &s3[2],
+        "--s3-access-key-id",
+        &s3[3],
+        "--s3-secret-access-key",
+        &s3[4],
+        "--s3-prefix",
+        &prefix,
+    ];
+    let mut collecting = common.clone();
+    collecting.extend(["--gc-interval", "1", "--gc-grace", "0"]);
+    let mut ingesting = common.clone();
+    ingesting.extend(["--gc-interval", "0"]);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let work = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let tree = make_tree(work.path());
+    let a = Server::start_in(Runtime::Mio, da.path(), &collecting);
+    fs::create_dir_all(db.path().join("repository")).unwrap();
+    fs::copy(
+        da.path().join("repository/server.key"),
+        db.path().join("repository/server.key"),
+    )
+    .unwrap();
+    let b = Server::start_in(Runtime::Mio, db.path(), &ingesting);
+    let (sa, sb) = (a.addr.to_string(), b.addr.to_string());
+    ok(cfg.path(), &["init", "-s", &sb, "-a", "collected"]);
+    for round in 0..5u64 {
+        let _ = fs::remove_file(tree.join(format!("round-{}", round.wrapping_sub(1))));
+        fs::write(
+            tree.join(format!("round-{round}")),
+            data(4 << 20, 1000 + round),
+        )
+        .unwrap();
+        ok(cfg.path(), &["backup", "-s", &sb, tree.to_str().unwrap()]);
+        ok(cfg.path(), &["forget", "-s", &sb, "--keep-last", "1"]);
+    }
+    // A collected meanwhile (its log says so), then once more now.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = work.path().join("restored");
+    ok(
+        cfg.path(),
+        &[
+            "restore",
+            "-s",
+            &sa,
+            "latest",
+            "--target",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        files(&out.join(tree.strip_prefix("/").unwrap())),
+        files(&tree)
+    );
+    ok(cfg.path(), &["check", "-s", &sa, "--read-data"]);
+    // A collects every second: within a few, the only rows left are the chunks the
+    // kept snapshot names (the four forgotten rounds' files are gone).
+    let mut c = schema.client();
+    let named = || -> (usize, i64, i64) {
+        let mut c = schema.client();
+        let r = c.query_one("SELECT chunk_ids FROM snapshots", &[]).unwrap();
+        let ids: &[u8] = r.get(0);
+        let distinct: std::collections::HashSet<&[u8]> = ids.chunks(32).collect();
+        let rows: i64 = c
+            .query_one("SELECT count(*) FROM chunks", &[])
+            .unwrap()
+            .get(0);
+        let snaps: i64 = c
+            .query_one("SELECT count(*) FROM snapshots", &[])
+            .unwrap()
+            .get(0);
+        (distinct.len(), rows, snaps)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (mut n, mut rows, mut snaps) = named();
+    while rows as usize != n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        (n, rows, snaps) = named();
+    }
+    assert_eq!(
+        (rows as usize, snaps),
+        (n, 1),
+        "rows left against chunks named"
+    );
+    let collected: i64 = c
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE chunk_count = $1",
+            &[&rows],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(collected, 1, "the usage counter follows the rows");
+    assert!(
+        a.log().contains("collect") || a.log().contains("gc"),
+        "{}",
+        a.log()
+    );
+}

@@ -215,6 +215,9 @@ impl Repo {
             .gc_lock
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        // ... and no commit round on any node sharing the registry (PostgreSQL): a
+        // round there could otherwise write a blob collection is about to delete.
+        let _all = self.shared.cross_lock(true)?;
         // Rows first: a crash before the blobs are gone leaves orphans, not rows
         // without blobs.
         let doomed = self

@@ -54,6 +54,12 @@
 //! 3. Rows are deleted before blobs: a crash in between leaves orphan blobs, which the
 //!    next collection removes, never a row without its blob.
 //!
+//! Servers sharing one registry (PostgreSQL, with the blobs in an object store) keep
+//! rule 2 across them too: each round also holds a lock shared in the registry, and
+//! collection and forgets hold it exclusively ([`Registry::lock_round`], a PostgreSQL
+//! advisory lock), so a round on one node never interleaves with a collection's
+//! deletes on another.
+//!
 //! The grace period covers a client that learned a chunk was held (rule 1 touched it)
 //! and commits its snapshot later: the snapshot must come within the grace period, or
 //! its commit is refused naming the chunks, which the client sends again.

@@ -112,6 +112,10 @@ CREATE TABLE enrolments (
 /// The advisory lock key held while migrations run ("cybrbkup" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6379_6272_626b_7570;
 
+/// The advisory lock of rule 2 across nodes ("cybround" in ASCII): shared by commit
+/// rounds, exclusive by collection's deletes.
+const ROUND_LOCK: i64 = 0x6379_6272_726f_756e;
+
 /// How many times a transaction refused for serialization (or a deadlock) is tried.
 pub const RETRIES: usize = 16;
 
@@ -1048,6 +1052,26 @@ impl Registry for PostgresRegistry {
         })
     }
 
+    fn lock_round(&mut self, exclusive: bool) -> Result<(), RepoError> {
+        // A session lock (not a transaction's): it spans the round's blob writes and
+        // its several transactions, and PostgreSQL drops it if this node dies.
+        let sql = if exclusive {
+            "SELECT pg_advisory_lock($1)"
+        } else {
+            "SELECT pg_advisory_lock_shared($1)"
+        };
+        self.run(|tx| tx.query(sql, &[&ROUND_LOCK]).map(|_| ()))
+    }
+
+    fn unlock_round(&mut self, exclusive: bool) -> Result<(), RepoError> {
+        let sql = if exclusive {
+            "SELECT pg_advisory_unlock($1)"
+        } else {
+            "SELECT pg_advisory_unlock_shared($1)"
+        };
+        self.run(|tx| tx.query(sql, &[&ROUND_LOCK]).map(|_| ()))
+    }
+
     fn mark_damaged(
         &mut self,
         account: AccountId,
@@ -1295,5 +1319,42 @@ pub(crate) mod tests {
         let usage = a.usage(acct).unwrap();
         assert_eq!(usage.chunks as usize, N - deleted);
         assert_eq!(usage.snapshots as usize, committed.len());
+    }
+
+    /// Rule 2's lock across nodes: a round's shared lock on one registry keeps another
+    /// registry's exclusive (collection's) waiting until it is released, and the
+    /// other way round.
+    #[test]
+    fn the_round_lock_is_seen_by_every_node() {
+        let mut h = PgHarness::new();
+        if h.base.is_none() {
+            return;
+        }
+        let mut a = h.open();
+        let mut b = h.open();
+        for (first, second) in [(false, true), (true, false)] {
+            a.lock_round(first).unwrap();
+            let got = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let waiter = s.spawn(|| {
+                    b.lock_round(second).unwrap();
+                    got.store(true, Ordering::SeqCst);
+                    b.unlock_round(second).unwrap();
+                });
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                assert!(
+                    !got.load(Ordering::SeqCst),
+                    "granted while the other holds it"
+                );
+                a.unlock_round(first).unwrap();
+                waiter.join().unwrap();
+            });
+            assert!(got.load(Ordering::SeqCst));
+        }
+        // Two rounds share it.
+        a.lock_round(false).unwrap();
+        b.lock_round(false).unwrap();
+        a.unlock_round(false).unwrap();
+        b.unlock_round(false).unwrap();
     }
 }

@@ -253,6 +253,21 @@ pub trait Registry: Send {
         limit: usize,
     ) -> Result<Vec<ChunkRecord>, RepoError>;
 
+    /// Rule 2 of [`super`] across processes: held shared by a commit round (and a
+    /// forget), exclusive by collection from deleting rows until their blobs are gone;
+    /// waits until it is granted. A registry only one process uses (SQLite: the blob
+    /// store's lock keeps other servers out) needs nothing beyond the process's own
+    /// lock, so the default does nothing; a shared one (PostgreSQL) takes a lock every
+    /// process sharing it sees.
+    fn lock_round(&mut self, _exclusive: bool) -> Result<(), RepoError> {
+        Ok(())
+    }
+
+    /// Releases what [`lock_round`](Self::lock_round) took.
+    fn unlock_round(&mut self, _exclusive: bool) -> Result<(), RepoError> {
+        Ok(())
+    }
+
     /// Marks a chunk damaged if its record still has hash `hash` and is not marked
     /// yet; `true` if it marked it.
     fn mark_damaged(

@@ -99,6 +99,32 @@ impl Shared {
     pub(super) fn now(&self) -> i64 {
         (self.clock)()
     }
+
+    /// Takes rule 2's lock in the registry too, for the processes that share it
+    /// ([`Registry::lock_round`]); released when the guard is dropped. Taken after
+    /// `gc_lock`, and released before it.
+    pub(super) fn cross_lock(&self, exclusive: bool) -> Result<CrossLock<'_>, RepoError> {
+        self.registry().lock_round(exclusive)?;
+        Ok(CrossLock {
+            shared: self,
+            exclusive,
+        })
+    }
+}
+
+/// Rule 2's lock in a shared registry, held until dropped.
+pub(super) struct CrossLock<'a> {
+    shared: &'a Shared,
+    exclusive: bool,
+}
+
+impl Drop for CrossLock<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.shared.registry().unlock_round(self.exclusive) {
+            // A lost connection took the lock with it; anything else is worth a look.
+            tracing::warn!(error = %e, "cannot release the registry's round lock");
+        }
+    }
 }
 
 struct CommitterHandle {
@@ -455,6 +481,8 @@ impl Repo {
             .gc_lock
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        // ... on every node sharing the registry.
+        let _all = self.shared.cross_lock(true)?;
         if !self.shared.registry().forget_snapshot(account, id)? {
             return Ok(false);
         }
@@ -507,6 +535,20 @@ fn run_committer(shared: &Shared, rx: &mpsc::Receiver<Job>) {
             .gc_lock
             .read()
             .unwrap_or_else(PoisonError::into_inner);
+        // The same rule across the nodes sharing the registry: no collection on any
+        // of them deletes between this round's check and its rows.
+        let _all = match shared.cross_lock(false) {
+            Ok(g) => g,
+            Err(e) => {
+                for (.., reply) in chunks {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                for (.., reply) in snapshots {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
         if !chunks.is_empty() {
             commit_chunks(shared, chunks);
         }
