@@ -634,6 +634,12 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
             db_path.display()
         );
     }
+    if cfg.registry.is_some() || cfg.s3.is_some() {
+        bail!(
+            "remove-accounts works on a local repository (SQLite and files) only, not yet on \
+             a PostgreSQL registry or an S3 blob store"
+        );
+    }
     let _repo = match Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref()) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(

@@ -221,6 +221,19 @@ fn a_bad_registry_url_is_refused_clearly() {
         assert!(err.contains(says), "{url}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // remove-accounts works on SQLite and files only, and says so.
+    let out = Command::new(server_binary())
+        .current_dir(dir.path())
+        .args(["--registry", "postgres://nobody@127.0.0.1:1/none"])
+        .args(["remove-accounts", "--name-prefix", "abc"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("local repository (SQLite and files) only"),
+        "{err}"
+    );
 }
 
 /// The test object store, `ENDPOINT BUCKET REGION KEY_ID SECRET`: `CYBERBACKUP_TEST_S3`,
