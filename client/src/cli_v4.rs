@@ -319,9 +319,43 @@ pub fn backup(c: &V4Common, paths: &[PathBuf], opts: BackupOptions) -> anyhow::R
             .into());
         }
     }
+    // The server may be a list of a cluster's nodes: when the connection is lost in
+    // the middle, the backup starts again on the next node that answers. What the
+    // lost node acknowledged is stored (the nodes share the repository), so it is
+    // asked about, not sent again.
+    let nodes = c
+        .server
+        .clone()
+        .or_else(|| profile.repository().ok().map(|r| r.server))
+        .map_or(1, |s| s.split(',').filter(|a| !a.trim().is_empty()).count());
     run_backup(c, |p| {
-        backup::backup_unlocking(&conn, &key, paths, &opts, p)
+        let mut r = backup::backup_unlocking(&conn, &key, paths, &opts, p);
+        let mut tries = 1;
+        while tries < nodes && r.as_ref().is_err_and(connection_lost) {
+            tries += 1;
+            if !c.quiet {
+                if let Err(e) = &r {
+                    eprintln!("cyberbackup: {e}; going on with the next server of the list");
+                }
+            }
+            let next = match v4::connect(&profile, c.server.as_deref()) {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+            r = backup::backup_unlocking(&next, &key, paths, &opts, p);
+        }
+        r
     })
+}
+
+/// Whether a backup failed because its connection was lost (not refused).
+fn connection_lost(e: &BackupError) -> bool {
+    match e {
+        BackupError::Conn(c) | BackupError::Snapshot(SnapshotError::Conn(c)) => {
+            c.is_connection_loss()
+        }
+        _ => false,
+    }
 }
 
 /// Runs a backup with progress on standard error (or JSON lines), then prints its

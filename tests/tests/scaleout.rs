@@ -496,3 +496,112 @@ fn collection_on_one_node_while_another_ingests_loses_nothing() {
         a.log()
     );
 }
+
+/// A client given both nodes' addresses: node A is killed with -9 in the middle of a
+/// backup; the client goes on with node B and the snapshot completes there, without
+/// sending again what A acknowledged (those chunks' rows are in the shared registry),
+/// and restores byte for byte through B.
+#[test]
+fn a_node_killed_mid_backup_and_the_client_goes_on_with_the_next() {
+    let (Some(base), Some(s3)) = (base_url(), s3_line()) else {
+        return;
+    };
+    let schema = Schema::new(base);
+    let url = schema.url();
+    let prefix = format!("{}/", schema.name);
+    let args: Vec<&str> = vec![
+        "--registry",
+        &url,
+        "--s3-endpoint",
+        &s3[0],
+        "--s3-bucket",
+        &s3[1],
+        "--s3-region",
+        &s3[2],
+        "--s3-access-key-id",
+        &s3[3],
+        "--s3-secret-access-key",
+        &s3[4],
+        "--s3-prefix",
+        &prefix,
+    ];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let work = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let total: u64 = 8 * (16 << 20);
+    for i in 0..8u64 {
+        fs::write(src.join(format!("f{i}.bin")), data(16 << 20, 500 + i)).unwrap();
+    }
+    let mut a = Server::start_in(Runtime::Mio, da.path(), &args);
+    fs::create_dir_all(db.path().join("repository")).unwrap();
+    fs::copy(
+        da.path().join("repository/server.key"),
+        db.path().join("repository/server.key"),
+    )
+    .unwrap();
+    let b = Server::start_in(Runtime::Glommio, db.path(), &args);
+    let both = format!("{},{}", a.addr, b.addr);
+    ok(cfg.path(), &["init", "-s", &both, "-a", "failover"]);
+
+    let child = Command::new(client_binary())
+        .env("CYBERBACKUP_CONFIG_DIR", cfg.path())
+        .env("CYBERBACKUP_PASSWORD", PASS)
+        .env("CYBERBACKUP_KDF", "test")
+        .args(["--json", "backup", src.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill A once some chunks are recorded (so acknowledged), well before the end.
+    let mut c = schema.client();
+    let t0 = std::time::Instant::now();
+    let recorded = loop {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM chunks", &[])
+            .unwrap()
+            .get(0);
+        if n >= 8 {
+            break n;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "no chunks stored"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    a.kill();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("going on with the next server"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("backup --json");
+    assert_eq!(summary["files"], 8, "{summary}");
+    // What A acknowledged was not sent again: B's run sent less than the whole.
+    let sent = summary["bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent < total,
+        "{sent} bytes sent to B of {total}; {recorded} chunks were acknowledged by A"
+    );
+    let restored = work.path().join("restored");
+    ok(
+        cfg.path(),
+        &[
+            "restore",
+            "-s",
+            &b.addr.to_string(),
+            "latest",
+            "--target",
+            restored.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        files(&restored.join(src.strip_prefix("/").unwrap())),
+        files(&src)
+    );
+}

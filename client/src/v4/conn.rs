@@ -59,6 +59,15 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// Whether the connection (or the attempt to make one) was lost, rather than
+    /// refused: another node of the cluster may do.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Connect { .. } | ConnError::Io(_) | ConnError::Closed
+        )
+    }
+
     /// The server's reason code, if the server refused.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -217,6 +226,29 @@ fn clone_err(e: &ConnError) -> ConnError {
 impl Connection {
     /// Connects, checks the server's key with `check` before the device key is sent,
     /// and logs in.
+    /// Connects to the first of `addrs` that answers: one `HOST:PORT`, or several
+    /// separated by commas (the nodes of a cluster, which share one server key, so
+    /// the pin made for the list holds for every one of them). An address that cannot
+    /// be reached, or whose connection drops before the login is answered, is passed
+    /// over; anything else (a key that does not match, a refused login) ends the try.
+    pub fn connect_any(
+        addrs: &str,
+        device: &StaticKey,
+        login: Login,
+        check: &mut dyn KeyCheck,
+        opts: &ConnectOptions,
+    ) -> Result<Connection, ConnError> {
+        let mut last = None;
+        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match Connection::connect(addr, device, login.clone(), check, opts) {
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_connection_loss() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnError::BadAddress(addrs.into())))
+    }
+
     pub fn connect(
         addr: &str,
         device: &StaticKey,

@@ -85,7 +85,7 @@ pub fn init(
     }
     let device = profile.device_key_or_create()?;
     let mut check = profile.key_check(server, server_key, |fp| on_new_key(fp));
-    let conn = Connection::connect(
+    let conn = Connection::connect_any(
         server,
         &device,
         Login {
@@ -130,7 +130,7 @@ pub fn enrol(
     }
     let device = profile.device_key_or_create()?;
     let mut check = profile.key_check(server, server_key, |fp| on_new_key(fp));
-    let conn = Connection::connect(
+    let conn = Connection::connect_any(
         server,
         &device,
         Login {
@@ -272,7 +272,7 @@ pub fn connect(profile: &Profile, server: Option<&str>) -> Result<Connection, Re
     let device = profile.device_key()?.ok_or(ProfileError::NotInitialised)?;
     let server = server.unwrap_or(&repo.server).to_string();
     let mut check = profile.key_check(&server, None, |_| {});
-    Ok(Connection::connect(
+    Ok(Connection::connect_any(
         &server,
         &device,
         Login {
