@@ -5,8 +5,9 @@
 # ${GARAGETEST_DIR:-/tmp/cyberbackup-garagetest}; makes a key and a bucket, and prints
 # the line the tests take from CYBERBACKUP_TEST_S3:
 #   ENDPOINT BUCKET REGION KEY_ID SECRET
-# Run again, it reuses a running cluster. `stop` stops it; `stop-node N` stops node N
-# (0-2) alone, `start-node N` starts it again (for the tests of a node down).
+# Run again, it reuses a running cluster (and the objects earlier runs left: `purge`
+# stops it and removes them). `stop` stops it; `stop-node N` stops node N (0-2) alone,
+# `start-node N` starts it again (for the tests of a node down).
 #
 # Garage comes from crates.io (`cargo install garage --locked`, about 25 minutes on
 # two cores); .ci/run installs it when it is missing.
@@ -73,6 +74,8 @@ stop_node() {
 
 case "${1:-}" in
   stop) for i in 0 1 2; do stop_node "$i"; done; exit 0 ;;
+  # Stopped, and its data (every test's objects) removed.
+  purge) for i in 0 1 2; do stop_node "$i"; done; rm -rf "$dir" "$dir.lock"; exit 0 ;;
   stop-node) stop_node "$2"; exit 0 ;;
   start-node) start_node "$2"; exit 0 ;;
 esac

@@ -23,8 +23,12 @@ fi
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
-if [ "${1:-}" = stop ]; then
-  [ -f "$dir/data/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null
+if [ "${1:-}" = stop ] || [ "${1:-}" = purge ]; then
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    as_pg "$bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null || true
+  fi
+  # purge: its data removed too.
+  [ "$1" = purge ] && rm -rf "$dir" "$dir.lock"
   exit 0
 fi
 # Test binaries run in parallel: one start at a time.

@@ -483,6 +483,14 @@ impl Args {
                 admin_socket.display()
             );
         }
+        let has = |a: &Option<String>, b: &Option<String>| a.is_some() || b.is_some();
+        if has(&self.s3_endpoint, &file.s3_endpoint) && !has(&self.registry, &file.registry) {
+            bail!(
+                "--s3-endpoint needs --registry (PostgreSQL) too: an object store is shared, and \
+                 servers sharing one must share one registry (with one SQLite registry each, \
+                 each would collect the others' blobs as orphans)"
+            );
+        }
         Ok(Config {
             listen: SocketAddr::new(pick!(bind).unwrap_or(IpAddr::from([0, 0, 0, 0])), port),
             runtime: pick!(runtime).unwrap_or(RuntimeKind::Auto),
@@ -722,6 +730,16 @@ mod tests {
             &["--min-rate", "0"],
             &["--registry", "/var/lib/repo.db"],
             &["--s3-endpoint", "http://127.0.0.1:3900"],
+            &[
+                "--s3-endpoint",
+                "http://127.0.0.1:3900",
+                "--s3-bucket",
+                "b",
+                "--s3-access-key-id",
+                "k",
+                "--s3-secret-access-key",
+                "s",
+            ],
         ] {
             assert!(
                 args(bad)

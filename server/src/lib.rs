@@ -90,6 +90,12 @@ pub fn run(cfg: config::Config) -> Result<()> {
     );
     let repo = repo::Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref())
         .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
+    if cfg.registry.is_some() && cfg.s3.is_none() {
+        tracing::warn!(
+            "a PostgreSQL registry with the blobs in this node's own directory: run one node \
+             on this database, or keep the blobs in an object store (--s3-endpoint)"
+        );
+    }
     let started = std::time::Instant::now();
     let key = server_key::load_or_create(&cfg.repository.join("server.key"))?;
     tracing::info!(

@@ -126,6 +126,9 @@ pub struct PostgresRegistry {
     /// The last call failed in a way that may have ended the connection: open a new
     /// one before the next.
     broken: bool,
+    /// Round locks (`lock_round`) this connection holds: while any is, a lost
+    /// connection is not replaced (the lock went with it), and every call fails.
+    locks_held: u32,
     /// Statements prepared on `client`, by their text.
     prepared: HashMap<&'static str, Statement>,
 }
@@ -154,9 +157,10 @@ fn retryable(e: &RepoError) -> bool {
     ))
 }
 
-/// Whether the error may have ended the connection: not an error the database
-/// answered on a working session, or one that closes it (class 08, connection
-/// exception; class 57, operator intervention: a terminated backend, a shutdown).
+/// Whether the error may have ended the connection: the client says it is closed, or
+/// the server said so (class 08, connection exception; an administrator's or a
+/// crash's shutdown, 57P01-57P03). A cancelled statement (57014) or a value that does
+/// not convert leaves the session as it was.
 fn ends_connection(e: &RepoError) -> bool {
     let RepoError::Postgres(p) = e else {
         return false;
@@ -165,8 +169,11 @@ fn ends_connection(e: &RepoError) -> bool {
         return true;
     }
     match p.code() {
-        None => true,
-        Some(c) => c.code().starts_with("08") || c.code().starts_with("57"),
+        None => {
+            p.as_db_error().is_none()
+                && std::error::Error::source(&**p).is_some_and(|s| s.is::<std::io::Error>())
+        }
+        Some(c) => c.code().starts_with("08") || matches!(c.code(), "57P01" | "57P02" | "57P03"),
     }
 }
 
@@ -190,6 +197,7 @@ impl PostgresRegistry {
             url: url.to_owned(),
             client,
             broken: false,
+            locks_held: 0,
             prepared: HashMap::new(),
         })
     }
@@ -202,6 +210,12 @@ impl PostgresRegistry {
         mut f: impl FnMut(&mut Tx<'_, '_>) -> Result<T, RepoError>,
     ) -> Result<T, RepoError> {
         if self.broken || self.client.is_closed() {
+            if self.locks_held > 0 {
+                return Err(RepoError::Corrupt(
+                    "the registry connection holding the round lock was lost; the round is abandoned"
+                        .into(),
+                ));
+            }
             self.client = connect(&self.url)?;
             self.prepared.clear();
             self.broken = false;
@@ -1052,24 +1066,45 @@ impl Registry for PostgresRegistry {
         })
     }
 
-    fn lock_round(&mut self, exclusive: bool) -> Result<(), RepoError> {
+    fn lock_round(&mut self, exclusive: bool, wait: bool) -> Result<bool, RepoError> {
         // A session lock (not a transaction's): it spans the round's blob writes and
         // its several transactions, and PostgreSQL drops it if this node dies.
-        let sql = if exclusive {
-            "SELECT pg_advisory_lock($1)"
-        } else {
-            "SELECT pg_advisory_lock_shared($1)"
+        let sql = match (exclusive, wait) {
+            (true, true) => "SELECT true FROM pg_advisory_lock($1)",
+            (false, true) => "SELECT true FROM pg_advisory_lock_shared($1)",
+            (true, false) => "SELECT pg_try_advisory_lock($1)",
+            (false, false) => "SELECT pg_try_advisory_lock_shared($1)",
         };
-        self.run(|tx| tx.query(sql, &[&ROUND_LOCK]).map(|_| ()))
+        let got: bool = self.run(|tx| {
+            tx.query(sql, &[&ROUND_LOCK])?
+                .first()
+                .map_or(Ok(false), |r| r.try_get(0).map_err(Into::into))
+        })?;
+        if got {
+            self.locks_held += 1;
+        }
+        Ok(got)
     }
 
     fn unlock_round(&mut self, exclusive: bool) -> Result<(), RepoError> {
+        self.locks_held = self.locks_held.saturating_sub(1);
         let sql = if exclusive {
             "SELECT pg_advisory_unlock($1)"
         } else {
             "SELECT pg_advisory_unlock_shared($1)"
         };
-        self.run(|tx| tx.query(sql, &[&ROUND_LOCK]).map(|_| ()))
+        let held: bool = self.run(|tx| {
+            tx.query(sql, &[&ROUND_LOCK])?
+                .first()
+                .map_or(Ok(false), |r| r.try_get(0).map_err(Into::into))
+        })?;
+        if held {
+            Ok(())
+        } else {
+            Err(RepoError::Corrupt(
+                "the round lock was not held at its release (its connection was lost)".into(),
+            ))
+        }
     }
 
     fn mark_damaged(
@@ -1333,11 +1368,11 @@ pub(crate) mod tests {
         let mut a = h.open();
         let mut b = h.open();
         for (first, second) in [(false, true), (true, false)] {
-            a.lock_round(first).unwrap();
+            assert!(a.lock_round(first, true).unwrap());
             let got = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|s| {
                 let waiter = s.spawn(|| {
-                    b.lock_round(second).unwrap();
+                    assert!(b.lock_round(second, true).unwrap());
                     got.store(true, Ordering::SeqCst);
                     b.unlock_round(second).unwrap();
                 });
@@ -1352,8 +1387,11 @@ pub(crate) mod tests {
             assert!(got.load(Ordering::SeqCst));
         }
         // Two rounds share it.
-        a.lock_round(false).unwrap();
-        b.lock_round(false).unwrap();
+        assert!(a.lock_round(false, true).unwrap());
+        assert!(b.lock_round(false, false).unwrap());
+        // An exclusive try fails while they hold it.
+        let mut c = h.open();
+        assert!(!c.lock_round(true, false).unwrap());
         a.unlock_round(false).unwrap();
         b.unlock_round(false).unwrap();
     }

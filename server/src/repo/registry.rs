@@ -254,13 +254,15 @@ pub trait Registry: Send {
     ) -> Result<Vec<ChunkRecord>, RepoError>;
 
     /// Rule 2 of [`super`] across processes: held shared by a commit round (and a
-    /// forget), exclusive by collection from deleting rows until their blobs are gone;
-    /// waits until it is granted. A registry only one process uses (SQLite: the blob
-    /// store's lock keeps other servers out) needs nothing beyond the process's own
-    /// lock, so the default does nothing; a shared one (PostgreSQL) takes a lock every
-    /// process sharing it sees.
-    fn lock_round(&mut self, _exclusive: bool) -> Result<(), RepoError> {
-        Ok(())
+    /// forget), exclusive by collection from deleting rows until their blobs are gone.
+    /// With `wait`, waits until it is granted; without, tries once and says whether it
+    /// was. A registry only one process uses (SQLite: the blob store's lock keeps other
+    /// servers out) needs nothing beyond the process's own lock, so the default grants
+    /// at once; a shared one (PostgreSQL) takes a lock every process sharing it sees,
+    /// and refuses every call (rather than open a new connection without the lock)
+    /// once the connection holding it is lost, until it is released.
+    fn lock_round(&mut self, _exclusive: bool, _wait: bool) -> Result<bool, RepoError> {
+        Ok(true)
     }
 
     /// Releases what [`lock_round`](Self::lock_round) took.

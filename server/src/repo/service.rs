@@ -103,8 +103,20 @@ impl Shared {
     /// Takes rule 2's lock in the registry too, for the processes that share it
     /// ([`Registry::lock_round`]); released when the guard is dropped. Taken after
     /// `gc_lock`, and released before it.
+    /// A round's shared lock is tried without holding the registry's mutex while it
+    /// waits (so this node's handshakes and reads go on while a collection elsewhere
+    /// holds it exclusively); collection's exclusive lock waits in the registry's
+    /// queue, which lets no new round in ahead of it.
     pub(super) fn cross_lock(&self, exclusive: bool) -> Result<CrossLock<'_>, RepoError> {
-        self.registry().lock_round(exclusive)?;
+        if exclusive {
+            self.registry().lock_round(true, true)?;
+        } else {
+            let mut pause = std::time::Duration::from_millis(1);
+            while !self.registry().lock_round(false, false)? {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+        }
         Ok(CrossLock {
             shared: self,
             exclusive,
