@@ -341,6 +341,24 @@ pub struct Args {
     pub log: Option<String>,
 }
 
+/// A PostgreSQL URL, which may hold a password: its `Debug` shows the scheme only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryUrl(String);
+
+impl std::ops::Deref for RegistryUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RegistryUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = self.0.split("://").next().unwrap_or("postgres");
+        write!(f, "{scheme}://(hidden)")
+    }
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -351,7 +369,7 @@ pub struct Config {
     pub database: PathBuf,
     pub repository: PathBuf,
     /// The PostgreSQL registry's URL (None: SQLite in the repository directory).
-    pub registry: Option<String>,
+    pub registry: Option<RegistryUrl>,
     /// The S3 blob store (None: files in the repository directory).
     pub s3: Option<crate::repo::s3::S3Config>,
     pub registration: bool,
@@ -500,7 +518,7 @@ impl Args {
             repository,
             registry: match pick!(registry) {
                 Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                    Some(url)
+                    Some(RegistryUrl(url))
                 }
                 Some(_) => {
                     bail!("--registry takes a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)")
@@ -714,6 +732,23 @@ mod tests {
                 "s3_secret_access_key",
             ])),
             resolve(PACKAGED)
+        );
+    }
+
+    #[test]
+    fn the_registry_url_is_not_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = args(&["--registry", "postgres://u:s3cret@db:5432/cb"])
+            .resolve_with_default(dir.path(), &dir.path().join("absent.toml"))
+            .unwrap();
+        assert_eq!(
+            c.registry.as_deref(),
+            Some("postgres://u:s3cret@db:5432/cb")
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("postgres://(hidden)"),
+            "{shown}"
         );
     }
 
