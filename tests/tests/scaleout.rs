@@ -297,38 +297,15 @@ fn two_nodes_share_postgresql_and_s3() {
         return;
     };
     let schema = Schema::new(base);
-    let url = schema.url();
-    let prefix = format!("{}/", schema.name);
-    let args: Vec<&str> = vec![
-        "--registry",
-        &url,
-        "--s3-endpoint",
-        &s3[0],
-        "--s3-bucket",
-        &s3[1],
-        "--s3-region",
-        &s3[2],
-        "--s3-access-key-id",
-        &s3[3],
-        "--s3-secret-access-key",
-        &s3[4],
-        "--s3-prefix",
-        &prefix,
-    ];
+    let owned = cluster_args(&schema, &s3);
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let work = tempfile::tempdir().unwrap();
     let cfg = tempfile::tempdir().unwrap();
     let tree = make_tree(work.path());
 
     let a = Server::start_in(Runtime::Mio, da.path(), &args);
-    // The cluster's key: node B gets node A's.
-    fs::create_dir_all(db.path().join("repository")).unwrap();
-    fs::copy(
-        da.path().join("repository/server.key"),
-        db.path().join("repository/server.key"),
-    )
-    .unwrap();
-    let b = Server::start_in(Runtime::Glommio, db.path(), &args);
+    let b = second_node(Runtime::Glommio, da.path(), db.path(), &args);
     assert!(b.log().contains("s3"), "{}", b.log());
     let (sa, sb) = (a.addr.to_string(), b.addr.to_string());
 
@@ -387,24 +364,8 @@ fn collection_on_one_node_while_another_ingests_loses_nothing() {
         return;
     };
     let schema = Schema::new(base);
-    let url = schema.url();
-    let prefix = format!("{}/", schema.name);
-    let common: Vec<&str> = vec![
-        "--registry",
-        &url,
-        "--s3-endpoint",
-        &s3[0],
-        "--s3-bucket",
-        &s3[1],
-        "--s3-region",
-        &s3[2],
-        "--s3-access-key-id",
-        &s3[3],
-        "--s3-secret-access-key",
-        &s3[4],
-        "--s3-prefix",
-        &prefix,
-    ];
+    let owned = cluster_args(&schema, &s3);
+    let common: Vec<&str> = owned.iter().map(String::as_str).collect();
     let mut collecting = common.clone();
     // A grace period of 2 s covers a backup in flight here (under a second), and
     // lets the forgotten rounds' chunks go within seconds.
@@ -416,13 +377,7 @@ fn collection_on_one_node_while_another_ingests_loses_nothing() {
     let cfg = tempfile::tempdir().unwrap();
     let tree = make_tree(work.path());
     let a = Server::start_in(Runtime::Mio, da.path(), &collecting);
-    fs::create_dir_all(db.path().join("repository")).unwrap();
-    fs::copy(
-        da.path().join("repository/server.key"),
-        db.path().join("repository/server.key"),
-    )
-    .unwrap();
-    let b = Server::start_in(Runtime::Mio, db.path(), &ingesting);
+    let b = second_node(Runtime::Mio, da.path(), db.path(), &ingesting);
     let (sa, sb) = (a.addr.to_string(), b.addr.to_string());
     ok(cfg.path(), &["init", "-s", &sb, "-a", "collected"]);
     for round in 0..5u64 {
@@ -508,24 +463,8 @@ fn a_node_killed_mid_backup_and_the_client_goes_on_with_the_next() {
         return;
     };
     let schema = Schema::new(base);
-    let url = schema.url();
-    let prefix = format!("{}/", schema.name);
-    let args: Vec<&str> = vec![
-        "--registry",
-        &url,
-        "--s3-endpoint",
-        &s3[0],
-        "--s3-bucket",
-        &s3[1],
-        "--s3-region",
-        &s3[2],
-        "--s3-access-key-id",
-        &s3[3],
-        "--s3-secret-access-key",
-        &s3[4],
-        "--s3-prefix",
-        &prefix,
-    ];
+    let owned = cluster_args(&schema, &s3);
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let work = tempfile::tempdir().unwrap();
     let cfg = tempfile::tempdir().unwrap();
@@ -536,13 +475,7 @@ fn a_node_killed_mid_backup_and_the_client_goes_on_with_the_next() {
         fs::write(src.join(format!("f{i}.bin")), data(8 << 20, 500 + i)).unwrap();
     }
     let mut a = Server::start_in(Runtime::Mio, da.path(), &args);
-    fs::create_dir_all(db.path().join("repository")).unwrap();
-    fs::copy(
-        da.path().join("repository/server.key"),
-        db.path().join("repository/server.key"),
-    )
-    .unwrap();
-    let b = Server::start_in(Runtime::Glommio, db.path(), &args);
+    let b = second_node(Runtime::Glommio, da.path(), db.path(), &args);
     let both = format!("{},{}", a.addr, b.addr);
     ok(cfg.path(), &["init", "-s", &both, "-a", "failover"]);
 
@@ -605,4 +538,40 @@ fn a_node_killed_mid_backup_and_the_client_goes_on_with_the_next() {
         files(&restored.join(src.strip_prefix("/").unwrap())),
         files(&src)
     );
+}
+
+/// A node's flags for `schema`'s registry and the test object store `s3`, under a
+/// bucket prefix of the schema's own.
+fn cluster_args(schema: &Schema, s3: &[String]) -> Vec<String> {
+    let mut args = vec!["--registry".to_string(), schema.url()];
+    for (flag, v) in [
+        "--s3-endpoint",
+        "--s3-bucket",
+        "--s3-region",
+        "--s3-access-key-id",
+    ]
+    .iter()
+    .zip(s3)
+    {
+        args.extend([flag.to_string(), v.clone()]);
+    }
+    args.extend([
+        "--s3-secret-access-key".into(),
+        s3[4].clone(),
+        "--s3-prefix".into(),
+        format!("{}/", schema.name),
+    ]);
+    args
+}
+
+/// Starts a second node in `db` with the first's (in `da`) server key: the cluster's
+/// one key, which a client pinned on either trusts on both.
+fn second_node(rt: Runtime, da: &Path, db: &Path, args: &[&str]) -> Server {
+    fs::create_dir_all(db.join("repository")).unwrap();
+    fs::copy(
+        da.join("repository/server.key"),
+        db.join("repository/server.key"),
+    )
+    .unwrap();
+    Server::start_in(rt, db, args)
 }

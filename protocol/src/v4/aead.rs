@@ -58,17 +58,7 @@ impl Gcm {
         buf: &mut [u8],
         tag: &[u8],
     ) -> Result<(), AuthError> {
-        let tag = Tag::try_from(tag).map_err(|_| AuthError)?;
-        self.0
-            .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(ad),
-                tag,
-                buf,
-                0..,
-            )
-            .map(|_| ())
-            .map_err(|_| AuthError)
+        self.open_shifted(nonce, ad, buf, 0, tag)
     }
 
     /// Decrypts `buf[from..]` if `tag` authenticates it, leaving the plaintext at the

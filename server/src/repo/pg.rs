@@ -39,6 +39,7 @@ use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 use super::registry::{
     check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage,
 };
+use super::sqlite::{to_i64, to_u64, unpack_ids};
 use super::{
     AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
 };
@@ -361,25 +362,9 @@ fn migrate(client: &mut Client) -> Result<(), RepoError> {
     Ok(())
 }
 
-fn to_i64(what: &str, v: u64) -> Result<i64, RepoError> {
-    i64::try_from(v).map_err(|_| RepoError::InvalidArgument(format!("{what} {v} is too large")))
-}
-
-fn to_u64(v: i64) -> u64 {
-    v.max(0) as u64
-}
-
 fn array<const N: usize>(v: &[u8]) -> Result<[u8; N], RepoError> {
     v.try_into()
         .map_err(|_| RepoError::Corrupt(format!("a {N}-byte field of another length")))
-}
-
-fn unpack_ids(b: &[u8]) -> Result<Vec<ChunkId>, RepoError> {
-    let (ids, rest) = b.as_chunks::<32>();
-    if !rest.is_empty() {
-        return Err(RepoError::Corrupt("a packed chunk id list".into()));
-    }
-    Ok(ids.to_vec())
 }
 
 /// Whether `e` is a unique violation of `constraint`.

@@ -151,11 +151,11 @@ fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
     Ok(())
 }
 
-fn to_i64(what: &str, v: u64) -> Result<i64, RepoError> {
+pub(super) fn to_i64(what: &str, v: u64) -> Result<i64, RepoError> {
     i64::try_from(v).map_err(|_| RepoError::InvalidArgument(format!("{what} {v} is too large")))
 }
 
-fn to_u64(v: i64) -> u64 {
+pub(super) fn to_u64(v: i64) -> u64 {
     v.max(0) as u64
 }
 
@@ -188,7 +188,7 @@ fn pack_ids(ids: &[ChunkId]) -> Vec<u8> {
     ids.concat()
 }
 
-fn unpack_ids(b: &[u8]) -> Result<Vec<ChunkId>, RepoError> {
+pub(super) fn unpack_ids(b: &[u8]) -> Result<Vec<ChunkId>, RepoError> {
     let (ids, rest) = b.as_chunks::<32>();
     if !rest.is_empty() {
         return Err(RepoError::Corrupt("a packed chunk id list".into()));
