@@ -85,13 +85,19 @@ impl Drop for Schema {
     }
 }
 
-fn cli(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(client_binary())
-        .env("CYBERBACKUP_CONFIG_DIR", cfg)
+/// The CLI with `cfg` as its config directory and the test's passphrase.
+fn cyberbackup(cfg: &Path) -> Command {
+    let mut cmd = Command::new(client_binary());
+    cmd.env("CYBERBACKUP_CONFIG_DIR", cfg)
         .env("CYBERBACKUP_PASSWORD", PASS)
         .env("CYBERBACKUP_KDF", "test")
         .env_remove("CYBERBACKUP_SERVER")
-        .env_remove("CYBERBACKUP_PROTOCOL")
+        .env_remove("CYBERBACKUP_PROTOCOL");
+    cmd
+}
+
+fn cli(cfg: &Path, args: &[&str]) -> Output {
+    cyberbackup(cfg)
         .args(args)
         .output()
         .expect("run cyberbackup")
@@ -538,6 +544,141 @@ fn a_node_killed_mid_backup_and_the_client_goes_on_with_the_next() {
         files(&restored.join(src.strip_prefix("/").unwrap())),
         files(&src)
     );
+}
+
+/// The cluster's round lock (`ROUND_LOCK` in server/src/repo/pg.rs): every commit
+/// round of every node takes it shared, a collection exclusively.
+const ROUND_LOCK: i64 = 0x6379_6272_726f_756e;
+
+/// A backup told "held" for chunks no snapshot names, which a collection then deletes
+/// before the backup's commit (a backup that ran longer than the grace period, a
+/// collection on another node): the server refuses the commit (MISSING_CHUNKS), and the
+/// client runs the backup again, which asks again, sends the chunks and commits; the
+/// snapshot restores byte for byte and `check --read-data` finds every chunk.
+///
+/// Deterministic: the test holds the round lock exclusively, as a collection does, so
+/// the backup's commit waits (its HAS_CHUNKS answers do not); once every chunk row was
+/// touched by those answers, it deletes the rows as a collection would, and lets the
+/// commit go.
+#[test]
+fn a_backup_whose_held_chunks_are_collected_before_its_commit_sends_them_again() {
+    let Some(base) = base_url() else { return };
+    let schema = Schema::new(base);
+    let url = schema.url();
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("x.bin"), data(6 << 20, 4242)).unwrap();
+    let src_arg = src.to_str().unwrap();
+
+    let a = Server::start_in(
+        Runtime::Mio,
+        dir.path(),
+        &["--registry", &url, "--gc-interval", "0"],
+    );
+    let addr = a.addr.to_string();
+    ok(
+        cfg.path(),
+        &["init", "-s", &addr, "-a", "collected-meanwhile"],
+    );
+    // X's chunks (and the manifest's) stored, then named by no snapshot.
+    ok(cfg.path(), &["backup", src_arg]);
+    ok(cfg.path(), &["forget", "latest"]);
+    let mut c = schema.client();
+    let count = |c: &mut postgres::Client, since: i64| -> (i64, i64) {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE touched_ms >= $1), count(*) FROM chunks",
+                &[&since],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let (_, rows) = count(&mut c, 0);
+    assert!(rows >= 3, "{rows} chunk rows after the first backup");
+
+    // Every commit round on the node waits from now on.
+    c.execute("SELECT pg_advisory_lock($1)", &[&ROUND_LOCK])
+        .unwrap();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut child = cyberbackup(cfg.path())
+        .env_remove("RUST_LOG")
+        .args(["--json", "backup", src_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The backup asks about every chunk (none is sent: all are held), and its commit
+    // waits for the lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (touched, all) = count(&mut c, since);
+        if touched == rows && all == rows {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{touched} of {all} chunk rows touched by the backup's HAS_CHUNKS, {rows} wanted:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A collection deletes them (rows and usage counters; the blobs may stay).
+    let deleted = c
+        .execute(
+            "WITH d AS (DELETE FROM chunks RETURNING account, stored_len)
+             UPDATE accounts a SET chunk_count = a.chunk_count - s.n,
+                 stored_bytes = a.stored_bytes - s.b
+             FROM (SELECT account, count(*) AS n, sum(stored_len)::bigint AS b
+                   FROM d GROUP BY account) s
+             WHERE a.id = s.account",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1, "one account's usage");
+    assert_eq!(count(&mut c, 0).1, 0);
+    c.execute("SELECT pg_advisory_unlock($1)", &[&ROUND_LOCK])
+        .unwrap();
+
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("no longer holds") && stderr.contains("reading the files again"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("backup --json");
+    assert_eq!(summary["files"], 1, "{summary}");
+    // Every chunk deleted was sent again (the run again asked, and was told "not
+    // held"), and its row is back.
+    assert_eq!(summary["chunks_sent"].as_i64(), Some(rows), "{summary}");
+    assert_eq!(count(&mut c, 0).1, rows);
+
+    let restored = work.path().join("restored");
+    ok(
+        cfg.path(),
+        &["restore", "latest", "--target", restored.to_str().unwrap()],
+    );
+    assert_eq!(
+        files(&restored.join(src.strip_prefix("/").unwrap())),
+        files(&src)
+    );
+    ok(cfg.path(), &["check", "--read-data"]);
+    let list = ok(cfg.path(), &["snapshots"]);
+    assert!(list.contains("1 snapshot"), "{list}");
 }
 
 /// A node's flags for `schema`'s registry and the test object store `s3`, under a

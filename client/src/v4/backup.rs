@@ -43,6 +43,18 @@
 //! A file whose size and modification time match the parent snapshot's entry (the
 //! last snapshot of this host with the same paths) is not read again: its chunks are
 //! taken from the parent. So an unchanged tree costs a walk and one small commit.
+//!
+//! A commit the server refuses because it no longer holds chunks the snapshot names
+//! (MISSING_CHUNKS) does not end the backup: a collection, on this node or another
+//! sharing the registry, deleted them while the backup ran, after the server had
+//! answered that it held them (chunks no snapshot named, asked about longer ago than
+//! the server's grace period), or they were the parent snapshot's. The backup is run
+//! again, up to three times in all (`COMMIT_ATTEMPTS`): it asks HAS_CHUNKS afresh
+//! (nothing it was told is kept from one run to the next), so the chunks gone are
+//! answered "not held" and sent again; with a parent, every file is read, since the
+//! parent's chunks are taken without asking. A backup of streams (standard input),
+//! which cannot be read again, and a commit of files uploaded before ([`commit_files`])
+//! return the refusal.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -56,7 +68,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cyberbackup_protocol::v4::format::{Entry, EntryKind, FormatError, RepoKey, Root};
 use cyberbackup_protocol::v4::wire::{
-    Answer, ChunkId, ErrorCode, Request, SnapshotHeader, SnapshotId, MAX_HAS_CHUNKS,
+    Answer, ChunkId, ErrorAnswer, ErrorCode, Request, SnapshotHeader, SnapshotId, MAX_HAS_CHUNKS,
 };
 use cyberbackup_protocol::v4::MAX_CHUNK;
 use rand::RngCore;
@@ -1726,15 +1738,116 @@ pub fn backup_streams(
     )
 }
 
+/// How many times in all a backup is run when the server refuses its commit because
+/// chunks the snapshot names are not stored (MISSING_CHUNKS): a collection (on any
+/// node sharing the registry) deleted them while the backup ran, after the server had
+/// answered HAS_CHUNKS that it held them (chunks no snapshot names, asked about longer
+/// ago than the grace period: a backup that ran longer than it), or they were the
+/// parent snapshot's and it was forgotten and collected meanwhile.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// A backup, run again while its commit is refused for chunks collected meanwhile
+/// (at most [`COMMIT_ATTEMPTS`] times in all; streams only once).
 fn backup_inner(
+    conn: &Connection,
+    key: &PendingKey<'_>,
+    paths: &[PathBuf],
+    mut streams: Option<(Walked, Vec<NamedStream<'_>>)>,
+    opts: &BackupOptions,
+    progress: &BackupProgress,
+) -> Result<BackupSummary, BackupError> {
+    let started = Instant::now();
+    let from_streams = streams.is_some();
+    let mut o = opts.clone();
+    let mut attempt = 1;
+    loop {
+        match backup_attempt(conn, key, paths, streams.take(), &o, progress)? {
+            Committed::Done(mut s) => {
+                s.seconds = started.elapsed().as_secs_f64();
+                return Ok(s);
+            }
+            // Streams cannot be read again.
+            Committed::Missing { refused, .. } if from_streams => {
+                return Err(missing_chunks(
+                    refused,
+                    "collected while the backup ran; its input cannot be read again: run \
+                     the backup again",
+                ));
+            }
+            Committed::Missing { refused, .. } if attempt >= COMMIT_ATTEMPTS => {
+                return Err(missing_chunks(
+                    refused,
+                    &format!(
+                        "collected while the backup ran; the backup was run {attempt} times, \
+                         sending the missing chunks again each time, and nothing was committed"
+                    ),
+                ));
+            }
+            Committed::Missing {
+                parent_used,
+                refused,
+            } => {
+                let missing = refused.missing_ids().len();
+                let next = attempt + 1;
+                if parent_used {
+                    tracing::warn!(
+                        missing,
+                        "the server no longer holds {missing} chunks this backup named \
+                         (collected while it ran, perhaps the parent snapshot's): reading \
+                         every file again and sending what is missing (attempt {next} of \
+                         {COMMIT_ATTEMPTS})"
+                    );
+                } else {
+                    tracing::warn!(
+                        missing,
+                        "the server no longer holds {missing} chunks this backup named \
+                         (collected while it ran): reading the files again and sending what \
+                         is missing (attempt {next} of {COMMIT_ATTEMPTS})"
+                    );
+                }
+                // The run again asks HAS_CHUNKS about every chunk it cuts (nothing it
+                // was told is kept: the set of known chunks is the run's own), so the
+                // chunks gone are answered "not held" and sent. With a parent, whose
+                // chunks are taken without asking and may be the ones gone, every
+                // file is read.
+                if parent_used {
+                    o.force = true;
+                }
+                attempt += 1;
+                restart(progress);
+            }
+        }
+    }
+}
+
+/// The MISSING_CHUNKS refusal of a commit, with what happened.
+fn missing_chunks(mut refused: ErrorAnswer, what: &str) -> BackupError {
+    refused.message = format!("{} ({what})", refused.message);
+    ConnError::Server(refused).into()
+}
+
+/// Progress counted again from zero, for a backup run again (what was sent stays
+/// counted).
+fn restart(progress: &BackupProgress) {
+    for n in [
+        &progress.files_total,
+        &progress.bytes_total,
+        &progress.files_done,
+        &progress.bytes_done,
+    ] {
+        n.store(0, Ordering::Relaxed);
+    }
+}
+
+/// One run of a backup: walk, read, send, commit.
+fn backup_attempt(
     conn: &Connection,
     key: &PendingKey<'_>,
     paths: &[PathBuf],
     streams: Option<(Walked, Vec<NamedStream<'_>>)>,
     opts: &BackupOptions,
     progress: &BackupProgress,
-) -> Result<BackupSummary, BackupError> {
-    let started = Instant::now();
+) -> Result<Committed, BackupError> {
     let (roots, named, given) = match streams {
         None => {
             let (roots, named) = walk_roots(paths)?;
@@ -1970,18 +2083,7 @@ fn backup_inner(
         .filter(|(i, _)| !drop_idx.contains(i))
         .map(|(_, e)| e)
         .collect();
-    match commit_with(&shared, entries, walked.named, summary, opts)? {
-        Committed::Done(mut s) => {
-            s.seconds = started.elapsed().as_secs_f64();
-            Ok(s)
-        }
-        Committed::ParentGone => {
-            // The parent's chunks were collected meanwhile: read everything again.
-            let mut o = opts.clone();
-            o.force = true;
-            backup_inner(conn, key, paths, None, &o, progress)
-        }
-    }
+    commit_with(&shared, entries, walked.named, summary, opts)
 }
 
 /// What [`upload_stream`] sent.
@@ -2136,15 +2238,24 @@ pub fn commit_files(
             s.seconds = started.elapsed().as_secs_f64();
             Ok(s)
         }
-        Committed::ParentGone => Err(ConnError::UnexpectedAnswer("COMMIT_SNAPSHOT").into()),
+        // The files were uploaded before: they cannot be read again here.
+        Committed::Missing { refused, .. } => Err(missing_chunks(
+            refused,
+            "collected since the files were uploaded: upload them again",
+        )),
     }
 }
 
 /// How a commit ended.
 enum Committed {
     Done(BackupSummary),
-    /// The server no longer holds chunks taken from the parent snapshot.
-    ParentGone,
+    /// The server refused the commit (MISSING_CHUNKS, `refused`): it no longer holds
+    /// chunks the snapshot names. `parent_used`: some were taken from the parent
+    /// snapshot without asking the server.
+    Missing {
+        parent_used: bool,
+        refused: ErrorAnswer,
+    },
 }
 
 /// Entries read as their manifest encoding, a few at a time.
@@ -2273,14 +2384,11 @@ fn commit_with(
     }) {
         Ok(Answer::SnapshotCommitted { .. }) => {}
         Ok(_) => return Err(ConnError::UnexpectedAnswer("COMMIT_SNAPSHOT").into()),
-        Err(ConnError::Server(e))
-            if e.code == ErrorCode::MISSING_CHUNKS && summary.parent.is_some() =>
-        {
-            tracing::warn!(
-                missing = e.missing_ids().len(),
-                "chunks of the parent snapshot are gone from the server; reading every file again"
-            );
-            return Ok(Committed::ParentGone);
+        Err(ConnError::Server(e)) if e.code == ErrorCode::MISSING_CHUNKS => {
+            return Ok(Committed::Missing {
+                parent_used: summary.parent.is_some(),
+                refused: e,
+            });
         }
         Err(e) => return Err(e.into()),
     }
