@@ -177,6 +177,13 @@ fn answer(mut stream: UnixStream, repo: &Repo, info: &ServerInfo) {
 
 /// Runs `cmd`; returns the process exit code.
 pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
+    // The configured grace period, unless the command names one.
+    let cmd = match cmd {
+        Admin::Gc { grace_hours: None } => Admin::Gc {
+            grace_hours: Some(cfg.gc_grace.as_secs().div_ceil(3600)),
+        },
+        cmd => cmd,
+    };
     match &cmd {
         Admin::CheckConfig => return check_config(cfg),
         Admin::Key => return key(cfg),
@@ -231,7 +238,12 @@ pub fn run(cmd: Admin, cfg: &Config) -> Result<i32> {
             db.display()
         );
     }
-    let repo = match Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref()) {
+    let repo = match Repo::open(
+        &cfg.repository,
+        cfg.registry.as_deref(),
+        cfg.registry_connections,
+        cfg.s3.as_ref(),
+    ) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "{} is held by a running server whose admin socket {} does not answer",
@@ -449,7 +461,7 @@ fn execute(
             Ok(0)
         }
         Admin::Gc { grace_hours } => {
-            let grace = Duration::from_secs(grace_hours.saturating_mul(3600));
+            let grace = Duration::from_secs(grace_hours.unwrap_or(24).saturating_mul(3600));
             let r = with_progress(repo, out, move |repo| {
                 repo.collect_garbage(Scope::All, grace, crate::repo::now_unix_ms())
             })
@@ -618,10 +630,13 @@ fn remove_v3_clients(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// Removes the v4 accounts named `prefix*` with everything they hold, on a stopped
-/// server (the repository's lock, taken by opening it, proves it is stopped and keeps
-/// one from starting meanwhile): their rows in one transaction, then their blob
-/// directories.
+/// Removes the v4 accounts named `prefix*` with everything they hold: each account's
+/// rows in one transaction, then its blobs ([`Repo::remove_account`]). A local
+/// repository (SQLite and files) only while the server is stopped: opening it takes its
+/// lock, which proves that and keeps one from starting meanwhile. A shared one
+/// (PostgreSQL, with an object store) while the nodes run: the removal holds the
+/// cluster's round lock, so no node's round is midway, and a round after it finds no
+/// account and writes nothing.
 fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
     if prefix.chars().count() < 3 {
         eprintln!("--name-prefix must have at least 3 characters (it selects accounts to delete)");
@@ -634,13 +649,12 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
             db_path.display()
         );
     }
-    if cfg.registry.is_some() || cfg.s3.is_some() {
-        bail!(
-            "remove-accounts works on a local repository (SQLite and files) only, not yet on \
-             a PostgreSQL registry or an S3 blob store"
-        );
-    }
-    let _repo = match Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref()) {
+    let repo = match Repo::open(
+        &cfg.repository,
+        cfg.registry.as_deref(),
+        cfg.registry_connections,
+        cfg.s3.as_ref(),
+    ) {
         Ok(r) => r,
         Err(RepoError::Locked { path }) => bail!(
             "remove-accounts runs only while the server is stopped ({} is held)",
@@ -651,26 +665,17 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
                 .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))
         }
     };
-    let mut db = rusqlite::Connection::open(&db_path)
-        .with_context(|| format!("opening {}", db_path.display()))?;
-    db.busy_timeout(Duration::from_secs(10))?;
-    db.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
-    let tx = db.transaction()?;
-    let victims: Vec<(i64, String, u64, u64)> = {
-        let mut st = tx.prepare(
-            "SELECT id, name, snapshot_count, stored_bytes FROM accounts
-             WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
-        )?;
-        let rows = st.query_map([prefix], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get::<_, i64>(2)?.max(0) as u64,
-                r.get::<_, i64>(3)?.max(0) as u64,
-            ))
-        })?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let mut victims: Vec<(i64, String, u64, u64)> = Vec::new();
+    for id in repo.accounts()? {
+        let Some(name) = repo.account_name(id)? else {
+            continue; // removed meanwhile
+        };
+        if name.starts_with(prefix) {
+            let u = repo.usage(id)?;
+            victims.push((id, name, u.snapshots, u.stored_bytes));
+        }
+    }
+    victims.sort_by(|a, b| a.1.cmp(&b.1));
     let (snapshots, bytes) = victims.iter().fold((0, 0), |(n, b), v| (n + v.2, b + v.3));
     if dry_run {
         for (_, name, n, b) in &victims {
@@ -683,29 +688,19 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
         );
         return Ok(0);
     }
-    for (id, ..) in &victims {
-        for table in ["enrolments", "snapshots", "chunks", "devices"] {
-            tx.execute(&format!("DELETE FROM {table} WHERE account = ?1"), [id])?;
-        }
-        tx.execute("DELETE FROM accounts WHERE id = ?1", [id])?;
-    }
-    tx.commit()?;
-    // Rows first: a crash between leaves blobs no row names, which nobody serves.
     let mut code = 0;
+    let mut removed = 0;
     for (id, name, ..) in &victims {
-        let dir = cfg.repository.join("blobs").join(id.to_string());
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        match repo.remove_account(*id) {
+            Ok(_) => removed += 1,
             Err(e) => {
-                eprintln!("{name}: removing {}: {e}", dir.display());
+                eprintln!("{name}: {e}");
                 code = 1;
             }
         }
     }
     println!(
-        "removed {} v4 accounts, {snapshots} snapshots, {}",
-        victims.len(),
+        "removed {removed} v4 accounts, {snapshots} snapshots, {}",
         human(bytes)
     );
     Ok(code)

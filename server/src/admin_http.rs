@@ -2,8 +2,9 @@
 //! metrics at `/metrics`, and the probes Kubernetes and load balancers expect.
 //!
 //! - `/healthz`: 200 while the process serves (it answers at all).
-//! - `/readyz`: 200 when it should be sent work: not draining, the v3 storage and the
-//!   v4 repository directories take a new file, and both registries answer. Otherwise
+//! - `/readyz`: 200 when it should be sent work: not draining, the v3 storage directory
+//!   takes a new file, the v4 blob store takes writes (its directory a new file, or its
+//!   object store's bucket answers), and both registries answer. Otherwise
 //!   503 with one line per failed check.
 //!
 //! It is read-only and answers GET and HEAD only; the administrative commands that
@@ -284,16 +285,18 @@ pub fn readiness(state: &AdminState) -> Vec<String> {
     if state.shutdown.is_triggered() {
         failed.push("draining: the server is shutting down".to_owned());
     }
-    // Where new files go: v3 temp files, v4 blobs.
-    for (what, dir) in [
-        ("storage", state.storage.join(".incoming")),
-        ("repository", state.repository.join("blobs")),
-    ] {
-        match within(move || writable(&dir)) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => failed.push(format!("{what} not writable: {e}")),
-            None => failed.push(format!("{what}: no answer within {TIMEOUT:?}")),
-        }
+    // Where new files go: v3 temp files; v4 blobs (a directory, or an object store).
+    let dir = state.storage.join(".incoming");
+    match within(move || writable(&dir)) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => failed.push(format!("storage not writable: {e}")),
+        None => failed.push(format!("storage: no answer within {TIMEOUT:?}")),
+    }
+    let repo = state.repo.clone();
+    match within(move || repo.store_ready()) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => failed.push(format!("v4 blob store: {e}")),
+        None => failed.push(format!("v4 blob store: no answer within {TIMEOUT:?}")),
     }
     let repo = state.repo.clone();
     match within(move || repo.ping()) {

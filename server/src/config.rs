@@ -92,9 +92,10 @@ pub enum Admin {
     /// Delete the chunks no snapshot references (and not asked about or stored within
     /// the grace period), and blobs that no record names.
     Gc {
-        /// Hours a chunk must be untouched before it may go.
-        #[arg(long, default_value_t = 24)]
-        grace_hours: u64,
+        /// Hours a chunk must be untouched before it may go [default: the server's
+        /// gc_grace, in hours rounded up].
+        #[arg(long)]
+        grace_hours: Option<u64>,
     },
     /// Set an account's quota (bytes of stored chunks; "none" removes it); backups over
     /// it are refused before data is sent.
@@ -207,8 +208,14 @@ pub struct Args {
     /// v4: the registry (accounts, devices, chunk records, snapshots) in PostgreSQL,
     /// at this `postgres://` URL, shared by every node given the same one
     /// [default: SQLite, repo.db in the --repository directory].
-    #[arg(long, env = "CYBERBACKUP_REGISTRY")]
+    #[arg(long, env = "CYBERBACKUP_REGISTRY", hide_env_values = true)]
     pub registry: Option<String>,
+
+    /// v4: the most connections a node keeps to the PostgreSQL registry (with
+    /// --registry; at least 2: a commit round holds one while it writes its blobs)
+    /// [default: 8].
+    #[arg(long, env = "CYBERBACKUP_REGISTRY_CONNECTIONS")]
+    pub registry_connections: Option<usize>,
 
     /// v4: keep the blobs (encrypted chunks and snapshot bodies) in an S3-compatible
     /// object store at this endpoint (http://HOST:PORT or https://HOST), shared by
@@ -370,6 +377,8 @@ pub struct Config {
     pub repository: PathBuf,
     /// The PostgreSQL registry's URL (None: SQLite in the repository directory).
     pub registry: Option<RegistryUrl>,
+    /// The most connections to the PostgreSQL registry.
+    pub registry_connections: usize,
     /// The S3 blob store (None: files in the repository directory).
     pub s3: Option<crate::repo::s3::S3Config>,
     pub registration: bool,
@@ -524,6 +533,10 @@ impl Args {
                     bail!("--registry takes a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)")
                 }
                 None => None,
+            },
+            registry_connections: match pick!(registry_connections).unwrap_or(8) {
+                n @ 2..=1000 => n,
+                n => bail!("--registry-connections {n}: expected 2 to 1000"),
             },
             s3: match pick!(s3_endpoint) {
                 None => None,

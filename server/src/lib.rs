@@ -88,8 +88,13 @@ pub fn run(cfg: config::Config) -> Result<()> {
         max_connections = cfg.max_connections,
         "starting"
     );
-    let repo = repo::Repo::open(&cfg.repository, cfg.registry.as_deref(), cfg.s3.as_ref())
-        .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
+    let repo = repo::Repo::open(
+        &cfg.repository,
+        cfg.registry.as_deref(),
+        cfg.registry_connections,
+        cfg.s3.as_ref(),
+    )
+    .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
     if cfg.registry.is_some() && cfg.s3.is_none() {
         tracing::warn!(
             "a PostgreSQL registry with the blobs in this node's own directory: run one node \

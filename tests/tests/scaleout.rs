@@ -227,7 +227,7 @@ fn a_bad_registry_url_is_refused_clearly() {
         assert!(err.contains(says), "{url}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    // remove-accounts works on SQLite and files only, and says so.
+    // An admin command that cannot reach the database says so too.
     let out = Command::new(server_binary())
         .current_dir(dir.path())
         .args(["--registry", "postgres://nobody@127.0.0.1:1/none"])
@@ -236,10 +236,107 @@ fn a_bad_registry_url_is_refused_clearly() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("local repository (SQLite and files) only"),
-        "{err}"
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A node whose registry URL asks for TLS (`sslmode=verify-full` with the test CA)
+/// talks to PostgreSQL over TLS; and `remove-accounts` works on a running cluster: the
+/// accounts named go, rows and blobs, while another account on the same node backs up
+/// and restores as before.
+#[test]
+fn accounts_are_removed_from_a_running_cluster_reached_over_tls() {
+    let (Some(base), Some(s3)) = (base_url(), s3_line()) else {
+        return;
+    };
+    let schema = Schema::new(base);
+    let mut c = schema.client();
+    let cert: String = c.query_one("SHOW ssl_cert_file", &[]).unwrap().get(0);
+    let ca = Path::new(&cert).with_file_name("ca.crt");
+    let mut owned = cluster_args(&schema, &s3);
+    assert_eq!(owned[0], "--registry");
+    owned[1] = format!(
+        "{}&sslmode=verify-full&sslrootcert={}",
+        owned[1],
+        ca.display()
     );
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let (d, admin_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let work = tempfile::tempdir().unwrap();
+    let (gone_cfg, kept_cfg) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let tree = make_tree(work.path());
+    let node = Server::start_in(Runtime::Mio, d.path(), &args);
+    let s = node.addr.to_string();
+    let tls: i64 = c
+        .query_one("SELECT count(*) FROM pg_stat_ssl WHERE ssl", &[])
+        .unwrap()
+        .get(0);
+    assert!(tls >= 1, "the node's connections are TLS");
+    ok(gone_cfg.path(), &["init", "-s", &s, "-a", "rm-alpha"]);
+    ok(kept_cfg.path(), &["init", "-s", &s, "-a", "keep-beta"]);
+    for cfg in [&gone_cfg, &kept_cfg] {
+        ok(cfg.path(), &["backup", tree.to_str().unwrap()]);
+    }
+    let gone_id: i64 = c
+        .query_one("SELECT id FROM accounts WHERE name = 'rm-alpha'", &[])
+        .unwrap()
+        .get(0);
+    let admin = |extra: &[&str]| {
+        let out = Command::new(server_binary())
+            .current_dir(admin_dir.path())
+            .args(&args)
+            .args([
+                "--admin-listen",
+                "off",
+                "remove-accounts",
+                "--name-prefix",
+                "rm-",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let dry = admin(&["--dry-run"]);
+    assert!(dry.contains("would remove rm-alpha: 1 snapshots"), "{dry}");
+    assert!(!dry.contains("keep-beta"), "{dry}");
+    let done = admin(&[]);
+    assert!(
+        done.contains("removed 1 v4 accounts, 1 snapshots"),
+        "{done}"
+    );
+    for table in ["chunks", "snapshots", "devices"] {
+        let n: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE account = $1"),
+                &[&gone_id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+    // The removed account's device is refused; the other goes on, on the same node.
+    let refused = cli(gone_cfg.path(), &["snapshots"]);
+    assert_ne!(refused.status.code(), Some(0));
+    fs::write(tree.join("after-removal"), data(1 << 20, 7)).unwrap();
+    ok(kept_cfg.path(), &["backup", tree.to_str().unwrap()]);
+    let out = work.path().join("restored");
+    ok(
+        kept_cfg.path(),
+        &["restore", "latest", "--target", out.to_str().unwrap()],
+    );
+    assert_eq!(
+        files(&out.join(tree.strip_prefix("/").unwrap())),
+        files(&tree)
+    );
+    ok(kept_cfg.path(), &["check", "--read-data"]);
 }
 
 /// The test object store, `ENDPOINT BUCKET REGION KEY_ID SECRET`: `CYBERBACKUP_TEST_S3`,

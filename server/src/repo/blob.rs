@@ -71,6 +71,36 @@ pub trait BlobStore: Send + Sync {
     /// a deleted blob may be back (an orphan that garbage collection removes again).
     fn delete(&self, key: &BlobKey) -> Result<bool, RepoError>;
 
+    /// Removes every blob of `keys` (absent ones too). Not necessarily durable, as
+    /// [`delete`](Self::delete). A store slow per request does them at once.
+    fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
+        keys.iter().try_for_each(|k| self.delete(k).map(|_| ()))
+    }
+
+    /// Removes every blob of the account (after its registry rows are gone).
+    fn delete_account(&self, account: AccountId) -> Result<(), RepoError> {
+        for kind in [BlobKind::Chunk, BlobKind::SnapshotBody] {
+            let keys: Vec<BlobKey> = self
+                .list(account, kind)?
+                .into_iter()
+                .filter_map(|id| match kind {
+                    BlobKind::Chunk => Some(BlobKey::Chunk(account, id.try_into().ok()?)),
+                    BlobKind::SnapshotBody => {
+                        Some(BlobKey::SnapshotBody(account, id.try_into().ok()?))
+                    }
+                })
+                .collect();
+            for part in keys.chunks(1000) {
+                self.delete_batch(part)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok` if the store takes writes now (the readiness probe): the file system
+    /// store makes and removes a file, the object store asks for its bucket.
+    fn ready(&self) -> Result<(), RepoError>;
+
     /// The ids of every blob of `kind` in `account`, in no particular order.
     fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError>;
 }

@@ -8,7 +8,7 @@
 //! per function here, so a new implementation runs the same suite by adding one line.
 
 use super::blob::{BlobKey, BlobKind, BlobStore};
-use super::registry::{ChunkRecord, CommitOutcome, Registry, MAX_NAME_LEN};
+use super::registry::{ChunkRecord, CommitOutcome, Registry, Unreferenced, MAX_NAME_LEN};
 use super::{Capabilities, ChunkId, RepoError, SnapshotHeader};
 
 /// Opens a blob store on the harness's backing.
@@ -43,7 +43,8 @@ macro_rules! blob_store_conformance {
     ($h:ty) => {
         $crate::blob_store_conformance!(@tests $h;
             blob_round_trip, blob_put_replaces_and_is_idempotent, blob_namespaces_are_apart,
-            blob_list_and_delete, blob_group_batch, blob_large_batch, blob_survives_reopen);
+            blob_list_and_delete, blob_group_batch, blob_large_batch, blob_survives_reopen,
+            blob_batch_delete_and_account_removal, blob_ready);
     };
     (@tests $h:ty; $($t:ident),*) => {
         mod blob_conformance {
@@ -73,6 +74,7 @@ macro_rules! registry_conformance {
             reg_insert_chunks_is_all_or_nothing,
             reg_commit_requires_every_chunk, reg_commit_is_idempotent_and_never_replaces,
             reg_snapshots_are_per_account, reg_unreferenced_chunks_and_their_deletion,
+            reg_a_batch_spares_what_snapshots_committed_since_name,
             reg_damaged_chunk_is_not_held_until_put_again, reg_chunk_records_page,
             reg_survives_reopen);
     };
@@ -95,6 +97,47 @@ macro_rules! registry_conformance {
 }
 
 // ---- blob stores ----
+
+pub(crate) fn blob_batch_delete_and_account_removal<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    let keys: Vec<BlobKey> = (0..20u8)
+        .flat_map(|i| [BlobKey::Chunk(1, [i; 32]), BlobKey::Chunk(2, [i; 32])])
+        .chain([
+            BlobKey::SnapshotBody(1, [1; 16]),
+            BlobKey::SnapshotBody(2, [1; 16]),
+        ])
+        .collect();
+    let items: Vec<(BlobKey, &[u8])> = keys.iter().map(|k| (*k, &b"blob"[..])).collect();
+    s.put_batch(&items).unwrap();
+    // A batch delete takes present and absent keys alike.
+    let gone = [BlobKey::Chunk(1, [0; 32]), BlobKey::Chunk(1, [99; 32])];
+    s.delete_batch(&gone).unwrap();
+    assert_eq!(s.get(&gone[0]).unwrap(), None);
+    assert_eq!(s.list(1, BlobKind::Chunk).unwrap().len(), 19);
+    s.delete_account(1).unwrap();
+    assert!(s.list(1, BlobKind::Chunk).unwrap().is_empty());
+    assert!(s.list(1, BlobKind::SnapshotBody).unwrap().is_empty());
+    assert_eq!(s.get(&BlobKey::SnapshotBody(1, [1; 16])).unwrap(), None);
+    assert_eq!(
+        s.list(2, BlobKind::Chunk).unwrap().len(),
+        20,
+        "another account's stay"
+    );
+    assert_eq!(s.list(2, BlobKind::SnapshotBody).unwrap().len(), 1);
+    s.delete_account(1).unwrap();
+    s.delete_account(3).unwrap();
+    // An account's blobs may be put again after its removal.
+    s.put_batch(&[(BlobKey::Chunk(1, [5; 32]), b"again")])
+        .unwrap();
+    assert_eq!(
+        s.get(&BlobKey::Chunk(1, [5; 32])).unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+}
+
+pub(crate) fn blob_ready<H: BlobHarness>(mut h: H) {
+    h.open().ready().unwrap();
+}
 
 pub(crate) fn blob_round_trip<H: BlobHarness>(mut h: H) {
     let s = h.open();
@@ -598,14 +641,23 @@ pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut
     r.commit_snapshot(a, &header(2, 0), &[[4; 32]], &[0; 32], 100)
         .unwrap();
     let ids = |v: Vec<ChunkRecord>| v.into_iter().map(|c| c.id[0]).collect::<Vec<_>>();
-    assert_eq!(ids(r.unreferenced_chunks(a, 500).unwrap()), vec![2]);
+    let first = r.unreferenced_chunks(a, 500).unwrap();
+    assert_eq!(ids(first.chunks.clone()), vec![2]);
+    let mut snaps: Vec<u8> = first.snapshots.iter().map(|(id, _)| id[0]).collect();
+    snaps.sort();
+    assert_eq!(snaps, vec![1, 2], "the reading names the snapshots it read");
     assert!(r.forget_snapshot(a, &[2; 16]).unwrap());
-    let mut found = ids(r.unreferenced_chunks(a, 500).unwrap());
-    found.sort();
-    assert_eq!(found, vec![2, 4]);
+    let found = r.unreferenced_chunks(a, 500).unwrap();
+    assert_eq!(ids(found.chunks.clone()), vec![2, 4], "in id order");
     // Chunk 4 is asked for (touched) before the delete: it stays.
     assert_eq!(r.chunks_held(a, &[[4; 32]], 600).unwrap(), vec![true]);
-    assert_eq!(ids(r.delete_unreferenced_chunks(a, 500).unwrap()), vec![2]);
+    let all = |f: &Unreferenced| f.chunks.iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(r
+            .delete_unreferenced_chunks(a, &all(&found), 500, &found.snapshots)
+            .unwrap()),
+        vec![2]
+    );
     assert_eq!(
         r.chunks_held(a, &[[1; 32], [2; 32], [3; 32], [4; 32]], 600)
             .unwrap(),
@@ -618,10 +670,54 @@ pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut
     );
     assert_eq!(r.usage(a).unwrap().chunks, 3);
     // Later, everything unreferenced and old goes; the referenced chunk never.
-    let mut gone = ids(r.delete_unreferenced_chunks(a, 10_000).unwrap());
-    gone.sort();
-    assert_eq!(gone, vec![3, 4]);
+    let later = r.unreferenced_chunks(a, 10_000).unwrap();
+    assert_eq!(ids(later.chunks.clone()), vec![3, 4]);
+    let gone = r
+        .delete_unreferenced_chunks(a, &all(&later), 10_000, &later.snapshots)
+        .unwrap();
+    assert_eq!(ids(gone), vec![3, 4]);
     assert_eq!(r.chunks_held(a, &[[1; 32]], 600).unwrap(), vec![true]);
+    assert_eq!(r.usage(a).unwrap().chunks, 1);
+}
+
+/// Collection reads once, then deletes in batches while commits go on: a snapshot
+/// committed after the reading (or an id forgotten and committed again with other
+/// chunks) keeps what it names, though the reading found it unreferenced.
+pub(crate) fn reg_a_batch_spares_what_snapshots_committed_since_name<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    r.insert_chunks(&[
+        (a, chunk([1; 32], 1, 100)),
+        (a, chunk([2; 32], 1, 100)),
+        (a, chunk([3; 32], 1, 100)),
+        (a, chunk([4; 32], 1, 100)),
+    ])
+    .unwrap();
+    r.commit_snapshot(a, &header(1, 0), &[[4; 32]], &[1; 32], 100)
+        .unwrap();
+    let found = r.unreferenced_chunks(a, 500).unwrap();
+    let ids: Vec<ChunkId> = found.chunks.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![[1; 32], [2; 32], [3; 32]]);
+    // After the reading: a new snapshot names 1; snapshot 1 is forgotten and its id
+    // committed again, naming 2.
+    r.commit_snapshot(a, &header(2, 0), &[[1; 32]], &[2; 32], 200)
+        .unwrap();
+    assert!(r.forget_snapshot(a, &[1; 16]).unwrap());
+    r.commit_snapshot(a, &header(1, 0), &[[2; 32]], &[3; 32], 200)
+        .unwrap();
+    let gone = r
+        .delete_unreferenced_chunks(a, &ids, 500, &found.snapshots)
+        .unwrap();
+    assert_eq!(
+        gone.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![[3; 32]],
+        "only the chunk no snapshot names now"
+    );
+    assert_eq!(
+        r.chunks_sound(a, &[[1; 32], [2; 32], [3; 32], [4; 32]])
+            .unwrap(),
+        vec![true, true, false, true]
+    );
 }
 
 pub(crate) fn reg_damaged_chunk_is_not_held_until_put_again<H: RegistryHarness>(mut h: H) {

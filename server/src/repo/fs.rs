@@ -296,6 +296,25 @@ fn sync_dir(dir: &Path) -> Result<(), RepoError> {
 }
 
 impl BlobStore for FsBlobStore {
+    fn delete_account(&self, account: AccountId) -> Result<(), RepoError> {
+        let dir = self.account_dir(account);
+        // Made again later, its directories must be made durable again.
+        self.durable_dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|d| !d.starts_with(&dir));
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("removing", &dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn ready(&self) -> Result<(), RepoError> {
+        let p = self.tmp.join(format!(".readyz-{}", std::process::id()));
+        std::fs::write(&p, b"").map_err(io_err("writing", &p))?;
+        std::fs::remove_file(&p).map_err(io_err("removing", &p))
+    }
+
     fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
         if items.is_empty() {
             return Ok(());

@@ -2,10 +2,12 @@
 //! the forget capability, for collection).
 //!
 //! **Collection** ([`Repo::collect_garbage`]) deletes, per account, the chunks no
-//! snapshot names that nobody touched within the grace period: their rows in one
-//! registry transaction that checks both conditions again, then their blobs, while
-//! holding the repository's lock exclusively (the argument for why no chunk a backup
-//! may still commit is ever deleted is in the [module documentation](super)). It then
+//! snapshot names that nobody touched within the grace period. What to delete is read
+//! first without holding anything up; then [`GC_BATCH`] chunks at a time, their rows
+//! in one registry transaction that checks both conditions again, then their blobs,
+//! while holding the repository's lock exclusively (the argument for why no chunk a
+//! backup may still commit is ever deleted is in the [module documentation](super)).
+//! Backups wait for one batch at most, not for a whole account's delete. It then
 //! removes orphan blobs: chunk blobs without a row (a crash between a blob's write and
 //! its row, or a delete that did not survive a crash) and snapshot bodies without a
 //! snapshot (a crash between the body and the row, a failed forget). Orphans are listed
@@ -65,6 +67,11 @@ pub struct ScrubReport {
 
 /// Chunk records read per registry call during a scrub or a sweep.
 const PAGE: usize = 1000;
+
+/// Chunks a collection deletes per hold of the repository's lock: commit rounds (on
+/// this node, and with a shared registry on every node) go on between batches, rather
+/// than wait for a whole account's delete.
+pub const GC_BATCH: usize = 500;
 
 /// How far a running collection or scrub has come (`cyberbackup-server status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,10 +153,10 @@ impl Repo {
     fn accounts_in(&self, scope: Scope) -> Result<Vec<AccountId>, RepoError> {
         match scope {
             Scope::Account(a) => {
-                self.shared.registry().usage(a)?; // NoSuchAccount
+                self.shared.registry()?.usage(a)?; // NoSuchAccount
                 Ok(vec![a])
             }
-            Scope::All => self.shared.registry().accounts(),
+            Scope::All => self.shared.registry()?.accounts(),
         }
     }
 
@@ -198,7 +205,7 @@ impl Repo {
             .collect();
         let snapshots: HashSet<SnapshotId> = self
             .shared
-            .registry()
+            .registry()?
             .list_snapshots(account)?
             .into_iter()
             .map(|h| h.id)
@@ -210,44 +217,73 @@ impl Repo {
             .filter(|id| !snapshots.contains(id))
             .collect();
 
-        let _gc = self
+        // What to delete, read without holding up ingest, then deleted a batch at a
+        // time under the lock, each batch checked again as it is deleted: commit
+        // rounds (on every node sharing the registry) go on between batches.
+        let found = self
             .shared
-            .gc_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        // ... and no commit round on any node sharing the registry (PostgreSQL): a
-        // round there could otherwise write a blob collection is about to delete.
-        let _all = self.shared.cross_lock(true)?;
-        // Rows first: a crash before the blobs are gone leaves orphans, not rows
-        // without blobs.
-        let doomed = self
-            .shared
-            .registry()
-            .delete_unreferenced_chunks(account, cutoff)?;
-        for (i, rec) in doomed.iter().enumerate() {
-            // A shared registry refuses every call once the connection holding the
-            // lock is lost: stop deleting then, before another node's round (no
-            // longer kept out) writes a blob this would delete.
-            if i % 16 == 15 {
-                self.shared.registry().ping()?;
+            .registry()?
+            .unreferenced_chunks(account, cutoff)?;
+        for batch in found.chunks.chunks(GC_BATCH) {
+            let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
+            let _gc = self
+                .shared
+                .gc_lock
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            // ... and no commit round on any node sharing the registry (PostgreSQL): a
+            // round there could otherwise write a blob collection is about to delete.
+            let mut all = self.shared.cross_lock(true)?;
+            // Rows first: a crash before the blobs are gone leaves orphans, not rows
+            // without blobs.
+            let doomed = all.registry()?.delete_unreferenced_chunks(
+                account,
+                &ids,
+                cutoff,
+                &found.snapshots,
+            )?;
+            let keys: Vec<BlobKey> = doomed
+                .iter()
+                .map(|r| BlobKey::Chunk(account, r.id))
+                .collect();
+            for part in keys.chunks(64) {
+                // A shared registry refuses every call once the connection holding
+                // the lock is lost: stop deleting then, before another node's round
+                // (no longer kept out) writes a blob this would delete.
+                all.registry()?.ping()?;
+                store.delete_batch(part)?;
             }
-            store.delete(&BlobKey::Chunk(account, rec.id))?;
-            report.chunks_deleted += 1;
-            report.bytes_freed += rec.stored_len;
+            report.chunks_deleted += doomed.len() as u64;
+            report.bytes_freed += doomed.iter().map(|r| r.stored_len).sum::<u64>();
         }
-        let still = self
-            .shared
-            .registry()
-            .chunks_recorded(account, &chunk_candidates)?;
-        for (id, recorded) in chunk_candidates.iter().zip(still) {
-            if !recorded && store.delete(&BlobKey::Chunk(account, *id))? {
-                report.orphan_chunk_blobs += 1;
+        // Orphans: checked again under the lock (a round may be between a blob and
+        // its row), a batch at a time.
+        for part in chunk_candidates.chunks(GC_BATCH) {
+            let _gc = self
+                .shared
+                .gc_lock
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut all = self.shared.cross_lock(true)?;
+            let still = all.registry()?.chunks_recorded(account, part)?;
+            for (id, recorded) in part.iter().zip(still) {
+                if !recorded && store.delete(&BlobKey::Chunk(account, *id))? {
+                    report.orphan_chunk_blobs += 1;
+                }
             }
         }
-        for id in &body_candidates {
-            let committed = self.shared.registry().get_snapshot(account, id)?.is_some();
-            if !committed && store.delete(&BlobKey::SnapshotBody(account, *id))? {
-                report.orphan_bodies += 1;
+        for part in body_candidates.chunks(GC_BATCH) {
+            let _gc = self
+                .shared
+                .gc_lock
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut all = self.shared.cross_lock(true)?;
+            for id in part {
+                let committed = all.registry()?.get_snapshot(account, id)?.is_some();
+                if !committed && store.delete(&BlobKey::SnapshotBody(account, *id))? {
+                    report.orphan_bodies += 1;
+                }
             }
         }
         Ok(())
@@ -260,7 +296,7 @@ impl Repo {
         loop {
             let page = self
                 .shared
-                .registry()
+                .registry()?
                 .chunk_records(account, after.as_ref(), PAGE)?;
             let Some(last) = page.last() else { break };
             after = Some(last.id);
@@ -313,7 +349,7 @@ impl Repo {
         loop {
             let page = self
                 .shared
-                .registry()
+                .registry()?
                 .chunk_records(account, after.as_ref(), PAGE)?;
             let Some(last) = page.last() else { break };
             after = Some(last.id);
@@ -343,15 +379,15 @@ impl Repo {
                     // Only if the record is still the one checked: a put that rewrote
                     // the chunk meanwhile has made it sound.
                     self.shared
-                        .registry()
+                        .registry()?
                         .mark_damaged(account, &rec.id, &rec.hash, now)?;
                     tracing::error!(account_id = account, chunk = %super::hex(&rec.id), "a damaged or missing chunk, marked for upload");
                 }
             }
         }
-        let headers = self.shared.registry().list_snapshots(account)?;
+        let headers = self.shared.registry()?.list_snapshots(account)?;
         for h in headers {
-            let Some(snap) = self.shared.registry().get_snapshot(account, &h.id)? else {
+            let Some(snap) = self.shared.registry()?.get_snapshot(account, &h.id)? else {
                 continue; // forgotten meanwhile
             };
             report.bodies_checked += 1;
@@ -377,6 +413,35 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
     const HOUR_MS: i64 = 3_600_000;
+
+    /// More garbage than one batch: every batch is deleted, rows and blobs, and the
+    /// chunks a snapshot names stay, wherever they fall among the batches.
+    #[test]
+    fn collection_deletes_batch_after_batch() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        let t0 = 1_000_000;
+        fx.set_time(t0);
+        let n = (2 * GC_BATCH + 7) as u32;
+        let puts: Vec<_> = (1..=n)
+            .map(|i| repo.put_chunk(a, cid(i), data(i)))
+            .collect();
+        for p in puts {
+            block_on(p).unwrap();
+        }
+        let kept: Vec<ChunkId> = (1..=n).filter(|i| i % 97 == 0).map(cid).collect();
+        block_on(repo.commit_snapshot(a, 1, header(1, 1), kept.clone(), vec![1])).unwrap();
+        let r = repo
+            .collect_garbage(Scope::Account(a), HOUR, t0 + 2 * HOUR_MS)
+            .unwrap();
+        assert_eq!(r.chunks_deleted, u64::from(n) - kept.len() as u64);
+        assert_eq!(repo.usage(a).unwrap().chunks, kept.len() as u64);
+        for i in 1..=n {
+            let there = repo.get_chunk(a, &cid(i)).unwrap().is_some();
+            assert_eq!(there, i % 97 == 0, "chunk {i}");
+        }
+    }
 
     #[test]
     fn collection_deletes_only_unreferenced_chunks_untouched_past_the_grace() {

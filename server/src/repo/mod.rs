@@ -14,7 +14,7 @@
 //! - [`registry`]: the [`Registry`] trait, the metadata (accounts, devices with their
 //!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
 //!   [`sqlite`] is the local implementation, [`pg`] the PostgreSQL one (several
-//!   server nodes sharing one database).
+//!   server nodes sharing one database); [`pool`] keeps a node's connections.
 //! - [`service`]: [`Repo`], the facade the server calls: group commit of chunk puts,
 //!   snapshot commits, reads, quotas; [`gc`] adds garbage collection and scrub to it.
 //! - `conformance` (tests only): one suite per trait, a generic function per test, run
@@ -58,7 +58,12 @@
 //! rule 2 across them too: each round also holds a lock shared in the registry, and
 //! collection and forgets hold it exclusively ([`Registry::lock_round`], a PostgreSQL
 //! advisory lock), so a round on one node never interleaves with a collection's
-//! deletes on another.
+//! deletes on another. The lock is one connection's, and the locked work goes through
+//! that connection, so a lost connection stops the work instead of letting it go on
+//! unprotected. Collection deletes in batches ([`gc::GC_BATCH`]), taking the lock
+//! for each, so rounds wait for one batch, not a whole account. A snapshot commit also
+//! locks its id ([`Registry::lock_snapshot`]) from its check to its row, so two nodes
+//! committing one id at once never write one body over the other.
 //!
 //! The grace period covers a client that learned a chunk was held (rule 1 touched it)
 //! and commits its snapshot later: the snapshot must come within the grace period, or
@@ -70,6 +75,7 @@ pub(crate) mod conformance;
 pub mod fs;
 pub mod gc;
 pub mod pg;
+pub mod pool;
 pub mod registry;
 pub mod s3;
 pub mod service;
@@ -83,8 +89,9 @@ pub use blob::{BlobKey, BlobKind, BlobStore};
 pub use fs::FsBlobStore;
 pub use gc::{GcReport, Progress, Scope, ScrubReport};
 pub use pg::PostgresRegistry;
+pub use pool::RegistryPool;
 pub use registry::{
-    ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage, MAX_NAME_LEN,
+    ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage, MAX_NAME_LEN,
 };
 pub use service::{CommitStats, Repo};
 pub use sqlite::SqliteRegistry;

@@ -37,7 +37,7 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage,
+    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage,
 };
 use super::sqlite::{to_i64, to_u64, unpack_ids};
 use super::{
@@ -122,7 +122,7 @@ pub const RETRIES: usize = 16;
 
 /// The registry in a PostgreSQL database.
 pub struct PostgresRegistry {
-    url: String,
+    target: Target,
     client: Client,
     /// The last call failed in a way that may have ended the connection: open a new
     /// one before the next.
@@ -178,8 +178,114 @@ fn ends_connection(e: &RepoError) -> bool {
     }
 }
 
-fn connect(url: &str) -> Result<Client, RepoError> {
-    let mut client = Client::connect(url, NoTls)?;
+/// Where and how the registry connects: the URL as `postgres` takes it (with our own
+/// parameters taken out), and TLS when the URL asks for it.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// The system's trusted certificates (Debian's ca-certificates), for a database whose
+/// certificate a public CA signed.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Reads the URL's TLS parameters, as libpq names them:
+/// - `sslmode=require`, `verify-ca` or `verify-full`: TLS, and the server's certificate
+///   is always verified (chain and host name; `require` here is `verify-full`), against
+///   `sslrootcert` (a PEM file of CA certificates) or else the system's roots;
+/// - `disable`, `allow`, `prefer` or none: no TLS (libpq's `prefer` would try TLS
+///   without verifying it, which protects against nothing active: say `require`).
+fn target(url: &str) -> Result<Target, RepoError> {
+    let bad = |m: String| RepoError::InvalidArgument(format!("the registry URL: {m}"));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut kept: Vec<&str> = Vec::new();
+    let (mut mode, mut root) = (None, None);
+    for p in query.split('&').filter(|p| !p.is_empty()) {
+        match p.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(v),
+            Some(("sslrootcert", v)) => {
+                let path = percent_encoding::percent_decode_str(v)
+                    .decode_utf8()
+                    .map_err(|_| bad("sslrootcert is not UTF-8".into()))?;
+                root = Some(path.into_owned());
+            }
+            _ => kept.push(p),
+        }
+    }
+    let tls = match mode {
+        None | Some("disable" | "allow" | "prefer") => {
+            if root.is_some() {
+                return Err(bad(
+                    "sslrootcert is for TLS: add sslmode=verify-full (or require)".into(),
+                ));
+            }
+            kept.push("sslmode=disable");
+            None
+        }
+        Some("require" | "verify-ca" | "verify-full") => {
+            kept.push("sslmode=require");
+            Some(tls_connector(root.as_deref().unwrap_or(SYSTEM_ROOTS))?)
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
+            )))
+        }
+    };
+    Ok(Target {
+        url: format!("{base}?{}", kept.join("&")),
+        tls,
+    })
+}
+
+/// A TLS connector that trusts the CA certificates in the PEM file at `roots`.
+fn tls_connector(roots: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RepoError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let bad = |m: String| RepoError::InvalidArgument(format!("sslrootcert {roots}: {m}"));
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(roots).map_err(|e| bad(e.to_string()))? {
+        store
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Whether every host of the URL is this machine (a loopback address, `localhost`, or
+/// a Unix socket's directory).
+fn local_only(url: &str) -> bool {
+    use postgres::config::Host;
+    let Ok(cfg) = url.parse::<postgres::Config>() else {
+        return false;
+    };
+    cfg.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Host::Unix(_) => true,
+    })
+}
+
+fn connect(t: &Target) -> Result<Client, RepoError> {
+    let mut client = match &t.tls {
+        Some(tls) => Client::connect(&t.url, tls.clone())?,
+        None => Client::connect(&t.url, NoTls)?,
+    };
     // Plans made for each execution, with the array's real length and the table's
     // real size. A cached generic plan made while `chunks` was nearly empty scanned
     // the whole table for every batch once it had grown (11 ms a HAS_CHUNKS batch at
@@ -191,11 +297,26 @@ fn connect(url: &str) -> Result<Client, RepoError> {
 impl PostgresRegistry {
     /// Connects to the database at `url` (a `postgres://` URL or a libpq key-value
     /// string) and brings its schema to [`SCHEMA_VERSION`].
+    /// `sslmode` and `sslrootcert` in the URL ask for TLS (see `target`).
     pub fn open(url: &str) -> Result<PostgresRegistry, RepoError> {
-        let mut client = connect(url)?;
-        migrate(&mut client)?;
+        let mut reg = PostgresRegistry::connect(url)?;
+        if reg.target.tls.is_none() && !local_only(&reg.target.url) {
+            tracing::warn!(
+                "the registry's connection is not encrypted: add sslmode=verify-full (and \
+                 sslrootcert=CA.pem) to the URL unless the network to PostgreSQL is trusted"
+            );
+        }
+        migrate(&mut reg.client)?;
+        Ok(reg)
+    }
+
+    /// Connects to a database whose schema [`open`](Self::open) brought up to date
+    /// (one more connection of a pool).
+    pub fn connect(url: &str) -> Result<PostgresRegistry, RepoError> {
+        let target = target(url)?;
+        let client = connect(&target)?;
         Ok(PostgresRegistry {
-            url: url.to_owned(),
+            target,
             client,
             broken: false,
             locks_held: 0,
@@ -217,7 +338,7 @@ impl PostgresRegistry {
                         .into(),
                 ));
             }
-            self.client = connect(&self.url)?;
+            self.client = connect(&self.target)?;
             self.prepared.clear();
             self.broken = false;
         }
@@ -444,6 +565,32 @@ fn unreferenced(
     Ok(out)
 }
 
+/// The advisory lock of one snapshot id of an account: 64 bits of a hash of both, so
+/// that two ids meet on one lock once in 2^64 (and then only wait for each other).
+fn snapshot_lock_key(account: AccountId, id: &SnapshotId) -> i64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"cyberbackup snapshot lock");
+    h.update(&account.to_le_bytes());
+    h.update(id);
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    i64::from_le_bytes(key)
+}
+
+/// Every snapshot of the account: id and body hash.
+fn snapshot_hashes(
+    tx: &mut Tx<'_, '_>,
+    account: AccountId,
+) -> Result<Vec<(SnapshotId, Hash)>, RepoError> {
+    tx.query(
+        "SELECT id, body_hash FROM snapshots WHERE account = $1",
+        &[&account],
+    )?
+    .iter()
+    .map(|r| Ok((array::<16>(r.try_get(0)?)?, array::<32>(r.try_get(1)?)?)))
+    .collect()
+}
+
 /// The ids as an array parameter.
 fn id_params(ids: &[ChunkId]) -> Vec<&[u8]> {
     ids.iter().map(|i| &i[..]).collect()
@@ -459,6 +606,16 @@ fn flags(ids: &[ChunkId], rows: &[Row]) -> Result<Vec<bool>, RepoError> {
 }
 
 impl Registry for PostgresRegistry {
+    fn remove_account(&mut self, account: AccountId) -> Result<bool, RepoError> {
+        self.run(|tx| {
+            tx.exec("DELETE FROM enrolments WHERE account = $1", &[&account])?;
+            tx.exec("DELETE FROM snapshots WHERE account = $1", &[&account])?;
+            tx.exec("DELETE FROM chunks WHERE account = $1", &[&account])?;
+            tx.exec("DELETE FROM devices WHERE account = $1", &[&account])?;
+            Ok(tx.exec("DELETE FROM accounts WHERE id = $1", &[&account])? == 1)
+        })
+    }
+
     fn create_account(
         &mut self,
         name: &str,
@@ -995,33 +1152,56 @@ impl Registry for PostgresRegistry {
         &mut self,
         account: AccountId,
         touched_before: i64,
-    ) -> Result<Vec<ChunkRecord>, RepoError> {
+    ) -> Result<Unreferenced, RepoError> {
         self.tx(IsolationLevel::RepeatableRead, |tx| {
-            unreferenced(tx, account, touched_before)
+            Ok(Unreferenced {
+                chunks: unreferenced(tx, account, touched_before)?,
+                snapshots: snapshot_hashes(tx, account)?,
+            })
         })
     }
 
     fn delete_unreferenced_chunks(
         &mut self,
         account: AccountId,
+        ids: &[ChunkId],
         touched_before: i64,
+        checked: &[(SnapshotId, Hash)],
     ) -> Result<Vec<ChunkRecord>, RepoError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let known: HashMap<SnapshotId, Hash> = checked.iter().copied().collect();
         self.decide(|tx| {
-            let doomed = unreferenced(tx, account, touched_before)?;
-            if doomed.is_empty() {
-                return Ok(doomed);
+            // Snapshots committed (or committed again) since the caller's reading.
+            let mut named = HashSet::new();
+            for (sid, hash) in snapshot_hashes(tx, account)? {
+                if known.get(&sid) != Some(&hash) {
+                    let r = tx.opt(
+                        "SELECT chunk_ids FROM snapshots WHERE account = $1 AND id = $2",
+                        &[&account, &&sid[..]],
+                    )?;
+                    if let Some(r) = r {
+                        named.extend(unpack_ids(r.try_get(0)?)?);
+                    }
+                }
             }
-            let ids: Vec<&[u8]> = doomed.iter().map(|r| &r.id[..]).collect();
+            let mut doomed: Vec<&[u8]> = ids
+                .iter()
+                .filter(|id| !named.contains(*id))
+                .map(|id| &id[..])
+                .collect();
+            doomed.sort_unstable();
+            doomed.dedup();
             // Untouched is checked again by the statement that deletes.
             let rows = tx.query(
                 "DELETE FROM chunks WHERE account = $1 AND id = ANY($2) AND touched_ms < $3
                  RETURNING id, stored_len, hash, stored_ms, touched_ms, damaged_ms",
-                &[&account, &ids, &touched_before],
+                &[&account, &doomed, &touched_before],
             )?;
-            let out: Vec<ChunkRecord> = rows.iter().map(chunk_row).collect::<Result<_, _>>()?;
+            let mut out: Vec<ChunkRecord> = rows.iter().map(chunk_row).collect::<Result<_, _>>()?;
             let bytes: i64 = out.iter().map(|r| r.stored_len as i64).sum();
             tx.add_usage(account, -bytes, -(out.len() as i64), 0)?;
-            let mut out = out;
             out.sort_unstable_by_key(|r| r.id);
             Ok(out)
         })
@@ -1088,6 +1268,37 @@ impl Registry for PostgresRegistry {
         } else {
             Err(RepoError::Corrupt(
                 "the round lock was not held at its release (its connection was lost)".into(),
+            ))
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn lock_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<(), RepoError> {
+        let key = snapshot_lock_key(account, id);
+        self.run(|tx| {
+            tx.query("SELECT true FROM pg_advisory_lock($1)", &[&key])?;
+            Ok(())
+        })?;
+        self.locks_held += 1;
+        Ok(())
+    }
+
+    fn unlock_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<(), RepoError> {
+        self.locks_held = self.locks_held.saturating_sub(1);
+        let key = snapshot_lock_key(account, id);
+        let held: bool = self.run(|tx| {
+            tx.query("SELECT pg_advisory_unlock($1)", &[&key])?
+                .first()
+                .map_or(Ok(false), |r| r.try_get(0).map_err(Into::into))
+        })?;
+        if held {
+            Ok(())
+        } else {
+            Err(RepoError::Corrupt(
+                "a snapshot's lock was not held at its release (its connection was lost)".into(),
             ))
         }
     }
@@ -1207,6 +1418,68 @@ pub(crate) mod tests {
 
     crate::registry_conformance!(PgHarness);
 
+    /// With `sslmode=verify-full` and the test CA the connection is TLS; with a CA
+    /// that did not sign the server's certificate it is refused; without `sslmode` it
+    /// is plain; a wrong mode, or a CA without a mode, is a clear error.
+    #[test]
+    fn tls_is_used_and_verified_when_the_url_asks() {
+        let Some(base) = url() else { return };
+        let mut plain = Client::connect(&base, NoTls).unwrap();
+        let ssl: String = plain.query_one("SHOW ssl", &[]).unwrap().get(0);
+        if ssl != "on" {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the test PostgreSQL has no TLS"
+            );
+            eprintln!("the test PostgreSQL has TLS off: test not run");
+            return;
+        }
+        let cert: String = plain.query_one("SHOW ssl_cert_file", &[]).unwrap().get(0);
+        let dir = std::path::Path::new(&cert).parent().unwrap();
+        let with = |q: &str| format!("{base}?{q}");
+        let on_tls = |reg: &mut PostgresRegistry| -> bool {
+            reg.client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+        };
+        let ca = dir.join("ca.crt");
+        let mut r = PostgresRegistry::open(&with(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        )))
+        .unwrap();
+        assert!(on_tls(&mut r));
+        r.ping().unwrap();
+        let mut r = PostgresRegistry::open(&base).unwrap();
+        assert!(!on_tls(&mut r));
+        let other = dir.join("other-ca.crt");
+        let e = PostgresRegistry::open(&with(&format!(
+            "sslmode=require&sslrootcert={}",
+            other.display()
+        )))
+        .unwrap_err();
+        assert!(matches!(e, RepoError::Postgres(_)), "{e}");
+        assert!(format!("{e:?}").contains("UnknownIssuer"), "{e:?}");
+        for (q, want) in [
+            ("sslmode=verify-always", "sslmode=verify-always"),
+            ("sslrootcert=/etc/ca.pem", "add sslmode=verify-full"),
+            (
+                "sslmode=require&sslrootcert=/nonexistent/ca.pem",
+                "/nonexistent/ca.pem",
+            ),
+        ] {
+            let e = PostgresRegistry::open(&with(q)).unwrap_err();
+            assert!(
+                matches!(&e, RepoError::InvalidArgument(m) if m.contains(want)),
+                "{q}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn schema_history_is_refinerys_and_a_newer_one_is_refused() {
         let h = PgHarness::new();
@@ -1311,7 +1584,16 @@ pub(crate) mod tests {
                 let mut deleted = 0;
                 while !done.load(Ordering::Relaxed) {
                     let cutoff = frontier.load(Ordering::Relaxed) as i64 + 2;
-                    deleted += b.delete_unreferenced_chunks(acct, cutoff).unwrap().len();
+                    // Read, then deleted in batches, as collection does; commits
+                    // land in between.
+                    let u = b.unreferenced_chunks(acct, cutoff).unwrap();
+                    for batch in u.chunks.chunks(7) {
+                        let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
+                        deleted += b
+                            .delete_unreferenced_chunks(acct, &ids, cutoff, &u.snapshots)
+                            .unwrap()
+                            .len();
+                    }
                 }
                 deleted
             });
@@ -1379,5 +1661,65 @@ pub(crate) mod tests {
         assert!(!c.lock_round(true, false).unwrap());
         a.unlock_round(false).unwrap();
         b.unlock_round(false).unwrap();
+    }
+}
+
+/// Two nodes on one PostgreSQL registry and one object store.
+#[cfg(test)]
+mod cluster_tests {
+    use super::tests::PgHarness;
+    use crate::repo::conformance::{header, BlobHarness, RegistryHarness};
+    use crate::repo::pool::{Opener, RegistryPool};
+    use crate::repo::s3::tests::S3Harness;
+    use crate::repo::{CommitOutcome, Registry, Repo, RepoError};
+    use futures_lite::future::block_on;
+    use std::sync::Arc;
+
+    fn node(pg: &PgHarness, s3: &mut S3Harness) -> Repo {
+        let url = pg.scoped_url().unwrap();
+        let first = Box::new(super::PostgresRegistry::open(&url).unwrap());
+        let opener: Opener = Box::new(move || {
+            Ok(Box::new(super::PostgresRegistry::connect(&url)?) as Box<dyn Registry>)
+        });
+        Repo::with_pool(
+            Box::new(s3.open()),
+            RegistryPool::new(first, Some(opener), 4),
+            Arc::new(crate::repo::now_unix_ms),
+        )
+        .unwrap()
+    }
+
+    /// Two nodes commit one snapshot id at once, with different bodies, over and
+    /// over: one commit wins each time, the other is refused, and the body stored is
+    /// always the winner's (before the snapshot lock, the loser's body could land
+    /// over it after the check both passed).
+    #[test]
+    fn one_snapshot_id_committed_through_two_nodes_at_once_stays_whole() {
+        if !PgHarness::available() || !S3Harness::available() {
+            return;
+        }
+        let pg = PgHarness::new();
+        let mut s3 = S3Harness::new();
+        let (a, b) = (node(&pg, &mut s3), node(&pg, &mut s3));
+        let (acct, dev) = a.create_account("race", &[7; 32], "d").unwrap();
+        for i in 0..24u8 {
+            let body = |fill: u8| vec![fill; 256 << 10];
+            let mut h = header(i, 256 << 10);
+            h.device = dev;
+            let (ra, rb) = std::thread::scope(|s| {
+                let ta =
+                    s.spawn(|| block_on(a.commit_snapshot(acct, dev, h.clone(), vec![], body(1))));
+                let tb =
+                    s.spawn(|| block_on(b.commit_snapshot(acct, dev, h.clone(), vec![], body(2))));
+                (ta.join().unwrap(), tb.join().unwrap())
+            });
+            let winner = match (&ra, &rb) {
+                (Ok(CommitOutcome::Committed), Err(RepoError::SnapshotExists)) => 1,
+                (Err(RepoError::SnapshotExists), Ok(CommitOutcome::Committed)) => 2,
+                other => panic!("round {i}: {other:?}"),
+            };
+            let stored = a.get_snapshot_body(acct, &h.id).unwrap().unwrap();
+            assert_eq!(stored, body(winner), "round {i}: the winner's body");
+        }
     }
 }

@@ -78,6 +78,15 @@ pub struct StoredSnapshot {
     pub created_ms: i64,
 }
 
+/// What [`Registry::unreferenced_chunks`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unreferenced {
+    /// The chunks no snapshot names that nobody touched since the cutoff, in id order.
+    pub chunks: Vec<ChunkRecord>,
+    /// Every snapshot of the account at that reading: id and body hash.
+    pub snapshots: Vec<(SnapshotId, Hash)>,
+}
+
 /// An account's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
@@ -106,7 +115,6 @@ pub trait Registry: Send {
     /// The account of this name.
     fn account_by_name(&mut self, name: &str) -> Result<Option<AccountId>, RepoError>;
 
-    /// Every account, in id order.
     /// The name of an account.
     fn account_name(&mut self, id: AccountId) -> Result<Option<String>, RepoError>;
 
@@ -130,7 +138,13 @@ pub trait Registry: Send {
         now_ms: i64,
     ) -> Result<Option<Device>, RepoError>;
 
+    /// Every account, in id order.
     fn accounts(&mut self) -> Result<Vec<AccountId>, RepoError>;
+
+    /// Removes the account and every row of it (devices, enrolment codes, chunk
+    /// records, snapshots) in one transaction; `false` if there is no such account.
+    /// Its blobs are the caller's to remove, after.
+    fn remove_account(&mut self, account: AccountId) -> Result<bool, RepoError>;
 
     /// Whether the registry answers (the readiness probe): a cheap read.
     fn ping(&mut self) -> Result<(), RepoError>;
@@ -228,20 +242,29 @@ pub trait Registry: Send {
     fn forget_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<bool, RepoError>;
 
     /// Chunks of the account that no snapshot names and nobody touched at or after
-    /// `touched_before` (what [`delete_unreferenced_chunks`](Self::delete_unreferenced_chunks)
-    /// would delete now).
+    /// `touched_before`, with the snapshots whose chunk lists that answer took into
+    /// account: one consistent reading, from which collection then deletes in batches
+    /// ([`delete_unreferenced_chunks`](Self::delete_unreferenced_chunks)).
     fn unreferenced_chunks(
         &mut self,
         account: AccountId,
         touched_before: i64,
-    ) -> Result<Vec<ChunkRecord>, RepoError>;
+    ) -> Result<Unreferenced, RepoError>;
 
-    /// Deletes, in one transaction that decides and deletes, the rows of the chunks
-    /// [`unreferenced_chunks`](Self::unreferenced_chunks) names, and returns them.
+    /// Deletes, in one transaction that decides and deletes, the rows of those of `ids`
+    /// that nobody touched at or after `touched_before` and that no snapshot names, and
+    /// returns them (in id order). The snapshots in `checked` (id and body hash, from
+    /// [`unreferenced_chunks`](Self::unreferenced_chunks)) are known not to name any of
+    /// `ids`: only the others are read, so a collection deleting in many short
+    /// batches reads every chunk list once, not once a batch. Snapshots never change
+    /// once committed, so a snapshot with the same id and body hash names the same
+    /// chunks.
     fn delete_unreferenced_chunks(
         &mut self,
         account: AccountId,
+        ids: &[ChunkId],
         touched_before: i64,
+        checked: &[(SnapshotId, Hash)],
     ) -> Result<Vec<ChunkRecord>, RepoError>;
 
     /// Up to `limit` chunk records of the account in id order, starting after `after`
@@ -253,20 +276,42 @@ pub trait Registry: Send {
         limit: usize,
     ) -> Result<Vec<ChunkRecord>, RepoError>;
 
+    /// Whether other processes share this registry (PostgreSQL), so that
+    /// [`lock_round`](Self::lock_round) and [`lock_snapshot`](Self::lock_snapshot) take
+    /// locks they see. A registry only one process uses (SQLite: the blob store's lock
+    /// keeps other servers out) needs nothing beyond the process's own locks.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Rule 2 of [`super`] across processes: held shared by a commit round (and a
     /// forget), exclusive by collection from deleting rows until their blobs are gone.
     /// With `wait`, waits until it is granted; without, tries once and says whether it
-    /// was. A registry only one process uses (SQLite: the blob store's lock keeps other
-    /// servers out) needs nothing beyond the process's own lock, so the default grants
-    /// at once; a shared one (PostgreSQL) takes a lock every process sharing it sees,
-    /// and refuses every call (rather than open a new connection without the lock)
-    /// once the connection holding it is lost, until it is released.
+    /// was. An unshared registry grants at once; a shared one takes a lock every
+    /// process sharing it sees, on this connection, and refuses every call (rather than
+    /// open a new connection without the lock) once the connection holding it is lost,
+    /// until it is released. The caller does the locked work on this same registry.
     fn lock_round(&mut self, _exclusive: bool, _wait: bool) -> Result<bool, RepoError> {
         Ok(true)
     }
 
     /// Releases what [`lock_round`](Self::lock_round) took.
     fn unlock_round(&mut self, _exclusive: bool) -> Result<(), RepoError> {
+        Ok(())
+    }
+
+    /// Keeps every other process sharing the registry from committing a snapshot with
+    /// this id until [`unlock_snapshot`](Self::unlock_snapshot): taken before a
+    /// commit's check, held through its body's write and its row, so that of two
+    /// commits of one id through two nodes at once the second sees the first's row
+    /// and never overwrites its body. One process's commits are one at a time already
+    /// (its committer thread), so an unshared registry does nothing. Waits.
+    fn lock_snapshot(&mut self, _account: AccountId, _id: &SnapshotId) -> Result<(), RepoError> {
+        Ok(())
+    }
+
+    /// Releases what [`lock_snapshot`](Self::lock_snapshot) took.
+    fn unlock_snapshot(&mut self, _account: AccountId, _id: &SnapshotId) -> Result<(), RepoError> {
         Ok(())
     }
 

@@ -17,8 +17,12 @@
 //!   is answered 5xx or 429 is sent again after a growing pause (50 ms doubling, up to
 //!   [`ATTEMPTS`] tries, about 3 s in all); other answers are final. Every request is
 //!   signed anew for each try.
-//! - **Parallelism.** A batch's objects are put by up to [`WRITERS`] threads at once:
-//!   an object store is slow per request and fast in aggregate.
+//! - **Parallelism.** A batch's objects are put (or deleted) by up to [`WRITERS`]
+//!   threads at once: an object store is slow per request and fast in aggregate.
+//! - **A missing bucket is an error**, not every blob missing: a `404` is taken for
+//!   an absent object only when its answer says `NoSuchKey` or the bucket still
+//!   answers, so a bucket removed while serving fails requests (and scrub marks
+//!   nothing damaged) instead of reading as an empty store.
 //! - **Bounds.** A `GET` reads at most [`MAX_OBJECT`] bytes; a longer object is an
 //!   error, never an allocation of what a misbehaving store announces.
 //!
@@ -128,12 +132,9 @@ impl S3BlobStore {
             prefix,
             agent,
         };
-        match store.send("checking the bucket", |s| {
-            let url = s.bucket.head_bucket(Some(&s.creds)).sign(SIGNED_FOR);
-            s.agent.head(url.as_str()).call().map_err(Box::new)
-        })? {
-            Sent::Answer(200, _) => Ok(store),
-            Sent::Answer(code, _) => Err(store_err(format!(
+        match store.bucket_answers()? {
+            None => Ok(store),
+            Some(code) => Err(store_err(format!(
                 "bucket {} at {}: answered {code} (does it exist, and may this key use it?)",
                 cfg.bucket, cfg.endpoint
             ))),
@@ -181,6 +182,91 @@ impl S3BlobStore {
             }
         }
         Err(store_err(format!("{what}: {last} ({ATTEMPTS} tries)")))
+    }
+
+    /// Whether the bucket answers `HEAD` with 200.
+    fn bucket_answers(&self) -> Result<Option<u16>, RepoError> {
+        match self.send("checking the bucket", |s| {
+            let url = s.bucket.head_bucket(Some(&s.creds)).sign(SIGNED_FOR);
+            s.agent.head(url.as_str()).call().map_err(Box::new)
+        })? {
+            Sent::Answer(200, _) => Ok(None),
+            Sent::Answer(code, _) => Ok(Some(code)),
+        }
+    }
+
+    /// A 404 means the object is absent only if the bucket is there: a bucket removed
+    /// (or a wrong one) while serving must be an error, not every blob missing (scrub
+    /// would mark every chunk damaged). `body` is the answer's start, when it has one
+    /// (S3 names the error in it); a `HEAD` has none, so the bucket is asked.
+    fn absent(&self, name: &str, body: Option<&str>) -> Result<(), RepoError> {
+        let gone = match body {
+            Some(b) if b.contains("NoSuchKey") => false,
+            Some(b) if b.contains("NoSuchBucket") => true,
+            _ => self.bucket_answers()?.is_some(),
+        };
+        if gone {
+            Err(store_err(format!(
+                "{name}: the bucket {} is gone (or this key may no longer use it)",
+                self.bucket.name()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `f` on every item, up to [`WRITERS`] at once; the first error stops the
+    /// others taking more items, and is returned.
+    fn parallel<T: Sync>(
+        &self,
+        items: &[T],
+        f: impl Fn(&T) -> Result<(), RepoError> + Sync,
+    ) -> Result<(), RepoError> {
+        let workers = WRITERS.min(items.len());
+        if workers <= 1 {
+            return items.iter().try_for_each(f);
+        }
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<RepoError>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if let Err(e) = f(item) {
+                        next.store(items.len(), Ordering::Relaxed);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A `DELETE` of the object, whether or not it exists.
+    fn remove(&self, key: &BlobKey) -> Result<(), RepoError> {
+        let name = self.object(key);
+        match self.send("deleting an object", |s| {
+            let url = s
+                .bucket
+                .delete_object(Some(&s.creds), &name)
+                .sign(SIGNED_FOR);
+            s.agent.delete(url.as_str()).call().map_err(Box::new)
+        })? {
+            Sent::Answer(200..=299, _) => Ok(()),
+            Sent::Answer(404, r) => self.absent(&name, Some(&brief(*r))),
+            Sent::Answer(code, r) => Err(store_err(format!(
+                "deleting {name}: answered {code}: {}",
+                brief(*r)
+            ))),
+        }
     }
 
     fn put(&self, key: &BlobKey, data: &[u8]) -> Result<(), RepoError> {
@@ -241,7 +327,7 @@ impl S3BlobStore {
                 }
                 Ok(Some(body))
             }
-            Sent::Answer(404, _) => Ok(None),
+            Sent::Answer(404, r) => self.absent(&name, Some(&brief(*r))).map(|()| None),
             // A range from at or past the end of an object that exists.
             Sent::Answer(416, _) => Ok(Some(Vec::new())),
             Sent::Answer(code, r) => Err(store_err(format!(
@@ -268,34 +354,23 @@ fn kind_name(k: BlobKind) -> &'static str {
 
 impl BlobStore for S3BlobStore {
     fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
-        let workers = WRITERS.min(items.len());
-        if workers <= 1 {
-            return items.iter().try_for_each(|(k, d)| self.put(k, d));
-        }
-        let next = AtomicUsize::new(0);
-        let failed: Mutex<Option<RepoError>> = Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((k, d)) = items.get(i) else { break };
-                    if let Err(e) = self.put(k, d) {
-                        // The others stop taking items; what is stored stays (the
-                        // trait allows it), and nothing is acknowledged.
-                        next.store(items.len(), Ordering::Relaxed);
-                        failed
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        break;
-                    }
-                });
-            }
-        });
-        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
+        // On an error, what is stored stays (the trait allows it), and nothing is
+        // acknowledged.
+        self.parallel(items, |(k, d)| self.put(k, d))
+    }
+
+    fn ready(&self) -> Result<(), RepoError> {
+        match self.bucket_answers()? {
             None => Ok(()),
+            Some(code) => Err(store_err(format!(
+                "bucket {}: answered {code}",
+                self.bucket.name()
+            ))),
         }
+    }
+
+    fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
+        self.parallel(keys, |k| self.remove(k))
     }
 
     fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
@@ -326,7 +401,7 @@ impl BlobStore for S3BlobStore {
                 .and_then(|v| v.parse().ok())
                 .map(Some)
                 .ok_or_else(|| store_err(format!("{name}: no Content-Length"))),
-            Sent::Answer(404, _) => Ok(None),
+            Sent::Answer(404, _) => self.absent(&name, None).map(|()| None),
             Sent::Answer(code, r) => {
                 Err(store_err(format!("{name}: answered {code}: {}", brief(*r))))
             }
@@ -338,20 +413,8 @@ impl BlobStore for S3BlobStore {
         if self.len(key)?.is_none() {
             return Ok(false);
         }
-        let name = self.object(key);
-        match self.send("deleting an object", |s| {
-            let url = s
-                .bucket
-                .delete_object(Some(&s.creds), &name)
-                .sign(SIGNED_FOR);
-            s.agent.delete(url.as_str()).call().map_err(Box::new)
-        })? {
-            Sent::Answer(200..=299 | 404, _) => Ok(true),
-            Sent::Answer(code, r) => Err(store_err(format!(
-                "deleting {name}: answered {code}: {}",
-                brief(*r)
-            ))),
-        }
+        self.remove(key)?;
+        Ok(true)
     }
 
     fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
@@ -538,6 +601,64 @@ pub(crate) mod tests {
         wrong.secret_access_key = "0".repeat(64);
         let e = S3BlobStore::open(&wrong).unwrap_err().to_string();
         assert!(e.contains("answered 403"), "{e}");
+    }
+
+    /// A bucket gone while serving (here: the store pointed at one that does not
+    /// exist, after its check at open) fails every read and delete: a blob is never
+    /// reported missing when the store cannot know.
+    #[test]
+    fn a_bucket_gone_while_serving_is_an_error_not_missing_blobs() {
+        let Some(cfg) = config() else { return };
+        let mut h = S3Harness::new();
+        let mut store = h.open();
+        let key = BlobKey::Chunk(1, [5; 32]);
+        store.put_batch(&[(key, b"here")]).unwrap();
+        let absent = BlobKey::Chunk(1, [6; 32]);
+        assert_eq!(
+            store.get(&absent).unwrap(),
+            None,
+            "a missing object is None"
+        );
+        assert_eq!(store.len(&absent).unwrap(), None);
+        assert!(!store.delete(&absent).unwrap());
+        store.bucket = Bucket::new(
+            cfg.endpoint.parse().unwrap(),
+            UrlStyle::Path,
+            "gone-bucket".to_string(),
+            cfg.region.clone(),
+        )
+        .unwrap();
+        for e in [
+            store.get(&key).unwrap_err(),
+            store.get_range(&key, 0, 2).unwrap_err(),
+            store.len(&key).unwrap_err(),
+            store.delete(&key).unwrap_err(),
+            store.delete_batch(&[key, absent]).unwrap_err(),
+            store.list(1, BlobKind::Chunk).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(
+                e.contains("gone-bucket") || e.contains("NoSuchBucket"),
+                "{e}"
+            );
+        }
+    }
+
+    /// An https:// endpoint is spoken to over TLS (refused here: nothing listens),
+    /// not refused for want of a TLS backend.
+    #[test]
+    fn an_https_endpoint_is_tried_over_tls() {
+        let cfg = S3Config {
+            endpoint: "https://127.0.0.1:1".into(),
+            bucket: "b".into(),
+            region: "r".into(),
+            prefix: String::new(),
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+        };
+        let e = S3BlobStore::open(&cfg).unwrap_err().to_string();
+        assert!(!e.contains("TLS"), "{e}");
+        assert!(e.contains("Connection Failed"), "{e}");
     }
 
     #[test]

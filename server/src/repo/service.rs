@@ -21,13 +21,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
 use futures_channel::oneshot;
 
 use super::blob::{BlobKey, BlobStore};
 use super::fs::FsBlobStore;
+use super::pool::{Opener, Pooled, RegistryPool};
 use super::registry::{ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage};
 use super::sqlite::SqliteRegistry;
 use super::{
@@ -60,7 +61,7 @@ impl std::fmt::Debug for Repo {
 
 pub(super) struct Shared {
     pub(super) store: Box<dyn BlobStore>,
-    registry: Mutex<Box<dyn Registry>>,
+    registry: RegistryPool,
     /// Shared by a committer round, exclusive for collection's deletes: see the module
     /// documentation of [`super`].
     pub(super) gc_lock: RwLock<()>,
@@ -90,10 +91,9 @@ pub struct CommitStats {
 }
 
 impl Shared {
-    pub(super) fn registry(&self) -> MutexGuard<'_, Box<dyn Registry>> {
-        // A panic inside a registry call leaves no transaction open (it rolls back on
-        // drop), so the registry is still usable.
-        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A registry connection for the caller alone, until the guard is dropped.
+    pub(super) fn registry(&self) -> Result<Pooled<'_>, RepoError> {
+        self.registry.get()
     }
 
     pub(super) fn now(&self) -> i64 {
@@ -102,23 +102,26 @@ impl Shared {
 
     /// Takes rule 2's lock in the registry too, for the processes that share it
     /// ([`Registry::lock_round`]); released when the guard is dropped. Taken after
-    /// `gc_lock`, and released before it.
-    /// A round's shared lock is tried without holding the registry's mutex while it
-    /// waits (so this node's handshakes and reads go on while a collection elsewhere
-    /// holds it exclusively); collection's exclusive lock waits in the registry's
-    /// queue, which lets no new round in ahead of it.
+    /// `gc_lock`, and released before it. The lock is a connection's: the guard keeps
+    /// that connection checked out, and the locked work goes through it
+    /// ([`CrossLock::registry`]), so that if the connection is lost, taking the lock
+    /// with it, the work stops there (the registry refuses every call until the lock
+    /// is released) instead of going on through another connection unprotected. A
+    /// round's shared lock waits in the database's queue, behind a collection's
+    /// exclusive one that asked first.
     pub(super) fn cross_lock(&self, exclusive: bool) -> Result<CrossLock<'_>, RepoError> {
-        if exclusive {
-            self.registry().lock_round(true, true)?;
-        } else {
-            let mut pause = std::time::Duration::from_millis(1);
-            while !self.registry().lock_round(false, false)? {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_millis(50));
-            }
+        if !self.registry.is_shared() {
+            return Ok(CrossLock {
+                shared: self,
+                held: None,
+                exclusive,
+            });
         }
+        let mut conn = self.registry()?;
+        conn.lock_round(exclusive, true)?;
         Ok(CrossLock {
             shared: self,
+            held: Some(conn),
             exclusive,
         })
     }
@@ -127,14 +130,56 @@ impl Shared {
 /// Rule 2's lock in a shared registry, held until dropped.
 pub(super) struct CrossLock<'a> {
     shared: &'a Shared,
+    /// The connection holding the lock (a shared registry).
+    held: Option<Pooled<'a>>,
     exclusive: bool,
+}
+
+impl<'a> CrossLock<'a> {
+    /// The registry for the work the lock covers: the connection holding it, or with
+    /// an unshared registry (which needs no lock) any connection, for one step at a
+    /// time, so that others are not kept waiting while blobs are written.
+    pub(super) fn registry(&mut self) -> Result<LockedRegistry<'_, 'a>, RepoError> {
+        Ok(match &mut self.held {
+            Some(conn) => LockedRegistry::Held(conn),
+            None => LockedRegistry::Any(self.shared.registry()?),
+        })
+    }
+}
+
+/// A registry connection under a [`CrossLock`].
+pub(super) enum LockedRegistry<'b, 'a> {
+    Held(&'b mut Pooled<'a>),
+    Any(Pooled<'a>),
+}
+
+impl std::ops::Deref for LockedRegistry<'_, '_> {
+    type Target = Box<dyn Registry>;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            LockedRegistry::Held(c) => c,
+            LockedRegistry::Any(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for LockedRegistry<'_, '_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            LockedRegistry::Held(c) => c,
+            LockedRegistry::Any(c) => c,
+        }
+    }
 }
 
 impl Drop for CrossLock<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.shared.registry().unlock_round(self.exclusive) {
-            // A lost connection took the lock with it; anything else is worth a look.
-            tracing::warn!(error = %e, "cannot release the registry's round lock");
+        if let Some(conn) = &mut self.held {
+            if let Err(e) = conn.unlock_round(self.exclusive) {
+                // A lost connection took the lock with it; anything else is worth a look.
+                tracing::warn!(error = %e, "cannot release the registry's round lock");
+            }
         }
     }
 }
@@ -196,9 +241,12 @@ impl Repo {
     /// The repository in `dir` as configured: the blobs in the S3 store `s3` when
     /// given, else under `dir/blobs`; the registry in PostgreSQL at `registry` when
     /// given, else in `dir/repo.db`.
+    /// A PostgreSQL registry keeps up to `connections` connections (at least 2: a
+    /// commit round holds one through its blob writes).
     pub fn open(
         dir: &Path,
         registry: Option<&str>,
+        connections: usize,
         s3: Option<&super::s3::S3Config>,
     ) -> Result<Repo, RepoError> {
         if registry.is_none() && s3.is_none() {
@@ -209,11 +257,18 @@ impl Repo {
             Some(cfg) => Box::new(super::s3::S3BlobStore::open(cfg)?),
             None => Box::new(FsBlobStore::open(&dir.join("blobs"))?),
         };
-        let registry: Box<dyn Registry> = match registry {
-            Some(url) => Box::new(super::pg::PostgresRegistry::open(url)?),
-            None => Box::new(SqliteRegistry::open(&dir.join("repo.db"))?),
+        let registry = match registry {
+            Some(url) => {
+                let first = Box::new(super::pg::PostgresRegistry::open(url)?);
+                let url = url.to_owned();
+                let opener: Opener = Box::new(move || {
+                    Ok(Box::new(super::pg::PostgresRegistry::connect(&url)?) as Box<dyn Registry>)
+                });
+                RegistryPool::new(first, Some(opener), connections.max(2))
+            }
+            None => RegistryPool::single(Box::new(SqliteRegistry::open(&dir.join("repo.db"))?)),
         };
-        Repo::new(store, registry)
+        Repo::with_pool(store, registry, Arc::new(now_unix_ms))
     }
 
     /// A repository with its own clock (tests move time with it).
@@ -222,9 +277,18 @@ impl Repo {
         registry: Box<dyn Registry>,
         clock: Clock,
     ) -> Result<Repo, RepoError> {
+        Repo::with_pool(store, RegistryPool::single(registry), clock)
+    }
+
+    /// A repository on a pool of registry connections.
+    pub fn with_pool(
+        store: Box<dyn BlobStore>,
+        registry: RegistryPool,
+        clock: Clock,
+    ) -> Result<Repo, RepoError> {
         let shared = Arc::new(Shared {
             store,
-            registry: Mutex::new(registry),
+            registry,
             gc_lock: RwLock::new(()),
             clock,
             stats: Stats::default(),
@@ -330,7 +394,7 @@ impl Repo {
     ) -> Result<(AccountId, DeviceId), RepoError> {
         let now = self.shared.now();
         self.shared
-            .registry()
+            .registry()?
             .create_account(name, device_key, device_name, now)
     }
 
@@ -346,7 +410,7 @@ impl Repo {
         let now = self.shared.now();
         let expires = now.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
         self.shared
-            .registry()
+            .registry()?
             .add_enrolment(account, &hash, caps, now, expires)?;
         Ok((code, expires))
     }
@@ -360,22 +424,22 @@ impl Repo {
     ) -> Result<Option<Device>, RepoError> {
         let now = self.shared.now();
         self.shared
-            .registry()
+            .registry()?
             .redeem_enrolment(&code_hash(code), key, name, now)
     }
 
     /// The name of an account.
     pub fn account_name(&self, id: AccountId) -> Result<Option<String>, RepoError> {
-        self.shared.registry().account_name(id)
+        self.shared.registry()?.account_name(id)
     }
 
     pub fn account_by_name(&self, name: &str) -> Result<Option<AccountId>, RepoError> {
-        self.shared.registry().account_by_name(name)
+        self.shared.registry()?.account_by_name(name)
     }
 
     /// The device with this key, revoked or not (the handshake refuses revoked ones).
     pub fn device_by_key(&self, key: &[u8; 32]) -> Result<Option<Device>, RepoError> {
-        self.shared.registry().device_by_key(key)
+        self.shared.registry()?.device_by_key(key)
     }
 
     pub fn add_device(
@@ -387,43 +451,69 @@ impl Repo {
     ) -> Result<DeviceId, RepoError> {
         let now = self.shared.now();
         self.shared
-            .registry()
+            .registry()?
             .add_device(account, key, name, caps, now)
     }
 
     pub fn list_devices(&self, account: AccountId) -> Result<Vec<Device>, RepoError> {
-        self.shared.registry().list_devices(account)
+        self.shared.registry()?.list_devices(account)
     }
 
     pub fn revoke_device(&self, account: AccountId, device: DeviceId) -> Result<bool, RepoError> {
         let now = self.shared.now();
-        self.shared.registry().revoke_device(account, device, now)
+        self.shared.registry()?.revoke_device(account, device, now)
     }
 
     pub fn set_wrapped_key(&self, account: AccountId, key: &[u8]) -> Result<(), RepoError> {
-        self.shared.registry().set_wrapped_key(account, key)
+        self.shared.registry()?.set_wrapped_key(account, key)
     }
 
     pub fn wrapped_key(&self, account: AccountId) -> Result<Option<Vec<u8>>, RepoError> {
-        self.shared.registry().wrapped_key(account)
+        self.shared.registry()?.wrapped_key(account)
     }
 
     pub fn set_quota(&self, account: AccountId, quota: Option<u64>) -> Result<(), RepoError> {
-        self.shared.registry().set_quota(account, quota)
+        self.shared.registry()?.set_quota(account, quota)
+    }
+
+    /// Removes an account with everything it holds: its rows in one transaction
+    /// (under the lock that keeps commit rounds out, on every node sharing the
+    /// registry), then its blobs. A round after that finds no account and writes
+    /// nothing; a crash between leaves blobs no row names, which nobody serves.
+    /// `false` if there is no such account.
+    pub fn remove_account(&self, account: AccountId) -> Result<bool, RepoError> {
+        {
+            let _gc = self
+                .shared
+                .gc_lock
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut all = self.shared.cross_lock(true)?;
+            if !all.registry()?.remove_account(account)? {
+                return Ok(false);
+            }
+        }
+        self.shared.store.delete_account(account)?;
+        Ok(true)
+    }
+
+    /// Whether the blob store takes writes (the readiness probe).
+    pub fn store_ready(&self) -> Result<(), RepoError> {
+        self.shared.store.ready()
     }
 
     /// Whether the registry answers (the readiness probe).
     pub fn ping(&self) -> Result<(), RepoError> {
-        self.shared.registry().ping()
+        self.shared.registry()?.ping()
     }
 
     /// Every account's id, in id order.
     pub fn accounts(&self) -> Result<Vec<AccountId>, RepoError> {
-        self.shared.registry().accounts()
+        self.shared.registry()?.accounts()
     }
 
     pub fn usage(&self, account: AccountId) -> Result<Usage, RepoError> {
-        self.shared.registry().usage(account)
+        self.shared.registry()?.usage(account)
     }
 
     // ---- chunks ----
@@ -432,7 +522,7 @@ impl Repo {
     /// from collection for its grace period from now.
     pub fn chunks_held(&self, account: AccountId, ids: &[ChunkId]) -> Result<Vec<bool>, RepoError> {
         let now = self.shared.now();
-        self.shared.registry().chunks_held(account, ids, now)
+        self.shared.registry()?.chunks_held(account, ids, now)
     }
 
     /// The chunk's stored bytes, from the account's own namespace only.
@@ -460,7 +550,7 @@ impl Repo {
     // ---- snapshots ----
 
     pub fn list_snapshots(&self, account: AccountId) -> Result<Vec<SnapshotHeader>, RepoError> {
-        self.shared.registry().list_snapshots(account)
+        self.shared.registry()?.list_snapshots(account)
     }
 
     pub fn get_snapshot(
@@ -468,7 +558,7 @@ impl Repo {
         account: AccountId,
         id: &SnapshotId,
     ) -> Result<Option<StoredSnapshot>, RepoError> {
-        self.shared.registry().get_snapshot(account, id)
+        self.shared.registry()?.get_snapshot(account, id)
     }
 
     /// A committed snapshot's body (`None` for an id the account has no snapshot of,
@@ -478,7 +568,7 @@ impl Repo {
         account: AccountId,
         id: &SnapshotId,
     ) -> Result<Option<Vec<u8>>, RepoError> {
-        if self.shared.registry().get_snapshot(account, id)?.is_none() {
+        if self.shared.registry()?.get_snapshot(account, id)?.is_none() {
             return Ok(None);
         }
         self.shared.store.get(&BlobKey::SnapshotBody(account, *id))
@@ -494,8 +584,8 @@ impl Repo {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         // ... on every node sharing the registry.
-        let _all = self.shared.cross_lock(true)?;
-        if !self.shared.registry().forget_snapshot(account, id)? {
+        let mut all = self.shared.cross_lock(true)?;
+        if !all.registry()?.forget_snapshot(account, id)? {
             return Ok(false);
         }
         // A failure here leaves an orphan body, which collection removes.
@@ -549,7 +639,7 @@ fn run_committer(shared: &Shared, rx: &mpsc::Receiver<Job>) {
             .unwrap_or_else(PoisonError::into_inner);
         // The same rule across the nodes sharing the registry: no collection on any
         // of them deletes between this round's check and its rows.
-        let _all = match shared.cross_lock(false) {
+        let mut all = match shared.cross_lock(false) {
             Ok(g) => g,
             Err(e) => {
                 for (.., reply) in chunks {
@@ -562,10 +652,12 @@ fn run_committer(shared: &Shared, rx: &mpsc::Receiver<Job>) {
             }
         };
         if !chunks.is_empty() {
-            commit_chunks(shared, chunks);
+            commit_chunks(shared, &mut all, chunks);
         }
         for (account, header, chunks, body, reply) in snapshots {
-            let _ = reply.send(commit_snapshot(shared, account, &header, &chunks, &body));
+            let _ = reply.send(commit_snapshot(
+                shared, &mut all, account, &header, &chunks, &body,
+            ));
         }
     }
 }
@@ -590,7 +682,11 @@ impl Pending {
 
 /// A round's chunks: the held ones answered, the rest checked against the quota,
 /// written in one batch and recorded in one transaction.
-fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkReply)>) {
+fn commit_chunks(
+    shared: &Shared,
+    all: &mut CrossLock<'_>,
+    jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkReply)>,
+) {
     // The same chunk twice in a round is written once.
     let mut index: HashMap<(AccountId, ChunkId), usize> = HashMap::new();
     let mut pending: Vec<Pending> = Vec::new();
@@ -619,7 +715,16 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
     let now = shared.now();
     let mut to_write = Vec::new();
     {
-        let mut reg = shared.registry();
+        let mut reg = match all.registry() {
+            Ok(r) => r,
+            Err(e) => {
+                let e = Err(e);
+                for p in by_account.into_values().flatten() {
+                    p.answer(&e);
+                }
+                return;
+            }
+        };
         for (account, list) in by_account {
             let ids: Vec<ChunkId> = list.iter().map(|p| p.id).collect();
             let checked = reg
@@ -666,7 +771,7 @@ fn commit_chunks(shared: &Shared, jobs: Vec<(AccountId, ChunkId, Vec<u8>, ChunkR
     let r = shared
         .store
         .put_batch(&items)
-        .and_then(|()| shared.registry().insert_chunks(&records));
+        .and_then(|()| all.registry()?.insert_chunks(&records));
     match &r {
         Ok(()) => {
             shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
@@ -712,6 +817,29 @@ fn records_of(chunks: &[Pending], now: i64) -> Vec<(AccountId, ChunkRecord)> {
 /// durably, then the row (which checks again, atomically).
 fn commit_snapshot(
     shared: &Shared,
+    all: &mut CrossLock<'_>,
+    account: AccountId,
+    header: &SnapshotHeader,
+    chunks: &[ChunkId],
+    body: &[u8],
+) -> Result<CommitOutcome, RepoError> {
+    // Two nodes committing one id at once: the second waits here, then finds the
+    // first's row, and never writes over its body.
+    all.registry()?.lock_snapshot(account, &header.id)?;
+    let r = commit_snapshot_locked(shared, all, account, header, chunks, body);
+    let unlocked = all
+        .registry()
+        .and_then(|mut reg| reg.unlock_snapshot(account, &header.id));
+    if let Err(e) = unlocked {
+        // A lost connection took the lock with it.
+        tracing::warn!(error = %e, "cannot release a snapshot's lock");
+    }
+    r
+}
+
+fn commit_snapshot_locked(
+    shared: &Shared,
+    all: &mut CrossLock<'_>,
     account: AccountId,
     header: &SnapshotHeader,
     chunks: &[ChunkId],
@@ -720,7 +848,7 @@ fn commit_snapshot(
     let body_hash = *blake3::hash(body).as_bytes();
     let now = shared.now();
     {
-        let mut reg = shared.registry();
+        let mut reg = all.registry()?;
         let usage = reg.usage(account)?;
         if let Some(old) = reg.get_snapshot(account, &header.id)? {
             return if old.body_hash == body_hash && old.chunks == chunks {
@@ -730,12 +858,13 @@ fn commit_snapshot(
             };
         }
         let held = reg.chunks_sound(account, chunks)?;
-        let mut missing: Vec<ChunkId> = Vec::new();
-        for (id, held) in chunks.iter().zip(held) {
-            if !held && !missing.contains(id) {
-                missing.push(*id);
-            }
-        }
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<ChunkId> = chunks
+            .iter()
+            .zip(held)
+            .filter(|(id, held)| !held && seen.insert(**id))
+            .map(|(id, _)| *id)
+            .collect();
         if !missing.is_empty() {
             return Err(RepoError::MissingChunks(missing));
         }
@@ -756,8 +885,8 @@ fn commit_snapshot(
     shared
         .store
         .put_batch(&[(BlobKey::SnapshotBody(account, header.id), body)])?;
-    let outcome = shared
-        .registry()
+    let outcome = all
+        .registry()?
         .commit_snapshot(account, header, chunks, &body_hash, now)?;
     if outcome == CommitOutcome::Committed {
         let m = crate::metrics::metrics();

@@ -13,13 +13,13 @@
 //! the `accounts` row by triggers on `chunks` and `snapshots`, in the same transactions,
 //! so a quota check costs one row read.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage,
+    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage,
 };
 use super::{
     AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
@@ -336,6 +336,22 @@ fn unreferenced(
     Ok(out)
 }
 
+/// Every snapshot of the account: id and body hash.
+fn snapshot_hashes(
+    conn: &Connection,
+    account: AccountId,
+) -> Result<Vec<(SnapshotId, Hash)>, RepoError> {
+    let mut st = conn.prepare_cached("SELECT id, body_hash FROM snapshots WHERE account = ?1")?;
+    let rows = st
+        .query_map([account], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(id, hash)| Ok((blob_array(id)?, blob_array(hash)?)))
+        .collect()
+}
+
 fn account_exists(conn: &Connection, account: AccountId) -> Result<(), RepoError> {
     let found = conn
         .prepare_cached("SELECT 1 FROM accounts WHERE id = ?1")?
@@ -348,6 +364,21 @@ fn account_exists(conn: &Connection, account: AccountId) -> Result<(), RepoError
 }
 
 impl Registry for SqliteRegistry {
+    fn remove_account(&mut self, account: AccountId) -> Result<bool, RepoError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for table in ["enrolments", "snapshots", "chunks", "devices"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE account = ?1"),
+                [account],
+            )?;
+        }
+        let n = tx.execute("DELETE FROM accounts WHERE id = ?1", [account])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
     fn create_account(
         &mut self,
         name: &str,
@@ -817,29 +848,60 @@ impl Registry for SqliteRegistry {
         &mut self,
         account: AccountId,
         touched_before: i64,
-    ) -> Result<Vec<ChunkRecord>, RepoError> {
+    ) -> Result<Unreferenced, RepoError> {
         let tx = self.conn.transaction()?;
-        let out = unreferenced(&tx, account, touched_before)?;
+        let mut chunks = unreferenced(&tx, account, touched_before)?;
+        let snapshots = snapshot_hashes(&tx, account)?;
         tx.commit()?;
-        Ok(out)
+        chunks.sort_unstable_by_key(|r| r.id);
+        Ok(Unreferenced { chunks, snapshots })
     }
 
     fn delete_unreferenced_chunks(
         &mut self,
         account: AccountId,
+        ids: &[ChunkId],
         touched_before: i64,
+        checked: &[(SnapshotId, Hash)],
     ) -> Result<Vec<ChunkRecord>, RepoError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let doomed = unreferenced(&tx, account, touched_before)?;
+        let known: HashMap<SnapshotId, Hash> = checked.iter().copied().collect();
+        let mut named = HashSet::new();
+        for (sid, hash) in snapshot_hashes(&tx, account)? {
+            if known.get(&sid) != Some(&hash) {
+                let packed: Vec<u8> = tx
+                    .prepare_cached(
+                        "SELECT chunk_ids FROM snapshots WHERE account = ?1 AND id = ?2",
+                    )?
+                    .query_row(params![account, &sid[..]], |r| r.get(0))?;
+                named.extend(unpack_ids(&packed)?);
+            }
+        }
+        let mut doomed = Vec::new();
         {
+            let mut find = tx.prepare_cached(&format!(
+                "SELECT {CHUNK_COLS} FROM chunks WHERE account = ?1 AND id = ?2 AND touched_ms < ?3"
+            ))?;
             let mut del = tx.prepare_cached("DELETE FROM chunks WHERE account = ?1 AND id = ?2")?;
-            for r in &doomed {
-                del.execute(params![account, &r.id[..]])?;
+            let mut seen = HashSet::new();
+            for id in ids {
+                if named.contains(id) || !seen.insert(*id) {
+                    continue;
+                }
+                let Some(raw) = find
+                    .query_row(params![account, &id[..], touched_before], raw_chunk)
+                    .optional()?
+                else {
+                    continue;
+                };
+                del.execute(params![account, &id[..]])?;
+                doomed.push(chunk_record(raw)?);
             }
         }
         tx.commit()?;
+        doomed.sort_unstable_by_key(|r| r.id);
         Ok(doomed)
     }
 
