@@ -213,6 +213,21 @@ fn unwrap_answer(r: Result<Answer, Arc<ConnError>>) -> Result<Answer, ConnError>
     }
 }
 
+/// A TCP connection to the first of `addrs` that takes one (the last error if none).
+fn first_to_answer(
+    addrs: impl IntoIterator<Item = std::net::SocketAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other("the name resolves to no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 fn clone_err(e: &ConnError) -> ConnError {
     match e {
         ConnError::Server(a) => ConnError::Server(a.clone()),
@@ -224,8 +239,6 @@ fn clone_err(e: &ConnError) -> ConnError {
 }
 
 impl Connection {
-    /// Connects, checks the server's key with `check` before the device key is sent,
-    /// and logs in.
     /// Connects to the first of `addrs` that answers: one `HOST:PORT`, or several
     /// separated by commas (the nodes of a cluster, which share one server key, so
     /// the pin made for the list holds for every one of them). An address that cannot
@@ -249,6 +262,9 @@ impl Connection {
         Err(last.unwrap_or_else(|| ConnError::BadAddress(addrs.into())))
     }
 
+    /// Connects to `addr` (`HOST:PORT`; a name with several addresses: the first that
+    /// takes the TCP connection, in the resolver's order), checks the server's key
+    /// with `check` before the device key is sent, and logs in.
     pub fn connect(
         addr: &str,
         device: &StaticKey,
@@ -259,24 +275,18 @@ impl Connection {
         if !addr.contains(':') {
             return Err(ConnError::BadAddress(addr.into()));
         }
-        let sock_addr = addr
+        let resolved = addr
             .to_socket_addrs()
             .map_err(|source| ConnError::Connect {
                 addr: addr.into(),
                 source,
-            })?
-            .next()
-            .ok_or_else(|| ConnError::Connect {
+            })?;
+        let mut stream = first_to_answer(resolved, opts.connect_timeout).map_err(|source| {
+            ConnError::Connect {
                 addr: addr.into(),
-                source: std::io::Error::other("the name resolves to no address"),
-            })?;
-        let mut stream =
-            TcpStream::connect_timeout(&sock_addr, opts.connect_timeout).map_err(|source| {
-                ConnError::Connect {
-                    addr: addr.into(),
-                    source,
-                }
-            })?;
+                source,
+            }
+        })?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(opts.connect_timeout.max(Duration::from_secs(10))))?;
         stream.set_write_timeout(Some(opts.io_timeout))?;
@@ -509,5 +519,27 @@ fn read_loop(mut stream: TcpStream, shared: Arc<Shared>, io_timeout: Duration) {
         if answered {
             shared.room.notify_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name with several addresses: one that refuses is passed over for the next
+    /// (a cluster's DNS name while one node is down), and none answering is the last
+    /// error.
+    #[test]
+    fn the_first_address_that_takes_the_connection_is_used() {
+        let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let down_addr = down.local_addr().unwrap();
+        drop(down);
+        let t = Duration::from_secs(2);
+        let s = first_to_answer([down_addr, up.local_addr().unwrap()], t).unwrap();
+        assert_eq!(s.peer_addr().unwrap(), up.local_addr().unwrap());
+        let e = first_to_answer([down_addr], t).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(first_to_answer([], t).is_err());
     }
 }
