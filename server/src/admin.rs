@@ -692,9 +692,13 @@ fn remove_accounts(cfg: &Config, prefix: &str, dry_run: bool) -> Result<i32> {
     let mut removed = 0;
     for (id, name, ..) in &victims {
         match repo.remove_account(*id) {
-            Ok(_) => removed += 1,
+            Ok(true) => removed += 1,
+            Ok(false) => {} // removed meanwhile (another remove-accounts)
             Err(e) => {
-                eprintln!("{name}: {e}");
+                eprintln!(
+                    "{name}: {e} (if its rows are gone, its blobs may remain: the store's \
+                     {id}/ prefix or directory)"
+                );
                 code = 1;
             }
         }

@@ -213,7 +213,9 @@ fn unwrap_answer(r: Result<Answer, Arc<ConnError>>) -> Result<Answer, ConnError>
     }
 }
 
-/// A TCP connection to the first of `addrs` that takes one (the last error if none).
+/// A TCP connection to the first of `addrs` that takes one, tried one after another
+/// (an address that does not answer costs `timeout` before the next is tried), or the
+/// last error.
 fn first_to_answer(
     addrs: impl IntoIterator<Item = std::net::SocketAddr>,
     timeout: Duration,

@@ -643,7 +643,7 @@ pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut
     let ids = |v: Vec<ChunkRecord>| v.into_iter().map(|c| c.id[0]).collect::<Vec<_>>();
     let first = r.unreferenced_chunks(a, 500).unwrap();
     assert_eq!(ids(first.chunks.clone()), vec![2]);
-    let mut snaps: Vec<u8> = first.snapshots.iter().map(|(id, _)| id[0]).collect();
+    let mut snaps: Vec<u8> = first.snapshots.iter().map(|s| s.id[0]).collect();
     snaps.sort();
     assert_eq!(snaps, vec![1, 2], "the reading names the snapshots it read");
     assert!(r.forget_snapshot(a, &[2; 16]).unwrap());
@@ -699,11 +699,11 @@ pub(crate) fn reg_a_batch_spares_what_snapshots_committed_since_name<H: Registry
     let ids: Vec<ChunkId> = found.chunks.iter().map(|c| c.id).collect();
     assert_eq!(ids, vec![[1; 32], [2; 32], [3; 32]]);
     // After the reading: a new snapshot names 1; snapshot 1 is forgotten and its id
-    // committed again, naming 2.
+    // committed again, with the same body hash, naming 2.
     r.commit_snapshot(a, &header(2, 0), &[[1; 32]], &[2; 32], 200)
         .unwrap();
     assert!(r.forget_snapshot(a, &[1; 16]).unwrap());
-    r.commit_snapshot(a, &header(1, 0), &[[2; 32]], &[3; 32], 200)
+    r.commit_snapshot(a, &header(1, 0), &[[2; 32]], &[1; 32], 200)
         .unwrap();
     let gone = r
         .delete_unreferenced_chunks(a, &ids, 500, &found.snapshots)

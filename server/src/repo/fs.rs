@@ -310,7 +310,10 @@ impl BlobStore for FsBlobStore {
     }
 
     fn ready(&self) -> Result<(), RepoError> {
-        let p = self.tmp.join(format!(".readyz-{}", std::process::id()));
+        // One name per probe: a probe that timed out may still be running.
+        static PROBE: AtomicU64 = AtomicU64::new(0);
+        let n = PROBE.fetch_add(1, Ordering::Relaxed);
+        let p = self.tmp.join(format!(".readyz-{}-{n}", std::process::id()));
         std::fs::write(&p, b"").map_err(io_err("writing", &p))?;
         std::fs::remove_file(&p).map_err(io_err("removing", &p))
     }

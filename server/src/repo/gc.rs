@@ -65,6 +65,19 @@ pub struct ScrubReport {
     pub damaged_bodies: Vec<(AccountId, SnapshotId)>,
 }
 
+/// The id just before `id` in byte order (`None` for the first), to page to one id.
+fn predecessor(id: &ChunkId) -> Option<ChunkId> {
+    let mut p = *id;
+    for b in p.iter_mut().rev() {
+        if *b > 0 {
+            *b -= 1;
+            return Some(p);
+        }
+        *b = 0xff;
+    }
+    None
+}
+
 /// Chunk records read per registry call during a scrub or a sweep.
 const PAGE: usize = 1000;
 
@@ -252,6 +265,7 @@ impl Repo {
                 // (no longer kept out) writes a blob this would delete.
                 all.registry()?.ping()?;
                 store.delete_batch(part)?;
+                self.still_locked(&mut all, account, part)?;
             }
             report.chunks_deleted += doomed.len() as u64;
             report.bytes_freed += doomed.iter().map(|r| r.stored_len).sum::<u64>();
@@ -265,11 +279,17 @@ impl Repo {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
             let mut all = self.shared.cross_lock(true)?;
-            let still = all.registry()?.chunks_recorded(account, part)?;
-            for (id, recorded) in part.iter().zip(still) {
-                if !recorded && store.delete(&BlobKey::Chunk(account, *id))? {
-                    report.orphan_chunk_blobs += 1;
+            for part in part.chunks(64) {
+                let still = all.registry()?.chunks_recorded(account, part)?;
+                let mut deleted = Vec::new();
+                for (id, recorded) in part.iter().zip(still) {
+                    let key = BlobKey::Chunk(account, *id);
+                    if !recorded && store.delete(&key)? {
+                        report.orphan_chunk_blobs += 1;
+                        deleted.push(key);
+                    }
                 }
+                self.still_locked(&mut all, account, &deleted)?;
             }
         }
         for part in body_candidates.chunks(GC_BATCH) {
@@ -280,6 +300,8 @@ impl Repo {
                 .unwrap_or_else(PoisonError::into_inner);
             let mut all = self.shared.cross_lock(true)?;
             for id in part {
+                // The lock's connection answers for the check; losing it is noticed
+                // at the next check, one body later at most.
                 let committed = all.registry()?.get_snapshot(account, id)?.is_some();
                 if !committed && store.delete(&BlobKey::SnapshotBody(account, *id))? {
                     report.orphan_bodies += 1;
@@ -287,6 +309,50 @@ impl Repo {
             }
         }
         Ok(())
+    }
+
+    /// After blobs were deleted under the lock: `Ok` if its connection still answers.
+    /// If it was lost meanwhile (PostgreSQL released the lock with it), a round on
+    /// another node may have stored one of these chunks again, blob and row, before
+    /// this deleted the blob: such a chunk, recorded now but without its blob, is
+    /// marked damaged (so it is answered "not held", sent again by the next backup that
+    /// has it, and reported by scrub), and the lost connection's error returned.
+    fn still_locked(
+        &self,
+        all: &mut super::service::CrossLock<'_>,
+        account: AccountId,
+        deleted: &[BlobKey],
+    ) -> Result<(), RepoError> {
+        let lost = match all.registry().and_then(|mut r| r.ping()) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        tracing::error!(error = %lost, "the registry connection holding collection's lock was lost while it deleted blobs; checking them again");
+        let ids: Vec<ChunkId> = deleted
+            .iter()
+            .filter_map(|k| <ChunkId>::try_from(k.id()).ok())
+            .collect();
+        let mut reg = self.shared.registry()?;
+        let recorded = reg.chunks_recorded(account, &ids)?;
+        let now = self.shared.now();
+        for (id, recorded) in ids.iter().zip(recorded) {
+            if !recorded
+                || self
+                    .shared
+                    .store
+                    .len(&BlobKey::Chunk(account, *id))?
+                    .is_some()
+            {
+                continue;
+            }
+            let before = predecessor(id);
+            let rec = reg.chunk_records(account, before.as_ref(), 1)?;
+            if let Some(rec) = rec.into_iter().find(|r| r.id == *id) {
+                reg.mark_damaged(account, id, &rec.hash, now)?;
+                tracing::error!(account_id = account, chunk = %super::hex(id), "a chunk stored again while collection deleted its blob: marked damaged, to be sent again");
+            }
+        }
+        Err(lost)
     }
 
     /// Every chunk id the account has a row for.
@@ -413,6 +479,17 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
     const HOUR_MS: i64 = 3_600_000;
+
+    #[test]
+    fn predecessor_is_the_id_just_before() {
+        let mut id = [0u8; 32];
+        assert_eq!(predecessor(&id), None);
+        id[0] = 5;
+        let mut want = [0xffu8; 32];
+        want[0] = 4;
+        assert_eq!(predecessor(&id), Some(want));
+        assert_eq!(predecessor(&want).unwrap()[31], 0xfe);
+    }
 
     /// More garbage than one batch: every batch is deleted, rows and blobs, and the
     /// chunks a snapshot names stay, wherever they fall among the batches.

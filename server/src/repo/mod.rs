@@ -91,7 +91,8 @@ pub use gc::{GcReport, Progress, Scope, ScrubReport};
 pub use pg::PostgresRegistry;
 pub use pool::RegistryPool;
 pub use registry::{
-    ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage, MAX_NAME_LEN,
+    ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot, Unreferenced,
+    Usage, MAX_NAME_LEN,
 };
 pub use service::{CommitStats, Repo};
 pub use sqlite::SqliteRegistry;

@@ -37,7 +37,8 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage,
+    check_name, ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot,
+    Unreferenced, Usage,
 };
 use super::sqlite::{to_i64, to_u64, unpack_ids};
 use super::{
@@ -198,22 +199,36 @@ const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 ///   without verifying it, which protects against nothing active: say `require`).
 fn target(url: &str) -> Result<Target, RepoError> {
     let bad = |m: String| RepoError::InvalidArgument(format!("the registry URL: {m}"));
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    // The query starts at the first `?` after the credentials (a password may hold a
+    // `?`: rust-postgres reads the user and password up to the last `@`).
+    let after_at = url.rfind('@').map_or(0, |i| i + 1);
+    let (base, query) = match url[after_at..].find('?') {
+        Some(i) => (&url[..after_at + i], &url[after_at + i + 1..]),
+        None => (url, ""),
+    };
     let mut kept: Vec<&str> = Vec::new();
     let (mut mode, mut root) = (None, None);
+    let decode = |v: &str, what: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| bad(format!("{what} is not UTF-8")))
+    };
     for p in query.split('&').filter(|p| !p.is_empty()) {
-        match p.split_once('=') {
-            Some(("sslmode", v)) => mode = Some(v),
-            Some(("sslrootcert", v)) => {
-                let path = percent_encoding::percent_decode_str(v)
-                    .decode_utf8()
-                    .map_err(|_| bad("sslrootcert is not UTF-8".into()))?;
-                root = Some(path.into_owned());
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        match decode(k, "a parameter's name")?.as_str() {
+            "sslmode" if mode.is_none() => mode = Some(decode(v, "sslmode")?),
+            "sslrootcert" if root.is_none() => root = Some(decode(v, "sslrootcert")?),
+            "sslmode" | "sslrootcert" => {
+                return Err(bad(format!(
+                    "{} is given twice",
+                    decode(k, "a parameter's name")?
+                )))
             }
             _ => kept.push(p),
         }
     }
-    let tls = match mode {
+    let tls = match mode.as_deref() {
         None | Some("disable" | "allow" | "prefer") => {
             if root.is_some() {
                 return Err(bad(
@@ -225,7 +240,10 @@ fn target(url: &str) -> Result<Target, RepoError> {
         }
         Some("require" | "verify-ca" | "verify-full") => {
             kept.push("sslmode=require");
-            Some(tls_connector(root.as_deref().unwrap_or(SYSTEM_ROOTS))?)
+            Some(match &root {
+                Some(path) => tls_connector(path, "sslrootcert")?,
+                None => tls_connector(SYSTEM_ROOTS, "the system's roots (no sslrootcert)")?,
+            })
         }
         Some(other) => {
             return Err(bad(format!(
@@ -233,16 +251,31 @@ fn target(url: &str) -> Result<Target, RepoError> {
             )))
         }
     };
-    Ok(Target {
-        url: format!("{base}?{}", kept.join("&")),
-        tls,
-    })
+    let url = format!("{base}?{}", kept.join("&"));
+    // What rust-postgres will do is what was asked: a TLS connector only with
+    // sslmode=require, and no other way to a plain connection.
+    let parsed: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| bad(e.to_string()))?;
+    let want = if tls.is_some() {
+        postgres::config::SslMode::Require
+    } else {
+        postgres::config::SslMode::Disable
+    };
+    if parsed.get_ssl_mode() != want {
+        return Err(bad("its TLS settings could not be read".into()));
+    }
+    Ok(Target { url, tls })
 }
 
-/// A TLS connector that trusts the CA certificates in the PEM file at `roots`.
-fn tls_connector(roots: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RepoError> {
+/// A TLS connector that trusts the CA certificates in the PEM file at `roots` (`what`
+/// names it in errors).
+fn tls_connector(
+    roots: &str,
+    what: &str,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RepoError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let bad = |m: String| RepoError::InvalidArgument(format!("sslrootcert {roots}: {m}"));
+    let bad = |m: String| RepoError::InvalidArgument(format!("{what} {roots}: {m}"));
     let mut store = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(roots).map_err(|e| bad(e.to_string()))? {
         store
@@ -295,9 +328,9 @@ fn connect(t: &Target) -> Result<Client, RepoError> {
 }
 
 impl PostgresRegistry {
-    /// Connects to the database at `url` (a `postgres://` URL or a libpq key-value
-    /// string) and brings its schema to [`SCHEMA_VERSION`].
-    /// `sslmode` and `sslrootcert` in the URL ask for TLS (see `target`).
+    /// Connects to the database at `url` (a `postgres://` URL; `sslmode` and
+    /// `sslrootcert` in it ask for TLS, see `target`) and brings its schema to
+    /// [`SCHEMA_VERSION`].
     pub fn open(url: &str) -> Result<PostgresRegistry, RepoError> {
         let mut reg = PostgresRegistry::connect(url)?;
         if reg.target.tls.is_none() && !local_only(&reg.target.url) {
@@ -577,17 +610,23 @@ fn snapshot_lock_key(account: AccountId, id: &SnapshotId) -> i64 {
     i64::from_le_bytes(key)
 }
 
-/// Every snapshot of the account: id and body hash.
+/// Every snapshot of the account, by its stamp.
 fn snapshot_hashes(
     tx: &mut Tx<'_, '_>,
     account: AccountId,
-) -> Result<Vec<(SnapshotId, Hash)>, RepoError> {
+) -> Result<Vec<SnapshotStamp>, RepoError> {
     tx.query(
-        "SELECT id, body_hash FROM snapshots WHERE account = $1",
+        "SELECT id, body_hash, created_ms FROM snapshots WHERE account = $1",
         &[&account],
     )?
     .iter()
-    .map(|r| Ok((array::<16>(r.try_get(0)?)?, array::<32>(r.try_get(1)?)?)))
+    .map(|r| {
+        Ok(SnapshotStamp {
+            id: array::<16>(r.try_get(0)?)?,
+            body_hash: array::<32>(r.try_get(1)?)?,
+            created_ms: r.try_get(2)?,
+        })
+    })
     .collect()
 }
 
@@ -1166,17 +1205,18 @@ impl Registry for PostgresRegistry {
         account: AccountId,
         ids: &[ChunkId],
         touched_before: i64,
-        checked: &[(SnapshotId, Hash)],
+        checked: &[SnapshotStamp],
     ) -> Result<Vec<ChunkRecord>, RepoError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let known: HashMap<SnapshotId, Hash> = checked.iter().copied().collect();
+        let known: HashSet<SnapshotStamp> = checked.iter().copied().collect();
         self.decide(|tx| {
             // Snapshots committed (or committed again) since the caller's reading.
             let mut named = HashSet::new();
-            for (sid, hash) in snapshot_hashes(tx, account)? {
-                if known.get(&sid) != Some(&hash) {
+            for stamp in snapshot_hashes(tx, account)? {
+                if !known.contains(&stamp) {
+                    let sid = stamp.id;
                     let r = tx.opt(
                         "SELECT chunk_ids FROM snapshots WHERE account = $1 AND id = $2",
                         &[&account, &&sid[..]],
@@ -1252,7 +1292,8 @@ impl Registry for PostgresRegistry {
     }
 
     fn unlock_round(&mut self, exclusive: bool) -> Result<(), RepoError> {
-        self.locks_held = self.locks_held.saturating_sub(1);
+        // Counted off only once released: a connection that may still hold a lock is
+        // closed, not pooled (`holds_locks`), and PostgreSQL releases it then.
         let sql = if exclusive {
             "SELECT pg_advisory_unlock($1)"
         } else {
@@ -1264,6 +1305,7 @@ impl Registry for PostgresRegistry {
                 .map_or(Ok(false), |r| r.try_get(0).map_err(Into::into))
         })?;
         if held {
+            self.locks_held = self.locks_held.saturating_sub(1);
             Ok(())
         } else {
             Err(RepoError::Corrupt(
@@ -1274,6 +1316,10 @@ impl Registry for PostgresRegistry {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn holds_locks(&self) -> bool {
+        self.locks_held > 0
     }
 
     fn lock_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<(), RepoError> {
@@ -1287,7 +1333,6 @@ impl Registry for PostgresRegistry {
     }
 
     fn unlock_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<(), RepoError> {
-        self.locks_held = self.locks_held.saturating_sub(1);
         let key = snapshot_lock_key(account, id);
         let held: bool = self.run(|tx| {
             tx.query("SELECT pg_advisory_unlock($1)", &[&key])?
@@ -1295,6 +1340,7 @@ impl Registry for PostgresRegistry {
                 .map_or(Ok(false), |r| r.try_get(0).map_err(Into::into))
         })?;
         if held {
+            self.locks_held = self.locks_held.saturating_sub(1);
             Ok(())
         } else {
             Err(RepoError::Corrupt(
@@ -1417,6 +1463,38 @@ pub(crate) mod tests {
     }
 
     crate::registry_conformance!(PgHarness);
+
+    /// The URL's TLS parameters are found after the credentials (a `?` in a password is
+    /// not a query), with percent-encoded names, and never turned into a plain
+    /// connection by accident; given twice, they are refused.
+    #[test]
+    fn tls_parameters_are_read_where_rust_postgres_reads_them() {
+        let plain = target("postgres://u:p?w@db.example/cb").unwrap();
+        assert!(plain.tls.is_none());
+        let cfg: postgres::Config = plain.url.parse().unwrap();
+        assert_eq!(cfg.get_password(), Some(&b"p?w"[..]));
+        assert_eq!(cfg.get_ssl_mode(), postgres::config::SslMode::Disable);
+        assert!(target("postgres://db/cb?sslmode=prefer&connect_timeout=3")
+            .unwrap()
+            .tls
+            .is_none());
+        // A TLS mode is taken as asked (here: the file of roots is then read).
+        for url in [
+            "postgres://u:p?w@db/cb?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "postgres://db/cb?ssl%6Dode=require&sslrootcert=%2Fnonexistent%2Fca.pem",
+        ] {
+            let e = target(url).err().expect("an error");
+            assert!(
+                matches!(&e, RepoError::InvalidArgument(m) if m.contains("/nonexistent/ca.pem")),
+                "{url}: {e}"
+            );
+        }
+        let e = target("postgres://db/cb?sslmode=require&sslmode=disable").err();
+        assert!(
+            matches!(&e, Some(RepoError::InvalidArgument(m)) if m.contains("twice")),
+            "{e:?}"
+        );
+    }
 
     /// With `sslmode=verify-full` and the test CA the connection is TLS; with a CA
     /// that did not sign the server's certificate it is refused; without `sslmode` it
@@ -1687,6 +1765,42 @@ mod cluster_tests {
             Arc::new(crate::repo::now_unix_ms),
         )
         .unwrap()
+    }
+
+    /// A connection given back while it still holds a lock (its holder panicked, or
+    /// the release failed) is closed, not pooled: the database releases the lock, and
+    /// another node's collection gets it at once.
+    #[test]
+    fn a_connection_still_holding_a_lock_is_closed_not_pooled() {
+        if !PgHarness::available() {
+            return;
+        }
+        let pg = PgHarness::new();
+        let url = pg.scoped_url().unwrap();
+        let first = Box::new(super::PostgresRegistry::open(&url).unwrap());
+        let u = url.clone();
+        let opener: Opener = Box::new(move || {
+            Ok(Box::new(super::PostgresRegistry::connect(&u)?) as Box<dyn Registry>)
+        });
+        let pool = RegistryPool::new(first, Some(opener), 2);
+        let mut other = super::PostgresRegistry::open(&url).unwrap();
+        {
+            let mut c = pool.get().unwrap();
+            assert!(c.lock_round(false, true).unwrap());
+            c.lock_snapshot(1, &[9; 16]).unwrap();
+            assert!(!other.lock_round(true, false).unwrap(), "held shared");
+            // Dropped without releasing, as when its holder panics.
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !other.lock_round(true, false).unwrap() {
+            assert!(std::time::Instant::now() < deadline, "the lock was kept");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        other.unlock_round(true).unwrap();
+        other.lock_snapshot(1, &[9; 16]).unwrap();
+        other.unlock_snapshot(1, &[9; 16]).unwrap();
+        // The pool goes on with a new connection.
+        pool.get().unwrap().ping().unwrap();
     }
 
     /// Two nodes commit one snapshot id at once, with different bodies, over and

@@ -136,12 +136,23 @@ impl std::ops::DerefMut for Pooled<'_> {
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
-        // Given back even when its holder panicked: a registry call that panics leaves
-        // no transaction open (it rolls back on drop), so the connection is usable.
-        if let Some(reg) = self.reg.take() {
-            self.pool.lock().idle.push(reg);
-            self.pool.freed.notify_one();
+        let Some(reg) = self.reg.take() else { return };
+        // A connection that may still hold an advisory lock (a release that failed, a
+        // holder that panicked between taking and releasing) is closed, which makes
+        // the database release it; given back, it would hold the lock for ever, and
+        // with it every node's collection (and behind that, every round). Otherwise a
+        // panic leaves it usable: a registry call that panics leaves no transaction
+        // open (it rolls back on drop).
+        let mut st = self.pool.lock();
+        if reg.holds_locks() && self.pool.opener.is_some() {
+            st.open -= 1;
+            drop(st);
+            tracing::warn!("a registry connection still holding a lock is closed");
+            drop(reg);
+        } else {
+            st.idle.push(reg);
         }
+        self.pool.freed.notify_one();
     }
 }
 

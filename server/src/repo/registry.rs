@@ -83,8 +83,18 @@ pub struct StoredSnapshot {
 pub struct Unreferenced {
     /// The chunks no snapshot names that nobody touched since the cutoff, in id order.
     pub chunks: Vec<ChunkRecord>,
-    /// Every snapshot of the account at that reading: id and body hash.
-    pub snapshots: Vec<(SnapshotId, Hash)>,
+    /// Every snapshot of the account at that reading.
+    pub snapshots: Vec<SnapshotStamp>,
+}
+
+/// What tells one committed snapshot from any other: its id, body hash and commit
+/// time. A snapshot never changes once committed; an id forgotten and committed again
+/// (with any body) has another commit time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotStamp {
+    pub id: SnapshotId,
+    pub body_hash: Hash,
+    pub created_ms: i64,
 }
 
 /// An account's usage.
@@ -253,18 +263,18 @@ pub trait Registry: Send {
 
     /// Deletes, in one transaction that decides and deletes, the rows of those of `ids`
     /// that nobody touched at or after `touched_before` and that no snapshot names, and
-    /// returns them (in id order). The snapshots in `checked` (id and body hash, from
+    /// returns them (in id order). The snapshots in `checked` (from
     /// [`unreferenced_chunks`](Self::unreferenced_chunks)) are known not to name any of
     /// `ids`: only the others are read, so a collection deleting in many short
     /// batches reads every chunk list once, not once a batch. Snapshots never change
-    /// once committed, so a snapshot with the same id and body hash names the same
+    /// once committed, so a snapshot with the same [`SnapshotStamp`] names the same
     /// chunks.
     fn delete_unreferenced_chunks(
         &mut self,
         account: AccountId,
         ids: &[ChunkId],
         touched_before: i64,
-        checked: &[(SnapshotId, Hash)],
+        checked: &[SnapshotStamp],
     ) -> Result<Vec<ChunkRecord>, RepoError>;
 
     /// Up to `limit` chunk records of the account in id order, starting after `after`
@@ -281,6 +291,14 @@ pub trait Registry: Send {
     /// locks they see. A registry only one process uses (SQLite: the blob store's lock
     /// keeps other servers out) needs nothing beyond the process's own locks.
     fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Whether this connection may still hold a lock of [`lock_round`](Self::lock_round)
+    /// or [`lock_snapshot`](Self::lock_snapshot) (its release failed, or its holder
+    /// panicked): such a connection is closed, not given back to the pool, so that the
+    /// database releases what it holds.
+    fn holds_locks(&self) -> bool {
         false
     }
 

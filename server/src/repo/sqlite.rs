@@ -13,13 +13,14 @@
 //! the `accounts` row by triggers on `chunks` and `snapshots`, in the same transactions,
 //! so a quota check costs one row read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Unreferenced, Usage,
+    check_name, ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot,
+    Unreferenced, Usage,
 };
 use super::{
     AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
@@ -336,19 +337,27 @@ fn unreferenced(
     Ok(out)
 }
 
-/// Every snapshot of the account: id and body hash.
-fn snapshot_hashes(
-    conn: &Connection,
-    account: AccountId,
-) -> Result<Vec<(SnapshotId, Hash)>, RepoError> {
-    let mut st = conn.prepare_cached("SELECT id, body_hash FROM snapshots WHERE account = ?1")?;
+/// Every snapshot of the account, by its stamp.
+fn snapshot_hashes(conn: &Connection, account: AccountId) -> Result<Vec<SnapshotStamp>, RepoError> {
+    let mut st =
+        conn.prepare_cached("SELECT id, body_hash, created_ms FROM snapshots WHERE account = ?1")?;
     let rows = st
         .query_map([account], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter()
-        .map(|(id, hash)| Ok((blob_array(id)?, blob_array(hash)?)))
+        .map(|(id, hash, created_ms)| {
+            Ok(SnapshotStamp {
+                id: blob_array(id)?,
+                body_hash: blob_array(hash)?,
+                created_ms,
+            })
+        })
         .collect()
 }
 
@@ -862,15 +871,16 @@ impl Registry for SqliteRegistry {
         account: AccountId,
         ids: &[ChunkId],
         touched_before: i64,
-        checked: &[(SnapshotId, Hash)],
+        checked: &[SnapshotStamp],
     ) -> Result<Vec<ChunkRecord>, RepoError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known: HashMap<SnapshotId, Hash> = checked.iter().copied().collect();
+        let known: HashSet<SnapshotStamp> = checked.iter().copied().collect();
         let mut named = HashSet::new();
-        for (sid, hash) in snapshot_hashes(&tx, account)? {
-            if known.get(&sid) != Some(&hash) {
+        for stamp in snapshot_hashes(&tx, account)? {
+            if !known.contains(&stamp) {
+                let sid = stamp.id;
                 let packed: Vec<u8> = tx
                     .prepare_cached(
                         "SELECT chunk_ids FROM snapshots WHERE account = ?1 AND id = ?2",
