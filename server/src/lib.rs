@@ -102,7 +102,30 @@ pub fn run(cfg: config::Config) -> Result<()> {
         );
     }
     let started = std::time::Instant::now();
-    let key = server_key::load_or_create(&cfg.repository.join("server.key"))?;
+    let key_path = cfg.repository.join("server.key");
+    // Nodes sharing a registry serve with one key, the one clients pin: a node without
+    // it does not make a key of its own, and one with another key does not serve.
+    let fp = cyberbackup_protocol::v4::noise::fingerprint;
+    if !key_path.exists() {
+        if let Some(cluster) = repo.cluster_key()? {
+            anyhow::bail!(
+                "{} is missing, and the nodes sharing this registry serve with key {}: copy \
+                 server.key from one of them (docs/DEPLOYMENT.md)",
+                key_path.display(),
+                fp(&cluster)
+            );
+        }
+    }
+    let key = server_key::load_or_create(&key_path)?;
+    if let Some(cluster) = repo.claim_server_key(key.public())? {
+        anyhow::bail!(
+            "{} is key {}, but the nodes sharing this registry serve with key {}: copy \
+             server.key from one of them (docs/DEPLOYMENT.md)",
+            key_path.display(),
+            fp(key.public()),
+            fp(&cluster)
+        );
+    }
     tracing::info!(
         repository = %cfg.repository.display(),
         registry = if cfg.registry.is_some() { "postgresql" } else { "sqlite" },

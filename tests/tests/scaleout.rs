@@ -339,6 +339,48 @@ fn accounts_are_removed_from_a_running_cluster_reached_over_tls() {
     ok(kept_cfg.path(), &["check", "--read-data"]);
 }
 
+/// Nodes sharing a registry serve with one key: a node started without `server.key`
+/// does not make one of its own, and a node with another key does not start; both say
+/// what to do. (Clients pinned the first node's key and would refuse either.)
+#[test]
+fn a_node_without_the_clusters_key_does_not_serve() {
+    let Some(base) = base_url() else { return };
+    let schema = Schema::new(base);
+    let url = schema.url();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start_in(Runtime::Mio, da.path(), &["--registry", &url]);
+    let start_b = || {
+        Command::new(server_binary())
+            .current_dir(db.path())
+            .args(["--port", "0", "--admin-listen", "off", "--registry", &url])
+            .output()
+            .unwrap()
+    };
+    let out = start_b();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("server.key is missing"), "{err}");
+    assert!(!db.path().join("repository/server.key").exists());
+    // Another key: refused, naming both.
+    fs::create_dir_all(db.path().join("repository")).unwrap();
+    fs::write(db.path().join("repository/server.key"), "ab".repeat(32)).unwrap();
+    let out = start_b();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the nodes sharing this registry serve with key SHA256:"),
+        "{err}"
+    );
+    // The cluster's key: it serves.
+    drop(second_node(
+        Runtime::Mio,
+        da.path(),
+        db.path(),
+        &["--registry", &url],
+    ));
+    drop(a);
+}
+
 /// The test object store, `ENDPOINT BUCKET REGION KEY_ID SECRET`: `CYBERBACKUP_TEST_S3`,
 /// else what `scripts/garage-test.sh` starts (or finds running) where Garage is
 /// installed; `None` when neither (a failure under CI).

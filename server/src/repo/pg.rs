@@ -46,10 +46,20 @@ use super::{
 };
 
 /// The schema's migrations, oldest first (refinery's `V{n}__{name}`).
-const MIGRATIONS: &[(&str, &str)] = &[("V1__initial", SCHEMA_V1)];
+const MIGRATIONS: &[(&str, &str)] = &[("V1__initial", SCHEMA_V1), ("V2__cluster_key", SCHEMA_V2)];
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The cluster's server key: the public key of the first node that started on this
+/// database; a node with another key is refused at start.
+const SCHEMA_V2: &str = "
+CREATE TABLE cluster (
+    singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+    server_key BYTEA NOT NULL CHECK (length(server_key) = 32),
+    claimed_ms BIGINT NOT NULL
+);
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -1322,6 +1332,34 @@ impl Registry for PostgresRegistry {
         self.locks_held > 0
     }
 
+    fn cluster_key(&mut self) -> Result<Option<[u8; 32]>, RepoError> {
+        self.run(|tx| {
+            tx.opt("SELECT server_key FROM cluster", &[])?
+                .map(|r| array::<32>(r.try_get(0)?))
+                .transpose()
+        })
+    }
+
+    fn claim_server_key(
+        &mut self,
+        key: &[u8; 32],
+        now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, RepoError> {
+        let recorded = self.run(|tx| {
+            tx.exec(
+                "INSERT INTO cluster (server_key, claimed_ms) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&&key[..], &now_ms],
+            )?;
+            let r = tx.query("SELECT server_key FROM cluster", &[])?;
+            match r.first() {
+                Some(r) => array::<32>(r.try_get(0)?),
+                None => Err(RepoError::Corrupt("no cluster key after its insert".into())),
+            }
+        })?;
+        Ok((recorded != *key).then_some(recorded))
+    }
+
     fn lock_snapshot(&mut self, account: AccountId, id: &SnapshotId) -> Result<(), RepoError> {
         let key = snapshot_lock_key(account, id);
         self.run(|tx| {
@@ -1463,6 +1501,26 @@ pub(crate) mod tests {
     }
 
     crate::registry_conformance!(PgHarness);
+
+    /// The first key claimed is the cluster's: claimed again it is accepted, another
+    /// is answered with the recorded one, and every connection sees it.
+    #[test]
+    fn the_first_server_key_claimed_is_the_clusters() {
+        let mut h = PgHarness::new();
+        if h.base.is_none() {
+            return;
+        }
+        let (mut a, mut b) = (h.open(), h.open());
+        assert_eq!(a.cluster_key().unwrap(), None);
+        assert_eq!(a.claim_server_key(&[1; 32], 5).unwrap(), None);
+        assert_eq!(
+            b.claim_server_key(&[1; 32], 6).unwrap(),
+            None,
+            "the same key"
+        );
+        assert_eq!(b.claim_server_key(&[2; 32], 7).unwrap(), Some([1; 32]));
+        assert_eq!(b.cluster_key().unwrap(), Some([1; 32]));
+    }
 
     /// The URL's TLS parameters are found after the credentials (a `?` in a password is
     /// not a query), with percent-encoded names, and never turned into a plain

@@ -294,6 +294,22 @@ pub trait Registry: Send {
         false
     }
 
+    /// The server key (public) the nodes sharing this registry serve with, once one
+    /// has claimed it; `None` for an unshared registry (its server's key is its own).
+    fn cluster_key(&mut self) -> Result<Option<[u8; 32]>, RepoError> {
+        Ok(None)
+    }
+
+    /// Records `key` as the cluster's server key if none is yet; returns the recorded
+    /// one if it is another (the node must not serve: clients pinned that one).
+    fn claim_server_key(
+        &mut self,
+        _key: &[u8; 32],
+        _now_ms: i64,
+    ) -> Result<Option<[u8; 32]>, RepoError> {
+        Ok(None)
+    }
+
     /// Whether this connection may still hold a lock of [`lock_round`](Self::lock_round)
     /// or [`lock_snapshot`](Self::lock_snapshot) (its release failed, or its holder
     /// panicked): such a connection is closed, not given back to the pool, so that the

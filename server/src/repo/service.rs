@@ -497,6 +497,18 @@ impl Repo {
         Ok(true)
     }
 
+    /// The server key the nodes sharing this registry serve with (see
+    /// [`Registry::cluster_key`]).
+    pub fn cluster_key(&self) -> Result<Option<[u8; 32]>, RepoError> {
+        self.shared.registry()?.cluster_key()
+    }
+
+    /// Claims `key` as the cluster's server key (see [`Registry::claim_server_key`]).
+    pub fn claim_server_key(&self, key: &[u8; 32]) -> Result<Option<[u8; 32]>, RepoError> {
+        let now = self.shared.now();
+        self.shared.registry()?.claim_server_key(key, now)
+    }
+
     /// Whether the blob store takes writes (the readiness probe).
     pub fn store_ready(&self) -> Result<(), RepoError> {
         self.shared.store.ready()
