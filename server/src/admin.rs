@@ -840,6 +840,60 @@ fn check_config(cfg: &Config) -> Result<i32> {
             .unwrap_or_else(|| "off".into()),
         cfg.gc_grace.as_secs()
     );
+    // The shared stores are reached (read-only: no migration, no object written).
+    match &cfg.registry {
+        None => println!(
+            "v4 registry: SQLite ({})",
+            cfg.repository.join("repo.db").display()
+        ),
+        Some(url) => {
+            use crate::repo::Registry as _;
+            let state = match crate::repo::PostgresRegistry::connect(url).and_then(|mut r| {
+                r.ping()?;
+                let tls = if r.encrypted() {
+                    "TLS"
+                } else {
+                    "not encrypted"
+                };
+                Ok(match r.cluster_key() {
+                    Ok(Some(k)) => format!(
+                        "answers, {tls}; the cluster's server key {}",
+                        cyberbackup_protocol::v4::noise::fingerprint(&k)
+                    ),
+                    _ => format!("answers, {tls}; no cluster key yet"),
+                })
+            }) {
+                Ok(state) => state,
+                Err(e) => {
+                    problems.push(format!("v4 registry: {e}"));
+                    format!("does not answer: {e}")
+                }
+            };
+            println!(
+                "v4 registry: PostgreSQL, up to {} connections ({state})",
+                cfg.registry_connections
+            );
+        }
+    }
+    match &cfg.s3 {
+        None => println!(
+            "v4 blobs: files ({})",
+            cfg.repository.join("blobs").display()
+        ),
+        Some(s3) => {
+            let state = match crate::repo::s3::S3BlobStore::open(s3) {
+                Ok(_) => "the bucket answers".to_owned(),
+                Err(e) => {
+                    problems.push(format!("v4 blobs: {e}"));
+                    e.to_string()
+                }
+            };
+            println!(
+                "v4 blobs: S3 at {}, bucket {}, prefix {:?} ({state})",
+                s3.endpoint, s3.bucket, s3.prefix
+            );
+        }
+    }
     println!(
         "limits: {} connections, idle {} s, header {} s, shutdown grace {} s",
         cfg.max_connections,

@@ -381,6 +381,49 @@ fn a_node_without_the_clusters_key_does_not_serve() {
     drop(a);
 }
 
+/// `check-config` reaches the registry and the object store it is given, and says so;
+/// one that does not answer is a problem (exit 1).
+#[test]
+fn check_config_reaches_the_registry_and_the_bucket() {
+    let (Some(base), Some(s3)) = (base_url(), s3_line()) else {
+        return;
+    };
+    let schema = Schema::new(base);
+    let dir = tempfile::tempdir().unwrap();
+    let check = |args: &[String]| {
+        let out = Command::new(server_binary())
+            .current_dir(dir.path())
+            .args(["--port", "0", "--admin-listen", "off"])
+            .args(args)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let good = cluster_args(&schema, &s3);
+    let (code, text) = check(&good);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("v4 registry: PostgreSQL, up to 8 connections (answers, not encrypted"),
+        "{text}"
+    );
+    assert!(text.contains("(the bucket answers)"), "{text}");
+    let mut bad = good.clone();
+    let i = bad.iter().position(|a| a == "--s3-bucket").unwrap();
+    bad[i + 1] = "no-such-bucket-here".into();
+    let (code, text) = check(&bad);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("problem: v4 blobs:"), "{text}");
+    bad[1] = "postgres://nobody@127.0.0.1:1/none".into();
+    let (code, text) = check(&bad);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("problem: v4 registry:"), "{text}");
+}
+
 /// The test object store, `ENDPOINT BUCKET REGION KEY_ID SECRET`: `CYBERBACKUP_TEST_S3`,
 /// else what `scripts/garage-test.sh` starts (or finds running) where Garage is
 /// installed; `None` when neither (a failure under CI).

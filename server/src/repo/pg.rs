@@ -367,6 +367,11 @@ impl PostgresRegistry {
         })
     }
 
+    /// Whether the connection is TLS.
+    pub fn encrypted(&self) -> bool {
+        self.target.tls.is_some()
+    }
+
     /// Runs `f` in a transaction at `level`, committing what it returns `Ok` for;
     /// tries again when PostgreSQL refuses it for serialization or a deadlock.
     fn tx<T>(
