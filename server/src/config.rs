@@ -244,6 +244,12 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub s3_secret_access_key: Option<String>,
 
+    /// v4: a PEM file of the CA certificates an https:// object store's certificate
+    /// is checked against, instead of the public roots (a store with a private CA's
+    /// certificate) [default: the Mozilla roots the server carries].
+    #[arg(long, env = "CYBERBACKUP_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
+
     /// Whether v4 clients may create accounts (`cyberbackup init`) [default: true].
     #[arg(long, env = "CYBERBACKUP_REGISTRATION")]
     pub registration: Option<bool>,
@@ -555,6 +561,7 @@ impl Args {
                             pick!(s3_secret_access_key),
                             "--s3-secret-access-key",
                         )?,
+                        ca_file: pick!(s3_ca_file),
                     })
                 }
             },
@@ -743,6 +750,7 @@ mod tests {
                 "s3_prefix",
                 "s3_access_key_id",
                 "s3_secret_access_key",
+                "s3_ca_file",
             ])),
             resolve(PACKAGED)
         );

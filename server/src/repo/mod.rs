@@ -80,6 +80,7 @@ pub mod registry;
 pub mod s3;
 pub mod service;
 pub mod sqlite;
+pub mod tls;
 
 use std::io;
 use std::path::{Path, PathBuf};

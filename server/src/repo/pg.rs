@@ -284,24 +284,7 @@ fn tls_connector(
     roots: &str,
     what: &str,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RepoError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let bad = |m: String| RepoError::InvalidArgument(format!("{what} {roots}: {m}"));
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(roots).map_err(|e| bad(e.to_string()))? {
-        store
-            .add(cert.map_err(|e| bad(e.to_string()))?)
-            .map_err(|e| bad(e.to_string()))?;
-    }
-    if store.is_empty() {
-        return Err(bad("no certificate in it".into()));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad(e.to_string()))?
-    .with_root_certificates(store)
-    .with_no_client_auth();
+    let config = super::tls::client_config(std::path::Path::new(roots), what)?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 

@@ -61,6 +61,9 @@ pub struct S3Config {
     pub prefix: String,
     pub access_key_id: String,
     pub secret_access_key: String,
+    /// A PEM file of the CA certificates an `https://` endpoint's certificate is
+    /// checked against (None: the Mozilla roots ureq carries).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for S3Config {
             .field("region", &self.region)
             .field("prefix", &self.prefix)
             .field("access_key_id", &self.access_key_id)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -121,11 +125,17 @@ impl S3BlobStore {
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))
-            .max_idle_connections_per_host(2 * WRITERS)
-            .build();
+            .max_idle_connections_per_host(2 * WRITERS);
+        if let Some(ca) = &cfg.ca_file {
+            agent = agent.tls_config(std::sync::Arc::new(super::tls::client_config(
+                ca,
+                "--s3-ca-file",
+            )?));
+        }
+        let agent = agent.build();
         let store = S3BlobStore {
             bucket,
             creds: Credentials::new(cfg.access_key_id.clone(), cfg.secret_access_key.clone()),
@@ -173,6 +183,10 @@ impl S3BlobStore {
                 // request's signature (a bearer token while it is valid).
                 Err(ureq::Error::Transport(t)) => {
                     last = format!("{}: {}", t.kind(), t.message().unwrap_or("no detail"));
+                    // The cause (a refused certificate, say), which names no URL.
+                    if let Some(cause) = std::error::Error::source(&t) {
+                        last = format!("{last}: {cause}");
+                    }
                 }
             }
             if attempt < ATTEMPTS {
@@ -522,6 +536,7 @@ pub(crate) mod tests {
                 prefix: String::new(),
                 access_key_id: key.into(),
                 secret_access_key: secret.into(),
+                ca_file: None,
             })
         });
         match cfg {
@@ -644,6 +659,102 @@ pub(crate) mod tests {
         }
     }
 
+    /// A test CA, another CA, and a certificate for 127.0.0.1 the first signed, made
+    /// with openssl in `dir`.
+    fn test_pki(dir: &std::path::Path) {
+        let sh = format!(
+            r#"set -e; cd {d}
+            ca() {{ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+              -days 30 -subj "/CN=$1" -addext basicConstraints=critical,CA:TRUE \
+              -addext keyUsage=critical,keyCertSign,cRLSign -keyout $1.key -out $1.crt 2>/dev/null; }}
+            ca ca; ca other
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 \
+              -keyout server.key -out server.csr 2>/dev/null
+            printf '%s\n' subjectAltName=IP:127.0.0.1 basicConstraints=CA:FALSE \
+              extendedKeyUsage=serverAuth > server.ext
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+              -extfile server.ext -out server.crt 2>/dev/null"#,
+            d = dir.display()
+        );
+        let st = std::process::Command::new("bash")
+            .args(["-c", &sh])
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl");
+    }
+
+    /// An https:// store whose certificate a private CA signed is trusted with
+    /// --s3-ca-file naming that CA, and refused without it or with another CA. (The
+    /// store here answers 200 to anything: only the TLS is under test.)
+    #[test]
+    fn a_private_ca_is_trusted_with_the_ca_file_and_only_then() {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        test_pki(dir.path());
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.path().join("server.crt"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("server.key")).unwrap();
+        let server = std::sync::Arc::new(
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut tls, &mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => break,
+                    }
+                }
+                let _ = std::io::Write::write_all(
+                    &mut tls,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                let _ = std::io::Write::flush(&mut tls);
+            }
+        });
+        let cfg = |ca: Option<&str>| S3Config {
+            endpoint: format!("https://127.0.0.1:{port}"),
+            bucket: "b".into(),
+            region: "r".into(),
+            prefix: String::new(),
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+            ca_file: ca.map(|f| dir.path().join(f)),
+        };
+        S3BlobStore::open(&cfg(Some("ca.crt"))).unwrap();
+        for ca in [None, Some("other.crt")] {
+            let e = S3BlobStore::open(&cfg(ca)).unwrap_err().to_string();
+            assert!(
+                e.contains("certificate") || e.contains("Issuer"),
+                "{ca:?}: {e}"
+            );
+        }
+        let e = S3BlobStore::open(&cfg(Some("absent.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--s3-ca-file") && e.contains("absent.pem"),
+            "{e}"
+        );
+    }
+
     /// An https:// endpoint is spoken to over TLS (refused here: nothing listens),
     /// not refused for want of a TLS backend.
     #[test]
@@ -655,6 +766,7 @@ pub(crate) mod tests {
             prefix: String::new(),
             access_key_id: "k".into(),
             secret_access_key: "s".into(),
+            ca_file: None,
         };
         let e = S3BlobStore::open(&cfg).unwrap_err().to_string();
         assert!(!e.contains("TLS"), "{e}");
@@ -670,6 +782,7 @@ pub(crate) mod tests {
             prefix: String::new(),
             access_key_id: "k".into(),
             secret_access_key: "s".into(),
+            ca_file: None,
         };
         let t = std::time::Instant::now();
         let e = S3BlobStore::open(&cfg).unwrap_err().to_string();
