@@ -1795,8 +1795,9 @@ mod cluster_tests {
     use crate::repo::conformance::{header, BlobHarness, RegistryHarness};
     use crate::repo::pool::{Opener, RegistryPool};
     use crate::repo::s3::tests::S3Harness;
-    use crate::repo::{CommitOutcome, Registry, Repo, RepoError};
+    use crate::repo::{BlobKey, BlobStore as _, CommitOutcome, Registry, Repo, RepoError};
     use futures_lite::future::block_on;
+    use postgres::{Client, NoTls};
     use std::sync::Arc;
 
     fn node(pg: &PgHarness, s3: &mut S3Harness) -> Repo {
@@ -1847,6 +1848,137 @@ mod cluster_tests {
         other.unlock_snapshot(1, &[9; 16]).unwrap();
         // The pool goes on with a new connection.
         pool.get().unwrap().ping().unwrap();
+    }
+
+    /// A file store whose next batch delete first runs a hook (the fault to inject at
+    /// that moment).
+    struct Hooked {
+        inner: crate::repo::FsBlobStore,
+        hook: std::sync::Mutex<Option<Box<dyn FnOnce(&crate::repo::FsBlobStore) + Send>>>,
+    }
+
+    impl crate::repo::BlobStore for Hooked {
+        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
+            self.inner.put_batch(items)
+        }
+        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
+            self.inner.get(key)
+        }
+        fn get_range(
+            &self,
+            key: &BlobKey,
+            offset: u64,
+            len: u64,
+        ) -> Result<Option<Vec<u8>>, RepoError> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
+            self.inner.len(key)
+        }
+        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
+            self.inner.delete(key)
+        }
+        fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
+            if let Some(hook) = self.hook.lock().unwrap().take() {
+                hook(&self.inner);
+            }
+            self.inner.delete_batch(keys)
+        }
+        fn ready(&self) -> Result<(), RepoError> {
+            self.inner.ready()
+        }
+        fn list(
+            &self,
+            account: crate::repo::AccountId,
+            kind: crate::repo::BlobKind,
+        ) -> Result<Vec<Vec<u8>>, RepoError> {
+            self.inner.list(account, kind)
+        }
+    }
+
+    /// Collection's lock connection is killed between its rows' delete and its blobs'
+    /// (as a network cut or an administrator would), and meanwhile "another node"
+    /// stores one of those chunks again, blob and row; collection's delete then takes
+    /// the blob. Collection notices the lost lock, finds the chunk recorded without
+    /// its blob, and marks it damaged: it is answered "not held" (so the next backup
+    /// sends it again) instead of held and gone.
+    #[test]
+    fn a_collection_that_loses_its_lock_marks_what_it_may_have_taken_damaged() {
+        if !PgHarness::available() {
+            return;
+        }
+        let pg = PgHarness::new();
+        let url = pg.scoped_url().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicI64::new(1_000_000));
+        let clock = now.clone();
+        let other = std::sync::Mutex::new(super::PostgresRegistry::open(&url).unwrap());
+        let admin_url = url.clone();
+        let id: crate::repo::ChunkId = [7; 32];
+        let data = vec![7u8; 1000];
+        let (acct_cell, d2) = (Arc::new(std::sync::OnceLock::new()), data.clone());
+        let acct_for_hook = acct_cell.clone();
+        let store = Hooked {
+            inner: crate::repo::FsBlobStore::open(dir.path()).unwrap(),
+            hook: std::sync::Mutex::new(Some(Box::new(move |inner: &crate::repo::FsBlobStore| {
+                let acct: i64 = *acct_for_hook.get().unwrap();
+                // The lock's holder is cut off...
+                let mut admin = Client::connect(&admin_url, NoTls).unwrap();
+                let n = admin
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks
+                         WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+                           AND classid = $1 AND objid = $2",
+                        &[
+                            &postgres::types::Oid::from((super::ROUND_LOCK >> 32) as u32),
+                            &postgres::types::Oid::from(super::ROUND_LOCK as u32),
+                        ],
+                    )
+                    .unwrap();
+                assert_eq!(n, 1, "collection's lock holder");
+                // ... and another node's round stores the chunk again.
+                inner
+                    .put_batch(&[(BlobKey::Chunk(acct, id), &d2[..])])
+                    .unwrap();
+                let mut rec = crate::repo::conformance::chunk(id, d2.len() as u64, 3_000_000);
+                rec.hash = *blake3::hash(&d2).as_bytes();
+                other.lock().unwrap().insert_chunks(&[(acct, rec)]).unwrap();
+            }))),
+        };
+        let u = url.clone();
+        let opener: Opener = Box::new(move || {
+            Ok(Box::new(super::PostgresRegistry::connect(&u)?) as Box<dyn Registry>)
+        });
+        let repo = Repo::with_pool(
+            Box::new(store),
+            RegistryPool::new(
+                Box::new(super::PostgresRegistry::open(&url).unwrap()),
+                Some(opener),
+                4,
+            ),
+            Arc::new(move || clock.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+        .unwrap();
+        let (acct, _) = repo.create_account("lost", &[3; 32], "d").unwrap();
+        acct_cell.set(acct).unwrap();
+        block_on(repo.put_chunk(acct, id, data.clone())).unwrap();
+        now.store(1_000_000 + 7_200_000, std::sync::atomic::Ordering::Relaxed);
+        let r = repo.collect_garbage(
+            crate::repo::Scope::Account(acct),
+            std::time::Duration::from_secs(3600),
+            1_000_000 + 7_200_000,
+        );
+        assert!(r.is_err(), "the collection stops: {r:?}");
+        assert_eq!(repo.get_chunk(acct, &id).unwrap(), None, "its blob is gone");
+        assert_eq!(
+            repo.chunks_held(acct, &[id]).unwrap(),
+            vec![false],
+            "recorded without its blob: damaged, so not held"
+        );
+        // The next backup that has it sends it again, which makes it sound.
+        block_on(repo.put_chunk(acct, id, data.clone())).unwrap();
+        assert_eq!(repo.chunks_held(acct, &[id]).unwrap(), vec![true]);
+        assert_eq!(repo.get_chunk(acct, &id).unwrap(), Some(data));
     }
 
     /// Two nodes commit one snapshot id at once, with different bodies, over and
