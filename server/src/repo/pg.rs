@@ -1850,11 +1850,14 @@ mod cluster_tests {
         pool.get().unwrap().ping().unwrap();
     }
 
+    /// What a [`Hooked`] store runs once, at its next batch delete.
+    type Hook = Box<dyn FnOnce(&crate::repo::FsBlobStore) + Send>;
+
     /// A file store whose next batch delete first runs a hook (the fault to inject at
     /// that moment).
     struct Hooked {
         inner: crate::repo::FsBlobStore,
-        hook: std::sync::Mutex<Option<Box<dyn FnOnce(&crate::repo::FsBlobStore) + Send>>>,
+        hook: std::sync::Mutex<Option<Hook>>,
     }
 
     impl crate::repo::BlobStore for Hooked {
