@@ -120,7 +120,8 @@ pub enum Admin {
     },
     /// Remove the v4 accounts whose names start with a prefix (such as the load
     /// generator's), with their devices, snapshots, chunks and enrolment codes: their
-    /// registry rows and blobs. Only while the server is stopped.
+    /// registry rows and blobs. A local repository only while the server is stopped; a
+    /// shared one (PostgreSQL and S3) while the nodes run.
     RemoveAccounts {
         /// The names' prefix (at least 3 characters).
         #[arg(long)]
