@@ -104,16 +104,29 @@ impl V4Common {
 
 /// The server's reason code behind an error, if it has one (e.g. `FORBIDDEN`).
 pub fn reason(e: &anyhow::Error) -> Option<ErrorCode> {
-    e.chain().find_map(|c| {
-        let code = c
-            .downcast_ref::<ConnError>()
-            .and_then(ConnError::code)
-            .or_else(|| match c.downcast_ref::<LegacyError>() {
-                Some(LegacyError::Conn(x)) => x.code(),
-                _ => None,
-            });
-        code
-    })
+    e.chain().find_map(|c| conn_of(c).and_then(ConnError::code))
+}
+
+/// The connection error a command's error is, or wraps (the wrappers are transparent:
+/// their `source` skips the connection error itself).
+fn conn_of<'a>(c: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnError> {
+    if let Some(x) = c.downcast_ref::<ConnError>() {
+        return Some(x);
+    }
+    match (
+        c.downcast_ref::<BackupError>(),
+        c.downcast_ref::<RestoreError>(),
+        c.downcast_ref::<SnapshotError>(),
+        c.downcast_ref::<RepoError>(),
+        c.downcast_ref::<LegacyError>(),
+    ) {
+        (Some(BackupError::Conn(x)), ..)
+        | (_, Some(RestoreError::Conn(x)), ..)
+        | (_, _, Some(SnapshotError::Conn(x)), ..)
+        | (.., Some(RepoError::Conn(x)), _)
+        | (.., Some(LegacyError::Conn(x))) => Some(x),
+        _ => None,
+    }
 }
 
 /// The exit code for an error of a v4 command.

@@ -1125,6 +1125,12 @@ fn partial_stdin_stats_and_quota(rt: Runtime) {
     let refused = u.cli(&["backup", src.to_str().unwrap()]);
     assert_eq!(refused.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("QUOTA_EXCEEDED"));
+    // With --json, the error line carries the server's reason.
+    let refused = u.cli(&["--json", "backup", src.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&refused.stdout);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["reason"], "QUOTA_EXCEEDED", "{last}");
+    assert_eq!(last["exit_code"], 6, "{last}");
     let st: serde_json::Value = serde_json::from_str(&u.ok(&["--json", "stats"])).unwrap();
     assert_eq!(
         st["stored_bytes"].as_u64().unwrap(),
@@ -1436,6 +1442,23 @@ fn prune_reclaims_space(rt: Runtime) {
             .contains("lacks the forget capability"),
         "{last}"
     );
+    // So does a refusal that comes through a restore's or a listing's error.
+    for args in [
+        &[
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            "/nonexistent-target",
+        ][..],
+        &["--json", "ls", "latest"][..],
+    ] {
+        let r = d.cli(args);
+        let out = String::from_utf8_lossy(&r.stdout);
+        let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(last["reason"], "FORBIDDEN", "{args:?}: {last}");
+        assert_eq!(last["exit_code"], 6, "{args:?}: {last}");
+    }
     // A path a snapshot does not hold, and a restore target that is a file: usage
     // errors (exit 2), with nothing written.
     let r = u.cli(&["ls", "latest", "no/such/path"]);
