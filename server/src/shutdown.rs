@@ -15,11 +15,44 @@ pub struct Shutdown {
     triggered: AtomicBool,
     /// Connections open across all shards.
     pub connections: AtomicUsize,
+    /// Tasks waiting in [`Shutdown::triggered`], woken by [`Shutdown::trigger`].
+    waiting: std::sync::Mutex<Vec<std::task::Waker>>,
 }
 
 impl Shutdown {
     pub fn trigger(&self) {
         self.triggered.store(true, Ordering::SeqCst);
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiting {
+            w.wake();
+        }
+    }
+
+    /// Ready once the flag is set: a task waits for the shutdown without being woken
+    /// before it. (A shard's accept loop waits on this beside `accept()`. It used to
+    /// poll the flag every 100 ms instead, and every such wake-up polled the pending
+    /// accept again; glommio keeps a clone of the task's waker per poll of a pending
+    /// accept, and after about 32,767 of them, some 55 minutes of a shard without a
+    /// new connection, the task's reference count overflowed and the shard panicked.)
+    pub fn triggered(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_triggered() {
+                return std::task::Poll::Ready(());
+            }
+            {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+                    waiting.push(cx.waker().clone());
+                }
+            }
+            // Set between the check and the registration: trigger() may have taken
+            // the list before this waker was in it.
+            if self.is_triggered() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     pub fn is_triggered(&self) -> bool {
