@@ -84,17 +84,34 @@ mkdir -p "$dir"
 exec 9>"$dir.lock"
 flock 9
 for i in 0 1 2; do start_node "$i"; done
-if [ ! -f "$dir/configured" ]; then
-  ids=()
+# The cluster's layout, key and bucket, once. A node that has just started may not
+# answer its RPC yet ("No handler"), so the whole is tried again until the bucket
+# answers; each step may already be done by an earlier try, and is let fail then.
+configure() {
+  local ids=() i
   for i in 0 1 2; do
-    ids+=("$("$garage" -c "$dir/n$i/garage.toml" node id -q 2>/dev/null)")
+    ids+=("$("$garage" -c "$dir/n$i/garage.toml" node id -q)") || return 1
   done
-  for i in 1 2; do g node connect "${ids[$i]}" >/dev/null; done
-  for i in 0 1 2; do g layout assign -z dc1 -c 1G "${ids[$i]%@*}" >/dev/null; done
-  g layout apply --version 1 >/dev/null
-  g key import --yes -n cyberbackup-test "$key_id" "$key_secret" >/dev/null
-  g bucket create "$bucket" >/dev/null
-  g bucket allow --read --write --owner "$bucket" --key "$key_id" >/dev/null
-  touch "$dir/configured"
+  for i in 1 2; do g node connect "${ids[$i]}" >/dev/null || return 1; done
+  for i in 0 1 2; do g layout assign -z dc1 -c 1G "${ids[$i]%@*}" >/dev/null || return 1; done
+  g layout apply --version 1 >/dev/null || true
+  g key import --yes -n cyberbackup-test "$key_id" "$key_secret" >/dev/null || true
+  g bucket create "$bucket" >/dev/null || true
+  g bucket allow --read --write --owner "$bucket" --key "$key_id" >/dev/null &&
+    g bucket info "$bucket" >/dev/null
+}
+if [ ! -f "$dir/configured" ]; then
+  for _ in $(seq 30); do
+    if configure 2>"$dir/configure.log"; then
+      touch "$dir/configured"
+      break
+    fi
+    sleep 1
+  done
+  if [ ! -f "$dir/configured" ]; then
+    echo "garage-test: the cluster could not be configured:" >&2
+    cat "$dir/configure.log" >&2
+    exit 1
+  fi
 fi
 echo "http://127.0.0.1:$(s3port 0) $bucket garage $key_id $key_secret"
