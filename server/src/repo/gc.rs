@@ -239,14 +239,9 @@ impl Repo {
             .unreferenced_chunks(account, cutoff)?;
         for batch in found.chunks.chunks(GC_BATCH) {
             let ids: Vec<ChunkId> = batch.iter().map(|r| r.id).collect();
-            let _gc = self
-                .shared
-                .gc_lock
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            // ... and no commit round on any node sharing the registry (PostgreSQL): a
-            // round there could otherwise write a blob collection is about to delete.
-            let mut all = self.shared.cross_lock(true)?;
+            // This node's rounds and, with a shared registry, every node's are kept out:
+            // a round could otherwise write a blob collection is about to delete.
+            let mut all = self.shared.exclusive()?;
             // Rows first: a crash before the blobs are gone leaves orphans, not rows
             // without blobs.
             let doomed = all.registry()?.delete_unreferenced_chunks(
@@ -273,12 +268,9 @@ impl Repo {
         // Orphans: checked again under the lock (a round may be between a blob and
         // its row), a batch at a time.
         for part in chunk_candidates.chunks(GC_BATCH) {
-            let _gc = self
-                .shared
-                .gc_lock
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut all = self.shared.cross_lock(true)?;
+            // This node's rounds and, with a shared registry, every node's are kept out:
+            // a round could otherwise write a blob collection is about to delete.
+            let mut all = self.shared.exclusive()?;
             for part in part.chunks(64) {
                 let still = all.registry()?.chunks_recorded(account, part)?;
                 let mut deleted = Vec::new();
@@ -293,12 +285,9 @@ impl Repo {
             }
         }
         for part in body_candidates.chunks(GC_BATCH) {
-            let _gc = self
-                .shared
-                .gc_lock
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut all = self.shared.cross_lock(true)?;
+            // This node's rounds and, with a shared registry, every node's are kept out:
+            // a round could otherwise write a blob collection is about to delete.
+            let mut all = self.shared.exclusive()?;
             for id in part {
                 // The lock's connection answers for the check; losing it is noticed
                 // at the next check, one body later at most.

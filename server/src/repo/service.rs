@@ -115,6 +115,7 @@ impl Shared {
                 shared: self,
                 held: None,
                 exclusive,
+                _local: None,
             });
         }
         let mut conn = self.registry()?;
@@ -123,7 +124,17 @@ impl Shared {
             shared: self,
             held: Some(conn),
             exclusive,
+            _local: None,
         })
+    }
+
+    /// Rule 2's lock held exclusively, in this process (`gc_lock`) and on every node
+    /// sharing the registry (collection's deletes, forgets, account removal).
+    pub(super) fn exclusive(&self) -> Result<CrossLock<'_>, RepoError> {
+        let local = self.gc_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.cross_lock(true)?;
+        all._local = Some(local);
+        Ok(all)
     }
 }
 
@@ -133,6 +144,9 @@ pub(super) struct CrossLock<'a> {
     /// The connection holding the lock (a shared registry).
     held: Option<Pooled<'a>>,
     exclusive: bool,
+    /// This process's `gc_lock`, when taken with it ([`Shared::exclusive`]): a field
+    /// after `held`, so released after the registry's lock.
+    _local: Option<std::sync::RwLockWriteGuard<'a, ()>>,
 }
 
 impl<'a> CrossLock<'a> {
@@ -483,12 +497,7 @@ impl Repo {
     /// `false` if there is no such account.
     pub fn remove_account(&self, account: AccountId) -> Result<bool, RepoError> {
         {
-            let _gc = self
-                .shared
-                .gc_lock
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut all = self.shared.cross_lock(true)?;
+            let mut all = self.shared.exclusive()?;
             if !all.registry()?.remove_account(account)? {
                 return Ok(false);
             }
@@ -590,13 +599,7 @@ impl Repo {
     /// this id. Its chunks stay until a collection finds them unreferenced.
     pub fn forget_snapshot(&self, account: AccountId, id: &SnapshotId) -> Result<bool, RepoError> {
         // Exclusive, so that no commit of the same id writes its body between the two.
-        let _gc = self
-            .shared
-            .gc_lock
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        // ... on every node sharing the registry.
-        let mut all = self.shared.cross_lock(true)?;
+        let mut all = self.shared.exclusive()?;
         if !all.registry()?.forget_snapshot(account, id)? {
             return Ok(false);
         }
