@@ -218,6 +218,13 @@ pub struct Args {
     #[arg(long, env = "CYBERBACKUP_REGISTRY_CONNECTIONS")]
     pub registry_connections: Option<usize>,
 
+    /// v4: chunks of fewer stored bytes than this are written together, per account
+    /// and commit round, as packs of up to 16 MiB: one object for many small chunks
+    /// (docs/PACKS.md). 0 turns packing off; at most 16777216 [default: 1048576 with
+    /// --s3-endpoint, else 0].
+    #[arg(long, env = "CYBERBACKUP_PACK_BELOW", value_name = "BYTES")]
+    pub pack_below: Option<u64>,
+
     /// v4: keep the blobs (encrypted chunks and snapshot bodies) in an S3-compatible
     /// object store at this endpoint (http://HOST:PORT or https://HOST), shared by
     /// every node given the same one [default: files under the --repository directory].
@@ -386,6 +393,8 @@ pub struct Config {
     pub registry: Option<RegistryUrl>,
     /// The most connections to the PostgreSQL registry.
     pub registry_connections: usize,
+    /// Chunks smaller than this are packed (0: none).
+    pub pack_below: u64,
     /// The S3 blob store (None: files in the repository directory).
     pub s3: Option<crate::repo::s3::S3Config>,
     pub registration: bool,
@@ -455,6 +464,7 @@ impl Args {
                 self.$f.or(file.$f)
             };
         }
+        let s3_default_packing = self.s3_endpoint.is_some() || file.s3_endpoint.is_some();
         let port = match pick!(port) {
             Some(p) => p,
             None => port_info(cwd)?.unwrap_or(DEFAULT_PORT),
@@ -544,6 +554,12 @@ impl Args {
             registry_connections: match pick!(registry_connections).unwrap_or(8) {
                 n @ 2..=1000 => n,
                 n => bail!("--registry-connections {n}: expected 2 to 1000"),
+            },
+            pack_below: match pick!(pack_below) {
+                None if s3_default_packing => 1 << 20,
+                None => 0,
+                Some(n @ 0..=16_777_216) => n,
+                Some(n) => bail!("--pack-below {n}: expected 0 (off) to 16777216 bytes"),
             },
             s3: match pick!(s3_endpoint) {
                 None => None,
@@ -744,6 +760,7 @@ mod tests {
             resolve(&packaged_uncommented(&[
                 "shards",
                 "log",
+                "pack_below",
                 "registry",
                 "s3_endpoint",
                 "s3_bucket",
@@ -786,6 +803,7 @@ mod tests {
             &["--max-file-size", "4294967295"],
             &["--min-rate", "0"],
             &["--registry", "/var/lib/repo.db"],
+            &["--pack-below", "16777217"],
             &["--s3-endpoint", "http://127.0.0.1:3900"],
             &[
                 "--s3-endpoint",

@@ -95,6 +95,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
         cfg.s3.as_ref(),
     )
     .with_context(|| format!("opening the v4 repository {}", cfg.repository.display()))?;
+    repo.set_pack_below(cfg.pack_below);
     if cfg.registry.is_some() && cfg.s3.is_none() {
         tracing::warn!(
             "a PostgreSQL registry with the blobs in this node's own directory: run one node \

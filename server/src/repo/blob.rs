@@ -5,7 +5,7 @@
 //! and an implementation must keep namespaces apart whatever the id bytes are), and in
 //! the [`Repo`](super::Repo), which builds keys only from the authenticated account.
 
-use super::{AccountId, ChunkId, RepoError, SnapshotId};
+use super::{AccountId, ChunkId, PackId, RepoError, SnapshotId};
 
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,6 +14,22 @@ pub enum BlobKind {
     Chunk,
     /// A snapshot's encrypted body (its manifest), named by its [`SnapshotId`].
     SnapshotBody,
+    /// Several small chunks of one account in one blob, named by a random [`PackId`]
+    /// (the layout is in [`super::pack`]).
+    Pack,
+}
+
+impl BlobKind {
+    /// Every kind, for listings that cover an account.
+    pub const ALL: [BlobKind; 3] = [BlobKind::Chunk, BlobKind::SnapshotBody, BlobKind::Pack];
+
+    /// The length of this kind's ids in bytes.
+    pub fn id_len(self) -> usize {
+        match self {
+            BlobKind::Chunk => 32,
+            BlobKind::SnapshotBody | BlobKind::Pack => 16,
+        }
+    }
 }
 
 /// A blob's key: its account, its kind and its id.
@@ -21,27 +37,39 @@ pub enum BlobKind {
 pub enum BlobKey {
     Chunk(AccountId, ChunkId),
     SnapshotBody(AccountId, SnapshotId),
+    Pack(AccountId, PackId),
 }
 
 impl BlobKey {
     pub fn account(&self) -> AccountId {
         match self {
-            BlobKey::Chunk(a, _) | BlobKey::SnapshotBody(a, _) => *a,
+            BlobKey::Chunk(a, _) | BlobKey::SnapshotBody(a, _) | BlobKey::Pack(a, _) => *a,
         }
+    }
+
+    /// The key of `kind` with these id bytes (`None` if they are not that kind's
+    /// length).
+    pub fn of(account: AccountId, kind: BlobKind, id: &[u8]) -> Option<BlobKey> {
+        Some(match kind {
+            BlobKind::Chunk => BlobKey::Chunk(account, id.try_into().ok()?),
+            BlobKind::SnapshotBody => BlobKey::SnapshotBody(account, id.try_into().ok()?),
+            BlobKind::Pack => BlobKey::Pack(account, id.try_into().ok()?),
+        })
     }
 
     pub fn kind(&self) -> BlobKind {
         match self {
             BlobKey::Chunk(..) => BlobKind::Chunk,
             BlobKey::SnapshotBody(..) => BlobKind::SnapshotBody,
+            BlobKey::Pack(..) => BlobKind::Pack,
         }
     }
 
-    /// The id's bytes (32 for a chunk, 16 for a snapshot body).
+    /// The id's bytes (32 for a chunk, 16 for a snapshot body or a pack).
     pub fn id(&self) -> &[u8] {
         match self {
             BlobKey::Chunk(_, id) => id,
-            BlobKey::SnapshotBody(_, id) => id,
+            BlobKey::SnapshotBody(_, id) | BlobKey::Pack(_, id) => id,
         }
     }
 }
@@ -79,16 +107,11 @@ pub trait BlobStore: Send + Sync {
 
     /// Removes every blob of the account (after its registry rows are gone).
     fn delete_account(&self, account: AccountId) -> Result<(), RepoError> {
-        for kind in [BlobKind::Chunk, BlobKind::SnapshotBody] {
+        for kind in BlobKind::ALL {
             let keys: Vec<BlobKey> = self
                 .list(account, kind)?
                 .into_iter()
-                .filter_map(|id| match kind {
-                    BlobKind::Chunk => Some(BlobKey::Chunk(account, id.try_into().ok()?)),
-                    BlobKind::SnapshotBody => {
-                        Some(BlobKey::SnapshotBody(account, id.try_into().ok()?))
-                    }
-                })
+                .filter_map(|id| BlobKey::of(account, kind, &id))
                 .collect();
             for part in keys.chunks(1000) {
                 self.delete_batch(part)?;

@@ -8,8 +8,11 @@
 //! per function here, so a new implementation runs the same suite by adding one line.
 
 use super::blob::{BlobKey, BlobKind, BlobStore};
-use super::registry::{ChunkRecord, CommitOutcome, Registry, Unreferenced, MAX_NAME_LEN};
-use super::{Capabilities, ChunkId, RepoError, SnapshotHeader};
+use super::registry::{
+    ChunkMove, ChunkRecord, CommitOutcome, PackLoc, PackRecord, Registry, Unreferenced,
+    MAX_NAME_LEN,
+};
+use super::{Capabilities, ChunkId, PackId, RepoError, SnapshotHeader};
 
 /// Opens a blob store on the harness's backing.
 pub(crate) trait BlobHarness {
@@ -44,7 +47,7 @@ macro_rules! blob_store_conformance {
         $crate::blob_store_conformance!(@tests $h;
             blob_round_trip, blob_put_replaces_and_is_idempotent, blob_namespaces_are_apart,
             blob_list_and_delete, blob_group_batch, blob_large_batch, blob_survives_reopen,
-            blob_batch_delete_and_account_removal, blob_ready);
+            blob_batch_delete_and_account_removal, blob_ready, blob_packs_are_a_kind_apart);
     };
     (@tests $h:ty; $($t:ident),*) => {
         mod blob_conformance {
@@ -76,7 +79,7 @@ macro_rules! registry_conformance {
             reg_snapshots_are_per_account, reg_unreferenced_chunks_and_their_deletion,
             reg_a_batch_spares_what_snapshots_committed_since_name,
             reg_damaged_chunk_is_not_held_until_put_again, reg_chunk_records_page,
-            reg_survives_reopen);
+            reg_survives_reopen, reg_packs_place_move_and_go);
     };
     (@tests $h:ty; $($t:ident),*) => {
         mod registry_conformance {
@@ -133,6 +136,38 @@ pub(crate) fn blob_batch_delete_and_account_removal<H: BlobHarness>(mut h: H) {
         s.get(&BlobKey::Chunk(1, [5; 32])).unwrap().as_deref(),
         Some(&b"again"[..])
     );
+}
+
+pub(crate) fn blob_packs_are_a_kind_apart<H: BlobHarness>(mut h: H) {
+    let s = h.open();
+    // A pack id that is a snapshot id's bytes too: kinds never share a key.
+    let (pack, body) = (BlobKey::Pack(5, [3; 16]), BlobKey::SnapshotBody(5, [3; 16]));
+    let bytes: Vec<u8> = (0..200u8).collect();
+    s.put_batch(&[
+        (pack, &bytes),
+        (body, b"body"),
+        (BlobKey::Chunk(5, [3; 32]), b"c"),
+    ])
+    .unwrap();
+    assert_eq!(s.get(&pack).unwrap().as_deref(), Some(&bytes[..]));
+    assert_eq!(s.get(&body).unwrap().as_deref(), Some(&b"body"[..]));
+    assert_eq!(
+        s.get_range(&pack, 100, 10).unwrap().as_deref(),
+        Some(&bytes[100..110])
+    );
+    assert_eq!(s.len(&pack).unwrap(), Some(200));
+    assert_eq!(s.list(5, BlobKind::Pack).unwrap(), vec![vec![3u8; 16]]);
+    assert_eq!(
+        s.list(5, BlobKind::SnapshotBody).unwrap(),
+        vec![vec![3u8; 16]]
+    );
+    assert_eq!(s.list(5, BlobKind::Chunk).unwrap(), vec![vec![3u8; 32]]);
+    assert!(s.list(6, BlobKind::Pack).unwrap().is_empty());
+    s.delete_account(5).unwrap();
+    for kind in BlobKind::ALL {
+        assert!(s.list(5, kind).unwrap().is_empty(), "{kind:?}");
+    }
+    assert_eq!(s.get(&pack).unwrap(), None);
 }
 
 pub(crate) fn blob_ready<H: BlobHarness>(mut h: H) {
@@ -321,6 +356,23 @@ pub(crate) fn chunk(id: ChunkId, len: u64, now: i64) -> ChunkRecord {
         stored_ms: now,
         touched_ms: now,
         damaged_ms: None,
+        pack: None,
+    }
+}
+
+/// `chunk`, placed in a pack.
+fn packed(id: ChunkId, len: u64, now: i64, pack: PackId, offset: u64) -> ChunkRecord {
+    ChunkRecord {
+        pack: Some(PackLoc { pack, offset }),
+        ..chunk(id, len, now)
+    }
+}
+
+fn pack_rec(id: PackId, len: u64) -> PackRecord {
+    PackRecord {
+        id,
+        stored_len: len,
+        created_ms: 1,
     }
 }
 
@@ -427,11 +479,14 @@ pub(crate) fn reg_wrapped_key_quota_and_usage<H: RegistryHarness>(mut h: H) {
     ));
     assert_eq!(r.usage(a).unwrap(), Default::default());
     r.set_quota(a, Some(1 << 40)).unwrap();
-    r.insert_chunks(&[
-        (a, chunk([1; 32], 100, 0)),
-        (a, chunk([2; 32], 50, 0)),
-        (b, chunk([1; 32], 7, 0)),
-    ])
+    r.insert_chunks(
+        &[],
+        &[
+            (a, chunk([1; 32], 100, 0)),
+            (a, chunk([2; 32], 50, 0)),
+            (b, chunk([1; 32], 7, 0)),
+        ],
+    )
     .unwrap();
     r.commit_snapshot(a, &header(1, 30), &[[1; 32]], &[0; 32], 0)
         .unwrap();
@@ -441,7 +496,7 @@ pub(crate) fn reg_wrapped_key_quota_and_usage<H: RegistryHarness>(mut h: H) {
         (2, 180, 1, Some(1 << 40))
     );
     // A chunk put again with another length, and a forgotten snapshot.
-    r.insert_chunks(&[(a, chunk([2; 32], 60, 0))]).unwrap();
+    r.insert_chunks(&[], &[(a, chunk([2; 32], 60, 0))]).unwrap();
     assert!(r.forget_snapshot(a, &[1; 16]).unwrap());
     let u = r.usage(a).unwrap();
     assert_eq!((u.chunks, u.stored_bytes, u.snapshots), (2, 160, 0));
@@ -457,7 +512,7 @@ pub(crate) fn reg_chunks_held_is_per_account_and_touches<H: RegistryHarness>(mut
     let b = account(&mut r, 2);
     let ids = [[1u8; 32], [2; 32], [3; 32]];
     assert_eq!(r.chunks_held(a, &ids, 10).unwrap(), vec![false; 3]);
-    r.insert_chunks(&[(a, chunk(ids[0], 1, 10)), (a, chunk(ids[2], 1, 10))])
+    r.insert_chunks(&[], &[(a, chunk(ids[0], 1, 10)), (a, chunk(ids[2], 1, 10))])
         .unwrap();
     assert_eq!(
         r.chunks_held(a, &ids, 500).unwrap(),
@@ -487,7 +542,7 @@ pub(crate) fn reg_chunks_sound_reads_only<H: RegistryHarness>(mut h: H) {
     let a = account(&mut r, 1);
     let b = account(&mut r, 2);
     let d = chunk([2; 32], 10, 10);
-    r.insert_chunks(&[(a, chunk([1; 32], 10, 10)), (a, d.clone())])
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 10, 10)), (a, d.clone())])
         .unwrap();
     assert!(r.mark_damaged(a, &d.id, &d.hash, 20).unwrap());
     assert_eq!(
@@ -511,13 +566,16 @@ pub(crate) fn reg_insert_chunks_is_all_or_nothing<H: RegistryHarness>(mut h: H) 
     let mut r = h.open();
     let a = account(&mut r, 1);
     let b = account(&mut r, 2);
-    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
         .unwrap();
     assert_eq!(r.chunks_held(a, &[[1; 32]], 0).unwrap(), vec![true]);
     assert_eq!(r.chunks_held(b, &[[2; 32]], 0).unwrap(), vec![true]);
     // One record of an unknown account fails the whole batch.
     assert!(r
-        .insert_chunks(&[(a, chunk([3; 32], 1, 0)), (999, chunk([4; 32], 1, 0))])
+        .insert_chunks(
+            &[],
+            &[(a, chunk([3; 32], 1, 0)), (999, chunk([4; 32], 1, 0))]
+        )
         .is_err());
     assert_eq!(r.chunks_held(a, &[[3; 32]], 0).unwrap(), vec![false]);
     assert_eq!(r.usage(a).unwrap().chunks, 1);
@@ -527,7 +585,7 @@ pub(crate) fn reg_commit_requires_every_chunk<H: RegistryHarness>(mut h: H) {
     let mut r = h.open();
     let a = account(&mut r, 1);
     let b = account(&mut r, 2);
-    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 1, 0)), (b, chunk([2; 32], 1, 0))])
         .unwrap();
     let named = [[1u8; 32], [2; 32], [3; 32], [2; 32]];
     match r.commit_snapshot(a, &header(1, 0), &named, &[0; 32], 5) {
@@ -537,7 +595,7 @@ pub(crate) fn reg_commit_requires_every_chunk<H: RegistryHarness>(mut h: H) {
     }
     assert_eq!(r.get_snapshot(a, &[1; 16]).unwrap(), None);
     assert_eq!(r.usage(a).unwrap().snapshots, 0);
-    r.insert_chunks(&[(a, chunk([2; 32], 1, 0)), (a, chunk([3; 32], 1, 0))])
+    r.insert_chunks(&[], &[(a, chunk([2; 32], 1, 0)), (a, chunk([3; 32], 1, 0))])
         .unwrap();
     assert_eq!(
         r.commit_snapshot(a, &header(1, 0), &named, &[0; 32], 5)
@@ -562,7 +620,7 @@ pub(crate) fn reg_commit_requires_every_chunk<H: RegistryHarness>(mut h: H) {
 pub(crate) fn reg_commit_is_idempotent_and_never_replaces<H: RegistryHarness>(mut h: H) {
     let mut r = h.open();
     let a = account(&mut r, 1);
-    r.insert_chunks(&[(a, chunk([1; 32], 1, 0)), (a, chunk([2; 32], 1, 0))])
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 1, 0)), (a, chunk([2; 32], 1, 0))])
         .unwrap();
     let hdr = header(1, 10);
     assert_eq!(
@@ -593,7 +651,7 @@ pub(crate) fn reg_snapshots_are_per_account<H: RegistryHarness>(mut h: H) {
     let mut r = h.open();
     let a = account(&mut r, 1);
     let b = account(&mut r, 2);
-    r.insert_chunks(&[(a, chunk([1; 32], 1, 0))]).unwrap();
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 1, 0))]).unwrap();
     for id in [3u8, 1, 2] {
         r.commit_snapshot(a, &header(id, 0), &[[1; 32]], &[0; 32], 0)
             .unwrap();
@@ -628,13 +686,16 @@ pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut
     let b = account(&mut r, 2);
     // 1: referenced, old; 2: unreferenced, old; 3: unreferenced, recent; 4: old, referenced
     // by a snapshot that gets forgotten.
-    r.insert_chunks(&[
-        (a, chunk([1; 32], 1, 100)),
-        (a, chunk([2; 32], 1, 100)),
-        (a, chunk([3; 32], 1, 900)),
-        (a, chunk([4; 32], 1, 100)),
-        (b, chunk([2; 32], 1, 100)),
-    ])
+    r.insert_chunks(
+        &[],
+        &[
+            (a, chunk([1; 32], 1, 100)),
+            (a, chunk([2; 32], 1, 100)),
+            (a, chunk([3; 32], 1, 900)),
+            (a, chunk([4; 32], 1, 100)),
+            (b, chunk([2; 32], 1, 100)),
+        ],
+    )
     .unwrap();
     r.commit_snapshot(a, &header(1, 0), &[[1; 32]], &[0; 32], 100)
         .unwrap();
@@ -686,12 +747,15 @@ pub(crate) fn reg_unreferenced_chunks_and_their_deletion<H: RegistryHarness>(mut
 pub(crate) fn reg_a_batch_spares_what_snapshots_committed_since_name<H: RegistryHarness>(mut h: H) {
     let mut r = h.open();
     let a = account(&mut r, 1);
-    r.insert_chunks(&[
-        (a, chunk([1; 32], 1, 100)),
-        (a, chunk([2; 32], 1, 100)),
-        (a, chunk([3; 32], 1, 100)),
-        (a, chunk([4; 32], 1, 100)),
-    ])
+    r.insert_chunks(
+        &[],
+        &[
+            (a, chunk([1; 32], 1, 100)),
+            (a, chunk([2; 32], 1, 100)),
+            (a, chunk([3; 32], 1, 100)),
+            (a, chunk([4; 32], 1, 100)),
+        ],
+    )
     .unwrap();
     r.commit_snapshot(a, &header(1, 0), &[[4; 32]], &[1; 32], 100)
         .unwrap();
@@ -724,7 +788,7 @@ pub(crate) fn reg_damaged_chunk_is_not_held_until_put_again<H: RegistryHarness>(
     let mut r = h.open();
     let a = account(&mut r, 1);
     let c = chunk([1; 32], 10, 0);
-    r.insert_chunks(&[(a, c.clone())]).unwrap();
+    r.insert_chunks(&[], &[(a, c.clone())]).unwrap();
     assert!(
         !r.mark_damaged(a, &c.id, &[0xee; 32], 5).unwrap(),
         "another hash"
@@ -745,7 +809,7 @@ pub(crate) fn reg_damaged_chunk_is_not_held_until_put_again<H: RegistryHarness>(
         Err(RepoError::MissingChunks(m)) if m == vec![c.id]
     ));
     assert_eq!(r.chunk_records(a, None, 5).unwrap()[0].damaged_ms, Some(5));
-    r.insert_chunks(&[(a, chunk([1; 32], 10, 8))]).unwrap();
+    r.insert_chunks(&[], &[(a, chunk([1; 32], 10, 8))]).unwrap();
     assert_eq!(r.chunks_held(a, &[c.id], 9).unwrap(), vec![true]);
     assert_eq!(r.chunk_records(a, None, 5).unwrap()[0].damaged_ms, None);
     assert_eq!(r.usage(a).unwrap().stored_bytes, 10);
@@ -759,8 +823,9 @@ pub(crate) fn reg_chunk_records_page<H: RegistryHarness>(mut h: H) {
         .rev()
         .map(|i| (a, chunk([i; 32], i as u64, 0)))
         .collect();
-    r.insert_chunks(&recs).unwrap();
-    r.insert_chunks(&[(b, chunk([100; 32], 1, 0))]).unwrap();
+    r.insert_chunks(&[], &recs).unwrap();
+    r.insert_chunks(&[], &[(b, chunk([100; 32], 1, 0))])
+        .unwrap();
     let mut all = Vec::new();
     let mut after = None;
     loop {
@@ -783,7 +848,7 @@ pub(crate) fn reg_survives_reopen<H: RegistryHarness>(mut h: H) {
         let (a, d) = r.create_account("alice", &[1; 32], "laptop", 1).unwrap();
         r.set_wrapped_key(a, b"key").unwrap();
         r.set_quota(a, Some(1000)).unwrap();
-        r.insert_chunks(&[(a, chunk([1; 32], 5, 1))]).unwrap();
+        r.insert_chunks(&[], &[(a, chunk([1; 32], 5, 1))]).unwrap();
         r.commit_snapshot(a, &header(1, 3), &[[1; 32]], &[2; 32], 1)
             .unwrap();
         (a, d)
@@ -801,4 +866,155 @@ pub(crate) fn reg_survives_reopen<H: RegistryHarness>(mut h: H) {
         (u.chunks, u.stored_bytes, u.snapshots, u.quota),
         (1, 8, 1, Some(1000))
     );
+}
+
+pub(crate) fn reg_packs_place_move_and_go<H: RegistryHarness>(mut h: H) {
+    let mut r = h.open();
+    let a = account(&mut r, 1);
+    let b = account(&mut r, 2);
+    let (p1, p2, p3) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+    // Chunks 1-3 in pack 1, chunk 4 a blob of its own; Bob has a pack of the same id.
+    r.insert_chunks(
+        &[(a, pack_rec(p1, 1000)), (b, pack_rec(p1, 50))],
+        &[
+            (a, packed([3; 32], 100, 0, p1, 300)),
+            (a, packed([1; 32], 100, 0, p1, 0)),
+            (a, packed([2; 32], 200, 0, p1, 100)),
+            (a, chunk([4; 32], 10, 0)),
+            (b, packed([9; 32], 5, 0, p1, 0)),
+        ],
+    )
+    .unwrap();
+    let loc = |pack, offset| Some(PackLoc { pack, offset });
+    assert_eq!(
+        r.chunk_record(a, &[2; 32]).unwrap().unwrap().pack,
+        loc(p1, 100)
+    );
+    assert_eq!(r.chunk_record(a, &[4; 32]).unwrap().unwrap().pack, None);
+    assert_eq!(r.chunk_record(a, &[9; 32]).unwrap(), None, "Bob's");
+    assert_eq!(r.chunk_records(a, None, 1).unwrap()[0].pack, loc(p1, 0));
+    let in_p1: Vec<ChunkId> = r
+        .chunks_in_pack(a, &p1)
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(in_p1, vec![[1; 32], [2; 32], [3; 32]], "in offset order");
+    let packs = r.packs(a).unwrap();
+    assert_eq!(packs.len(), 1);
+    assert_eq!(packs[0].pack, pack_rec(p1, 1000));
+    assert_eq!((packs[0].live_chunks, packs[0].live_bytes), (3, 400));
+    assert_eq!(
+        r.usage(a).unwrap().stored_bytes,
+        410,
+        "live chunks count, not packs"
+    );
+    assert_eq!(r.packs_recorded(a, &[p1, p2]).unwrap(), vec![true, false]);
+    assert_eq!(r.packs_recorded(3, &[p1]).unwrap(), vec![false]);
+    // A named pack is not deleted.
+    assert!(r.delete_unnamed_packs(a, &[p1]).unwrap().is_empty());
+
+    // Chunk 3 is put again as a blob of its own: it leaves the pack.
+    r.insert_chunks(&[], &[(a, chunk([3; 32], 100, 5))])
+        .unwrap();
+    assert_eq!(r.chunk_record(a, &[3; 32]).unwrap().unwrap().pack, None);
+    // Chunk 2 is damaged: a move leaves it, and it keeps pack 1 named.
+    let c2 = r.chunk_record(a, &[2; 32]).unwrap().unwrap();
+    assert!(r.mark_damaged(a, &c2.id, &c2.hash, 6).unwrap());
+    let moves = [
+        ChunkMove {
+            id: [1; 32],
+            from: PackLoc {
+                pack: p1,
+                offset: 0,
+            },
+            to_offset: 0,
+        },
+        ChunkMove {
+            id: [2; 32],
+            from: PackLoc {
+                pack: p1,
+                offset: 100,
+            },
+            to_offset: 100,
+        },
+        // No longer where the move read it.
+        ChunkMove {
+            id: [3; 32],
+            from: PackLoc {
+                pack: p1,
+                offset: 300,
+            },
+            to_offset: 300,
+        },
+        // Another account's chunk of the same id is not moved.
+        ChunkMove {
+            id: [9; 32],
+            from: PackLoc {
+                pack: p1,
+                offset: 0,
+            },
+            to_offset: 400,
+        },
+    ];
+    assert_eq!(r.move_chunks(a, &pack_rec(p2, 500), &moves).unwrap(), 1);
+    assert_eq!(
+        r.chunk_record(a, &[1; 32]).unwrap().unwrap().pack,
+        loc(p2, 0)
+    );
+    assert_eq!(
+        r.chunk_record(a, &[2; 32]).unwrap().unwrap().pack,
+        loc(p1, 100)
+    );
+    assert_eq!(
+        r.chunk_record(b, &[9; 32]).unwrap().unwrap().pack,
+        loc(p1, 0)
+    );
+    assert!(r.delete_unnamed_packs(a, &[p1, p2]).unwrap().is_empty());
+    // Chunk 2 made sound again, in pack 3: pack 1 is unnamed and goes.
+    r.insert_chunks(
+        &[(a, pack_rec(p3, 300))],
+        &[(a, packed([2; 32], 200, 9, p3, 0))],
+    )
+    .unwrap();
+    assert_eq!(r.chunks_held(a, &[[2; 32]], 10).unwrap(), vec![true]);
+    let live: Vec<_> = r
+        .packs(a)
+        .unwrap()
+        .iter()
+        .map(|p| (p.pack.id, p.live_chunks, p.live_bytes))
+        .collect();
+    assert_eq!(live, vec![(p1, 0, 0), (p2, 1, 100), (p3, 1, 200)]);
+    assert_eq!(r.delete_unnamed_packs(a, &[p1, p2, p3]).unwrap(), vec![p1]);
+    assert_eq!(r.packs_recorded(a, &[p1]).unwrap(), vec![false]);
+    assert_eq!(
+        r.packs_recorded(b, &[p1]).unwrap(),
+        vec![true],
+        "Bob's stays"
+    );
+
+    // A collected chunk's record says where its bytes were.
+    let u = r.unreferenced_chunks(a, 100).unwrap();
+    let gone = r
+        .delete_unreferenced_chunks(a, &[[1; 32]], 100, &u.snapshots)
+        .unwrap();
+    assert_eq!(gone[0].pack, loc(p2, 0));
+    assert_eq!(r.delete_unnamed_packs(a, &[p2]).unwrap(), vec![p2]);
+
+    // Packs survive reopening; an account's removal takes its packs.
+    drop(r);
+    let mut r = h.open();
+    assert_eq!(r.packs(a).unwrap().len(), 1);
+    assert!(r.remove_account(a).unwrap());
+    assert!(r.packs(a).unwrap().is_empty());
+    assert_eq!(r.packs(b).unwrap().len(), 1);
+    // A pack of an unknown account is refused, with its chunks.
+    assert!(matches!(
+        r.insert_chunks(
+            &[(999, pack_rec(p2, 1))],
+            &[(b, packed([8; 32], 1, 0, p2, 0))]
+        ),
+        Err(RepoError::NoSuchAccount(999))
+    ));
+    assert_eq!(r.chunk_record(b, &[8; 32]).unwrap(), None);
 }

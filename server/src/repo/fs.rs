@@ -222,6 +222,7 @@ impl FsBlobStore {
         self.account_dir(account).join(match kind {
             BlobKind::Chunk => "chunks",
             BlobKind::SnapshotBody => "snapshots",
+            BlobKind::Pack => "packs",
         })
     }
 
@@ -231,7 +232,7 @@ impl FsBlobStore {
         let name = hex(key.id());
         match key {
             BlobKey::Chunk(..) => dir.join(&name[..2]).join(name),
-            BlobKey::SnapshotBody(..) => dir.join(name),
+            BlobKey::SnapshotBody(..) | BlobKey::Pack(..) => dir.join(name),
         }
     }
 
@@ -477,7 +478,7 @@ impl BlobStore for FsBlobStore {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             match kind {
-                BlobKind::SnapshotBody => {
+                BlobKind::SnapshotBody | BlobKind::Pack => {
                     if let Some(id) = unhex::<16>(name) {
                         out.push(id.to_vec());
                     }

@@ -25,7 +25,9 @@ use std::sync::PoisonError;
 use std::time::Duration;
 
 use super::blob::{BlobKey, BlobKind};
-use super::service::Repo;
+use super::pack::{PackBuilder, PackId, MAX_PACK_BYTES};
+use super::registry::{ChunkMove, ChunkRecord, PackLoc, PackRecord, PackUsage};
+use super::service::{new_pack_id, Repo};
 use super::{AccountId, ChunkId, RepoError, SnapshotId};
 
 /// Which accounts an operation covers.
@@ -47,6 +49,12 @@ pub struct GcReport {
     pub orphan_chunk_blobs: u64,
     /// Snapshot bodies that had no snapshot, removed.
     pub orphan_bodies: u64,
+    /// Packs no chunk named any more, removed (those emptied by repacking too).
+    pub packs_deleted: u64,
+    /// Packs under half live, whose live chunks were written to a new pack.
+    pub packs_repacked: u64,
+    /// Pack blobs that had no record, removed.
+    pub orphan_packs: u64,
 }
 
 /// What a scrub found.
@@ -76,6 +84,16 @@ fn predecessor(id: &ChunkId) -> Option<ChunkId> {
         *b = 0xff;
     }
     None
+}
+
+/// Packs with less than this share (in percent) of their bytes live are repacked.
+pub const REPACK_BELOW_PERCENT: u64 = 50;
+
+/// The bytes of the chunk `rec` in the whole pack `bytes`, if the pack is long enough.
+fn slice_of<'a>(bytes: &'a [u8], rec: &ChunkRecord, loc: &PackLoc) -> Option<&'a [u8]> {
+    let start = usize::try_from(loc.offset).ok()?;
+    let end = start.checked_add(usize::try_from(rec.stored_len).ok()?)?;
+    bytes.get(start..end)
 }
 
 /// Chunk records read per registry call during a scrub or a sweep.
@@ -216,6 +234,19 @@ impl Repo {
             .filter_map(|id| <ChunkId>::try_from(&id[..]).ok())
             .filter(|id| !recorded.contains(id))
             .collect();
+        let recorded_packs: HashSet<PackId> = self
+            .shared
+            .registry()?
+            .packs(account)?
+            .into_iter()
+            .map(|p| p.pack.id)
+            .collect();
+        let pack_candidates: Vec<PackId> = store
+            .list(account, BlobKind::Pack)?
+            .iter()
+            .filter_map(|id| <PackId>::try_from(&id[..]).ok())
+            .filter(|id| !recorded_packs.contains(id))
+            .collect();
         let snapshots: HashSet<SnapshotId> = self
             .shared
             .registry()?
@@ -250,8 +281,10 @@ impl Repo {
                 cutoff,
                 &found.snapshots,
             )?;
+            // A packed chunk's bytes go with its pack, once no row names it (below).
             let keys: Vec<BlobKey> = doomed
                 .iter()
+                .filter(|r| r.pack.is_none())
                 .map(|r| BlobKey::Chunk(account, r.id))
                 .collect();
             for part in keys.chunks(64) {
@@ -272,11 +305,16 @@ impl Repo {
             // a round could otherwise write a blob collection is about to delete.
             let mut all = self.shared.exclusive()?;
             for part in part.chunks(64) {
-                let still = all.registry()?.chunks_recorded(account, part)?;
                 let mut deleted = Vec::new();
-                for (id, recorded) in part.iter().zip(still) {
+                for id in part {
+                    // A chunk whose row names a pack has no use for a blob of its own
+                    // (one left from before it was put again, packed).
+                    let as_blob = all
+                        .registry()?
+                        .chunk_record(account, id)?
+                        .is_some_and(|r| r.pack.is_none());
                     let key = BlobKey::Chunk(account, *id);
-                    if !recorded && store.delete(&key)? {
+                    if !as_blob && store.delete(&key)? {
                         report.orphan_chunk_blobs += 1;
                         deleted.push(key);
                     }
@@ -297,6 +335,125 @@ impl Repo {
                 }
             }
         }
+        for part in pack_candidates.chunks(GC_BATCH) {
+            // A round holds its lock from writing a pack to recording it.
+            let mut all = self.shared.exclusive()?;
+            let still = all.registry()?.packs_recorded(account, part)?;
+            let orphans: Vec<BlobKey> = part
+                .iter()
+                .zip(still)
+                .filter(|(_, recorded)| !recorded)
+                .map(|(id, _)| BlobKey::Pack(account, *id))
+                .collect();
+            store.delete_batch(&orphans)?;
+            report.orphan_packs += orphans.len() as u64;
+        }
+        self.collect_packs(account, report)
+    }
+
+    /// Removes the account's packs no chunk names any more, and repacks those under
+    /// half live: their live chunks are written to a new pack, the rows moved to it
+    /// (each only if it still points where it was read), and the old packs removed.
+    /// Each step under the repository's lock, a few packs at a time.
+    fn collect_packs(&self, account: AccountId, report: &mut GcReport) -> Result<(), RepoError> {
+        let packs = self.shared.registry()?.packs(account)?;
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let (empty, live): (Vec<PackUsage>, Vec<PackUsage>) =
+            packs.into_iter().partition(|p| p.live_chunks == 0);
+        let empty: Vec<PackId> = empty.iter().map(|p| p.pack.id).collect();
+        for part in empty.chunks(GC_BATCH) {
+            let mut all = self.shared.exclusive()?;
+            self.delete_packs(&mut all, account, part, report)?;
+        }
+        // Repacking: the sparse packs in groups of up to a pack's worth of live bytes.
+        let sparse = live.into_iter().filter(|p| {
+            p.live_bytes.saturating_mul(100) < p.pack.stored_len * REPACK_BELOW_PERCENT
+        });
+        let mut group: Vec<PackId> = Vec::new();
+        let mut group_bytes = 0u64;
+        for p in sparse {
+            if !group.is_empty() && group_bytes + p.live_bytes > MAX_PACK_BYTES as u64 {
+                self.repack(account, &std::mem::take(&mut group), report)?;
+                group_bytes = 0;
+            }
+            group.push(p.pack.id);
+            group_bytes += p.live_bytes;
+        }
+        if !group.is_empty() {
+            self.repack(account, &group, report)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the records of those of `ids` no chunk names, then their blobs.
+    fn delete_packs(
+        &self,
+        all: &mut super::service::CrossLock<'_>,
+        account: AccountId,
+        ids: &[PackId],
+        report: &mut GcReport,
+    ) -> Result<(), RepoError> {
+        let gone = all.registry()?.delete_unnamed_packs(account, ids)?;
+        let keys: Vec<BlobKey> = gone.iter().map(|id| BlobKey::Pack(account, *id)).collect();
+        // No round ever points a row at a pack that exists, so a pack no row named at
+        // the delete stays unnamed: no check after, as chunk blobs need.
+        self.shared.store.delete_batch(&keys)?;
+        report.packs_deleted += gone.len() as u64;
+        Ok(())
+    }
+
+    /// Rewrites the live chunks of the packs `ids` into one new pack, under the lock.
+    fn repack(
+        &self,
+        account: AccountId,
+        ids: &[PackId],
+        report: &mut GcReport,
+    ) -> Result<(), RepoError> {
+        let store = &self.shared.store;
+        let mut all = self.shared.exclusive()?;
+        let mut builder = PackBuilder::new();
+        let new_id = new_pack_id();
+        let mut moves = Vec::new();
+        for old in ids {
+            let recs = all.registry()?.chunks_in_pack(account, old)?;
+            let Some(bytes) = store.get(&BlobKey::Pack(account, *old))? else {
+                // Scrub reports and marks them; nothing to move.
+                continue;
+            };
+            for rec in recs {
+                let Some(loc) = rec.pack else { continue };
+                let Some(data) = slice_of(&bytes, &rec, &loc) else {
+                    continue;
+                };
+                // Damaged bytes are not copied: the row stays on the old pack, which
+                // then stays too, until scrub marks it and a backup sends it again.
+                if rec.damaged_ms.is_some() || *blake3::hash(data).as_bytes() != rec.hash {
+                    continue;
+                }
+                let to_offset = builder.push(rec.id, data);
+                moves.push(ChunkMove {
+                    id: rec.id,
+                    from: loc,
+                    to_offset,
+                });
+            }
+        }
+        if !moves.is_empty() {
+            let bytes = builder.finish();
+            let to = PackRecord {
+                id: new_id,
+                stored_len: bytes.len() as u64,
+                created_ms: self.shared.now(),
+            };
+            // Durable before any row names it.
+            store.put_batch(&[(BlobKey::Pack(account, new_id), &bytes)])?;
+            all.registry()?.move_chunks(account, &to, &moves)?;
+        }
+        let before = report.packs_deleted;
+        self.delete_packs(&mut all, account, ids, report)?;
+        report.packs_repacked += report.packs_deleted - before;
         Ok(())
     }
 
@@ -344,7 +501,78 @@ impl Repo {
         Err(lost)
     }
 
-    /// Every chunk id the account has a row for.
+    /// Reads each of the account's packs once and checks every chunk its rows place in
+    /// it: the bytes against the recorded hash, and the place against the pack's own
+    /// trailer.
+    fn scrub_packs(
+        &self,
+        account: AccountId,
+        report: &mut ScrubReport,
+        tracked: &Tracked<'_>,
+    ) -> Result<(), RepoError> {
+        let packs = self.shared.registry()?.packs(account)?;
+        for p in packs {
+            tracked.update(|pr| {
+                pr.chunks_checked = report.chunks_checked;
+                pr.bytes_checked = report.bytes_checked;
+            });
+            let id = p.pack.id;
+            let recs = self.shared.registry()?.chunks_in_pack(account, &id)?;
+            if recs.is_empty() {
+                continue;
+            }
+            let bytes = self.shared.store.get(&BlobKey::Pack(account, id))?;
+            let listed: Option<HashSet<(ChunkId, u64, u64)>> = match bytes.as_deref() {
+                None => None,
+                Some(b) => match super::pack::entries(b) {
+                    Ok(e) => Some(e.into_iter().map(|e| (e.id, e.offset, e.len)).collect()),
+                    Err(e) => {
+                        tracing::error!(account_id = account, pack = %super::hex(&id), error = %e, "a pack's trailer is damaged");
+                        Some(HashSet::new())
+                    }
+                },
+            };
+            if let Some(b) = &bytes {
+                report.bytes_checked += b.len() as u64;
+            }
+            for rec in recs {
+                let Some(loc) = rec.pack else { continue };
+                report.chunks_checked += 1;
+                let verdict = match (&bytes, &listed) {
+                    (Some(b), Some(listed)) => {
+                        let ok = slice_of(b, &rec, &loc)
+                            .is_some_and(|d| *blake3::hash(d).as_bytes() == rec.hash)
+                            && listed.contains(&(rec.id, loc.offset, rec.stored_len));
+                        if ok {
+                            continue;
+                        }
+                        false
+                    }
+                    _ => true, // missing
+                };
+                // A repack may have moved the row since it was read: only a row that
+                // still points here is marked.
+                let now_rec = self.shared.registry()?.chunk_record(account, &rec.id)?;
+                if now_rec.is_none_or(|r| r.pack != rec.pack) {
+                    continue;
+                }
+                if verdict {
+                    report.missing.push((account, rec.id));
+                } else {
+                    report.damaged.push((account, rec.id));
+                }
+                let now = self.shared.now();
+                self.shared
+                    .registry()?
+                    .mark_damaged(account, &rec.id, &rec.hash, now)?;
+                tracing::error!(account_id = account, chunk = %super::hex(&rec.id), pack = %super::hex(&id), "a damaged or missing packed chunk, marked for upload");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every chunk id the account has a row for that keeps its bytes in a blob of its
+    /// own (not in a pack).
     fn recorded_chunks(&self, account: AccountId) -> Result<HashSet<ChunkId>, RepoError> {
         let mut ids = HashSet::new();
         let mut after = None;
@@ -355,7 +583,7 @@ impl Repo {
                 .chunk_records(account, after.as_ref(), PAGE)?;
             let Some(last) = page.last() else { break };
             after = Some(last.id);
-            ids.extend(page.into_iter().map(|r| r.id));
+            ids.extend(page.into_iter().filter(|r| r.pack.is_none()).map(|r| r.id));
         }
         Ok(ids)
     }
@@ -413,6 +641,9 @@ impl Repo {
                 p.bytes_checked = report.bytes_checked;
             });
             for rec in page {
+                if rec.pack.is_some() {
+                    continue; // checked a pack at a time, below
+                }
                 report.chunks_checked += 1;
                 let sound = match store.get(&BlobKey::Chunk(account, rec.id))? {
                     None => {
@@ -440,6 +671,7 @@ impl Repo {
                 }
             }
         }
+        self.scrub_packs(account, report, tracked)?;
         let headers = self.shared.registry()?.list_snapshots(account)?;
         for h in headers {
             let Some(snap) = self.shared.registry()?.get_snapshot(account, &h.id)? else {
@@ -741,5 +973,221 @@ mod tests {
             repo.scrub(Scope::Account(99)),
             Err(RepoError::NoSuchAccount(99))
         ));
+    }
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use super::*;
+    use crate::repo::conformance::header;
+    use crate::repo::service::tests::{account, cid, data, Fixture};
+    use futures_lite::future::{block_on, poll_once};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const HOUR_MS: i64 = 3_600_000;
+
+    /// Puts every chunk in as few rounds as the committer takes them: the puts are all
+    /// queued while the round lock is held, so at most the first is a round alone.
+    fn put_together(repo: &Repo, a: AccountId, ns: impl IntoIterator<Item = u32>) {
+        let mut futs: Vec<_> = ns
+            .into_iter()
+            .map(|n| Box::pin(repo.put_chunk(a, cid(n), data(n))))
+            .collect();
+        {
+            let _hold = repo.shared.gc_lock.write().unwrap();
+            for f in &mut futs {
+                assert!(block_on(poll_once(f)).is_none()); // queued, not answered
+            }
+        }
+        for f in futs {
+            block_on(f).unwrap();
+        }
+    }
+
+    fn pack_ids(repo: &Repo, a: AccountId) -> Vec<Vec<u8>> {
+        let mut ids = repo.shared.store.list(a, BlobKind::Pack).unwrap();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn small_chunks_go_in_packs_and_read_back_whichever_the_setting() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        block_on(repo.put_chunk(a, cid(100), data(100))).unwrap(); // before packing
+        repo.set_pack_below(1 << 20);
+        put_together(&repo, a, 1..=40);
+        let big = vec![7u8; 1 << 20];
+        block_on(repo.put_chunk(a, cid(200), big.clone())).unwrap();
+        let packs = pack_ids(&repo, a);
+        assert!(
+            (1..=2).contains(&packs.len()),
+            "40 chunks in {} packs",
+            packs.len()
+        );
+        let blobs = repo.shared.store.list(a, BlobKind::Chunk).unwrap();
+        assert_eq!(blobs.len(), 2, "the chunk from before and the large one");
+        for n in 1..=40 {
+            assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), Some(data(n)), "{n}");
+            assert_eq!(
+                repo.get_chunk_range(a, &cid(n), 2, 3).unwrap(),
+                Some(data(n)[2..5].to_vec())
+            );
+        }
+        assert_eq!(repo.get_chunk(a, &cid(200)).unwrap(), Some(big));
+        // Packing off again: what is packed still reads, and new chunks are blobs.
+        repo.set_pack_below(0);
+        assert_eq!(repo.get_chunk(a, &cid(7)).unwrap(), Some(data(7)));
+        assert_eq!(repo.get_chunk(a, &cid(100)).unwrap(), Some(data(100)));
+        assert_eq!(repo.get_chunk(a, &cid(999)).unwrap(), None);
+        // Another account sees none of it.
+        let b = account(&repo, 2);
+        assert_eq!(repo.get_chunk(b, &cid(7)).unwrap(), None);
+        // A pack's trailer lists what the rows say.
+        let bytes = repo
+            .shared
+            .store
+            .get(&BlobKey::Pack(a, packs[0].clone().try_into().unwrap()))
+            .unwrap()
+            .unwrap();
+        for e in crate::repo::pack::entries(&bytes).unwrap() {
+            let n = u32::from_be_bytes(e.id[..4].try_into().unwrap());
+            let at = e.offset as usize;
+            assert_eq!(&bytes[at..at + e.len as usize], &data(n)[..]);
+        }
+        let clean = repo.scrub(Scope::All).unwrap();
+        assert_eq!(clean.chunks_checked, 42);
+        assert!(clean.damaged.is_empty() && clean.missing.is_empty());
+    }
+
+    #[test]
+    fn collection_deletes_empty_packs_and_repacks_sparse_ones() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        let t0 = 1_000_000;
+        fx.set_time(t0);
+        repo.set_pack_below(1 << 20);
+        // Chunks 1-60 in one or two packs, 61-70 in another that nothing will name.
+        put_together(&repo, a, 1..=60);
+        put_together(&repo, a, 61..=70);
+        let before = pack_ids(&repo, a);
+        let kept: Vec<ChunkId> = (1..=60).filter(|n| n % 4 == 0).map(cid).collect();
+        block_on(repo.commit_snapshot(a, 1, header(1, 1), kept.clone(), vec![1])).unwrap();
+        let r = repo
+            .collect_garbage(Scope::Account(a), HOUR, t0 + 2 * HOUR_MS)
+            .unwrap();
+        assert_eq!(r.chunks_deleted, 70 - kept.len() as u64);
+        assert!(r.packs_repacked >= 1, "{r:?}");
+        assert_eq!(
+            r.packs_deleted,
+            before.len() as u64,
+            "the emptied pack and the repacked ones: {r:?}"
+        );
+        let after = pack_ids(&repo, a);
+        assert_eq!(after.len(), 1, "the kept chunks in one new pack");
+        assert!(!before.contains(&after[0]));
+        for n in 1..=70 {
+            let want = (n % 4 == 0 && n <= 60).then(|| data(n));
+            assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), want, "chunk {n}");
+        }
+        let usage = repo.shared.registry().unwrap().packs(a).unwrap();
+        assert_eq!(usage[0].live_chunks, kept.len() as u64);
+        // Nothing left to do: a second collection changes nothing.
+        let again = repo
+            .collect_garbage(Scope::Account(a), HOUR, t0 + 2 * HOUR_MS)
+            .unwrap();
+        assert_eq!((again.packs_deleted, again.packs_repacked), (0, 0));
+        let s = repo.scrub(Scope::All).unwrap();
+        assert!(s.damaged.is_empty() && s.missing.is_empty());
+        assert_eq!(s.chunks_checked, kept.len() as u64);
+    }
+
+    #[test]
+    fn orphan_packs_and_superseded_chunk_blobs_are_swept() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        block_on(repo.put_chunk(a, cid(1), data(1))).unwrap();
+        block_on(repo.commit_snapshot(a, 1, header(1, 1), vec![cid(1), cid(2)], vec![1]))
+            .unwrap_err();
+        repo.set_pack_below(1 << 20);
+        put_together(&repo, a, 2..=3);
+        let packs = repo.shared.store.list(a, BlobKind::Pack).unwrap().len();
+        block_on(repo.commit_snapshot(a, 1, header(1, 1), vec![cid(1), cid(2)], vec![1])).unwrap();
+        // What a crash between a pack and its rows leaves; and chunk 2 also as a blob of
+        // its own, as if it was stored unpacked once and later packed.
+        repo.shared
+            .store
+            .put_batch(&[
+                (BlobKey::Pack(a, [9; 16]), b"an orphan pack"),
+                (BlobKey::Chunk(a, cid(2)), &data(2)),
+            ])
+            .unwrap();
+        let now = fx.time.load(std::sync::atomic::Ordering::Relaxed);
+        let r = repo.collect_garbage(Scope::All, HOUR, now).unwrap();
+        assert_eq!((r.orphan_packs, r.orphan_chunk_blobs), (1, 1), "{r:?}");
+        assert_eq!(
+            repo.shared.store.get(&BlobKey::Pack(a, [9; 16])).unwrap(),
+            None
+        );
+        assert_eq!(
+            repo.shared.store.get(&BlobKey::Chunk(a, cid(2))).unwrap(),
+            None
+        );
+        assert_eq!(
+            repo.shared.store.list(a, BlobKind::Pack).unwrap().len(),
+            packs,
+            "recorded packs stay"
+        );
+        for n in 1..=3 {
+            assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), Some(data(n)));
+        }
+    }
+
+    #[test]
+    fn scrub_finds_a_flipped_byte_and_a_missing_pack_and_they_are_put_again() {
+        let fx = Fixture::new();
+        let repo = fx.open();
+        let a = account(&repo, 1);
+        repo.set_pack_below(1 << 20);
+        put_together(&repo, a, 1..=3);
+        put_together(&repo, a, 11..=13);
+        let pack_of = |n| {
+            repo.shared
+                .registry()
+                .unwrap()
+                .chunk_record(a, &cid(n))
+                .unwrap()
+                .unwrap()
+                .pack
+                .unwrap()
+        };
+        let (p2, p12) = (pack_of(2), pack_of(12));
+        assert_ne!(p2.pack, p12.pack);
+        // A byte of chunk 2 flipped; chunk 12's pack gone (and 11 and 13 with it, unless
+        // they were a round apart).
+        let path = fx.blob_path(&BlobKey::Pack(a, p2.pack));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[p2.offset as usize + 3] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::remove_file(fx.blob_path(&BlobKey::Pack(a, p12.pack))).unwrap();
+        let r = repo.scrub(Scope::All).unwrap();
+        assert_eq!(r.damaged, vec![(a, cid(2))]);
+        assert!(r.missing.contains(&(a, cid(12))), "{r:?}");
+        assert_eq!(r.chunks_checked, 6);
+        assert_eq!(
+            repo.chunks_held(a, &[cid(1), cid(2), cid(12)]).unwrap(),
+            vec![true, false, false],
+            "only the damaged chunk of a pack is marked"
+        );
+        // Sent again, they land in a new pack and read back.
+        put_together(&repo, a, [2, 11, 12, 13]);
+        for n in [1, 2, 3, 11, 12, 13] {
+            assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), Some(data(n)), "{n}");
+        }
+        let r = repo.scrub(Scope::All).unwrap();
+        assert!(r.damaged.is_empty() && r.missing.is_empty(), "{r:?}");
     }
 }

@@ -74,6 +74,7 @@ pub mod blob;
 pub(crate) mod conformance;
 pub mod fs;
 pub mod gc;
+pub mod pack;
 pub mod pg;
 pub mod pool;
 pub mod registry;
@@ -89,11 +90,12 @@ use std::sync::Arc;
 pub use blob::{BlobKey, BlobKind, BlobStore};
 pub use fs::FsBlobStore;
 pub use gc::{GcReport, Progress, Scope, ScrubReport};
+pub use pack::PackId;
 pub use pg::PostgresRegistry;
 pub use pool::RegistryPool;
 pub use registry::{
-    ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot, Unreferenced,
-    Usage, MAX_NAME_LEN,
+    ChunkMove, ChunkRecord, CommitOutcome, Device, PackLoc, PackRecord, PackUsage, Registry,
+    SnapshotStamp, StoredSnapshot, Unreferenced, Usage, MAX_NAME_LEN,
 };
 pub use service::{CommitStats, Repo};
 pub use sqlite::SqliteRegistry;

@@ -37,19 +37,37 @@ use postgres::types::ToSql;
 use postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot,
-    Unreferenced, Usage,
+    check_name, ChunkMove, ChunkRecord, CommitOutcome, Device, PackLoc, PackRecord, PackUsage,
+    Registry, SnapshotStamp, StoredSnapshot, Unreferenced, Usage,
 };
 use super::sqlite::{to_i64, to_u64, unpack_ids};
 use super::{
-    AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
+    AccountId, Capabilities, ChunkId, DeviceId, Hash, PackId, RepoError, SnapshotHeader, SnapshotId,
 };
 
 /// The schema's migrations, oldest first (refinery's `V{n}__{name}`).
-const MIGRATIONS: &[(&str, &str)] = &[("V1__initial", SCHEMA_V1), ("V2__cluster_key", SCHEMA_V2)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("V1__initial", SCHEMA_V1),
+    ("V2__cluster_key", SCHEMA_V2),
+    ("V3__packs", SCHEMA_V3),
+];
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Packs (`docs/PACKS.md`): a chunk row may name the pack that holds its bytes.
+const SCHEMA_V3: &str = "
+ALTER TABLE chunks ADD COLUMN pack BYTEA CHECK (pack IS NULL OR length(pack) = 16),
+    ADD COLUMN pack_offset BIGINT;
+CREATE INDEX chunks_by_pack ON chunks(account, pack) WHERE pack IS NOT NULL;
+CREATE TABLE packs (
+    account BIGINT NOT NULL REFERENCES accounts(id),
+    id BYTEA NOT NULL CHECK (length(id) = 16),
+    stored_len BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (account, id)
+);
+";
 
 /// The cluster's server key: the public key of the first node that started on this
 /// database; a node with another key is refused at start.
@@ -544,6 +562,21 @@ fn chunk_row(r: &Row) -> Result<ChunkRecord, RepoError> {
         stored_ms: r.try_get(3)?,
         touched_ms: r.try_get(4)?,
         damaged_ms: r.try_get(5)?,
+        pack: match (
+            r.try_get::<_, Option<&[u8]>>(6)?,
+            r.try_get::<_, Option<i64>>(7)?,
+        ) {
+            (Some(p), Some(o)) => Some(PackLoc {
+                pack: array(p)?,
+                offset: to_u64(o),
+            }),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(RepoError::Corrupt(
+                    "a packed chunk without an offset".into(),
+                ))
+            }
+        },
     })
 }
 
@@ -584,7 +617,7 @@ fn unreferenced(
     let refs = referenced(tx, account)?;
     let mut out = Vec::new();
     for r in tx.query(
-        "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms FROM chunks
+        "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset FROM chunks
          WHERE account = $1 AND touched_ms < $2 ORDER BY id",
         &[&account, &touched_before],
     )? {
@@ -648,6 +681,7 @@ impl Registry for PostgresRegistry {
             tx.exec("DELETE FROM enrolments WHERE account = $1", &[&account])?;
             tx.exec("DELETE FROM snapshots WHERE account = $1", &[&account])?;
             tx.exec("DELETE FROM chunks WHERE account = $1", &[&account])?;
+            tx.exec("DELETE FROM packs WHERE account = $1", &[&account])?;
             tx.exec("DELETE FROM devices WHERE account = $1", &[&account])?;
             Ok(tx.exec("DELETE FROM accounts WHERE id = $1", &[&account])? == 1)
         })
@@ -991,10 +1025,22 @@ impl Registry for PostgresRegistry {
         })
     }
 
-    fn insert_chunks(&mut self, records: &[(AccountId, ChunkRecord)]) -> Result<(), RepoError> {
-        if records.is_empty() {
+    fn insert_chunks(
+        &mut self,
+        packs: &[(AccountId, PackRecord)],
+        records: &[(AccountId, ChunkRecord)],
+    ) -> Result<(), RepoError> {
+        if records.is_empty() && packs.is_empty() {
             return Ok(());
         }
+        let p_acc: Vec<i64> = packs.iter().map(|(a, _)| *a).collect();
+        let p_ids: Vec<&[u8]> = packs.iter().map(|(_, p)| &p.id[..]).collect();
+        let p_lens: Vec<i64> = packs
+            .iter()
+            .map(|(_, p)| to_i64("a pack length", p.stored_len))
+            .collect::<Result<_, _>>()?;
+        let p_created: Vec<i64> = packs.iter().map(|(_, p)| p.created_ms).collect();
+        let mut accounts: Vec<AccountId> = p_acc.clone();
         // One row per (account, id), the last given winning as a second write of the
         // same row would (touched: the latest), in a fixed order.
         let mut rows: HashMap<(AccountId, ChunkId), ChunkRecord> = HashMap::new();
@@ -1009,7 +1055,8 @@ impl Registry for PostgresRegistry {
         }
         let mut rows: Vec<_> = rows.into_iter().collect();
         rows.sort_unstable_by_key(|r| r.0);
-        let mut accounts: Vec<AccountId> = rows.iter().map(|((a, _), _)| *a).collect();
+        accounts.extend(rows.iter().map(|((a, _), _)| *a));
+        accounts.sort_unstable();
         accounts.dedup();
         let acc: Vec<i64> = rows.iter().map(|((a, _), _)| *a).collect();
         let ids: Vec<&[u8]> = rows.iter().map(|((_, i), _)| &i[..]).collect();
@@ -1017,9 +1064,31 @@ impl Registry for PostgresRegistry {
         let hashes: Vec<&[u8]> = rows.iter().map(|(_, r)| &r.hash[..]).collect();
         let stored: Vec<i64> = rows.iter().map(|(_, r)| r.stored_ms).collect();
         let touched: Vec<i64> = rows.iter().map(|(_, r)| r.touched_ms).collect();
+        let in_pack: Vec<Option<&[u8]>> = rows
+            .iter()
+            .map(|(_, r)| r.pack.as_ref().map(|l| &l.pack[..]))
+            .collect();
+        let offsets: Vec<Option<i64>> = rows
+            .iter()
+            .map(|(_, r)| {
+                r.pack
+                    .map(|l| to_i64("a pack offset", l.offset))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
         self.decide(|tx| {
             for a in &accounts {
                 tx.account_exists(*a)?;
+            }
+            if !p_acc.is_empty() {
+                tx.exec(
+                    "INSERT INTO packs (account, id, stored_len, created_ms)
+                     SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bigint[])",
+                    &[&p_acc, &p_ids, &p_lens, &p_created],
+                )?;
+            }
+            if acc.is_empty() {
+                return Ok(());
             }
             // The rows replaced, for the usage counters: locked until the commit.
             let before = tx.query(
@@ -1030,14 +1099,17 @@ impl Registry for PostgresRegistry {
                 &[&acc, &ids],
             )?;
             tx.exec(
-                "INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms)
+                "INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms,
+                                     pack, pack_offset)
                  SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[],
-                                      $5::bigint[], $6::bigint[])
+                                      $5::bigint[], $6::bigint[], $7::bytea[], $8::bigint[])
                  ON CONFLICT (account, id) DO UPDATE SET stored_len = excluded.stored_len,
                      hash = excluded.hash, stored_ms = excluded.stored_ms,
                      touched_ms = greatest(chunks.touched_ms, excluded.touched_ms),
-                     damaged_ms = NULL",
-                &[&acc, &ids, &lens, &hashes, &stored, &touched],
+                     damaged_ms = NULL, pack = excluded.pack, pack_offset = excluded.pack_offset",
+                &[
+                    &acc, &ids, &lens, &hashes, &stored, &touched, &in_pack, &offsets,
+                ],
             )?;
             let mut delta: HashMap<AccountId, (i64, i64)> = HashMap::new();
             for (i, a) in acc.iter().enumerate() {
@@ -1056,6 +1128,143 @@ impl Registry for PostgresRegistry {
                 tx.add_usage(a, bytes, n, 0)?;
             }
             Ok(())
+        })
+    }
+
+    fn chunk_record(
+        &mut self,
+        account: AccountId,
+        id: &ChunkId,
+    ) -> Result<Option<ChunkRecord>, RepoError> {
+        self.run(|tx| {
+            tx.opt(
+                "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset
+                 FROM chunks WHERE account = $1 AND id = $2",
+                &[&account, &&id[..]],
+            )?
+            .as_ref()
+            .map(chunk_row)
+            .transpose()
+        })
+    }
+
+    fn packs(&mut self, account: AccountId) -> Result<Vec<PackUsage>, RepoError> {
+        self.run(|tx| {
+            let rows = tx.query(
+                "SELECT p.id, p.stored_len, p.created_ms, count(c.id),
+                        coalesce(sum(c.stored_len), 0)::bigint
+                 FROM packs p LEFT JOIN chunks c ON c.account = p.account AND c.pack = p.id
+                 WHERE p.account = $1 GROUP BY p.id, p.stored_len, p.created_ms ORDER BY p.id",
+                &[&account],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PackUsage {
+                        pack: PackRecord {
+                            id: array(r.try_get(0)?)?,
+                            stored_len: to_u64(r.try_get(1)?),
+                            created_ms: r.try_get(2)?,
+                        },
+                        live_chunks: to_u64(r.try_get(3)?),
+                        live_bytes: to_u64(r.try_get(4)?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn chunks_in_pack(
+        &mut self,
+        account: AccountId,
+        pack: &PackId,
+    ) -> Result<Vec<ChunkRecord>, RepoError> {
+        self.run(|tx| {
+            let rows = tx.query(
+                "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset
+                 FROM chunks WHERE account = $1 AND pack = $2 ORDER BY pack_offset",
+                &[&account, &&pack[..]],
+            )?;
+            rows.iter().map(chunk_row).collect()
+        })
+    }
+
+    fn packs_recorded(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<bool>, RepoError> {
+        let arr: Vec<&[u8]> = ids.iter().map(|i| &i[..]).collect();
+        self.run(|tx| {
+            let rows = tx.query(
+                "SELECT id FROM packs WHERE account = $1 AND id = ANY($2)",
+                &[&account, &arr],
+            )?;
+            let mut found = HashSet::new();
+            for r in &rows {
+                found.insert(array::<16>(r.try_get(0)?)?);
+            }
+            Ok(ids.iter().map(|i| found.contains(i)).collect())
+        })
+    }
+
+    fn delete_unnamed_packs(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<PackId>, RepoError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let arr: Vec<&[u8]> = ids.iter().map(|i| &i[..]).collect();
+        self.decide(|tx| {
+            let rows = tx.query(
+                "DELETE FROM packs p WHERE p.account = $1 AND p.id = ANY($2) AND NOT EXISTS
+                     (SELECT 1 FROM chunks c WHERE c.account = $1 AND c.pack = p.id)
+                 RETURNING p.id",
+                &[&account, &arr],
+            )?;
+            rows.iter().map(|r| array::<16>(r.try_get(0)?)).collect()
+        })
+    }
+
+    fn move_chunks(
+        &mut self,
+        account: AccountId,
+        to: &PackRecord,
+        moves: &[ChunkMove],
+    ) -> Result<u64, RepoError> {
+        let len = to_i64("a pack length", to.stored_len)?;
+        let ids: Vec<&[u8]> = moves.iter().map(|m| &m.id[..]).collect();
+        let froms: Vec<&[u8]> = moves.iter().map(|m| &m.from.pack[..]).collect();
+        let from_offsets: Vec<i64> = moves
+            .iter()
+            .map(|m| to_i64("a pack offset", m.from.offset))
+            .collect::<Result<_, _>>()?;
+        let to_offsets: Vec<i64> = moves
+            .iter()
+            .map(|m| to_i64("a pack offset", m.to_offset))
+            .collect::<Result<_, _>>()?;
+        self.decide(|tx| {
+            tx.account_exists(account)?;
+            tx.exec(
+                "INSERT INTO packs (account, id, stored_len, created_ms) VALUES ($1, $2, $3, $4)",
+                &[&account, &&to.id[..], &len, &to.created_ms],
+            )?;
+            tx.exec(
+                "UPDATE chunks c SET pack = $2, pack_offset = m.to_offset
+                 FROM unnest($3::bytea[], $4::bytea[], $5::bigint[], $6::bigint[])
+                     AS m(id, from_pack, from_offset, to_offset)
+                 WHERE c.account = $1 AND c.id = m.id AND c.pack = m.from_pack
+                   AND c.pack_offset = m.from_offset AND c.damaged_ms IS NULL",
+                &[
+                    &account,
+                    &&to.id[..],
+                    &ids,
+                    &froms,
+                    &from_offsets,
+                    &to_offsets,
+                ],
+            )
         })
     }
 
@@ -1234,7 +1443,7 @@ impl Registry for PostgresRegistry {
             // Untouched is checked again by the statement that deletes.
             let rows = tx.query(
                 "DELETE FROM chunks WHERE account = $1 AND id = ANY($2) AND touched_ms < $3
-                 RETURNING id, stored_len, hash, stored_ms, touched_ms, damaged_ms",
+                 RETURNING id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset",
                 &[&account, &doomed, &touched_before],
             )?;
             let mut out: Vec<ChunkRecord> = rows.iter().map(chunk_row).collect::<Result<_, _>>()?;
@@ -1255,12 +1464,12 @@ impl Registry for PostgresRegistry {
         self.run(|tx| {
             let rows = match after {
                 Some(after) => tx.query(
-                    "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms FROM chunks
+                    "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset FROM chunks
                      WHERE account = $1 AND id > $2 ORDER BY id LIMIT $3",
                     &[&account, &&after[..], &limit],
                 )?,
                 None => tx.query(
-                    "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms FROM chunks
+                    "SELECT id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset FROM chunks
                      WHERE account = $1 ORDER BY id LIMIT $2",
                     &[&account, &limit],
                 )?,
@@ -1700,7 +1909,7 @@ pub(crate) mod tests {
             .enumerate()
             .map(|(i, id)| (acct, crate::repo::conformance::chunk(*id, 10, i as i64)))
             .collect();
-        a.insert_chunks(&recs).unwrap();
+        a.insert_chunks(&[], &recs).unwrap();
         let frontier = AtomicU64::new(0);
         let done = std::sync::atomic::AtomicBool::new(false);
         let (committed, deleted) = std::thread::scope(|s| {
@@ -1945,7 +2154,11 @@ mod cluster_tests {
                     .unwrap();
                 let mut rec = crate::repo::conformance::chunk(id, d2.len() as u64, 3_000_000);
                 rec.hash = *blake3::hash(&d2).as_bytes();
-                other.lock().unwrap().insert_chunks(&[(acct, rec)]).unwrap();
+                other
+                    .lock()
+                    .unwrap()
+                    .insert_chunks(&[], &[(acct, rec)])
+                    .unwrap();
             }))),
         };
         let u = url.clone();

@@ -14,7 +14,7 @@
 //! it is given: that is the isolation between accounts.
 
 use super::{
-    AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
+    AccountId, Capabilities, ChunkId, DeviceId, Hash, PackId, RepoError, SnapshotHeader, SnapshotId,
 };
 
 /// Longest account or device name, in bytes.
@@ -54,6 +54,44 @@ pub struct ChunkRecord {
     /// Set by scrub when the blob was missing or did not match `hash`: the chunk then
     /// counts as not held until it is put again.
     pub damaged_ms: Option<i64>,
+    /// Where its bytes are when they are in a pack; `None` for a chunk that is a blob
+    /// of its own.
+    pub pack: Option<PackLoc>,
+}
+
+/// Where a packed chunk's bytes are: `stored_len` bytes at `offset` in the pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PackLoc {
+    pub pack: PackId,
+    pub offset: u64,
+}
+
+/// A pack as the registry keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackRecord {
+    pub id: PackId,
+    /// The pack blob's length (chunks and trailer).
+    pub stored_len: u64,
+    pub created_ms: i64,
+}
+
+/// A pack and what of it is still live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackUsage {
+    pub pack: PackRecord,
+    /// Chunk rows that name it, and their stored bytes.
+    pub live_chunks: u64,
+    pub live_bytes: u64,
+}
+
+/// A packed chunk's row to move to another pack ([`Registry::move_chunks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkMove {
+    pub id: ChunkId,
+    /// Where the row must still point for the move to happen.
+    pub from: PackLoc,
+    /// Its offset in the new pack.
+    pub to_offset: u64,
 }
 
 /// What a snapshot commit did.
@@ -218,10 +256,59 @@ pub trait Registry: Send {
         ids: &[ChunkId],
     ) -> Result<Vec<bool>, RepoError>;
 
-    /// Records chunks whose blobs are durable, for any accounts, in one transaction (a
-    /// group commit). A record that exists is replaced (a damaged chunk put again
-    /// becomes sound). All or nothing.
-    fn insert_chunks(&mut self, records: &[(AccountId, ChunkRecord)]) -> Result<(), RepoError>;
+    /// Records packs and chunks whose blobs are durable, for any accounts, in one
+    /// transaction (a group commit). A chunk record that exists is replaced (a damaged
+    /// chunk put again becomes sound, at its new location). All or nothing.
+    fn insert_chunks(
+        &mut self,
+        packs: &[(AccountId, PackRecord)],
+        records: &[(AccountId, ChunkRecord)],
+    ) -> Result<(), RepoError>;
+
+    /// The account's record of a chunk (damaged or not), without touching it: where
+    /// a read finds its bytes.
+    fn chunk_record(
+        &mut self,
+        account: AccountId,
+        id: &ChunkId,
+    ) -> Result<Option<ChunkRecord>, RepoError>;
+
+    /// Every pack of the account with its live chunks and bytes, in id order.
+    fn packs(&mut self, account: AccountId) -> Result<Vec<PackUsage>, RepoError>;
+
+    /// The chunk records that name the pack, in offset order.
+    fn chunks_in_pack(
+        &mut self,
+        account: AccountId,
+        pack: &PackId,
+    ) -> Result<Vec<ChunkRecord>, RepoError>;
+
+    /// For each id, whether the account has a record of that pack (for the sweep of
+    /// orphan blobs).
+    fn packs_recorded(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<bool>, RepoError>;
+
+    /// Deletes, in one transaction that decides and deletes, the records of those of
+    /// `ids` that no chunk row names, and returns them; their blobs are the caller's to
+    /// delete, after.
+    fn delete_unnamed_packs(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<PackId>, RepoError>;
+
+    /// Records the new pack `to` and, in the same transaction, points each row of
+    /// `moves` that still points at its `from` (and is not damaged) at its offset in
+    /// `to`; returns how many moved. A row put again or marked damaged meanwhile stays.
+    fn move_chunks(
+        &mut self,
+        account: AccountId,
+        to: &PackRecord,
+        moves: &[ChunkMove],
+    ) -> Result<u64, RepoError>;
 
     /// Commits a snapshot atomically: [`RepoError::MissingChunks`] naming every chunk
     /// of `chunks` the account does not hold (or holds damaged), unless all are held;

@@ -363,6 +363,7 @@ fn kind_name(k: BlobKind) -> &'static str {
     match k {
         BlobKind::Chunk => "chunk",
         BlobKind::SnapshotBody => "snapshot",
+        BlobKind::Pack => "pack",
     }
 }
 
@@ -474,7 +475,7 @@ impl BlobStore for S3BlobStore {
                             out.push(id.to_vec());
                         }
                     }
-                    BlobKind::SnapshotBody => {
+                    BlobKind::SnapshotBody | BlobKind::Pack => {
                         if let Some(id) = unhex::<16>(name) {
                             out.push(id.to_vec());
                         }
@@ -585,15 +586,11 @@ pub(crate) mod tests {
                 return;
             };
             for account in 0..8 {
-                for kind in [BlobKind::Chunk, BlobKind::SnapshotBody] {
+                for kind in BlobKind::ALL {
                     for id in s.list(account, kind).unwrap_or_default() {
-                        let key = match kind {
-                            BlobKind::Chunk => BlobKey::Chunk(account, id.try_into().unwrap()),
-                            BlobKind::SnapshotBody => {
-                                BlobKey::SnapshotBody(account, id.try_into().unwrap())
-                            }
-                        };
-                        let _ = s.delete(&key);
+                        if let Some(key) = BlobKey::of(account, kind, &id) {
+                            let _ = s.delete(&key);
+                        }
                     }
                 }
             }

@@ -28,8 +28,11 @@ use futures_channel::oneshot;
 
 use super::blob::{BlobKey, BlobStore};
 use super::fs::FsBlobStore;
+use super::pack::{PackBuilder, PackId, MAX_PACK_BYTES};
 use super::pool::{Opener, Pooled, RegistryPool};
-use super::registry::{ChunkRecord, CommitOutcome, Device, Registry, StoredSnapshot, Usage};
+use super::registry::{
+    ChunkRecord, CommitOutcome, Device, PackLoc, PackRecord, Registry, StoredSnapshot, Usage,
+};
 use super::sqlite::SqliteRegistry;
 use super::{
     now_unix_ms, AccountId, Capabilities, ChunkId, DeviceId, RepoError, SnapshotHeader, SnapshotId,
@@ -67,6 +70,9 @@ pub(super) struct Shared {
     pub(super) gc_lock: RwLock<()>,
     clock: Clock,
     stats: Stats,
+    /// Chunks smaller than this are written in packs (0: none are); see
+    /// [`Repo::set_pack_below`].
+    pack_below: AtomicU64,
     /// Collections and scrubs running now, for `status`.
     pub(super) maintenance: super::gc::Maintenance,
 }
@@ -306,6 +312,7 @@ impl Repo {
             gc_lock: RwLock::new(()),
             clock,
             stats: Stats::default(),
+            pack_below: AtomicU64::new(0),
             maintenance: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
@@ -324,6 +331,20 @@ impl Repo {
             }),
             shared,
         })
+    }
+
+    /// From now on, a round's chunks of fewer than `bytes` stored bytes are written
+    /// together, per account, as packs of up to [`MAX_PACK_BYTES`] (`docs/PACKS.md`):
+    /// one blob, and on an object store one request, for many small chunks. 0 turns
+    /// packing off (each chunk its own blob, the default). Chunks already stored stay
+    /// where they are: reads find either layout.
+    pub fn set_pack_below(&self, bytes: u64) {
+        self.shared.pack_below.store(bytes, Ordering::Relaxed);
+    }
+
+    /// What [`set_pack_below`](Self::set_pack_below) set.
+    pub fn pack_below(&self) -> u64 {
+        self.shared.pack_below.load(Ordering::Relaxed)
     }
 
     /// The committer's counters.
@@ -546,13 +567,14 @@ impl Repo {
         self.shared.registry()?.chunks_held(account, ids, now)
     }
 
-    /// The chunk's stored bytes, from the account's own namespace only.
+    /// The chunk's stored bytes, from the account's own namespace only: its own blob,
+    /// or its range of a pack.
     pub fn get_chunk(
         &self,
         account: AccountId,
         id: &ChunkId,
     ) -> Result<Option<Vec<u8>>, RepoError> {
-        self.shared.store.get(&BlobKey::Chunk(account, *id))
+        self.get_chunk_range(account, id, 0, u64::MAX)
     }
 
     /// Up to `len` of the chunk's bytes from `offset`.
@@ -563,9 +585,17 @@ impl Repo {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<u8>>, RepoError> {
-        self.shared
-            .store
-            .get_range(&BlobKey::Chunk(account, *id), offset, len)
+        let store = &self.shared.store;
+        // Without packing, most chunks are blobs of their own: one read, no lookup.
+        if self.pack_below() == 0 {
+            if let Some(b) = store.get_range(&BlobKey::Chunk(account, *id), offset, len)? {
+                return Ok(Some(b));
+            }
+        }
+        let Some(rec) = self.shared.registry()?.chunk_record(account, id)? else {
+            return Ok(None);
+        };
+        read_chunk(&**store, account, &rec, offset, len)
     }
 
     // ---- snapshots ----
@@ -777,16 +807,31 @@ fn commit_chunks(
     if to_write.is_empty() {
         return;
     }
-    let records = records_of(&to_write, now);
-    let items: Vec<(BlobKey, &[u8])> = to_write
+    let mut records = records_of(&to_write, now);
+    let packs = pack_small(
+        &to_write,
+        &mut records,
+        shared.pack_below.load(Ordering::Relaxed),
+        now,
+    );
+    let mut items: Vec<(BlobKey, &[u8])> = packs
         .iter()
-        .map(|p| (BlobKey::Chunk(p.account, p.id), &p.data[..]))
+        .map(|(a, p, bytes)| (BlobKey::Pack(*a, p.id), &bytes[..]))
         .collect();
+    items.extend(
+        to_write
+            .iter()
+            .zip(&records)
+            .filter(|(_, (_, r))| r.pack.is_none())
+            .map(|(p, _)| (BlobKey::Chunk(p.account, p.id), &p.data[..])),
+    );
+    let pack_records: Vec<(AccountId, PackRecord)> =
+        packs.iter().map(|(a, p, _)| (*a, *p)).collect();
     let t0 = std::time::Instant::now();
     let r = shared
         .store
         .put_batch(&items)
-        .and_then(|()| all.registry()?.insert_chunks(&records));
+        .and_then(|()| all.registry()?.insert_chunks(&pack_records, &records));
     match &r {
         Ok(()) => {
             shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
@@ -807,6 +852,79 @@ fn commit_chunks(
     }
 }
 
+/// Writes the chunks of `chunks` under `pack_below` bytes into packs, per account, and
+/// points their `records` (in the same order) at them; returns the packs' records and
+/// bytes.
+fn pack_small(
+    chunks: &[Pending],
+    records: &mut [(AccountId, ChunkRecord)],
+    pack_below: u64,
+    now: i64,
+) -> Vec<(AccountId, PackRecord, Vec<u8>)> {
+    let mut done = Vec::new();
+    if pack_below == 0 {
+        return done;
+    }
+    let finish = |account: AccountId, id: PackId, b: PackBuilder| {
+        let bytes = b.finish();
+        let rec = PackRecord {
+            id,
+            stored_len: bytes.len() as u64,
+            created_ms: now,
+        };
+        (account, rec, bytes)
+    };
+    let mut open: HashMap<AccountId, (PackId, PackBuilder)> = HashMap::new();
+    for (p, (_, rec)) in chunks.iter().zip(records.iter_mut()) {
+        if p.data.len() as u64 >= pack_below {
+            continue;
+        }
+        let (id, b) = open
+            .entry(p.account)
+            .or_insert_with(|| (new_pack_id(), PackBuilder::new()));
+        if !b.is_empty() && b.data_len() + p.data.len() > MAX_PACK_BYTES {
+            let full = std::mem::take(b);
+            done.push(finish(p.account, *id, full));
+            *id = new_pack_id();
+        }
+        let offset = b.push(p.id, &p.data);
+        rec.pack = Some(PackLoc { pack: *id, offset });
+    }
+    done.extend(open.into_iter().map(|(a, (id, b))| finish(a, id, b)));
+    done
+}
+
+/// A new pack's id: random, so that two nodes never write the same one.
+pub(super) fn new_pack_id() -> PackId {
+    use rand::RngCore;
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    id
+}
+
+/// Up to `len` bytes from `offset` of the chunk `rec` records: from its own blob, or
+/// from its range of a pack (`None` if the blob is gone, or the pack too short).
+pub(super) fn read_chunk(
+    store: &dyn BlobStore,
+    account: AccountId,
+    rec: &ChunkRecord,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Vec<u8>>, RepoError> {
+    match rec.pack {
+        None => store.get_range(&BlobKey::Chunk(account, rec.id), offset, len),
+        Some(loc) => {
+            let offset = offset.min(rec.stored_len);
+            let len = len.min(rec.stored_len - offset);
+            let Some(start) = loc.offset.checked_add(offset) else {
+                return Ok(None);
+            };
+            let got = store.get_range(&BlobKey::Pack(account, loc.pack), start, len)?;
+            Ok(got.filter(|b| b.len() as u64 == len))
+        }
+    }
+}
+
 /// The registry's records of chunks about to be stored, with their scrub checksums.
 fn records_of(chunks: &[Pending], now: i64) -> Vec<(AccountId, ChunkRecord)> {
     chunks
@@ -821,6 +939,7 @@ fn records_of(chunks: &[Pending], now: i64) -> Vec<(AccountId, ChunkRecord)> {
                     stored_ms: now,
                     touched_ms: now,
                     damaged_ms: None,
+                    pack: None,
                 },
             )
         })
@@ -960,6 +1079,7 @@ pub(crate) mod tests {
             match key {
                 BlobKey::Chunk(..) => base.join("chunks").join(&id[..2]).join(id),
                 BlobKey::SnapshotBody(..) => base.join("snapshots").join(id),
+                BlobKey::Pack(..) => base.join("packs").join(id),
             }
         }
     }

@@ -19,15 +19,29 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::registry::{
-    check_name, ChunkRecord, CommitOutcome, Device, Registry, SnapshotStamp, StoredSnapshot,
-    Unreferenced, Usage,
+    check_name, ChunkMove, ChunkRecord, CommitOutcome, Device, PackLoc, PackRecord, PackUsage,
+    Registry, SnapshotStamp, StoredSnapshot, Unreferenced, Usage,
 };
 use super::{
-    AccountId, Capabilities, ChunkId, DeviceId, Hash, RepoError, SnapshotHeader, SnapshotId,
+    AccountId, Capabilities, ChunkId, DeviceId, Hash, PackId, RepoError, SnapshotHeader, SnapshotId,
 };
 
 /// The schema this code creates and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Packs (`docs/PACKS.md`): a chunk row may name the pack that holds its bytes.
+const SCHEMA_V2: &str = "
+ALTER TABLE chunks ADD COLUMN pack BLOB CHECK (pack IS NULL OR length(pack) = 16);
+ALTER TABLE chunks ADD COLUMN pack_offset INTEGER;
+CREATE INDEX chunks_by_pack ON chunks(account, pack) WHERE pack IS NOT NULL;
+CREATE TABLE packs (
+    account INTEGER NOT NULL REFERENCES accounts(id),
+    id BLOB NOT NULL CHECK (length(id) = 16),
+    stored_len INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (account, id)
+) WITHOUT ROWID;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -146,7 +160,10 @@ fn migrate(conn: &mut Connection) -> Result<(), RepoError> {
     if version < 1 {
         tx.execute_batch(SCHEMA_V1)?;
     }
-    // Later versions: `if version < 2 { ... }`, each step in this transaction.
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2)?;
+    }
+    // Later versions: `if version < 3 { ... }`, each step in this transaction.
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -215,23 +232,30 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
     })
 }
 
-const CHUNK_COLS: &str = "id, stored_len, hash, stored_ms, touched_ms, damaged_ms";
+const CHUNK_COLS: &str =
+    "id, stored_len, hash, stored_ms, touched_ms, damaged_ms, pack, pack_offset";
 
-type RawChunk = (Vec<u8>, i64, Vec<u8>, i64, i64, Option<i64>);
+type RawChunk = (
+    (Vec<u8>, i64, Vec<u8>, i64, i64, Option<i64>),
+    (Option<Vec<u8>>, Option<i64>),
+);
 
 fn raw_chunk(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawChunk> {
     Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
+        (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        ),
+        (r.get(6)?, r.get(7)?),
     ))
 }
 
 fn chunk_record(raw: RawChunk) -> Result<ChunkRecord, RepoError> {
-    let (id, len, hash, stored_ms, touched_ms, damaged_ms) = raw;
+    let ((id, len, hash, stored_ms, touched_ms, damaged_ms), (pack, offset)) = raw;
     Ok(ChunkRecord {
         id: blob_array(id)?,
         stored_len: to_u64(len),
@@ -239,6 +263,18 @@ fn chunk_record(raw: RawChunk) -> Result<ChunkRecord, RepoError> {
         stored_ms,
         touched_ms,
         damaged_ms,
+        pack: match (pack, offset) {
+            (Some(p), Some(o)) => Some(PackLoc {
+                pack: blob_array(p)?,
+                offset: to_u64(o),
+            }),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(RepoError::Corrupt(
+                    "a packed chunk without an offset".into(),
+                ))
+            }
+        },
     })
 }
 
@@ -377,7 +413,7 @@ impl Registry for SqliteRegistry {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for table in ["enrolments", "snapshots", "chunks", "devices"] {
+        for table in ["enrolments", "snapshots", "chunks", "packs", "devices"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE account = ?1"),
                 [account],
@@ -715,32 +751,200 @@ impl Registry for SqliteRegistry {
         Ok(out)
     }
 
-    fn insert_chunks(&mut self, records: &[(AccountId, ChunkRecord)]) -> Result<(), RepoError> {
+    fn insert_chunks(
+        &mut self,
+        packs: &[(AccountId, PackRecord)],
+        records: &[(AccountId, ChunkRecord)],
+    ) -> Result<(), RepoError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut ins = tx.prepare_cached(
-                "INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO packs (account, id, stored_len, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (account, p) in packs {
+                account_exists(&tx, *account)?;
+                ins.execute(params![
+                    account,
+                    &p.id[..],
+                    to_i64("a pack length", p.stored_len)?,
+                    p.created_ms
+                ])?;
+            }
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms,
+                                     pack, pack_offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (account, id) DO UPDATE SET stored_len = excluded.stored_len,
                      hash = excluded.hash, stored_ms = excluded.stored_ms,
-                     touched_ms = max(touched_ms, excluded.touched_ms), damaged_ms = NULL",
+                     touched_ms = max(touched_ms, excluded.touched_ms), damaged_ms = NULL,
+                     pack = excluded.pack, pack_offset = excluded.pack_offset",
             )?;
             for (account, r) in records {
                 account_exists(&tx, *account)?;
+                let offset = match &r.pack {
+                    Some(l) => Some(to_i64("a pack offset", l.offset)?),
+                    None => None,
+                };
                 ins.execute(params![
                     account,
                     &r.id[..],
                     to_i64("a chunk length", r.stored_len)?,
                     &r.hash[..],
                     r.stored_ms,
-                    r.touched_ms
+                    r.touched_ms,
+                    r.pack.as_ref().map(|l| &l.pack[..]),
+                    offset,
                 ])?;
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn chunk_record(
+        &mut self,
+        account: AccountId,
+        id: &ChunkId,
+    ) -> Result<Option<ChunkRecord>, RepoError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {CHUNK_COLS} FROM chunks WHERE account = ?1 AND id = ?2"
+            ))?
+            .query_row(params![account, &id[..]], raw_chunk)
+            .optional()?
+            .map(chunk_record)
+            .transpose()
+    }
+
+    fn packs(&mut self, account: AccountId) -> Result<Vec<PackUsage>, RepoError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT p.id, p.stored_len, p.created_ms, count(c.id), coalesce(sum(c.stored_len), 0)
+             FROM packs p LEFT JOIN chunks c ON c.account = p.account AND c.pack = p.id
+             WHERE p.account = ?1 GROUP BY p.id ORDER BY p.id",
+        )?;
+        let raws = st
+            .query_map([account], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        raws.into_iter()
+            .map(|(id, len, created_ms, n, bytes)| {
+                Ok(PackUsage {
+                    pack: PackRecord {
+                        id: blob_array(id)?,
+                        stored_len: to_u64(len),
+                        created_ms,
+                    },
+                    live_chunks: to_u64(n),
+                    live_bytes: to_u64(bytes),
+                })
+            })
+            .collect()
+    }
+
+    fn chunks_in_pack(
+        &mut self,
+        account: AccountId,
+        pack: &PackId,
+    ) -> Result<Vec<ChunkRecord>, RepoError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {CHUNK_COLS} FROM chunks WHERE account = ?1 AND pack = ?2
+                 ORDER BY pack_offset"
+            ))?
+            .query_map(params![account, &pack[..]], raw_chunk)?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(chunk_record)
+            .collect()
+    }
+
+    fn packs_recorded(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<bool>, RepoError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT 1 FROM packs WHERE account = ?1 AND id = ?2")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(st.exists(params![account, &id[..]])?);
+        }
+        Ok(out)
+    }
+
+    fn delete_unnamed_packs(
+        &mut self,
+        account: AccountId,
+        ids: &[PackId],
+    ) -> Result<Vec<PackId>, RepoError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::new();
+        {
+            let mut del = tx.prepare_cached(
+                "DELETE FROM packs WHERE account = ?1 AND id = ?2 AND NOT EXISTS
+                     (SELECT 1 FROM chunks WHERE account = ?1 AND pack = ?2)",
+            )?;
+            for id in ids {
+                if del.execute(params![account, &id[..]])? == 1 {
+                    out.push(*id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn move_chunks(
+        &mut self,
+        account: AccountId,
+        to: &PackRecord,
+        moves: &[ChunkMove],
+    ) -> Result<u64, RepoError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        account_exists(&tx, account)?;
+        tx.execute(
+            "INSERT INTO packs (account, id, stored_len, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                account,
+                &to.id[..],
+                to_i64("a pack length", to.stored_len)?,
+                to.created_ms
+            ],
+        )?;
+        let mut moved = 0;
+        {
+            let mut mv = tx.prepare_cached(
+                "UPDATE chunks SET pack = ?5, pack_offset = ?6
+                 WHERE account = ?1 AND id = ?2 AND pack = ?3 AND pack_offset = ?4
+                   AND damaged_ms IS NULL",
+            )?;
+            for m in moves {
+                moved += mv.execute(params![
+                    account,
+                    &m.id[..],
+                    &m.from.pack[..],
+                    to_i64("a pack offset", m.from.offset)?,
+                    &to.id[..],
+                    to_i64("a pack offset", m.to_offset)?,
+                ])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(moved)
     }
 
     fn commit_snapshot(
@@ -980,6 +1184,32 @@ pub(crate) mod tests {
     }
 
     crate::registry_conformance!(SqliteHarness);
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_keeps_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO accounts (id, name, created_ms) VALUES (1, 'old', 0);
+                 INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms)
+                 VALUES (1, zeroblob(32), 5, zeroblob(32), 0, 0);",
+            )
+            .unwrap();
+        }
+        let mut r = SqliteRegistry::open(&path).unwrap();
+        let rec = r.chunk_record(1, &[0; 32]).unwrap().unwrap();
+        assert_eq!((rec.stored_len, rec.pack), (5, None));
+        assert!(r.packs(1).unwrap().is_empty());
+        let v: i64 = r
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
 
     #[test]
     fn schema_version_is_set_and_a_newer_one_is_refused() {
