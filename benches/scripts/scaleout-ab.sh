@@ -8,6 +8,8 @@
 #   DATA=/var/tmp/g1.bin N=2 MODES="local pg s3pg" bash benches/scripts/scaleout-ab.sh
 #   ... MODES=agg A=/var/tmp/h1.bin B2=/var/tmp/h2.bin  (two clients at once, through
 #   one node, then through two)
+#   Modes: local, local-packed (--pack-below 1 MiB), pg, s3pg (packing on, its default
+#   there), s3pg-unpacked (--pack-below 0).
 #
 # PGURL should be a durable cluster (fsync, synchronous_commit on), not the tests'
 # (fsync off); the schema `bench` in it is dropped and made anew each run. The object
@@ -24,6 +26,9 @@ export CYBERBACKUP_PASSWORD=bench CYBERBACKUP_KDF=test
 others() { local t=0 p; for p in $(pgrep -x garage) $(pgrep -x postgres); do
   t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# Objects in the bucket (Garage's counters lag a little behind the writes).
+objects() { garage -c "${GARAGETEST_DIR:-/tmp/cyberbackup-garagetest}/n0/garage.toml" \
+  bucket info "$BK" 2>/dev/null | awk '/^Objects:/ {print $2}'; }
 secs() { echo "scale=2; $1/100" | bc; }
 start() { # dir extra... -> pid and address in $dir
   local d=$1; shift
@@ -37,10 +42,13 @@ start() { # dir extra... -> pid and address in $dir
 extra() { # mode round
   psql -q "$PGURL" -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS bench CASCADE; CREATE SCHEMA bench" >/dev/null
   local reg="--registry $PGURL?options=-csearch_path%3Dbench"
+  local s3="$reg --s3-endpoint $EP --s3-bucket $BK --s3-region $RG --s3-access-key-id $KI --s3-secret-access-key $KS --s3-prefix bench-$2-$RANDOM/"
   case $1 in
     local) ;;
+    local-packed) echo "--pack-below 1048576" ;;
     pg) echo "$reg" ;;
-    *) echo "$reg --s3-endpoint $EP --s3-bucket $BK --s3-region $RG --s3-access-key-id $KI --s3-secret-access-key $KS --s3-prefix bench-$2-$RANDOM/" ;;
+    s3pg-unpacked) echo "$s3 --pack-below 0" ;;
+    *) echo "$s3" ;;
   esac
 }
 for round in $(seq "${N:-2}"); do
@@ -76,13 +84,14 @@ for round in $(seq "${N:-2}"); do
     CYBERBACKUP_CONFIG_DIR=$d/cfg "$bin/cyberbackup" -q init -s "$addr" -a bench >/dev/null
     for op in backup restore; do
       rm -rf "$d/rt"; mkdir "$d/rt"; sync; echo 3 >/proc/sys/vm/drop_caches
-      s0=$(ticks "$pid"); o0=$(others)
+      s0=$(ticks "$pid"); o0=$(others); n0=$(objects)
       if [ $op = backup ]; then
         /usr/bin/time -o "$d/t" -f "%e %U %S" env CYBERBACKUP_CONFIG_DIR="$d/cfg" "$bin/cyberbackup" -q backup "$DATA"
       else
         /usr/bin/time -o "$d/t" -f "%e %U %S" env CYBERBACKUP_CONFIG_DIR="$d/cfg" "$bin/cyberbackup" -q restore latest --target "$d/rt"
       fi
-      echo "$mode $op: wall/user/sys $(cat "$d/t") node=$(secs $(( $(ticks "$pid") - s0 ))) garage+postgres=$(secs $(( $(others) - o0 )))"
+      s1=$(ticks "$pid"); o1=$(others); sleep 2
+      echo "$mode $op: wall/user/sys $(cat "$d/t") node=$(secs $((s1 - s0))) garage+postgres=$(secs $((o1 - o0))) objects+=$(( $(objects) - n0 ))"
     done
     kill "$pid"; wait "$pid" 2>/dev/null || true
     rm -rf "$d"

@@ -467,8 +467,9 @@ fn execute(
             })
             .context("collecting garbage")?;
             out.out(&format!(
-                "gc: {} accounts; {} unreferenced chunks deleted ({} bytes freed); {} orphan chunk blobs and {} orphan snapshot bodies removed",
-                r.accounts, r.chunks_deleted, r.bytes_freed, r.orphan_chunk_blobs, r.orphan_bodies
+                "gc: {} accounts; {} unreferenced chunks deleted ({} bytes freed); {} orphan chunk blobs and {} orphan snapshot bodies removed; packs: {} removed, {} repacked, {} orphans removed",
+                r.accounts, r.chunks_deleted, r.bytes_freed, r.orphan_chunk_blobs, r.orphan_bodies,
+                r.packs_deleted, r.packs_repacked, r.orphan_packs
             ));
             Ok(0)
         }

@@ -86,6 +86,7 @@ pub fn run(cfg: config::Config) -> Result<()> {
         storage = %cfg.storage.display(),
         database = %cfg.database.display(),
         max_connections = cfg.max_connections,
+        pack_below = cfg.pack_below,
         "starting"
     );
     let repo = repo::Repo::open(
@@ -262,12 +263,21 @@ fn collect_every(
         next = std::time::Instant::now() + every;
         match repo.collect_garbage(repo::Scope::All, grace, repo::now_unix_ms()) {
             Ok(r) => {
-                if r.chunks_deleted + r.orphan_chunk_blobs + r.orphan_bodies > 0 {
+                if r.chunks_deleted
+                    + r.orphan_chunk_blobs
+                    + r.orphan_bodies
+                    + r.packs_deleted
+                    + r.orphan_packs
+                    > 0
+                {
                     tracing::info!(
                         chunks = r.chunks_deleted,
                         bytes = r.bytes_freed,
                         orphan_blobs = r.orphan_chunk_blobs,
                         orphan_bodies = r.orphan_bodies,
+                        packs_deleted = r.packs_deleted,
+                        packs_repacked = r.packs_repacked,
+                        orphan_packs = r.orphan_packs,
                         "v4 collection freed space"
                     );
                 }

@@ -3,6 +3,7 @@
 //! Layout:
 //! - `<root>/<account>/chunks/<first 2 hex digits>/<64 hex digits>`: chunks;
 //! - `<root>/<account>/snapshots/<32 hex digits>`: snapshot bodies;
+//! - `<root>/<account>/packs/<32 hex digits>`: packs of small chunks ([`super::pack`]);
 //! - `<root>/tmp/`: blobs being written, emptied at open;
 //! - `<root>/LOCK`: held (`flock`) while a store is open, so that two servers never
 //!   share a root (the second would sweep the first one's temp files).

@@ -1104,6 +1104,120 @@ mod pack_tests {
         assert_eq!(s.chunks_checked, kept.len() as u64);
     }
 
+    /// A file store that fails on purpose: what a crash at that point of a repack
+    /// leaves (the store's work up to there done, nothing after).
+    struct Crashing {
+        inner: crate::repo::FsBlobStore,
+        /// 1: a pack put is stored, then fails (before its rows move); 2: deleting
+        /// packs fails (after the rows moved and the old packs' records went).
+        at: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    }
+
+    impl crate::repo::BlobStore for Crashing {
+        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
+            self.inner.put_batch(items)?;
+            let packs = items.iter().any(|(k, _)| k.kind() == BlobKind::Pack);
+            if packs && self.at.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+                return Err(RepoError::ObjectStore("crash after the new pack".into()));
+            }
+            Ok(())
+        }
+        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
+            self.inner.get(key)
+        }
+        fn get_range(
+            &self,
+            key: &BlobKey,
+            offset: u64,
+            len: u64,
+        ) -> Result<Option<Vec<u8>>, RepoError> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
+            self.inner.len(key)
+        }
+        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
+            self.inner.delete(key)
+        }
+        fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
+            let packs = keys.iter().any(|k| k.kind() == BlobKind::Pack);
+            if packs && self.at.load(std::sync::atomic::Ordering::SeqCst) == 2 {
+                return Err(RepoError::ObjectStore(
+                    "crash before the old packs go".into(),
+                ));
+            }
+            self.inner.delete_batch(keys)
+        }
+        fn ready(&self) -> Result<(), RepoError> {
+            self.inner.ready()
+        }
+        fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
+            self.inner.list(account, kind)
+        }
+    }
+
+    /// A repack stopped after writing its new pack, or after moving the rows: the
+    /// next collection (after a restart) leaves every kept chunk readable, no pack
+    /// behind, and scrub clean.
+    #[test]
+    fn a_repack_stopped_half_way_is_finished_by_the_next_collection() {
+        for at in [1u8, 2] {
+            let fx = Fixture::new();
+            let t0 = 1_000_000;
+            fx.set_time(t0);
+            let crash = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+            let open = || {
+                let time = fx.time.clone();
+                Repo::with_clock(
+                    Box::new(Crashing {
+                        inner: crate::repo::FsBlobStore::open(&fx.dir.path().join("blobs"))
+                            .unwrap(),
+                        at: crash.clone(),
+                    }),
+                    Box::new(
+                        crate::repo::SqliteRegistry::open(&fx.dir.path().join("repo.db")).unwrap(),
+                    ),
+                    std::sync::Arc::new(move || time.load(std::sync::atomic::Ordering::Relaxed)),
+                )
+                .unwrap()
+            };
+            let repo = open();
+            let a = account(&repo, 1);
+            repo.set_pack_below(1 << 20);
+            put_together(&repo, a, 1..=40);
+            let kept: Vec<ChunkId> = (1..=40).filter(|n| n % 5 == 0).map(cid).collect();
+            block_on(repo.commit_snapshot(a, 1, header(1, 1), kept.clone(), vec![1])).unwrap();
+            let before = pack_ids(&repo, a);
+            crash.store(at, std::sync::atomic::Ordering::SeqCst);
+            let later = t0 + 2 * HOUR_MS;
+            let err = repo.collect_garbage(Scope::All, HOUR, later).unwrap_err();
+            assert!(matches!(err, RepoError::ObjectStore(_)), "{err}");
+            let mid = pack_ids(&repo, a);
+            assert!(mid.len() > 1, "crash {at}: {} packs", mid.len());
+            for id in &kept {
+                assert!(repo.get_chunk(a, id).unwrap().is_some(), "crash {at}");
+            }
+            drop(repo);
+            crash.store(0, std::sync::atomic::Ordering::SeqCst);
+            let repo = open();
+            let r = repo.collect_garbage(Scope::All, HOUR, later).unwrap();
+            assert!(r.orphan_packs + r.packs_deleted >= 1, "crash {at}: {r:?}");
+            let after = pack_ids(&repo, a);
+            assert_eq!(after.len(), 1, "crash {at}: {after:?}");
+            assert!(!before.contains(&after[0]), "crash {at}");
+            for n in 1..=40 {
+                let want = (n % 5 == 0).then(|| data(n));
+                assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), want, "crash {at}: {n}");
+            }
+            let s = repo.scrub(Scope::All).unwrap();
+            assert!(
+                s.damaged.is_empty() && s.missing.is_empty(),
+                "crash {at}: {s:?}"
+            );
+            assert_eq!(s.chunks_checked, kept.len() as u64);
+        }
+    }
+
     #[test]
     fn orphan_packs_and_superseded_chunk_blobs_are_swept() {
         let fx = Fixture::new();

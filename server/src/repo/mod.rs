@@ -11,6 +11,9 @@
 //! - [`blob`]: the [`BlobStore`] trait, bytes by [`BlobKey`] (account, kind, id), every
 //!   batch durable on return; [`fs`] is the local implementation (one file per blob),
 //!   [`s3`] the S3-compatible one (one object per blob).
+//! - [`pack`]: packs, one blob holding many small chunks of an account, so that an
+//!   object store is not asked once per small chunk (`docs/PACKS.md`); the committer
+//!   writes them when [`Repo::set_pack_below`] is set (1 MiB by default on S3).
 //! - [`registry`]: the [`Registry`] trait, the metadata (accounts, devices with their
 //!   [`Capabilities`], chunk records with the hash taken at ingest, snapshots);
 //!   [`sqlite`] is the local implementation, [`pg`] the PostgreSQL one (several
@@ -22,7 +25,7 @@
 //!   an S3 blob store must pass the blob suite too).
 //!
 //! # Durability
-//! A chunk is acknowledged only when its blob is durable ([`BlobStore::put_batch`]:
+//! A chunk is acknowledged only when its blob (its own, or its pack) is durable ([`BlobStore::put_batch`]:
 //! data synced, renamed into place, directory synced) *and* its row is committed
 //! (SQLite in WAL mode with `synchronous = FULL`: the commit returns after the WAL is
 //! fsync'd). The blob is written first, so a crash in between leaves a blob without a
@@ -52,7 +55,9 @@
 //!    a row without a blob. The same lock keeps the sweep of orphan blobs (blobs without
 //!    a row) from taking a blob whose row is about to be written.
 //! 3. Rows are deleted before blobs: a crash in between leaves orphan blobs, which the
-//!    next collection removes, never a row without its blob.
+//!    next collection removes, never a row without its blob. A pack goes only once no
+//!    row names it (checked in the transaction that deletes its record); repacking
+//!    writes the new pack before any row moves to it.
 //!
 //! Servers sharing one registry (PostgreSQL, with the blobs in an object store) keep
 //! rule 2 across them too: each round also holds a lock shared in the registry, and

@@ -2,8 +2,8 @@
 //! anything that speaks S3's REST API with SigV4), shared by any number of server
 //! nodes.
 //!
-//! One object per blob, under `<prefix><account>/chunk/<hex id>` or
-//! `<prefix><account>/snapshot/<hex id>`: an account's blobs of one kind are one listing
+//! One object per blob, under `<prefix><account>/chunk/<hex id>`,
+//! `<prefix><account>/snapshot/<hex id>` or `<prefix><account>/pack/<hex id>`: an account's blobs of one kind are one listing
 //! prefix, so collection's sweep and `remove-accounts` list only that account's, and
 //! isolation between accounts is in the key as on the file system.
 //!
