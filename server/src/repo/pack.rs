@@ -15,6 +15,10 @@
 //! a pack self-describing, so that scrub can check a pack holds what the rows say, and
 //! a lost registry could be rebuilt from the blobs.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::blob::BlobKey;
 use super::{ChunkId, RepoError};
 
 /// A pack's id: 16 random bytes.
@@ -127,9 +131,204 @@ pub fn entries(pack: &[u8]) -> Result<Vec<Entry>, RepoError> {
         .collect()
 }
 
+/// Bytes of whole packs a node keeps for reads ([`PackCache`]).
+pub const PACK_CACHE_BYTES: usize = 256 << 20;
+
+/// Whole packs recently read, least recently used out first, up to a byte budget.
+///
+/// A restore asks for a snapshot's chunks in the order the backup stored them, so the
+/// chunks of one pack come one after another; on an object store a range read of each
+/// would be a request per chunk. The first read of a pack here says no (the caller
+/// reads its one range: a single file's restore reads only what it needs); from the
+/// second, the pack is read whole, once, and kept. Readers of a pack being loaded wait
+/// for that one load. A pack's bytes never change once written (a repack writes a new
+/// pack, and ids are random), so nothing kept is ever stale.
+pub struct PackCache {
+    inner: Mutex<CacheInner>,
+    budget: usize,
+}
+
+struct CacheInner {
+    map: HashMap<BlobKey, Slot>,
+    tick: u64,
+    bytes: usize,
+}
+
+struct Slot {
+    used: u64,
+    len: usize,
+    /// `None` until the second read loads it; the lock is held during the load.
+    bytes: Arc<Mutex<Option<Arc<Vec<u8>>>>>,
+}
+
+/// Packs only asked about once are forgotten beyond this many.
+const MAX_SLOTS: usize = 4096;
+
+impl PackCache {
+    pub fn new(budget: usize) -> PackCache {
+        PackCache {
+            inner: Mutex::new(CacheInner {
+                map: HashMap::new(),
+                tick: 0,
+                bytes: 0,
+            }),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The whole pack of `key` if this is not the first read of it (`load` reads it
+    /// from the store, once); `None` for a first read, or a pack the store does not
+    /// have. An error of `load` is returned and nothing kept.
+    pub fn get(
+        &self,
+        key: BlobKey,
+        load: impl FnOnce() -> Result<Option<Vec<u8>>, RepoError>,
+    ) -> Result<Option<Arc<Vec<u8>>>, RepoError> {
+        if self.budget == 0 {
+            return Ok(None);
+        }
+        let slot = {
+            let mut g = self.lock();
+            g.tick += 1;
+            let tick = g.tick;
+            match g.map.get_mut(&key) {
+                Some(s) => {
+                    s.used = tick;
+                    s.bytes.clone()
+                }
+                None => {
+                    if g.map.len() >= MAX_SLOTS {
+                        evict(&mut g, self.budget, true);
+                    }
+                    g.map.insert(
+                        key,
+                        Slot {
+                            used: tick,
+                            len: 0,
+                            bytes: Arc::new(Mutex::new(None)),
+                        },
+                    );
+                    return Ok(None);
+                }
+            }
+        };
+        let mut held = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = &*held {
+            return Ok(Some(b.clone()));
+        }
+        let Some(bytes) = load()? else {
+            return Ok(None);
+        };
+        let bytes = Arc::new(bytes);
+        if bytes.len() > self.budget / 4 {
+            return Ok(Some(bytes)); // too large to keep
+        }
+        *held = Some(bytes.clone());
+        drop(held);
+        let mut g = self.lock();
+        if let Some(s) = g.map.get_mut(&key) {
+            s.len = bytes.len();
+            g.bytes += bytes.len();
+        }
+        evict(&mut g, self.budget, false);
+        Ok(Some(bytes))
+    }
+
+    /// Bytes kept now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+/// Drops the least recently used loaded packs until the budget holds (and, with
+/// `slots`, the least recently used half of the packs asked about once).
+fn evict(g: &mut CacheInner, budget: usize, slots: bool) {
+    if slots {
+        let mut ticks: Vec<u64> = g
+            .map
+            .values()
+            .filter(|s| s.len == 0)
+            .map(|s| s.used)
+            .collect();
+        ticks.sort_unstable();
+        if let Some(&cut) = ticks.get(ticks.len() / 2) {
+            g.map.retain(|_, s| s.len > 0 || s.used > cut);
+        }
+    }
+    while g.bytes > budget {
+        let Some((&key, _)) = g
+            .map
+            .iter()
+            .filter(|(_, s)| s.len > 0)
+            .min_by_key(|(_, s)| s.used)
+        else {
+            break;
+        };
+        if let Some(s) = g.map.remove(&key) {
+            g.bytes -= s.len;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_loads_a_pack_on_its_second_read_and_keeps_to_its_budget() {
+        let c = PackCache::new(100);
+        let key = |n: u8| BlobKey::Pack(1, [n; 16]);
+        let loads = std::cell::Cell::new(0);
+        let load = |len: usize| {
+            loads.set(loads.get() + 1);
+            Ok(Some(vec![7u8; len]))
+        };
+        assert!(c.get(key(1), || load(20)).unwrap().is_none(), "first read");
+        assert_eq!(loads.get(), 0);
+        assert_eq!(c.get(key(1), || load(20)).unwrap().unwrap().len(), 20);
+        assert_eq!(c.get(key(1), || load(20)).unwrap().unwrap().len(), 20);
+        assert_eq!(loads.get(), 1, "loaded once");
+        assert_eq!(c.bytes(), 20);
+        // Another account's pack of the same id is another pack.
+        assert!(c
+            .get(BlobKey::Pack(2, [1; 16]), || load(20))
+            .unwrap()
+            .is_none());
+        // A failed load keeps nothing and is tried again.
+        let failed = c.get(key(2), || load(20));
+        assert!(failed.unwrap().is_none());
+        assert!(c
+            .get(key(2), || Err(RepoError::ObjectStore("down".into())))
+            .is_err());
+        assert_eq!(c.get(key(2), || load(20)).unwrap().unwrap().len(), 20);
+        // Past the budget the least recently used goes: 1 was used after 2 was loaded.
+        c.get(key(1), || load(20)).unwrap();
+        for n in 3..=5 {
+            c.get(key(n), || load(20)).unwrap();
+            c.get(key(n), || load(20)).unwrap();
+        }
+        assert_eq!(c.bytes(), 100);
+        c.get(key(6), || load(20)).unwrap();
+        c.get(key(6), || load(20)).unwrap();
+        assert_eq!(c.bytes(), 100);
+        let before = loads.get();
+        c.get(key(1), || load(20)).unwrap();
+        assert_eq!(loads.get(), before, "1 was kept");
+        assert!(
+            c.get(key(2), || load(20)).unwrap().is_none(),
+            "2 was the least recently used: gone, and read by its range again"
+        );
+        assert_eq!(loads.get(), before);
+        // A pack larger than a quarter of the budget is handed back, not kept.
+        c.get(key(9), || load(60)).unwrap();
+        assert_eq!(c.get(key(9), || load(60)).unwrap().unwrap().len(), 60);
+        assert_eq!(c.bytes(), 100);
+        assert!(PackCache::new(0).get(key(1), || load(1)).unwrap().is_none());
+    }
 
     #[test]
     fn a_pack_lists_its_chunks_and_a_damaged_trailer_is_refused() {

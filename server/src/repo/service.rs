@@ -73,6 +73,8 @@ pub(super) struct Shared {
     /// Chunks smaller than this are written in packs (0: none are); see
     /// [`Repo::set_pack_below`].
     pack_below: AtomicU64,
+    /// Packs read whole for reads that go through them in order.
+    packs_read: super::pack::PackCache,
     /// Collections and scrubs running now, for `status`.
     pub(super) maintenance: super::gc::Maintenance,
 }
@@ -313,6 +315,7 @@ impl Repo {
             clock,
             stats: Stats::default(),
             pack_below: AtomicU64::new(0),
+            packs_read: super::pack::PackCache::new(super::pack::PACK_CACHE_BYTES),
             maintenance: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
@@ -595,7 +598,25 @@ impl Repo {
         let Some(rec) = self.shared.registry()?.chunk_record(account, id)? else {
             return Ok(None);
         };
-        read_chunk(&**store, account, &rec, offset, len)
+        let Some(loc) = rec.pack else {
+            return read_chunk(&**store, account, &rec, offset, len);
+        };
+        // A restore reads a pack's chunks one after another: from the second on, the
+        // pack is read whole, once, rather than a request a chunk.
+        let key = BlobKey::Pack(account, loc.pack);
+        let whole = self.shared.packs_read.get(key, || store.get(&key))?;
+        let Some(bytes) = whole else {
+            return read_chunk(&**store, account, &rec, offset, len);
+        };
+        let offset = offset.min(rec.stored_len);
+        let len = len.min(rec.stored_len - offset);
+        let start = loc.offset.saturating_add(offset);
+        let got = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(start.saturating_add(len)).ok())
+            .and_then(|(s, e)| bytes.get(s..e))
+            .map(<[u8]>::to_vec);
+        Ok(got)
     }
 
     // ---- snapshots ----
