@@ -128,8 +128,49 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Failure::new(404, "not_found", "no such page or endpoint") })
         // JSON requests are small (a backup's file list has its own limit above); file
         // bytes go through the streamed PUT, bounded by the announced size.
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(JSON_LIMIT))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(state)
+}
+
+/// The largest JSON request body but a backup's file list.
+const JSON_LIMIT: usize = 64 * 1024;
+/// The largest backup file list.
+const FILE_LIST_LIMIT: usize = 64 << 20;
+/// An oversized body up to this many bytes is read (and dropped) before the 413 goes.
+const DRAIN_LIMIT: usize = 1 << 20;
+
+/// Answers a request that announces a body over its route's limit with 413 after
+/// reading that body (up to [`DRAIN_LIMIT`]): a connection closed with the body
+/// unread is reset, and a client still sending it then sees a broken pipe instead of
+/// the answer. File uploads (PUT) are streamed and bounded by their own rules.
+async fn refuse_oversized(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() == axum::http::Method::PUT {
+        return next.run(req).await;
+    }
+    let limit = if req.uri().path() == "/api/backups" {
+        FILE_LIST_LIMIT
+    } else {
+        JSON_LIMIT
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > limit as u64 => {
+            if n <= DRAIN_LIMIT as u64 {
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT).await;
+            }
+            Failure::new(
+                413,
+                "too_large",
+                format!("the request body is {n} bytes; this endpoint takes up to {limit}"),
+            )
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 const INDEX: &str = include_str!("../ui/index.html");
