@@ -8,8 +8,8 @@
 #   DATA=/var/tmp/g1.bin N=2 MODES="local pg s3pg" bash benches/scripts/scaleout-ab.sh
 #   ... MODES=agg A=/var/tmp/h1.bin B2=/var/tmp/h2.bin  (two clients at once, through
 #   one node, then through two)
-#   Modes: local, local-packed (--pack-below 1 MiB), pg, s3pg (packing on, its default
-#   there), s3pg-unpacked (--pack-below 0).
+#   Modes: local, local-unpacked (--pack-below 0), pg, s3pg, s3pg-unpacked (packing is
+#   on by default: small chunks in packs, docs/PACKS.md).
 #
 # PGURL should be a durable cluster (fsync, synchronous_commit on), not the tests'
 # (fsync off); the schema `bench` in it is dropped and made anew each run. The object
@@ -45,7 +45,7 @@ extra() { # mode round
   local s3="$reg --s3-endpoint $EP --s3-bucket $BK --s3-region $RG --s3-access-key-id $KI --s3-secret-access-key $KS --s3-prefix bench-$2-$RANDOM/"
   case $1 in
     local) ;;
-    local-packed) echo "--pack-below 1048576" ;;
+    local-unpacked) echo "--pack-below 0" ;;
     pg) echo "$reg" ;;
     s3pg-unpacked) echo "$s3 --pack-below 0" ;;
     *) echo "$s3" ;;

@@ -219,9 +219,8 @@ pub struct Args {
     pub registry_connections: Option<usize>,
 
     /// v4: chunks of fewer stored bytes than this are written together, per account
-    /// and commit round, as packs of up to 16 MiB: one object for many small chunks
-    /// (docs/PACKS.md). 0 turns packing off; at most 16777216 [default: 1048576 with
-    /// --s3-endpoint, else 0].
+    /// and commit round, as packs of up to 16 MiB: one file or object for many small
+    /// chunks (docs/PACKS.md). 0 turns packing off; at most 16777216 [default: 1048576].
     #[arg(long, env = "CYBERBACKUP_PACK_BELOW", value_name = "BYTES")]
     pub pack_below: Option<u64>,
 
@@ -464,7 +463,6 @@ impl Args {
                 self.$f.or(file.$f)
             };
         }
-        let s3_default_packing = self.s3_endpoint.is_some() || file.s3_endpoint.is_some();
         let port = match pick!(port) {
             Some(p) => p,
             None => port_info(cwd)?.unwrap_or(DEFAULT_PORT),
@@ -555,11 +553,9 @@ impl Args {
                 n @ 2..=1000 => n,
                 n => bail!("--registry-connections {n}: expected 2 to 1000"),
             },
-            pack_below: match pick!(pack_below) {
-                None if s3_default_packing => 1 << 20,
-                None => 0,
-                Some(n @ 0..=16_777_216) => n,
-                Some(n) => bail!("--pack-below {n}: expected 0 (off) to 16777216 bytes"),
+            pack_below: match pick!(pack_below).unwrap_or(1 << 20) {
+                n @ 0..=16_777_216 => n,
+                n => bail!("--pack-below {n}: expected 0 (off) to 16777216 bytes"),
             },
             s3: match pick!(s3_endpoint) {
                 None => None,
@@ -760,7 +756,6 @@ mod tests {
             resolve(&packaged_uncommented(&[
                 "shards",
                 "log",
-                "pack_below",
                 "registry",
                 "s3_endpoint",
                 "s3_bucket",

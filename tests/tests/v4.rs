@@ -420,6 +420,18 @@ fn accounts_are_isolated(rt: Runtime) {
     assert_exit(&bad, 8);
 }
 
+/// The chunk blob files and the pack files of the server in `dir`.
+fn blobs_and_packs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = blobs(dir);
+    for acct in fs::read_dir(dir.join("repository/blobs")).unwrap() {
+        if let Ok(packs) = fs::read_dir(acct.unwrap().path().join("packs")) {
+            out.extend(packs.map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+/// The chunk blob files (chunks not in packs) of the server in `dir`.
 fn blobs(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.join("repository/blobs")];
@@ -456,7 +468,7 @@ fn recorded_chunks(dir: &Path) -> u64 {
 }
 
 fn kill_during_backup_then_resume(rt: Runtime) {
-    kill_then_resume(rt, &[]);
+    kill_then_resume(rt, &["--pack-below", "0"]);
 }
 
 /// The same with every chunk written in packs: a kill between a pack and its rows
@@ -573,8 +585,9 @@ fn tampering_is_found_by_restore_and_scrub(rt: Runtime) {
     u.init(&srv, &unique_name("tamper"));
     u.backup(&[&src], &[]);
     srv.stop();
-    // The largest chunk blob is the file's (the manifest's is small).
-    let victim = blobs(dir.path())
+    // The largest chunk blob or pack holds the file's chunks (the manifest's is small);
+    // a byte in the middle of it is a byte of one chunk.
+    let victim = blobs_and_packs(dir.path())
         .into_iter()
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
@@ -861,7 +874,8 @@ fn diff_and_find(rt: Runtime) {
 /// corrupted chunk, naming the snapshot and file.
 fn check_finds_removed_and_corrupted_chunks(rt: Runtime) {
     let dir = tempfile::tempdir().unwrap();
-    let mut srv = Server::start_in(rt, dir.path(), &[]);
+    // Chunks as blobs of their own: one is removed, another damaged.
+    let mut srv = Server::start_in(rt, dir.path(), &["--pack-below", "0"]);
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -882,7 +896,7 @@ fn check_finds_removed_and_corrupted_chunks(rt: Runtime) {
     let mid = b.len() / 2;
     b[mid] ^= 1;
     fs::write(&bl[1], &b).unwrap();
-    let srv = Server::start_in(rt, dir.path(), &[]);
+    let srv = Server::start_in(rt, dir.path(), &["--pack-below", "0"]);
     let addr = srv.addr.to_string();
     let r = u.cli(&["check", "--read-data", "-s", &addr]);
     let err = String::from_utf8_lossy(&r.stderr);
@@ -1559,9 +1573,9 @@ fn batched_restore_is_whole_or_absent() {
     u.ok(&["restore", "latest", "--target", whole.to_str().unwrap()]);
     assert_eq!(describe(&src), describe(&whole.join(rel)));
     assert_eq!(temp_names(&whole), Vec::<PathBuf>::new());
-    // The 2 MiB file's chunk is the largest blob: damage it.
+    // The 2 MiB file's chunks are in the largest blob or pack: damage one.
     srv.stop();
-    let victim = blobs(dir.path())
+    let victim = blobs_and_packs(dir.path())
         .into_iter()
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();

@@ -551,8 +551,15 @@ impl Repo {
                     _ => true, // missing
                 };
                 // A repack may have moved the row since it was read: only a row that
-                // still points here is marked.
-                let now_rec = self.shared.registry()?.chunk_record(account, &rec.id)?;
+                // still points here is marked, checked and marked under the round lock
+                // (shared), which a repack holds exclusively.
+                let _round = self
+                    .shared
+                    .gc_lock
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let mut all = self.shared.cross_lock(false)?;
+                let now_rec = all.registry()?.chunk_record(account, &rec.id)?;
                 if now_rec.is_none_or(|r| r.pack != rec.pack) {
                     continue;
                 }
@@ -562,8 +569,7 @@ impl Repo {
                     report.damaged.push((account, rec.id));
                 }
                 let now = self.shared.now();
-                self.shared
-                    .registry()?
+                all.registry()?
                     .mark_damaged(account, &rec.id, &rec.hash, now)?;
                 tracing::error!(account_id = account, chunk = %super::hex(&rec.id), pack = %super::hex(&id), "a damaged or missing packed chunk, marked for upload");
             }
