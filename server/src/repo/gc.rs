@@ -89,6 +89,10 @@ fn predecessor(id: &ChunkId) -> Option<ChunkId> {
 /// Packs with less than this share (in percent) of their bytes live are repacked.
 pub const REPACK_BELOW_PERCENT: u64 = 50;
 
+/// The most bytes of old packs one repack reads (its new pack holds at most
+/// [`MAX_PACK_BYTES`] of live chunks).
+const REPACK_READ_BYTES: u64 = 64 << 20;
+
 /// The bytes of the chunk `rec` in the whole pack `bytes`, if the pack is long enough.
 fn slice_of<'a>(bytes: &'a [u8], rec: &ChunkRecord, loc: &PackLoc) -> Option<&'a [u8]> {
     let start = usize::try_from(loc.offset).ok()?;
@@ -367,19 +371,29 @@ impl Repo {
             let mut all = self.shared.exclusive()?;
             self.delete_packs(&mut all, account, part, report)?;
         }
-        // Repacking: the sparse packs in groups of up to a pack's worth of live bytes.
+        // Repacking: the sparse packs (their live chunks with their trailer entries
+        // under half the pack, so a pack of tiny chunks all live is not rewritten for
+        // ever), in groups of up to a pack's worth of live bytes and 64 MiB read.
         let sparse = live.into_iter().filter(|p| {
-            p.live_bytes.saturating_mul(100) < p.pack.stored_len * REPACK_BELOW_PERCENT
+            let live = p
+                .live_bytes
+                .saturating_add(p.live_chunks.saturating_mul(super::pack::ENTRY_BYTES))
+                .saturating_add(super::pack::TAIL_BYTES);
+            live.saturating_mul(100) < p.pack.stored_len.saturating_mul(REPACK_BELOW_PERCENT)
         });
         let mut group: Vec<PackId> = Vec::new();
-        let mut group_bytes = 0u64;
+        let (mut live_bytes, mut read_bytes) = (0u64, 0u64);
         for p in sparse {
-            if !group.is_empty() && group_bytes + p.live_bytes > MAX_PACK_BYTES as u64 {
+            if !group.is_empty()
+                && (live_bytes + p.live_bytes > MAX_PACK_BYTES as u64
+                    || read_bytes + p.pack.stored_len > REPACK_READ_BYTES)
+            {
                 self.repack(account, &std::mem::take(&mut group), report)?;
-                group_bytes = 0;
+                (live_bytes, read_bytes) = (0, 0);
             }
             group.push(p.pack.id);
-            group_bytes += p.live_bytes;
+            live_bytes += p.live_bytes;
+            read_bytes += p.pack.stored_len;
         }
         if !group.is_empty() {
             self.repack(account, &group, report)?;
@@ -404,7 +418,10 @@ impl Repo {
         Ok(())
     }
 
-    /// Rewrites the live chunks of the packs `ids` into one new pack, under the lock.
+    /// Rewrites the live chunks of the packs `ids` into one new pack. The old packs are
+    /// read and checked without the lock (every row move is checked against where it
+    /// was read); the new pack is written, the rows moved and the old packs deleted
+    /// under it, so the orphan sweep never takes the new pack before its rows.
     fn repack(
         &self,
         account: AccountId,
@@ -412,12 +429,14 @@ impl Repo {
         report: &mut GcReport,
     ) -> Result<(), RepoError> {
         let store = &self.shared.store;
-        let mut all = self.shared.exclusive()?;
         let mut builder = PackBuilder::new();
         let new_id = new_pack_id();
         let mut moves = Vec::new();
         for old in ids {
-            let recs = all.registry()?.chunks_in_pack(account, old)?;
+            let recs = self.shared.registry()?.chunks_in_pack(account, old)?;
+            if recs.is_empty() {
+                continue;
+            }
             let Some(bytes) = store.get(&BlobKey::Pack(account, *old))? else {
                 // Scrub reports and marks them; nothing to move.
                 continue;
@@ -440,6 +459,7 @@ impl Repo {
                 });
             }
         }
+        let mut all = self.shared.exclusive()?;
         if !moves.is_empty() {
             let bytes = builder.finish();
             let to = PackRecord {
@@ -493,7 +513,8 @@ impl Repo {
             }
             let before = predecessor(id);
             let rec = reg.chunk_records(account, before.as_ref(), 1)?;
-            if let Some(rec) = rec.into_iter().find(|r| r.id == *id) {
+            // A packed chunk's bytes are in its pack: the blob deleted was a leftover.
+            if let Some(rec) = rec.into_iter().find(|r| r.id == *id && r.pack.is_none()) {
                 reg.mark_damaged(account, id, &rec.hash, now)?;
                 tracing::error!(account_id = account, chunk = %super::hex(id), "a chunk stored again while collection deleted its blob: marked damaged, to be sent again");
             }
@@ -1160,6 +1181,106 @@ mod pack_tests {
         fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
             self.inner.list(account, kind)
         }
+    }
+
+    /// A file store that, armed, moves a pack's chunks to a new pack and deletes the
+    /// old one as that pack is about to be read: what a repack on another node does
+    /// between a read's row lookup and its pack read.
+    struct MovesOnRead {
+        inner: crate::repo::FsBlobStore,
+        db: std::path::PathBuf,
+        armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl MovesOnRead {
+        fn moved(&self, key: &BlobKey) {
+            use crate::repo::BlobStore as _;
+            let BlobKey::Pack(a, old) = *key else { return };
+            if !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let mut reg = crate::repo::SqliteRegistry::open(&self.db).unwrap();
+            let bytes = self.inner.get(key).unwrap().unwrap();
+            let to = PackRecord {
+                id: new_pack_id(),
+                stored_len: bytes.len() as u64,
+                created_ms: 1,
+            };
+            self.inner
+                .put_batch(&[(BlobKey::Pack(a, to.id), &bytes)])
+                .unwrap();
+            let moves: Vec<ChunkMove> = reg
+                .chunks_in_pack(a, &old)
+                .unwrap()
+                .iter()
+                .map(|r| ChunkMove {
+                    id: r.id,
+                    from: r.pack.unwrap(),
+                    to_offset: r.pack.unwrap().offset,
+                })
+                .collect();
+            use crate::repo::Registry as _;
+            assert!(reg.move_chunks(a, &to, &moves).unwrap() > 0);
+            assert_eq!(reg.delete_unnamed_packs(a, &[old]).unwrap(), vec![old]);
+            self.inner.delete(key).unwrap();
+        }
+    }
+
+    impl crate::repo::BlobStore for MovesOnRead {
+        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
+            self.inner.put_batch(items)
+        }
+        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
+            self.moved(key);
+            self.inner.get(key)
+        }
+        fn get_range(
+            &self,
+            key: &BlobKey,
+            offset: u64,
+            len: u64,
+        ) -> Result<Option<Vec<u8>>, RepoError> {
+            self.moved(key);
+            self.inner.get_range(key, offset, len)
+        }
+        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
+            self.inner.len(key)
+        }
+        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
+            self.inner.delete(key)
+        }
+        fn ready(&self) -> Result<(), RepoError> {
+            self.inner.ready()
+        }
+        fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
+            self.inner.list(account, kind)
+        }
+    }
+
+    #[test]
+    fn a_read_follows_a_chunk_its_pack_was_repacked_from_meanwhile() {
+        let fx = Fixture::new();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = MovesOnRead {
+            inner: crate::repo::FsBlobStore::open(&fx.dir.path().join("blobs")).unwrap(),
+            db: fx.dir.path().join("repo.db"),
+            armed: armed.clone(),
+        };
+        let repo = Repo::new(
+            Box::new(store),
+            Box::new(crate::repo::SqliteRegistry::open(&fx.dir.path().join("repo.db")).unwrap()),
+        )
+        .unwrap();
+        let a = account(&repo, 1);
+        repo.set_pack_below(1 << 20);
+        put_together(&repo, a, 1..=5);
+        for n in [3, 1] {
+            // (The first read of a pack is a range read, the second a whole one.)
+            armed.store(true, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(repo.get_chunk(a, &cid(n)).unwrap(), Some(data(n)), "{n}");
+            assert!(!armed.load(std::sync::atomic::Ordering::SeqCst), "it moved");
+        }
+        assert_eq!(repo.get_chunk(a, &cid(99)).unwrap(), None);
     }
 
     /// A repack stopped after writing its new pack, or after moving the rows: the

@@ -38,6 +38,9 @@ pub const VERSION: u8 = 1;
 const ENTRY: usize = 32 + 8 + 8;
 /// Bytes after the entries: count, magic, version.
 const TAIL: usize = 4 + 4 + 1;
+/// [`ENTRY`] and [`TAIL`] as byte counts of a pack's length.
+pub const ENTRY_BYTES: u64 = ENTRY as u64;
+pub const TAIL_BYTES: u64 = TAIL as u64;
 
 /// One chunk in a pack, as the trailer lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,9 +233,13 @@ impl PackCache {
         *held = Some(bytes.clone());
         drop(held);
         let mut g = self.lock();
-        if let Some(s) = g.map.get_mut(&key) {
-            s.len = bytes.len();
-            g.bytes += bytes.len();
+        // Counted only in the slot loaded: it may have been dropped while loading, and
+        // another made for the same pack since.
+        if let Some(s) = g.map.get_mut(&key).filter(|s| Arc::ptr_eq(&s.bytes, &slot)) {
+            let grown = bytes
+                .len()
+                .saturating_sub(std::mem::replace(&mut s.len, bytes.len()));
+            g.bytes += grown;
         }
         evict(&mut g, self.budget, false);
         Ok(Some(bytes))

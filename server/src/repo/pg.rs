@@ -67,6 +67,20 @@ CREATE TABLE packs (
     created_ms BIGINT NOT NULL,
     PRIMARY KEY (account, id)
 );
+-- A node of the release before packs, still running during a rolling upgrade, rewrites
+-- a chunk it is sent again (a damaged one made sound) as a blob of its own, knowing
+-- nothing of these columns: its row must then stop pointing at the pack.
+CREATE FUNCTION chunks_unpacked_by_an_older_node() RETURNS trigger AS $$
+BEGIN
+    NEW.pack := NULL;
+    NEW.pack_offset := NULL;
+    RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER chunks_unpacked_by_an_older_node BEFORE UPDATE OF hash ON chunks
+    FOR EACH ROW WHEN (OLD.pack IS NOT NULL AND NEW.hash IS DISTINCT FROM OLD.hash
+                       AND NEW.pack IS NOT DISTINCT FROM OLD.pack
+                       AND NEW.pack_offset IS NOT DISTINCT FROM OLD.pack_offset)
+    EXECUTE FUNCTION chunks_unpacked_by_an_older_node();
 ";
 
 /// The cluster's server key: the public key of the first node that started on this
@@ -1836,6 +1850,81 @@ pub(crate) mod tests {
             PostgresRegistry::open(&url),
             Err(RepoError::SchemaTooNew { found, .. }) if found == SCHEMA_VERSION + 1
         ));
+    }
+
+    /// A node of the release before packs upserts a chunk it is sent again with the
+    /// statement it knows: the row must not keep pointing at the chunk's old pack.
+    #[test]
+    fn a_chunk_rewritten_by_an_older_node_leaves_its_pack() {
+        let h = PgHarness::new();
+        let Some(url) = h.scoped_url() else { return };
+        let mut r = PostgresRegistry::open(&url).unwrap();
+        let (a, _) = r.create_account("old", &[1; 32], "d", 0).unwrap();
+        let pack = PackRecord {
+            id: [4; 16],
+            stored_len: 100,
+            created_ms: 0,
+        };
+        let rec = |id: u8, hash: u8| ChunkRecord {
+            id: [id; 32],
+            stored_len: 10,
+            hash: [hash; 32],
+            stored_ms: 0,
+            touched_ms: 0,
+            damaged_ms: None,
+            pack: Some(PackLoc {
+                pack: pack.id,
+                offset: u64::from(id) * 10,
+            }),
+        };
+        r.insert_chunks(&[(a, pack)], &[(a, rec(1, 1)), (a, rec(2, 2))])
+            .unwrap();
+        let mut c = Client::connect(&url, NoTls).unwrap();
+        // The release before packs, word for word.
+        c.execute(
+            "INSERT INTO chunks (account, id, stored_len, hash, stored_ms, touched_ms)
+             SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[],
+                                  $5::bigint[], $6::bigint[])
+             ON CONFLICT (account, id) DO UPDATE SET stored_len = excluded.stored_len,
+                 hash = excluded.hash, stored_ms = excluded.stored_ms,
+                 touched_ms = greatest(chunks.touched_ms, excluded.touched_ms),
+                 damaged_ms = NULL",
+            &[
+                &vec![a],
+                &vec![&[1u8; 32][..]],
+                &vec![12i64],
+                &vec![&[9u8; 32][..]],
+                &vec![5i64],
+                &vec![5i64],
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.chunk_record(a, &[1; 32]).unwrap().unwrap().pack, None);
+        // Touching, marking and this release's own writes leave the location alone.
+        r.chunks_held(a, &[[2; 32]], 9).unwrap();
+        r.mark_damaged(a, &[2; 32], &[2; 32], 9).unwrap();
+        assert_eq!(
+            r.chunk_record(a, &[2; 32]).unwrap().unwrap().pack,
+            rec(2, 2).pack
+        );
+        // (A chunk put again goes to a new pack.)
+        let again = PackRecord {
+            id: [5; 16],
+            ..pack
+        };
+        let moved = ChunkRecord {
+            pack: Some(PackLoc {
+                pack: again.id,
+                offset: 0,
+            }),
+            ..rec(2, 3)
+        };
+        r.insert_chunks(&[(a, again)], &[(a, moved.clone())])
+            .unwrap();
+        assert_eq!(
+            r.chunk_record(a, &[2; 32]).unwrap().unwrap().pack,
+            moved.pack
+        );
     }
 
     #[test]

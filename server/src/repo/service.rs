@@ -595,18 +595,42 @@ impl Repo {
                 return Ok(Some(b));
             }
         }
-        let Some(rec) = self.shared.registry()?.chunk_record(account, id)? else {
-            return Ok(None);
-        };
+        // A repack may move the chunk and delete its old pack between the row's read
+        // and the pack's: a pack gone (or short) is read again at the row's new place.
+        let mut last = None;
+        for _ in 0..4 {
+            let Some(rec) = self.shared.registry()?.chunk_record(account, id)? else {
+                return Ok(None);
+            };
+            if last.is_some() && last == Some(rec.pack) {
+                return Ok(None); // it did not move: gone for good
+            }
+            last = Some(rec.pack);
+            if let Some(b) = self.read_located(account, &rec, offset, len)? {
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `read_chunk`, through the cache of whole packs for a packed chunk.
+    fn read_located(
+        &self,
+        account: AccountId,
+        rec: &ChunkRecord,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let store = &self.shared.store;
         let Some(loc) = rec.pack else {
-            return read_chunk(&**store, account, &rec, offset, len);
+            return read_chunk(&**store, account, rec, offset, len);
         };
         // A restore reads a pack's chunks one after another: from the second on, the
         // pack is read whole, once, rather than a request a chunk.
         let key = BlobKey::Pack(account, loc.pack);
         let whole = self.shared.packs_read.get(key, || store.get(&key))?;
         let Some(bytes) = whole else {
-            return read_chunk(&**store, account, &rec, offset, len);
+            return read_chunk(&**store, account, rec, offset, len);
         };
         let offset = offset.min(rec.stored_len);
         let len = len.min(rec.stored_len - offset);
