@@ -38,8 +38,9 @@ pub const VERSION: u8 = 1;
 const ENTRY: usize = 32 + 8 + 8;
 /// Bytes after the entries: count, magic, version.
 const TAIL: usize = 4 + 4 + 1;
-/// [`ENTRY`] and [`TAIL`] as byte counts of a pack's length.
+/// Bytes of one trailer entry, as a count of a pack's length.
 pub const ENTRY_BYTES: u64 = ENTRY as u64;
+/// Bytes of the trailer after its entries, as a count of a pack's length.
 pub const TAIL_BYTES: u64 = TAIL as u64;
 
 /// One chunk in a pack, as the trailer lists it.
