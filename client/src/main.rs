@@ -474,6 +474,8 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // No colour codes in a log file, cron's mail or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let v4 = cli.protocol == 4 && !cli.batch;
     let json = cli.common.json;

@@ -895,6 +895,10 @@ fn check_config(cfg: &Config) -> Result<i32> {
             );
         }
     }
+    match cfg.pack_below {
+        0 => println!("v4 packs: off (each chunk a blob of its own; collection still repacks packs written before)"),
+        n => println!("v4 packs: chunks under {n} bytes share packs of up to 16 MiB"),
+    }
     println!(
         "limits: {} connections, idle {} s, header {} s, shutdown grace {} s",
         cfg.max_connections,

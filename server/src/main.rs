@@ -21,7 +21,15 @@ fn real_main() -> Result<i32> {
     let mut args = Args::parse();
     let admin = args.admin.take();
     let cwd = std::env::current_dir()?;
-    let cfg = args.resolve(&cwd)?;
+    // A value the server cannot take is a bad argument (exit 2), as clap's are,
+    // wherever it came from (flag, variable or configuration file).
+    let cfg = match args.resolve(&cwd) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("cyberbackup-server: error: {e:#}");
+            return Ok(2);
+        }
+    };
     let filter = EnvFilter::try_new(&cfg.log)
         .map_err(|e| anyhow::anyhow!("bad --log filter {:?}: {e}", cfg.log))?;
     let builder = tracing_subscriber::fmt()

@@ -1793,7 +1793,8 @@ fn backup_inner(
                     tracing::warn!(
                         missing,
                         "the server no longer holds {missing} chunks this backup named \
-                         (collected while it ran, perhaps the parent snapshot's): reading \
+                         (collected while it ran, perhaps the parent snapshot's, or found \
+                         damaged by the server's scrub): reading \
                          every file again and sending what is missing (attempt {next} of \
                          {COMMIT_ATTEMPTS})"
                     );
@@ -1801,7 +1802,8 @@ fn backup_inner(
                     tracing::warn!(
                         missing,
                         "the server no longer holds {missing} chunks this backup named \
-                         (collected while it ran): reading the files again and sending what \
+                         (collected while it ran, or found damaged by the server's scrub): \
+                         reading the files again and sending what \
                          is missing (attempt {next} of {COMMIT_ATTEMPTS})"
                     );
                 }
