@@ -118,7 +118,7 @@ pub fn router(state: AppState) -> Router {
             "/api/backups",
             get(open_backups)
                 .post(create_backup)
-                .layer(DefaultBodyLimit::max(64 << 20)),
+                .layer(DefaultBodyLimit::max(FILE_LIST_LIMIT)),
         )
         .route("/api/backups/{id}", get(get_backup).delete(drop_backup))
         .route("/api/backups/{id}/files/{index}", put(upload_file))

@@ -420,14 +420,20 @@ fn accounts_are_isolated(rt: Runtime) {
     assert_exit(&bad, 8);
 }
 
+/// The pack files of the server in `dir`.
+fn packs(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir.join("repository/blobs"))
+        .unwrap()
+        .filter_map(|e| fs::read_dir(e.unwrap().path().join("packs")).ok())
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
 /// The chunk blob files and the pack files of the server in `dir`.
 fn blobs_and_packs(dir: &Path) -> Vec<PathBuf> {
     let mut out = blobs(dir);
-    for acct in fs::read_dir(dir.join("repository/blobs")).unwrap() {
-        if let Ok(packs) = fs::read_dir(acct.unwrap().path().join("packs")) {
-            out.extend(packs.map(|e| e.unwrap().path()));
-        }
-    }
+    out.extend(packs(dir));
     out
 }
 
@@ -476,13 +482,7 @@ fn kill_during_backup_then_resume(rt: Runtime) {
 /// chunk where its row says, and the snapshot restores whole again.
 fn kill_during_a_packed_backup_then_resume_and_collect(rt: Runtime) {
     let (dir, srv, u, src, work) = kill_then_resume(rt, &["--pack-below", "16777216"]);
-    let packs: Vec<PathBuf> = fs::read_dir(dir.path().join("repository/blobs"))
-        .unwrap()
-        .filter_map(|e| fs::read_dir(e.unwrap().path().join("packs")).ok())
-        .flatten()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert!(!packs.is_empty(), "no packs written");
+    assert!(!packs(dir.path()).is_empty(), "no packs written");
     assert!(blobs(dir.path()).is_empty(), "a chunk outside a pack");
     let gc = srv.admin_cmd(&["gc", "--grace-hours", "0"]);
     assert!(gc.status.success(), "{gc:?}");
@@ -491,16 +491,21 @@ fn kill_during_a_packed_backup_then_resume_and_collect(rt: Runtime) {
     assert!(said.contains("0 damaged, 0 missing"), "{said} {scrub:?}");
     let out = work.path().join("again");
     let addr = srv.addr.to_string();
+    restores_whole(&u, &addr, &src, &out);
+}
+
+/// `restore latest` of `src` through `addr` into `out` gives `src` back.
+fn restores_whole(u: &User, addr: &str, src: &Path, out: &Path) {
     u.ok(&[
         "restore",
         "latest",
         "-s",
-        &addr,
+        addr,
         "--target",
         out.to_str().unwrap(),
     ]);
     let rel = src.strip_prefix("/").unwrap();
-    assert_eq!(describe(&src), describe(&out.join(rel)));
+    assert_eq!(describe(src), describe(&out.join(rel)));
 }
 
 /// Kills the server (started with `args`) mid-backup, resumes the backup on a
@@ -561,16 +566,7 @@ fn kill_then_resume(
         "{s}"
     );
     let out = work.path().join("out");
-    u.ok(&[
-        "restore",
-        "latest",
-        "-s",
-        &addr,
-        "--target",
-        out.to_str().unwrap(),
-    ]);
-    let rel = src.strip_prefix("/").unwrap();
-    assert_eq!(describe(&src), describe(&out.join(rel)));
+    restores_whole(&u, &addr, &src, &out);
     (dir, srv, u, src, work)
 }
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use super::blob::{BlobKey, BlobKind};
 use super::pack::{PackBuilder, PackId, MAX_PACK_BYTES};
-use super::registry::{ChunkMove, ChunkRecord, PackLoc, PackRecord, PackUsage};
+use super::registry::{ChunkMove, ChunkRecord, PackRecord, PackUsage};
 use super::service::{new_pack_id, Repo};
 use super::{AccountId, ChunkId, RepoError, SnapshotId};
 
@@ -93,11 +93,11 @@ pub const REPACK_BELOW_PERCENT: u64 = 50;
 /// [`MAX_PACK_BYTES`] of live chunks).
 const REPACK_READ_BYTES: u64 = 64 << 20;
 
-/// The bytes of the chunk `rec` in the whole pack `bytes`, if the pack is long enough.
-fn slice_of<'a>(bytes: &'a [u8], rec: &ChunkRecord, loc: &PackLoc) -> Option<&'a [u8]> {
-    let start = usize::try_from(loc.offset).ok()?;
-    let end = start.checked_add(usize::try_from(rec.stored_len).ok()?)?;
-    bytes.get(start..end)
+/// The bytes of the packed chunk `rec` in its whole pack `bytes`, if the pack is long
+/// enough.
+fn slice_of<'a>(bytes: &'a [u8], rec: &ChunkRecord) -> Option<&'a [u8]> {
+    let (_, start, len) = rec.pack_range(0, u64::MAX)?;
+    super::service::slice(bytes, start, len)
 }
 
 /// Chunk records read per registry call during a scrub or a sweep.
@@ -238,19 +238,6 @@ impl Repo {
             .filter_map(|id| <ChunkId>::try_from(&id[..]).ok())
             .filter(|id| !recorded.contains(id))
             .collect();
-        let recorded_packs: HashSet<PackId> = self
-            .shared
-            .registry()?
-            .packs(account)?
-            .into_iter()
-            .map(|p| p.pack.id)
-            .collect();
-        let pack_candidates: Vec<PackId> = store
-            .list(account, BlobKind::Pack)?
-            .iter()
-            .filter_map(|id| <PackId>::try_from(&id[..]).ok())
-            .filter(|id| !recorded_packs.contains(id))
-            .collect();
         let snapshots: HashSet<SnapshotId> = self
             .shared
             .registry()?
@@ -339,8 +326,28 @@ impl Repo {
                 }
             }
         }
-        for part in pack_candidates.chunks(GC_BATCH) {
-            // A round holds its lock from writing a pack to recording it.
+        self.collect_packs(account, report)
+    }
+
+    /// Removes the account's orphan pack blobs and the packs no chunk names any more,
+    /// and repacks those under
+    /// half live: their live chunks are written to a new pack, the rows moved to it
+    /// (each only if it still points where it was read), and the old packs removed.
+    /// Each step under the repository's lock, a few packs at a time.
+    fn collect_packs(&self, account: AccountId, report: &mut GcReport) -> Result<(), RepoError> {
+        let store = &self.shared.store;
+        let packs = self.shared.registry()?.packs(account)?;
+        // Orphans: pack blobs without a record. A pack written since the reading above
+        // is listed too, and kept by the check under the lock (a round holds its lock
+        // from writing a pack to recording it).
+        let recorded: HashSet<PackId> = packs.iter().map(|p| p.pack.id).collect();
+        let candidates: Vec<PackId> = store
+            .list(account, BlobKind::Pack)?
+            .iter()
+            .filter_map(|id| <PackId>::try_from(&id[..]).ok())
+            .filter(|id| !recorded.contains(id))
+            .collect();
+        for part in candidates.chunks(GC_BATCH) {
             let mut all = self.shared.exclusive()?;
             let still = all.registry()?.packs_recorded(account, part)?;
             let orphans: Vec<BlobKey> = part
@@ -351,18 +358,6 @@ impl Repo {
                 .collect();
             store.delete_batch(&orphans)?;
             report.orphan_packs += orphans.len() as u64;
-        }
-        self.collect_packs(account, report)
-    }
-
-    /// Removes the account's packs no chunk names any more, and repacks those under
-    /// half live: their live chunks are written to a new pack, the rows moved to it
-    /// (each only if it still points where it was read), and the old packs removed.
-    /// Each step under the repository's lock, a few packs at a time.
-    fn collect_packs(&self, account: AccountId, report: &mut GcReport) -> Result<(), RepoError> {
-        let packs = self.shared.registry()?.packs(account)?;
-        if packs.is_empty() {
-            return Ok(());
         }
         let (empty, live): (Vec<PackUsage>, Vec<PackUsage>) =
             packs.into_iter().partition(|p| p.live_chunks == 0);
@@ -443,7 +438,7 @@ impl Repo {
             };
             for rec in recs {
                 let Some(loc) = rec.pack else { continue };
-                let Some(data) = slice_of(&bytes, &rec, &loc) else {
+                let Some(data) = slice_of(&bytes, &rec) else {
                     continue;
                 };
                 // Damaged bytes are not copied: the row stays on the old pack, which
@@ -561,7 +556,7 @@ impl Repo {
                 report.chunks_checked += 1;
                 let verdict = match (&bytes, &listed) {
                     (Some(b), Some(listed)) => {
-                        let ok = slice_of(b, &rec, &loc)
+                        let ok = slice_of(b, &rec)
                             .is_some_and(|d| *blake3::hash(d).as_bytes() == rec.hash)
                             && listed.contains(&(rec.id, loc.offset, rec.stored_len));
                         if ok {
@@ -1007,6 +1002,7 @@ mod tests {
 mod pack_tests {
     use super::*;
     use crate::repo::conformance::header;
+    use crate::repo::hooked::{HookedStore, Moment};
     use crate::repo::service::tests::{account, cid, data, Fixture};
     use futures_lite::future::{block_on, poll_once};
 
@@ -1131,140 +1127,53 @@ mod pack_tests {
         assert_eq!(s.chunks_checked, kept.len() as u64);
     }
 
-    /// A file store that fails on purpose: what a crash at that point of a repack
-    /// leaves (the store's work up to there done, nothing after).
-    struct Crashing {
-        inner: crate::repo::FsBlobStore,
-        /// 1: a pack put is stored, then fails (before its rows move); 2: deleting
-        /// packs fails (after the rows moved and the old packs' records went).
-        at: std::sync::Arc<std::sync::atomic::AtomicU8>,
-    }
-
-    impl crate::repo::BlobStore for Crashing {
-        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
-            self.inner.put_batch(items)?;
-            let packs = items.iter().any(|(k, _)| k.kind() == BlobKind::Pack);
-            if packs && self.at.load(std::sync::atomic::Ordering::SeqCst) == 1 {
-                return Err(RepoError::ObjectStore("crash after the new pack".into()));
-            }
-            Ok(())
-        }
-        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
-            self.inner.get(key)
-        }
-        fn get_range(
-            &self,
-            key: &BlobKey,
-            offset: u64,
-            len: u64,
-        ) -> Result<Option<Vec<u8>>, RepoError> {
-            self.inner.get_range(key, offset, len)
-        }
-        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
-            self.inner.len(key)
-        }
-        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
-            self.inner.delete(key)
-        }
-        fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
-            let packs = keys.iter().any(|k| k.kind() == BlobKind::Pack);
-            if packs && self.at.load(std::sync::atomic::Ordering::SeqCst) == 2 {
-                return Err(RepoError::ObjectStore(
-                    "crash before the old packs go".into(),
-                ));
-            }
-            self.inner.delete_batch(keys)
-        }
-        fn ready(&self) -> Result<(), RepoError> {
-            self.inner.ready()
-        }
-        fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
-            self.inner.list(account, kind)
-        }
-    }
-
-    /// A file store that, armed, moves a pack's chunks to a new pack and deletes the
-    /// old one as that pack is about to be read: what a repack on another node does
-    /// between a read's row lookup and its pack read.
-    struct MovesOnRead {
-        inner: crate::repo::FsBlobStore,
-        db: std::path::PathBuf,
-        armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl MovesOnRead {
-        fn moved(&self, key: &BlobKey) {
-            use crate::repo::BlobStore as _;
-            let BlobKey::Pack(a, old) = *key else { return };
-            if !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            let mut reg = crate::repo::SqliteRegistry::open(&self.db).unwrap();
-            let bytes = self.inner.get(key).unwrap().unwrap();
-            let to = PackRecord {
-                id: new_pack_id(),
-                stored_len: bytes.len() as u64,
-                created_ms: 1,
-            };
-            self.inner
-                .put_batch(&[(BlobKey::Pack(a, to.id), &bytes)])
-                .unwrap();
-            let moves: Vec<ChunkMove> = reg
-                .chunks_in_pack(a, &old)
-                .unwrap()
-                .iter()
-                .map(|r| ChunkMove {
-                    id: r.id,
-                    from: r.pack.unwrap(),
-                    to_offset: r.pack.unwrap().offset,
-                })
-                .collect();
-            use crate::repo::Registry as _;
-            assert!(reg.move_chunks(a, &to, &moves).unwrap() > 0);
-            assert_eq!(reg.delete_unnamed_packs(a, &[old]).unwrap(), vec![old]);
-            self.inner.delete(key).unwrap();
-        }
-    }
-
-    impl crate::repo::BlobStore for MovesOnRead {
-        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
-            self.inner.put_batch(items)
-        }
-        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
-            self.moved(key);
-            self.inner.get(key)
-        }
-        fn get_range(
-            &self,
-            key: &BlobKey,
-            offset: u64,
-            len: u64,
-        ) -> Result<Option<Vec<u8>>, RepoError> {
-            self.moved(key);
-            self.inner.get_range(key, offset, len)
-        }
-        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
-            self.inner.len(key)
-        }
-        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
-            self.inner.delete(key)
-        }
-        fn ready(&self) -> Result<(), RepoError> {
-            self.inner.ready()
-        }
-        fn list(&self, account: AccountId, kind: BlobKind) -> Result<Vec<Vec<u8>>, RepoError> {
-            self.inner.list(account, kind)
-        }
+    /// What a repack on another node does between a read's row lookup and its pack
+    /// read: moves the pack's chunks to a new pack and deletes the old one.
+    fn move_pack_away(db: &std::path::Path, inner: &crate::repo::FsBlobStore, key: &BlobKey) {
+        use crate::repo::{BlobStore as _, Registry as _};
+        let BlobKey::Pack(a, old) = *key else { return };
+        let mut reg = crate::repo::SqliteRegistry::open(db).unwrap();
+        let bytes = inner.get(key).unwrap().unwrap();
+        let to = PackRecord {
+            id: new_pack_id(),
+            stored_len: bytes.len() as u64,
+            created_ms: 1,
+        };
+        inner
+            .put_batch(&[(BlobKey::Pack(a, to.id), &bytes)])
+            .unwrap();
+        let moves: Vec<ChunkMove> = reg
+            .chunks_in_pack(a, &old)
+            .unwrap()
+            .iter()
+            .map(|r| ChunkMove {
+                id: r.id,
+                from: r.pack.unwrap(),
+                to_offset: r.pack.unwrap().offset,
+            })
+            .collect();
+        assert!(reg.move_chunks(a, &to, &moves).unwrap() > 0);
+        assert_eq!(reg.delete_unnamed_packs(a, &[old]).unwrap(), vec![old]);
+        inner.delete(key).unwrap();
     }
 
     #[test]
     fn a_read_follows_a_chunk_its_pack_was_repacked_from_meanwhile() {
         let fx = Fixture::new();
+        // Armed, the next read of a pack finds it just moved away.
         let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let store = MovesOnRead {
+        let (trigger, db) = (armed.clone(), fx.dir.path().join("repo.db"));
+        let store = HookedStore {
             inner: crate::repo::FsBlobStore::open(&fx.dir.path().join("blobs")).unwrap(),
-            db: fx.dir.path().join("repo.db"),
-            armed: armed.clone(),
+            hook: Box::new(move |at, keys, inner| {
+                let pack = keys.first().filter(|k| k.kind() == BlobKind::Pack);
+                if let Some(key) = pack.filter(|_| at == Moment::Reading) {
+                    if trigger.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        move_pack_away(&db, inner, key);
+                    }
+                }
+                Ok(())
+            }),
         };
         let repo = Repo::new(
             Box::new(store),
@@ -1295,11 +1204,26 @@ mod pack_tests {
             let crash = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
             let open = || {
                 let time = fx.time.clone();
+                let crash = crash.clone();
                 Repo::with_clock(
-                    Box::new(Crashing {
+                    Box::new(HookedStore {
                         inner: crate::repo::FsBlobStore::open(&fx.dir.path().join("blobs"))
                             .unwrap(),
-                        at: crash.clone(),
+                        // 1: a pack's put is stored, then fails (before its rows move);
+                        // 2: deleting packs fails (after the rows moved and the old
+                        // packs' records went): what a crash there leaves.
+                        hook: Box::new(move |at, keys, _| {
+                            let packs = keys.iter().any(|k| k.kind() == BlobKind::Pack);
+                            match (crash.load(std::sync::atomic::Ordering::SeqCst), at) {
+                                (1, Moment::Stored) if packs => {
+                                    Err(RepoError::ObjectStore("crash after the new pack".into()))
+                                }
+                                (2, Moment::Deleting) if packs => Err(RepoError::ObjectStore(
+                                    "crash before the old packs go".into(),
+                                )),
+                                _ => Ok(()),
+                            }
+                        }),
                     }),
                     Box::new(
                         crate::repo::SqliteRegistry::open(&fx.dir.path().join("repo.db")).unwrap(),

@@ -79,6 +79,8 @@ pub mod blob;
 pub(crate) mod conformance;
 pub mod fs;
 pub mod gc;
+#[cfg(test)]
+pub(crate) mod hooked;
 pub mod pack;
 pub mod pg;
 pub mod pool;

@@ -2148,55 +2148,6 @@ mod cluster_tests {
         pool.get().unwrap().ping().unwrap();
     }
 
-    /// What a [`Hooked`] store runs once, at its next batch delete.
-    type Hook = Box<dyn FnOnce(&crate::repo::FsBlobStore) + Send>;
-
-    /// A file store whose next batch delete first runs a hook (the fault to inject at
-    /// that moment).
-    struct Hooked {
-        inner: crate::repo::FsBlobStore,
-        hook: std::sync::Mutex<Option<Hook>>,
-    }
-
-    impl crate::repo::BlobStore for Hooked {
-        fn put_batch(&self, items: &[(BlobKey, &[u8])]) -> Result<(), RepoError> {
-            self.inner.put_batch(items)
-        }
-        fn get(&self, key: &BlobKey) -> Result<Option<Vec<u8>>, RepoError> {
-            self.inner.get(key)
-        }
-        fn get_range(
-            &self,
-            key: &BlobKey,
-            offset: u64,
-            len: u64,
-        ) -> Result<Option<Vec<u8>>, RepoError> {
-            self.inner.get_range(key, offset, len)
-        }
-        fn len(&self, key: &BlobKey) -> Result<Option<u64>, RepoError> {
-            self.inner.len(key)
-        }
-        fn delete(&self, key: &BlobKey) -> Result<bool, RepoError> {
-            self.inner.delete(key)
-        }
-        fn delete_batch(&self, keys: &[BlobKey]) -> Result<(), RepoError> {
-            if let Some(hook) = self.hook.lock().unwrap().take() {
-                hook(&self.inner);
-            }
-            self.inner.delete_batch(keys)
-        }
-        fn ready(&self) -> Result<(), RepoError> {
-            self.inner.ready()
-        }
-        fn list(
-            &self,
-            account: crate::repo::AccountId,
-            kind: crate::repo::BlobKind,
-        ) -> Result<Vec<Vec<u8>>, RepoError> {
-            self.inner.list(account, kind)
-        }
-    }
-
     /// Collection's lock connection is killed between its rows' delete and its blobs'
     /// (as a network cut or an administrator would), and meanwhile "another node"
     /// stores one of those chunks again, blob and row; collection's delete then takes
@@ -2219,36 +2170,45 @@ mod cluster_tests {
         let data = vec![7u8; 1000];
         let (acct_cell, d2) = (Arc::new(std::sync::OnceLock::new()), data.clone());
         let acct_for_hook = acct_cell.clone();
-        let store = Hooked {
-            inner: crate::repo::FsBlobStore::open(dir.path()).unwrap(),
-            hook: std::sync::Mutex::new(Some(Box::new(move |inner: &crate::repo::FsBlobStore| {
-                let acct: i64 = *acct_for_hook.get().unwrap();
-                // The lock's holder is cut off...
-                let mut admin = Client::connect(&admin_url, NoTls).unwrap();
-                let n = admin
-                    .execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_locks
+        // Run once, at the collection's first batch delete.
+        let once = std::sync::Mutex::new(Some(move |inner: &crate::repo::FsBlobStore| {
+            let acct: i64 = *acct_for_hook.get().unwrap();
+            // The lock's holder is cut off...
+            let mut admin = Client::connect(&admin_url, NoTls).unwrap();
+            let n = admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks
                          WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
                            AND classid = $1 AND objid = $2",
-                        &[
-                            &postgres::types::Oid::from((super::ROUND_LOCK >> 32) as u32),
-                            &postgres::types::Oid::from(super::ROUND_LOCK as u32),
-                        ],
-                    )
-                    .unwrap();
-                assert_eq!(n, 1, "collection's lock holder");
-                // ... and another node's round stores the chunk again.
-                inner
-                    .put_batch(&[(BlobKey::Chunk(acct, id), &d2[..])])
-                    .unwrap();
-                let mut rec = crate::repo::conformance::chunk(id, d2.len() as u64, 3_000_000);
-                rec.hash = *blake3::hash(&d2).as_bytes();
-                other
-                    .lock()
-                    .unwrap()
-                    .insert_chunks(&[], &[(acct, rec)])
-                    .unwrap();
-            }))),
+                    &[
+                        &postgres::types::Oid::from((super::ROUND_LOCK >> 32) as u32),
+                        &postgres::types::Oid::from(super::ROUND_LOCK as u32),
+                    ],
+                )
+                .unwrap();
+            assert_eq!(n, 1, "collection's lock holder");
+            // ... and another node's round stores the chunk again.
+            inner
+                .put_batch(&[(BlobKey::Chunk(acct, id), &d2[..])])
+                .unwrap();
+            let mut rec = crate::repo::conformance::chunk(id, d2.len() as u64, 3_000_000);
+            rec.hash = *blake3::hash(&d2).as_bytes();
+            other
+                .lock()
+                .unwrap()
+                .insert_chunks(&[], &[(acct, rec)])
+                .unwrap();
+        }));
+        let store = crate::repo::hooked::HookedStore {
+            inner: crate::repo::FsBlobStore::open(dir.path()).unwrap(),
+            hook: Box::new(move |at, _, inner| {
+                if at == crate::repo::hooked::Moment::Deleting {
+                    if let Some(f) = once.lock().unwrap().take() {
+                        f(inner);
+                    }
+                }
+                Ok(())
+            }),
         };
         let u = url.clone();
         let opener: Opener = Box::new(move || {

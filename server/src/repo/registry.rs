@@ -59,6 +59,20 @@ pub struct ChunkRecord {
     pub pack: Option<PackLoc>,
 }
 
+impl ChunkRecord {
+    /// For a packed chunk, where up to `len` of its bytes from `offset` are in its
+    /// pack: (pack, offset in the pack, length), clipped to the chunk's `stored_len`;
+    /// `None` for a chunk that is a blob of its own, or a place past any pack.
+    pub fn pack_range(&self, offset: u64, len: u64) -> Option<(PackId, u64, u64)> {
+        let loc = self.pack?;
+        let offset = offset.min(self.stored_len);
+        let len = len.min(self.stored_len - offset);
+        let start = loc.offset.checked_add(offset)?;
+        start.checked_add(len)?;
+        Some((loc.pack, start, len))
+    }
+}
+
 /// Where a packed chunk's bytes are: `stored_len` bytes at `offset` in the pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PackLoc {

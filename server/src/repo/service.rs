@@ -613,7 +613,7 @@ impl Repo {
         Ok(None)
     }
 
-    /// `read_chunk`, through the cache of whole packs for a packed chunk.
+    /// [`read_chunk`], through the cache of whole packs for a packed chunk.
     fn read_located(
         &self,
         account: AccountId,
@@ -622,25 +622,17 @@ impl Repo {
         len: u64,
     ) -> Result<Option<Vec<u8>>, RepoError> {
         let store = &self.shared.store;
-        let Some(loc) = rec.pack else {
+        let Some((pack, start, len)) = rec.pack_range(offset, len) else {
             return read_chunk(&**store, account, rec, offset, len);
         };
         // A restore reads a pack's chunks one after another: from the second on, the
         // pack is read whole, once, rather than a request a chunk.
-        let key = BlobKey::Pack(account, loc.pack);
+        let key = BlobKey::Pack(account, pack);
         let whole = self.shared.packs_read.get(key, || store.get(&key))?;
         let Some(bytes) = whole else {
             return read_chunk(&**store, account, rec, offset, len);
         };
-        let offset = offset.min(rec.stored_len);
-        let len = len.min(rec.stored_len - offset);
-        let start = loc.offset.saturating_add(offset);
-        let got = usize::try_from(start)
-            .ok()
-            .zip(usize::try_from(start.saturating_add(len)).ok())
-            .and_then(|(s, e)| bytes.get(s..e))
-            .map(<[u8]>::to_vec);
-        Ok(got)
+        Ok(slice(&bytes, start, len).map(<[u8]>::to_vec))
     }
 
     // ---- snapshots ----
@@ -949,25 +941,27 @@ pub(super) fn new_pack_id() -> PackId {
 
 /// Up to `len` bytes from `offset` of the chunk `rec` records: from its own blob, or
 /// from its range of a pack (`None` if the blob is gone, or the pack too short).
-pub(super) fn read_chunk(
+fn read_chunk(
     store: &dyn BlobStore,
     account: AccountId,
     rec: &ChunkRecord,
     offset: u64,
     len: u64,
 ) -> Result<Option<Vec<u8>>, RepoError> {
-    match rec.pack {
-        None => store.get_range(&BlobKey::Chunk(account, rec.id), offset, len),
-        Some(loc) => {
-            let offset = offset.min(rec.stored_len);
-            let len = len.min(rec.stored_len - offset);
-            let Some(start) = loc.offset.checked_add(offset) else {
-                return Ok(None);
-            };
-            let got = store.get_range(&BlobKey::Pack(account, loc.pack), start, len)?;
-            Ok(got.filter(|b| b.len() as u64 == len))
-        }
+    if rec.pack.is_none() {
+        return store.get_range(&BlobKey::Chunk(account, rec.id), offset, len);
     }
+    let Some((pack, start, len)) = rec.pack_range(offset, len) else {
+        return Ok(None);
+    };
+    let got = store.get_range(&BlobKey::Pack(account, pack), start, len)?;
+    Ok(got.filter(|b| b.len() as u64 == len))
+}
+
+/// `len` bytes of `bytes` from `start`, if it holds them.
+pub(super) fn slice(bytes: &[u8], start: u64, len: u64) -> Option<&[u8]> {
+    let start = usize::try_from(start).ok()?;
+    bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?)
 }
 
 /// The registry's records of chunks about to be stored, with their scrub checksums.
